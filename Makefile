@@ -1,0 +1,35 @@
+# `make demo` and `make test` each set up .venv themselves. TORCH_SPEC pins torch (never an unpinned, CUDA-pulling
+# install on CPU machines); set it to a CUDA build on GPU machines, e.g. TORCH_SPEC="torch==2.13.0 --index-url ...".
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+
+.PHONY: demo test test-fast lint clean
+
+$(VENV)/.torch:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH_SPEC)
+	touch $@
+
+$(VENV)/.base: $(VENV)/.torch setup.cfg pyproject.toml
+	$(PIP) install -q -e .
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.base
+	$(PIP) install -q -e ".[dev]"
+	touch $@
+
+demo: $(VENV)/.base
+	PATH="$(abspath $(VENV))/bin:$$PATH" bash launch/demo.sh
+
+test: $(VENV)/.dev
+	$(PY) -m pytest -q -ra tests
+
+test-fast: $(VENV)/.dev
+	$(PY) -m pytest -q -ra tests/unit
+
+clean:
+	rm -rf runs data .pytest_cache

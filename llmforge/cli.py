@@ -1,0 +1,96 @@
+"""`llmforge <command>`: argument parsing only; each command calls the library function the launch/ scripts use."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional
+
+from llmforge.errors import exit_on_user_error
+
+
+def _recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", required=True, help="YAML recipe file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key, e.g. --set train.lr=3e-4 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmforge", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pretrain", help="pre-train a model from a recipe (run under deepspeed, torchrun or python)")
+    _recipe_args(p)
+    p.add_argument("--resume", default="auto",
+                   help="auto (newest complete checkpoint, else fresh) | none | PATH (checkpoint or run dir)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+    p = sub.add_parser("train-tokenizer", help="train the recipe's tokenizer on data.sources")
+    _recipe_args(p)
+
+    p = sub.add_parser("prepare", help="tokenize data.sources into token shards in data.prepared_dir")
+    _recipe_args(p)
+
+    p = sub.add_parser("corpus", help="write the demo corpus (Python standard-library sources) to a directory")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--max-bytes", type=int, default=8_000_000, help="stop after this many bytes")
+
+    p = sub.add_parser("summary", help="first/last val loss and throughput of a run (exit 1 if val loss did not fall)")
+    p.add_argument("--run", required=True, help="run directory")
+
+    p = sub.add_parser("generate", help="sample text from a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="run directory, checkpoints directory or checkpoint")
+    p.add_argument("--prompt", default="", help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole context at each step")
+    return parser
+
+
+@exit_on_user_error
+def main(argv: Optional[list[str]] = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.command == "pretrain":
+        from llmforge.train.run import pretrain, setup_logging
+
+        setup_logging()
+        pretrain(args.recipe, args.overrides, args.resume)
+    elif args.command in ("train-tokenizer", "prepare"):
+        from llmforge.config import load_recipe
+        from llmforge.data.prepare import prepare, train_tokenizer
+
+        recipe = load_recipe(args.recipe, args.overrides)
+        if args.command == "train-tokenizer":
+            tok = train_tokenizer(recipe, args.recipe)
+            print(f"tokenizer: {recipe.tokenizer.type}, {tok.vocab_size} ids -> {recipe.tokenizer.path}")
+        else:
+            m = prepare(recipe, args.recipe)
+            for split, s in m["splits"].items():
+                print(f"{split}: {s['documents']} documents, {s['tokens']} tokens -> {recipe.data.prepared_dir}")
+    elif args.command == "corpus":
+        from llmforge.data.stdlib_corpus import build_stdlib_corpus
+
+        files, size = build_stdlib_corpus(args.out, args.max_bytes)
+        print(f"corpus: {files} files, {size / 1e6:.1f} MB -> {args.out}")
+    elif args.command == "summary":
+        from llmforge.train.metrics import summarize
+
+        s = summarize(args.run)
+        print(f"steps {s['steps']} | val loss first {s['first_val_loss']:.4f} -> last {s['last_val_loss']:.4f} | "
+              f"train loss last {s['last_train_loss']:.4f} | median {s['median_tokens_per_s']:.0f} tokens/s")
+        if not s["last_val_loss"] < s["first_val_loss"]:
+            sys.exit(1)
+    elif args.command == "generate":
+        from llmforge.model.loading import generate_text
+
+        text = generate_text(args.checkpoint, args.prompt, max_new_tokens=args.max_new_tokens,
+                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                             use_cache=not args.no_cache)
+        sys.stdout.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Compose the one DeepSpeed config a run uses: plain `ds_configs/*.json` + overrides + what the recipe owns.
+
+Only values that must agree with the recipe are derived here (batch sizes, clipping, precision, optimizer
+hyper-parameters, monitor paths); everything else stays DeepSpeed's own JSON, untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from typing import Any
+
+from llmforge.config.recipe import Recipe
+from llmforge.errors import RecipeError
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def read_ds_json(path: str, origin: str) -> dict:
+    if not os.path.isfile(path):
+        raise RecipeError(origin, "deepspeed.config", f"file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise RecipeError(origin, "deepspeed.config", f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(origin, "deepspeed.config", f"{path}: must hold a JSON object")
+    return data
+
+
+def _agree(cfg: dict, key: str, value: Any, origin: str, source: str) -> None:
+    """Set cfg[key] = value, refusing a conflicting explicit value from the JSON or overrides."""
+    given = cfg.get(key, "auto")
+    if given not in ("auto", None) and given != value:
+        raise RecipeError(origin, source, f"{key}={given} disagrees with the recipe, which gives {value}; "
+                                          f"remove it or make them agree")
+    cfg[key] = value
+
+
+def compose_ds_config(recipe: Recipe, world_size: int, run_dir: str, origin: str, on_cpu: bool) -> dict:
+    """The full DeepSpeed config for `recipe` on `world_size` data-parallel ranks."""
+    base = read_ds_json(recipe.deepspeed.config, origin)
+    cfg = _merge(base, recipe.deepspeed.overrides)
+    source = "deepspeed.overrides" if recipe.deepspeed.overrides else "deepspeed.config"
+    t = recipe.train
+
+    _agree(cfg, "train_micro_batch_size_per_gpu", t.micro_batch_size, origin, source)
+    _agree(cfg, "gradient_accumulation_steps", t.grad_accum_steps, origin, source)
+    _agree(cfg, "train_batch_size", t.micro_batch_size * t.grad_accum_steps * world_size, origin, source)
+    _agree(cfg, "gradient_clipping", t.grad_clip, origin, source)
+
+    cfg["bf16"] = _merge(cfg.get("bf16", {}), {"enabled": t.precision == "bf16"})
+    fp16 = {"enabled": t.precision == "fp16"}
+    if t.precision == "fp16":
+        fp16 = {"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2,
+                "min_loss_scale": 1, **fp16}
+    cfg["fp16"] = _merge(cfg.get("fp16", {}), fp16)
+
+    if "scheduler" in cfg:
+        raise RecipeError(origin, source, "scheduler: llmforge computes the LR schedule (train.schedule); remove it")
+    optimizer = cfg.setdefault("optimizer", {"type": "AdamW"})
+    params = optimizer.setdefault("params", {})
+    params.update({"lr": t.lr, "betas": list(t.betas), "eps": t.eps, "weight_decay": t.weight_decay})
+    zero = cfg.get("zero_optimization", {})
+    offloaded = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
+    if on_cpu and not offloaded:
+        params.setdefault("torch_adam", True)  # DeepSpeed's fused Adam needs CUDA
+
+    cfg["tensorboard"] = {"enabled": bool(recipe.logging.tensorboard), "output_path": os.path.abspath(run_dir),
+                          "job_name": "tensorboard"}
+    cfg.setdefault("steps_per_print", 10**9)
+    cfg.setdefault("wall_clock_breakdown", False)
+    return cfg
+
+
+def zero_stage(ds_config: dict) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))

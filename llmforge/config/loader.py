@@ -1,0 +1,205 @@
+"""Recipe loading: YAML (safe_load) → `extends:` merge → `--set` dotted overrides → typed, validated `Recipe`."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from llmforge.config.recipe import ConfigError, Recipe
+from llmforge.errors import RecipeError
+
+
+def _read_yaml(path: str, origin: str) -> dict:
+    if not os.path.isfile(path):
+        raise RecipeError(origin, "extends" if origin != path else "", f"file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"line {mark.line + 1}" if mark else ""
+        raise RecipeError(path, where, f"YAML syntax error: {e.problem or e.context}") from None
+    except yaml.YAMLError as e:
+        raise RecipeError(path, "", f"YAML error: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise RecipeError(path, "", f"top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict, child: dict) -> dict:
+    out = dict(base)
+    for key, value in child.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _load_with_extends(path: str, seen: tuple[str, ...] = ()) -> dict:
+    real = os.path.realpath(path)
+    if real in seen:
+        raise RecipeError(path, "extends", "circular extends chain")
+    data = _read_yaml(path, path)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise RecipeError(path, "extends", f"must be a file path, got {parent!r}")
+    # Resolve relative to the recipe's own directory first, then the working directory.
+    candidates = [os.path.join(os.path.dirname(path), parent), parent]
+    found = next((c for c in candidates if os.path.isfile(c)), None)
+    if found is None:
+        raise RecipeError(path, "extends", f"file not found: {parent}")
+    return _merge(_load_with_extends(found, seen + (real,)), data)
+
+
+def _suggest(key: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(key, choices, n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else f" (valid keys: {', '.join(choices)})"
+
+
+def _schema_of(tp: Any) -> Any:
+    """The dataclass a (possibly Optional) annotation refers to, or None."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            if dataclasses.is_dataclass(arg):
+                return arg
+    return None
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Apply one `a.b.c=value` override (value parsed as YAML) to the raw recipe dict, checking the key exists."""
+    if "=" not in assignment:
+        raise ConfigError("--set", f"expected KEY=VALUE, got {assignment!r}")
+    dotted, raw = assignment.split("=", 1)
+    parts = dotted.strip().split(".")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    schema: Any = Recipe
+    node = data
+    for i, part in enumerate(parts):
+        key_so_far = ".".join(parts[: i + 1])
+        if schema is not None:
+            fields = {f.name: f for f in dataclasses.fields(schema)}
+            if part not in fields:
+                raise ConfigError(key_so_far, "unknown key" + _suggest(part, list(fields)))
+            hint = typing.get_type_hints(schema)[part]
+        if i == len(parts) - 1:
+            node[part] = value
+            return
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+        schema = _schema_of(hint) if schema is not None else None
+        if schema is None and not _is_dict(hint):
+            raise ConfigError(key_so_far, "is not a section; cannot set a key below it")
+
+
+def _is_dict(tp: Any) -> bool:
+    return tp is dict or typing.get_origin(tp) is dict
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(value, inner, key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(key, f"must be one of {' | '.join(map(str, args))}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key + ".")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(key, f"must be a list, got {value!r}")
+        return [_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"must be a mapping, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, f"must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, f"must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported recipe field type {tp} at {key}")
+
+
+def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys and wrong types with the dotted key."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(prefix.rstrip(".") or "<top>", f"must be a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise ConfigError(prefix + str(key), "unknown key" + _suggest(str(key), list(fields)))
+        kwargs[key] = _convert(value, hints[key], prefix + key)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(prefix + e.key, e.problem) from None
+
+
+def load_recipe(path: str, overrides: Optional[list[str]] = None) -> Recipe:
+    """Load, merge, override and validate a recipe. Every problem raises `RecipeError` naming file and key."""
+    data = _load_with_extends(path)
+    try:
+        for assignment in overrides or []:
+            apply_override(data, assignment)
+        return from_dict(Recipe, data)
+    except ConfigError as e:
+        raise RecipeError(path, e.key, e.problem) from None
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    return dataclasses.asdict(recipe)
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False)
+
+
+def recipe_from_dict(data: dict, origin: str = "<checkpoint>") -> Recipe:
+    try:
+        return from_dict(Recipe, data)
+    except ConfigError as e:
+        raise RecipeError(origin, e.key, e.problem) from None

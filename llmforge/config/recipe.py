@@ -1,0 +1,245 @@
+"""Typed recipe: one small dataclass per section, each field documented and validated in `__post_init__`.
+
+Field errors are raised as `ConfigError(key, problem)` with the key relative to the section; the loader adds the
+section prefix and the file name, so the user sees `recipe error: recipes/x.yaml: train.lr: must be > 0`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+
+class ConfigError(ValueError):
+    """A bad value for `key` (dotted, relative to the object that raised it)."""
+
+    def __init__(self, key: str, problem: str):
+        self.key, self.problem = key, problem
+        super().__init__(f"{key}: {problem}")
+
+
+def doc(default: Any = None, text: str = "", *, factory: Any = None) -> Any:
+    """A dataclass field with a docstring kept in its metadata (for --help and the README)."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"doc": text})
+    return field(default=default, metadata={"doc": text})
+
+
+def _positive(obj: Any, *names: str, allow_zero: bool = False) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value is None:
+            continue
+        if allow_zero and value < 0:
+            raise ConfigError(name, f"must be >= 0, got {value}")
+        if not allow_zero and value <= 0:
+            raise ConfigError(name, f"must be > 0, got {value}")
+
+
+@dataclass
+class RunConfig:
+    name: str = doc("run", "Run name; the run directory is <output_dir>/<name>.")
+    output_dir: str = doc("runs", "Parent directory of run directories.")
+    seed: int = doc(1234, "Seed for model init, data order and dropout.")
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name:
+            raise ConfigError("name", f"must be a non-empty name without '/', got {self.name!r}")
+
+
+@dataclass
+class DatasetSpec:
+    path: str = doc(None, "Prepared dataset directory (train.bin/.idx, val.bin/.idx, manifest.json).")
+    weight: float = doc(1.0, "Relative sampling weight in the blend.")
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ConfigError("path", "is required")
+        _positive(self, "weight")
+
+
+@dataclass
+class DataConfig:
+    sources: list[str] = doc(text="Raw text files or globs read by `prepare_data` (one file = one document).",
+                             factory=list)
+    prepared_dir: Optional[str] = doc(None, "Where `prepare_data` writes token shards and manifest.json.")
+    datasets: list[DatasetSpec] = doc(text="Prepared datasets to train on; empty means [prepared_dir].",
+                                      factory=list)
+    seq_len: int = doc(256, "Tokens per training sample (context length).")
+    val_fraction: float = doc(0.01, "Fraction of documents (by content hash) held out for validation.")
+
+    def __post_init__(self) -> None:
+        _positive(self, "seq_len")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError("val_fraction", f"must be in [0, 1), got {self.val_fraction}")
+
+    def dataset_dirs(self) -> list[DatasetSpec]:
+        if self.datasets:
+            return self.datasets
+        return [DatasetSpec(path=self.prepared_dir)] if self.prepared_dir else []
+
+
+@dataclass
+class TokenizerConfig:
+    type: Literal["char"] = doc("char", "Tokenizer kind (char in this version).")
+    path: Optional[str] = doc(None, "Tokenizer file, written by `train_tokenizer` and read by everything else.")
+    vocab_size: Optional[int] = doc(None, "Upper bound on vocabulary size (char: most frequent characters kept).")
+
+    def __post_init__(self) -> None:
+        _positive(self, "vocab_size")
+
+
+@dataclass
+class ActivationCheckpointingConfig:
+    mode: Literal["none", "full", "every_k", "selective"] = doc(
+        "none", "none | full (every block) | every_k (every `every`-th block) | selective (attention only).")
+    every: int = doc(1, "For every_k: checkpoint blocks 0, k, 2k, ...")
+
+    def __post_init__(self) -> None:
+        _positive(self, "every")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: Optional[int] = doc(None, "Vocabulary size; null takes it from the tokenizer.")
+    max_seq_len: Optional[int] = doc(None, "Longest sequence the model accepts; null takes data.seq_len.")
+    d_model: int = doc(128, "Hidden size.")
+    n_layers: int = doc(4, "Number of transformer blocks.")
+    n_heads: int = doc(4, "Attention (query) heads.")
+    n_kv_heads: Optional[int] = doc(None, "Key/value heads for grouped-query attention; null = n_heads.")
+    d_ff: Optional[int] = doc(None, "MLP hidden size; null = 8/3·d_model (swiglu, rounded up to 64) or 4·d_model.")
+    mlp: Literal["swiglu", "gelu"] = doc("swiglu", "MLP kind.")
+    norm: Literal["rmsnorm", "layernorm"] = doc("rmsnorm", "Normalisation layer.")
+    norm_eps: float = doc(1e-5, "Epsilon of the norm layers.")
+    position: Literal["rope", "learned"] = doc("rope", "Rotary or learned absolute position embeddings.")
+    rope_theta: float = doc(10000.0, "RoPE base.")
+    tie_embeddings: bool = doc(True, "Share the token embedding with the LM head.")
+    dropout: float = doc(0.0, "Dropout on attention weights and residual branches.")
+    init_std: float = doc(0.02, "Init std; residual output projections use init_std / sqrt(2·n_layers).")
+    attn_impl: Literal["sdpa", "reference"] = doc(
+        "sdpa", "sdpa (torch scaled_dot_product_attention) or reference (explicit mask + softmax).")
+    activation_checkpointing: ActivationCheckpointingConfig = doc(
+        text="Recompute activations in the backward pass to save memory.", factory=ActivationCheckpointingConfig)
+
+    def __post_init__(self) -> None:
+        _positive(self, "vocab_size", "max_seq_len", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff",
+                  "norm_eps", "rope_theta", "init_std")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError("dropout", f"must be in [0, 1), got {self.dropout}")
+        if self.d_model % self.n_heads:
+            raise ConfigError("d_model", f"{self.d_model} is not divisible by n_heads={self.n_heads}")
+        if (self.d_model // self.n_heads) % 2 and self.position == "rope":
+            raise ConfigError("d_model", f"head dim {self.d_model // self.n_heads} must be even for rope")
+        if self.n_heads % self.kv_heads:
+            raise ConfigError("n_kv_heads", f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.kv_heads}")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def ff_dim(self) -> int:
+        if self.d_ff:
+            return self.d_ff
+        if self.mlp == "swiglu":
+            return -(-int(8 * self.d_model / 3) // 64) * 64
+        return 4 * self.d_model
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = doc(2000, "Optimizer steps to train.")
+    micro_batch_size: int = doc(12, "Samples per rank per forward/backward.")
+    grad_accum_steps: int = doc(1, "Micro-batches accumulated per optimizer step.")
+    lr: float = doc(1e-3, "Peak learning rate.")
+    min_lr: float = doc(1e-4, "Learning rate at the end of the decay.")
+    warmup_steps: int = doc(100, "Linear warmup steps from 0 to lr.")
+    schedule: Literal["cosine", "wsd", "constant"] = doc("cosine", "Decay after warmup.")
+    decay_fraction: float = doc(0.2, "wsd: fraction of max_steps spent in the final linear decay.")
+    weight_decay: float = doc(0.1, "AdamW weight decay (not applied to norms, biases, embeddings).")
+    betas: list[float] = doc(text="AdamW betas.", factory=lambda: [0.9, 0.95])
+    eps: float = doc(1e-8, "AdamW epsilon.")
+    grad_clip: float = doc(1.0, "Clip the global gradient norm to this; 0 disables.")
+    precision: Literal["bf16", "fp16", "fp32"] = doc("bf16", "Training precision.")
+
+    def __post_init__(self) -> None:
+        _positive(self, "max_steps", "micro_batch_size", "grad_accum_steps", "lr", "eps")
+        _positive(self, "min_lr", "warmup_steps", "weight_decay", "grad_clip", allow_zero=True)
+        if self.min_lr > self.lr:
+            raise ConfigError("min_lr", f"{self.min_lr} is above lr={self.lr}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError("betas", f"must be two numbers in [0, 1), got {self.betas}")
+        if not 0.0 <= self.decay_fraction <= 1.0:
+            raise ConfigError("decay_fraction", f"must be in [0, 1], got {self.decay_fraction}")
+
+
+@dataclass
+class DeepSpeedSection:
+    config: str = doc("ds_configs/zero2.json", "Plain DeepSpeed JSON the composed config starts from.")
+    overrides: dict[str, Any] = doc(text="DeepSpeed keys merged over the JSON (nested dicts merge).", factory=dict)
+
+
+@dataclass
+class CheckpointConfig:
+    dir: Optional[str] = doc(None, "Checkpoint directory; null = <run dir>/checkpoints.")
+    interval: int = doc(500, "Save every this many steps (and at the end); 0 = only at the end.")
+    keep_last: int = doc(3, "Complete checkpoints kept; older ones are deleted after a new one commits.")
+
+    def __post_init__(self) -> None:
+        _positive(self, "interval", allow_zero=True)
+        _positive(self, "keep_last")
+
+
+@dataclass
+class EvalConfig:
+    interval: int = doc(250, "Evaluate val loss every this many steps (and at the end); 0 disables.")
+    batches: int = doc(20, "Micro-batches per rank in each evaluation.")
+    at_start: bool = doc(True, "Also evaluate before the first step of a fresh run.")
+
+    def __post_init__(self) -> None:
+        _positive(self, "interval", allow_zero=True)
+        _positive(self, "batches")
+
+
+@dataclass
+class LoggingConfig:
+    interval: int = doc(10, "Console line and metrics.jsonl row every this many steps.")
+    tensorboard: bool = doc(True, "Write TensorBoard events through DeepSpeed's monitor.")
+
+    def __post_init__(self) -> None:
+        _positive(self, "interval")
+
+
+@dataclass
+class Recipe:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        if self.model.max_seq_len is not None and self.model.max_seq_len < self.data.seq_len:
+            raise ConfigError("model.max_seq_len", f"{self.model.max_seq_len} is below data.seq_len={self.data.seq_len}")
+        if self.train.warmup_steps > self.train.max_steps:
+            raise ConfigError("train.warmup_steps", f"{self.train.warmup_steps} exceeds train.max_steps={self.train.max_steps}")
+
+    @property
+    def run_dir(self) -> str:
+        import os
+
+        return os.path.join(self.run.output_dir, self.run.name)
+
+    @property
+    def checkpoint_dir(self) -> str:
+        import os
+
+        return self.checkpoint.dir or os.path.join(self.run_dir, "checkpoints")

@@ -1,0 +1,58 @@
+"""Errors a user can cause, and how they end a command: one line, exit code 2."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Callable, TypeVar
+
+F = TypeVar("F", bound=Callable)
+
+
+class UserError(Exception):
+    """An error the user can fix (bad recipe, data, checkpoint or CLI input). Printed as one line."""
+
+    prefix = "error"
+
+    def __str__(self) -> str:  # one line, always
+        return " ".join(super().__str__().split())
+
+    def line(self) -> str:
+        return f"{self.prefix}: {self}"
+
+
+class RecipeError(UserError):
+    """A recipe problem: `recipe error: <file>: <key>: <problem>`."""
+
+    prefix = "recipe error"
+
+    def __init__(self, file: str, key: str, problem: str):
+        self.file, self.key, self.problem = file, key, problem
+        parts = [p for p in (file, key, problem) if p]
+        super().__init__(": ".join(parts))
+
+
+class DataError(UserError):
+    prefix = "data error"
+
+
+class CheckpointError(UserError):
+    prefix = "checkpoint error"
+
+
+def exit_on_user_error(fn: F) -> F:
+    """Decorate a command's main(): a UserError prints one line on stderr and exits 2 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            import os
+
+            # Under a multi-rank launcher every rank hits the same error; let rank 0 speak.
+            if os.environ.get("RANK", "0") == "0":
+                print(e.line(), file=sys.stderr, flush=True)
+            sys.exit(2)
+
+    return wrapper  # type: ignore[return-value]

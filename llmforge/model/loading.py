@@ -1,0 +1,60 @@
+"""Rebuild a GPT (weights, tokenizer, recipe) from an llmforge checkpoint, without a DeepSpeed engine."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import torch
+import yaml
+
+from llmforge.config import Recipe, recipe_from_dict
+from llmforge.errors import CheckpointError
+from llmforge.model.generate import generate
+from llmforge.model.gpt import GPT
+from llmforge.tokenizer import Tokenizer, tokenizer_from_json
+
+WRAPPER_PREFIX = "_checkpoint_wrapped_module."
+
+
+def _state_dict(path: str) -> dict[str, torch.Tensor]:
+    load_dir, tag = os.path.split(path.rstrip("/"))
+    dense = os.path.join(path, "mp_rank_00_model_states.pt")
+    if os.path.isfile(dense):  # ZeRO 0-2: rank 0 holds the full (training-precision) module state
+        state = torch.load(dense, map_location="cpu", weights_only=False)["module"]
+    else:  # ZeRO-3: gather the fp32 partitions
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(load_dir, tag=tag)
+    return {k.replace(WRAPPER_PREFIX, ""): v for k, v in state.items()}
+
+
+def load_model(checkpoint: str, dtype: torch.dtype = torch.float32) -> tuple[GPT, Tokenizer, Recipe]:
+    """Model in eval mode, its tokenizer and resolved recipe, from a run dir, checkpoints dir or checkpoint."""
+    from llmforge.train.checkpoint import resolve_resume
+
+    path = resolve_resume(checkpoint, checkpoint)
+    if path is None:
+        raise CheckpointError(f"{checkpoint}: no complete checkpoint found")
+    with open(os.path.join(path, "recipe.yaml"), encoding="utf-8") as f:
+        recipe = recipe_from_dict(yaml.safe_load(f), os.path.join(path, "recipe.yaml"))
+    with open(os.path.join(path, "tokenizer.json"), encoding="utf-8") as f:
+        tok = tokenizer_from_json(json.load(f))
+    model = GPT(recipe.model)
+    state = _state_dict(path)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and recipe.model.tie_embeddings)]
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: weights do not match the model (missing {missing}, unexpected {unexpected})")
+    return model.to(dtype).eval(), tok, recipe
+
+
+def generate_text(checkpoint: str, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8,
+                  top_k: Optional[int] = None, top_p: Optional[float] = None, seed: int = 0,
+                  use_cache: bool = True) -> str:
+    model, tok, _ = load_model(checkpoint)
+    ids = tok.encode(prompt) or [tok.eos_id]
+    gen = torch.Generator().manual_seed(seed)
+    out = generate(model, torch.tensor([ids]), max_new_tokens, temperature, top_k, top_p, use_cache, gen)
+    return tok.decode(out[0].tolist())

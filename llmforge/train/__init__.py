@@ -1,0 +1,1 @@
+"""Engine setup, the Trainer, LR schedules, checkpoint commit/resume."""

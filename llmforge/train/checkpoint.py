@@ -1,0 +1,198 @@
+"""Checkpoint commit and resume on top of DeepSpeed's sharded `save_checkpoint` / `load_checkpoint`.
+
+A checkpoint `<dir>/<tag>/` is complete only when `manifest.json` exists (written last, after every rank finished,
+listing each file's size and sha256). `<dir>/latest` is llmforge's pointer, replaced by atomic rename after the
+commit. DeepSpeed's own `latest` is never written (save_latest=False) and never trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from llmforge.errors import CheckpointError
+from llmforge.train.distributed import barrier, rank
+
+log = logging.getLogger(__name__)
+MANIFEST = "manifest.json"
+POINTER = "latest"
+STATE = "llmforge_state.json"  # step, data position, fingerprints: readable without loading any shard
+TAG_RE = re.compile(r"^step_(\d+)$")
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(engine: Any, ckpt_dir: str, step: int, client_state: dict, keep_last: int,
+                    extra_files: Optional[dict[str, str]] = None) -> str:
+    """Save through DeepSpeed on every rank, then commit (manifest + pointer) on rank 0. Returns the path."""
+    tag = tag_for(step)
+    path = os.path.join(ckpt_dir, tag)
+    if rank() == 0 and os.path.isdir(path):
+        shutil.rmtree(path)  # an incomplete leftover from a run killed while saving this step
+    barrier()
+    engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False)
+    rng_path = os.path.join(path, f"rng_rank{rank():05d}.pt")
+    torch.save(rng_state(), rng_path + ".tmp")
+    os.replace(rng_path + ".tmp", rng_path)
+    barrier()  # every rank's shards are on disk
+    if rank() == 0:
+        for name, text in (extra_files or {}).items():
+            _write_atomic(os.path.join(path, name), text)
+        files = {}
+        for root, _, names in os.walk(path):
+            for name in sorted(names):
+                full = os.path.join(root, name)
+                rel = os.path.relpath(full, path)
+                files[rel] = {"size": os.path.getsize(full), "sha256": _sha256(full)}
+        manifest = {"step": step, "tag": tag, "files": files}
+        _write_atomic(os.path.join(path, MANIFEST), json.dumps(manifest, indent=1))
+        _write_atomic(os.path.join(ckpt_dir, POINTER), tag + "\n")
+        _prune(ckpt_dir, keep_last, step)
+    barrier()
+    return path
+
+
+def _steps_in(ckpt_dir: str) -> list[tuple[int, str]]:
+    if not os.path.isdir(ckpt_dir):
+        return []
+    out = []
+    for name in os.listdir(ckpt_dir):
+        m = TAG_RE.match(name)
+        if m and os.path.isdir(os.path.join(ckpt_dir, name)):
+            out.append((int(m.group(1)), name))
+    return sorted(out)
+
+
+def _prune(ckpt_dir: str, keep_last: int, current: int) -> None:
+    complete = [(s, t) for s, t in _steps_in(ckpt_dir) if os.path.isfile(os.path.join(ckpt_dir, t, MANIFEST))]
+    keep = {t for _, t in complete[-keep_last:]}
+    for s, t in _steps_in(ckpt_dir):
+        if t not in keep and s <= current:
+            shutil.rmtree(os.path.join(ckpt_dir, t), ignore_errors=True)
+
+
+def verify(path: str) -> Optional[str]:
+    """None if the checkpoint at `path` is complete and its files match the manifest sizes, else the problem."""
+    manifest_path = os.path.join(path, MANIFEST)
+    if not os.path.isfile(manifest_path):
+        return f"{path} is incomplete (no {MANIFEST}: the save did not finish)"
+    try:
+        with open(manifest_path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        return f"{manifest_path} is unreadable ({e})"
+    for rel, meta in manifest["files"].items():
+        full = os.path.join(path, rel)
+        if not os.path.isfile(full):
+            return f"{full} is missing"
+        if os.path.getsize(full) != meta["size"]:
+            return f"{full} has {os.path.getsize(full)} bytes, the manifest says {meta['size']}"
+    return None
+
+
+def newest_complete(ckpt_dir: str) -> Optional[str]:
+    """The checkpoint `latest` points to if complete, else the newest complete one, else None."""
+    pointer = os.path.join(ckpt_dir, POINTER)
+    if os.path.isfile(pointer):
+        with open(pointer, encoding="utf-8") as f:
+            tag = f.read().strip()
+        path = os.path.join(ckpt_dir, tag)
+        problem = verify(path)
+        if problem is None:
+            return path
+        log.warning("checkpoint pointer %s names a bad checkpoint (%s); looking for an older one", pointer, problem)
+    for _, tag in reversed(_steps_in(ckpt_dir)):
+        path = os.path.join(ckpt_dir, tag)
+        if verify(path) is None:
+            return path
+    return None
+
+
+def resolve_resume(resume: str, ckpt_dir: str) -> Optional[str]:
+    """`none` → None; `auto` → newest complete checkpoint in ckpt_dir or None; a path → that checkpoint or an error.
+
+    A path may name a checkpoint (`.../step_00000100`), a checkpoints directory, or a run directory.
+    """
+    if resume == "none":
+        return None
+    if resume == "auto":
+        return newest_complete(ckpt_dir)
+    path = resume.rstrip("/")
+    if not os.path.exists(path):
+        raise CheckpointError(f"--resume {resume}: no such checkpoint")
+    if os.path.isfile(os.path.join(path, MANIFEST)) or TAG_RE.match(os.path.basename(path)):
+        problem = verify(path)
+        if problem:
+            raise CheckpointError(f"--resume {resume}: {problem}")
+        return path
+    for candidate in (path, os.path.join(path, "checkpoints")):
+        if os.path.isdir(candidate) and _steps_in(candidate):
+            found = newest_complete(candidate)
+            if found is None:
+                raise CheckpointError(f"--resume {resume}: no complete checkpoint in {candidate}")
+            return found
+    raise CheckpointError(f"--resume {resume}: not a checkpoint, checkpoints directory or run directory")
+
+
+def read_state(path: str) -> dict:
+    try:
+        with open(os.path.join(path, STATE), encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read {STATE} ({e})") from None
+
+
+def load_checkpoint(engine: Any, path: str) -> dict:
+    """Load DeepSpeed state and this rank's RNG from a verified checkpoint; returns the client state."""
+    load_dir, tag = os.path.split(path.rstrip("/"))
+    loaded, client_state = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=False)
+    if loaded is None:  # DeepSpeed returns (None, None) instead of raising when it finds nothing
+        raise CheckpointError(f"{path}: DeepSpeed found no loadable checkpoint there")
+    rng_path = os.path.join(path, f"rng_rank{rank():05d}.pt")
+    if os.path.isfile(rng_path):
+        set_rng_state(torch.load(rng_path, weights_only=False))
+    return client_state or {}

@@ -1,0 +1,155 @@
+"""`pretrain()`: recipe → validated inputs → DeepSpeed engine → resume → Trainer. Nothing is written until every
+user-fixable problem (recipe, DeepSpeed JSON, tokenizer, data, --resume path) has been checked."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import random
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from llmforge.config import Recipe, load_recipe, recipe_to_dict, recipe_to_yaml
+from llmforge.config.deepspeed import compose_ds_config, zero_stage
+from llmforge.data.loader import PretrainData
+from llmforge.errors import CheckpointError, RecipeError
+from llmforge.model import GPT, apply_activation_checkpointing
+from llmforge.model.flops import device_peak_flops, flops_per_token
+from llmforge.tokenizer import fingerprint, load_tokenizer
+from llmforge.train import checkpoint as ckpt
+from llmforge.train.distributed import setup_env
+from llmforge.train.metrics import Metrics
+from llmforge.train.trainer import Trainer, TrainState
+
+log = logging.getLogger("llmforge")
+
+
+def setup_logging() -> None:
+    """INFO on rank 0, warnings elsewhere."""
+    level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    logging.getLogger("llmforge").setLevel(level)
+
+
+def resolve_model_config(recipe: Recipe, vocab_size: int, origin: str) -> Recipe:
+    """Fill model.vocab_size / max_seq_len from the tokenizer and data when the recipe leaves them null."""
+    m = recipe.model
+    if m.vocab_size is not None and m.vocab_size < vocab_size:
+        raise RecipeError(origin, "model.vocab_size", f"{m.vocab_size} is below the tokenizer's {vocab_size}")
+    model = dataclasses.replace(m, vocab_size=m.vocab_size or vocab_size, max_seq_len=m.max_seq_len or recipe.data.seq_len)
+    return dataclasses.replace(recipe, model=model)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: not on norms, biases or embeddings (tied or not)."""
+    embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 and id(p) not in embedding_ids else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pretrain(recipe_path: str, overrides: Optional[list[str]] = None, resume: str = "auto") -> dict:
+    """Pre-train from a recipe; returns a summary (steps, first/last val loss, run dir)."""
+    setup_env()
+    recipe = load_recipe(recipe_path, overrides)
+    world = int(os.environ["WORLD_SIZE"])
+
+    from deepspeed.accelerator import get_accelerator
+
+    accel = get_accelerator()
+    on_cpu = accel.device_name() == "cpu"
+    run_dir, ckpt_dir = recipe.run_dir, recipe.checkpoint_dir
+    ds_config = compose_ds_config(recipe, world, run_dir, recipe_path, on_cpu)
+    if recipe.train.precision == "fp16" and on_cpu:
+        raise RecipeError(recipe_path, "train.precision", "fp16 needs a GPU; use bf16 or fp32 on CPU")
+    tok = load_tokenizer(recipe.tokenizer, recipe_path)
+    tok_fp = fingerprint(tok)
+    recipe = resolve_model_config(recipe, tok.vocab_size, recipe_path)
+    specs = recipe.data.dataset_dirs()
+    train_data = PretrainData(specs, recipe.data.seq_len, recipe.run.seed, "train", tok_fp)
+    val_data = PretrainData(specs, recipe.data.seq_len, recipe.run.seed + 1, "val", tok_fp)
+    resume_from = ckpt.resolve_resume(resume, ckpt_dir)
+    if resume_from is not None:
+        _check_compatible(ckpt.read_state(resume_from), resume_from, world, tok_fp, train_data.fingerprint)
+
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=accel.communication_backend_name())
+    seed_everything(recipe.run.seed)
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero_stage(ds_config) == 3):
+        model = GPT(recipe.model)
+    n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
+    n_embed = sum((p.ds_numel if hasattr(p, "ds_numel") else p.numel())
+                  for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters())
+    apply_activation_checkpointing(model, recipe.model.activation_checkpointing)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, recipe.train.weight_decay),
+                                           config=ds_config)
+    is_main = engine.global_rank == 0
+    if is_main:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "recipe.resolved.yaml"), "w", encoding="utf-8") as f:
+            f.write(recipe_to_yaml(recipe))
+        with open(os.path.join(run_dir, "ds_config.json"), "w", encoding="utf-8") as f:
+            json.dump(ds_config, f, indent=2)
+        log.info("model: %.2fM parameters (%.2fM non-embedding), %d ranks, ZeRO stage %d, %s on %s",
+                 n_params / 1e6, (n_params - n_embed) / 1e6, world, zero_stage(ds_config), recipe.train.precision,
+                 accel.device_name())
+    metrics = Metrics(run_dir, is_main, getattr(engine, "monitor", None))
+
+    state = TrainState()
+    if resume_from is not None:
+        started = time.time()
+        client = ckpt.load_checkpoint(engine, resume_from)
+        state = TrainState(step=client["step"], consumed_samples=client["consumed_samples"])
+        metrics.event("resumed", step=state.step, checkpoint=resume_from,
+                      resume_s=round(time.time() - started, 3))
+
+    tokenizer_json = json.dumps(tok.to_json(), ensure_ascii=False)
+    recipe_dict = recipe_to_dict(recipe)
+
+    def save(s: TrainState) -> None:
+        started = time.time()
+        client_state = {"step": s.step, "consumed_samples": s.consumed_samples, "world_size": world,
+                        "recipe": recipe_dict, "tokenizer_fingerprint": tok_fp,
+                        "data_fingerprint": train_data.fingerprint}
+        path = ckpt.save_checkpoint(engine, ckpt_dir, s.step, client_state, recipe.checkpoint.keep_last,
+                                    extra_files={"tokenizer.json": tokenizer_json,
+                                                 ckpt.STATE: json.dumps({k: v for k, v in client_state.items()
+                                                                         if k != "recipe"}, indent=1),
+                                                 "recipe.yaml": recipe_to_yaml(recipe)})
+        metrics.event("checkpoint", step=s.step, path=path, save_s=round(time.time() - started, 3))
+
+    fpt = flops_per_token(n_params - n_embed, recipe.model, recipe.data.seq_len)
+    peak = None if on_cpu else device_peak_flops(accel.get_device_name() if hasattr(accel, "get_device_name")
+                                                  else torch.cuda.get_device_name())
+    trainer = Trainer(engine, recipe, train_data, val_data, metrics, state, save, fpt, peak)
+    if state.step >= recipe.train.max_steps:
+        log.info("nothing to do: checkpoint is at step %d, train.max_steps=%d", state.step, recipe.train.max_steps)
+    trainer.train()
+    return {"run_dir": run_dir, "step": state.step, "val_loss": trainer.last_val_loss}
+
+
+def _check_compatible(client: dict, path: str, world: int, tok_fp: str, data_fp: str) -> None:
+    if client.get("world_size") not in (None, world):
+        raise CheckpointError(f"{path} was saved by {client['world_size']} ranks, this run has {world}; "
+                              f"resuming at another world size needs a universal checkpoint")
+    if client.get("tokenizer_fingerprint") not in (None, tok_fp):
+        raise CheckpointError(f"{path} was trained with tokenizer {client['tokenizer_fingerprint']}, "
+                              f"the recipe's is {tok_fp}")
+    if client.get("data_fingerprint") not in (None, data_fp):
+        raise CheckpointError(f"{path} was trained on data {client['data_fingerprint']}, the recipe's is {data_fp}")
