@@ -91,11 +91,10 @@ def pretrain(recipe_path: str, overrides: Optional[list[str]] = None, resume: st
 
     deepspeed.init_distributed(dist_backend=accel.communication_backend_name())
     seed_everything(recipe.run.seed)
-    with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero_stage(ds_config) == 3):
-        model = GPT(recipe.model)
-    n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
-    n_embed = sum((p.ds_numel if hasattr(p, "ds_numel") else p.numel())
-                  for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters())
+    # Built whole on every rank, then partitioned by deepspeed.initialize (no zero.Init: see README, ZeRO-3).
+    model = GPT(recipe.model)
+    n_params = sum(p.numel() for p in model.parameters())
+    n_embed = sum(p.numel() for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters())
     apply_activation_checkpointing(model, recipe.model.activation_checkpointing)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, recipe.train.weight_decay),
                                            config=ds_config)
