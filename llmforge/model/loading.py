@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 from typing import Optional
 
 import torch
@@ -53,7 +55,8 @@ def load_model(checkpoint: str, dtype: torch.dtype = torch.float32) -> tuple[GPT
 def generate_text(checkpoint: str, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8,
                   top_k: Optional[int] = None, top_p: Optional[float] = None, seed: int = 0,
                   use_cache: bool = True) -> str:
-    model, tok, _ = load_model(checkpoint)
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's loading chatter must not mix with the text
+        model, tok, _ = load_model(checkpoint)
     ids = tok.encode(prompt) or [tok.eos_id]
     gen = torch.Generator().manual_seed(seed)
     out = generate(model, torch.tensor([ids]), max_new_tokens, temperature, top_k, top_p, use_cache, gen)

@@ -1,0 +1,122 @@
+import json
+import os
+import struct
+
+import numpy as np
+import pytest
+
+from llmforge.config import load_recipe
+from llmforge.config.recipe import DatasetSpec
+from llmforge.data.indexed import HEADER, IndexedDataset, IndexedDatasetWriter
+from llmforge.data.loader import BlendedOrder, PretrainData, micro_batch_indices
+from llmforge.data.prepare import prepare, train_tokenizer
+from llmforge.errors import DataError
+from llmforge.tokenizer import CharTokenizer
+from tests.conftest import write_recipe
+
+
+def test_indexed_dataset_roundtrip_in_megatron_layout(tmp_path):
+    docs = [np.arange(5), np.arange(3) + 100, np.array([7]), np.arange(1000) % 50]
+    w = IndexedDatasetWriter(str(tmp_path / "d"), np.uint16)
+    for d in docs:
+        w.add_document(d)
+    w.finalize()
+    assert not list(tmp_path.glob("*.tmp"))
+    raw = (tmp_path / "d.idx").read_bytes()
+    assert raw[:9] == HEADER
+    version, code, n_seq, n_doc = struct.unpack("<QBQQ", raw[9:34])
+    assert (version, code, n_seq, n_doc) == (1, 8, 4, 5)  # dtype code 8 = uint16, doc_idx has n+1 entries
+    lengths = np.frombuffer(raw, np.int32, 4, 34)
+    pointers = np.frombuffer(raw, np.int64, 4, 34 + 16)
+    assert lengths.tolist() == [5, 3, 1, 1000] and pointers.tolist() == [0, 10, 16, 18]
+    ds = IndexedDataset(str(tmp_path / "d"))
+    assert len(ds) == 4 and ds.num_tokens == 1009
+    for i, d in enumerate(docs):
+        assert ds[i].tolist() == d.tolist()
+    assert ds.document_indices.tolist() == [0, 1, 2, 3, 4]
+
+
+def test_char_tokenizer_roundtrip_and_unknown():
+    tok = CharTokenizer.train(["hello world", "abc"], vocab_size=3 + 5)
+    assert tok.vocab_size == 8
+    text = "hello"
+    assert tok.decode(tok.encode(text)).replace("\ufffd", "?").count("?") == sum(c not in tok.chars for c in text)
+    full = CharTokenizer.train(["def f(x):\n    return x\n"])
+    assert full.decode(full.encode("def f(x):")) == "def f(x):"
+
+
+def test_prepare_writes_manifest_and_splits_by_document(tmp_path, prepared):
+    manifest = json.loads((prepared / "prepared" / "manifest.json").read_text())
+    s = manifest["splits"]
+    assert s["train"]["documents"] > 0 and s["val"]["documents"] > 0
+    n_files = len(list((prepared / "corpus").glob("*.txt")))
+    assert s["train"]["documents"] + s["val"]["documents"] == n_files
+    for name, meta in manifest["files"].items():
+        assert os.path.getsize(prepared / "prepared" / name) == meta["size"]
+    train = IndexedDataset(str(prepared / "prepared" / "train"))
+    assert train.num_tokens == s["train"]["tokens"]
+    eos = 1
+    assert all(train[i][-1] == eos for i in range(len(train)))  # EOS closes every document
+
+
+def test_loader_rank_slices_are_disjoint_and_cover_the_global_batch(prepared):
+    data = PretrainData([DatasetSpec(str(prepared / "prepared"))], 64, seed=3)
+    world, mb, accum = 4, 3, 2
+    step_consumed = 5 * world * mb * accum
+    seen = []
+    for micro in range(accum):
+        for rank in range(world):
+            seen.extend(micro_batch_indices(step_consumed, micro, rank, world, mb))
+    assert sorted(seen) == list(range(step_consumed, step_consumed + world * mb * accum))
+
+
+def test_loader_order_is_seeded_and_restorable_in_o1(prepared):
+    spec = [DatasetSpec(str(prepared / "prepared"))]
+    a, b, c = (PretrainData(spec, 64, seed=s) for s in (3, 3, 4))
+    idx = range(40, 44)
+    xa, ya = a.batch(idx)
+    xb, yb = b.batch(idx)
+    assert xa.equal(xb) and ya.equal(yb)
+    assert not xa.equal(c.batch(idx)[0])
+    assert xa[:, 1:].equal(ya[:, :-1])  # targets are inputs shifted by one
+    # an epoch is a permutation: every window exactly once
+    n = a.num_samples
+    assert sorted(a.order.locate(g)[1] for g in range(n)) == list(range(n))
+    assert [a.order.locate(g)[1] for g in range(n, n + 20)] != [a.order.locate(g)[1] for g in range(20)]
+    # a position far in the future (many epochs) is computed directly, not by iterating
+    far = 10**12 + 17
+    x, _ = a.batch(range(far, far + 2))
+    epoch, j = divmod(far, n)
+    perm = np.random.default_rng([3, 0, epoch]).permutation(n)
+    assert x[0].tolist() == a.windows[0][int(perm[j])][:-1].tolist()
+
+
+def test_blend_follows_weights(tmp_path, prepared):
+    other = tmp_path / "copy"
+    other.mkdir()
+    for name in os.listdir(prepared / "prepared"):
+        (other / name).write_bytes((prepared / "prepared" / name).read_bytes())
+    data = PretrainData([DatasetSpec(str(prepared / "prepared"), 3.0), DatasetSpec(str(other), 1.0)], 64, seed=1)
+    picks = [data.order.locate(g)[0] for g in range(4000)]
+    assert picks.count(0) == 3000 and picks.count(1) == 1000
+    assert max(len(s) for s in "".join(map(str, picks[:400])).split("0")) <= 1  # spread, not in runs
+
+
+def test_blended_order_positions_are_unique_within_an_epoch():
+    order = BlendedOrder([7, 5], [1.0, 1.0], seed=0)
+    got = [order.locate(g) for g in range(10)]
+    assert len(set(got)) == 10
+
+
+def test_tokenizer_fingerprint_mismatch_is_refused(tmp_path, prepared):
+    with pytest.raises(DataError, match="re-run launch/prepare_data.py"):
+        PretrainData([DatasetSpec(str(prepared / "prepared"))], 64, 0, tokenizer_fingerprint="0" * 16)
+
+
+def test_unprepared_dataset_and_empty_glob(tmp_path, prepared):
+    with pytest.raises(DataError, match="no manifest.json"):
+        PretrainData([DatasetSpec(str(tmp_path))], 64, 0)
+    path = write_recipe(tmp_path / "r.yaml", tmp_path, tmp_path / "runs")
+    recipe = load_recipe(str(path))
+    with pytest.raises(DataError, match="matches no files"):
+        train_tokenizer(recipe, str(path))
