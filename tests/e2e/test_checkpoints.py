@@ -1,0 +1,82 @@
+"""Checkpoint commit and --resume semantics, on real single-process DeepSpeed runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from llmforge.errors import CheckpointError
+from llmforge.train.checkpoint import newest_complete, resolve_resume, verify
+from tests.conftest import REPO, run_cli, write_recipe
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, prepared) -> Path:
+    """A 12-step single-process run with checkpoints at 4, 8, 12 (ZeRO-0, bf16)."""
+    tmp = tmp_path_factory.mktemp("ckpt")
+    recipe = write_recipe(tmp / "r.yaml", prepared, tmp / "runs", eval={"interval": 0},
+                          checkpoint={"interval": 4, "keep_last": 2},
+                          deepspeed={"config": str(REPO / "ds_configs/zero0.json")})
+    r = run_cli("python", "launch/pretrain.py", "--recipe", str(recipe))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return tmp
+
+
+def test_commit_layout_pointer_and_pruning(finished_run):
+    ckpts = finished_run / "runs" / "t" / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step_00000012"
+    steps = sorted(p.name for p in ckpts.iterdir() if p.name.startswith("step_"))
+    assert steps == ["step_00000008", "step_00000012"]  # keep_last: 2
+    for step in steps:
+        d = ckpts / step
+        assert not (d.parent / "latest").read_text().startswith("global_step")
+        manifest = json.loads((d / "manifest.json").read_text())
+        assert manifest["step"] == int(step[5:])
+        for rel, meta in manifest["files"].items():
+            assert (d / rel).stat().st_size == meta["size"] and len(meta["sha256"]) == 64
+        state = json.loads((d / "llmforge_state.json").read_text())
+        assert state["consumed_samples"] == state["step"] * 4 and state["world_size"] == 1
+        assert (d / "rng_rank00000.pt").exists() and (d / "tokenizer.json").exists()
+    assert verify(str(ckpts / "step_00000012")) is None
+
+
+def test_incomplete_checkpoint_is_skipped_by_auto_and_refused_by_path(finished_run, tmp_path):
+    ckpts = tmp_path / "checkpoints"
+    shutil.copytree(finished_run / "runs" / "t" / "checkpoints", ckpts)
+    (ckpts / "step_00000012" / "manifest.json").unlink()  # as if killed mid-save
+    assert newest_complete(str(ckpts)) == str(ckpts / "step_00000008")
+    assert resolve_resume("auto", str(ckpts)) == str(ckpts / "step_00000008")
+    with pytest.raises(CheckpointError, match="incomplete"):
+        resolve_resume(str(ckpts / "step_00000012"), str(ckpts))
+    shard = next((ckpts / "step_00000008").glob("*model_states.pt"))
+    shard.write_bytes(shard.read_bytes()[:-10])  # truncated file
+    assert "manifest says" in verify(str(ckpts / "step_00000008"))
+    assert newest_complete(str(ckpts)) is None
+    assert resolve_resume("none", str(ckpts)) is None
+
+
+def test_resume_path_errors_are_one_line(finished_run, tmp_path):
+    recipe = finished_run / "r.yaml"
+    for bad, fragment in [(tmp_path / "missing", "no such checkpoint"), (tmp_path, "not a checkpoint")]:
+        r = run_cli("python", "launch/pretrain.py", "--recipe", str(recipe), "--resume", str(bad))
+        assert r.returncode == 2, r.stderr[-2000:]
+        (line,) = r.stderr.strip().splitlines()
+        assert line.startswith("checkpoint error: --resume") and fragment in line
+
+
+def test_resume_auto_from_finished_run_and_from_explicit_path(finished_run, tmp_path):
+    run = finished_run / "runs" / "t"
+    before = run.joinpath("metrics.jsonl").read_text().splitlines()
+    r = run_cli("python", "launch/pretrain.py", "--recipe", str(finished_run / "r.yaml"),
+                "--set", "train.max_steps=14", "--resume", str(run / "checkpoints" / "step_00000008"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    new = [json.loads(x) for x in run.joinpath("metrics.jsonl").read_text().splitlines()[len(before):]]
+    assert new[0]["event"] == "resumed" and new[0]["step"] == 8
+    assert [x["step"] for x in new if "loss" in x] == list(range(9, 15))
+    # the resumed model is the trained one: its first loss is near the first run's step 8-9, not its step 1
+    first_run = {r["step"]: r["loss"] for r in map(json.loads, before) if "loss" in r}
+    assert abs(new[1]["loss"] - first_run[9]) < abs(new[1]["loss"] - first_run[1]) / 4
