@@ -92,7 +92,7 @@ class TokenizerConfig:
 @dataclass
 class ActivationCheckpointingConfig:
     mode: Literal["none", "full", "every_k", "selective"] = doc(
-        "none", "none | full (every block) | every_k (every `every`-th block) | selective (attention only).")
+        "none", "none, full (every block), every_k (every `every`-th block) or selective (attention only).")
     every: int = doc(1, "For every_k: checkpoint blocks 0, k, 2k, ...")
 
     def __post_init__(self) -> None:
