@@ -80,3 +80,14 @@ def test_resume_auto_from_finished_run_and_from_explicit_path(finished_run, tmp_
     # the resumed model is the trained one: its first loss is near the first run's step 8-9, not its step 1
     first_run = {r["step"]: r["loss"] for r in map(json.loads, before) if "loss" in r}
     assert abs(new[1]["loss"] - first_run[9]) < abs(new[1]["loss"] - first_run[1]) / 4
+
+
+def test_resume_work_does_not_grow_with_step(finished_run):
+    """Resume reads the same bytes at any step (checkpoints do not grow) and replays no data: the position is one
+    counter mapped in O(1) (see test_loader_order_is_seeded_and_restorable_in_o1)."""
+    ckpts = finished_run / "runs" / "t" / "checkpoints"
+    sizes = []
+    for step in ("step_00000008", "step_00000012"):
+        files = json.loads((ckpts / step / "manifest.json").read_text())["files"]
+        sizes.append({k: v["size"] for k, v in files.items() if k.endswith(".pt")})
+    assert sizes[0] == sizes[1] and sizes[0]

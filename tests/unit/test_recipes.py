@@ -100,7 +100,8 @@ def test_composed_ds_config_derives_only_what_must_agree(tmp_path, prepared):
 def test_resolved_recipe_and_ds_config_saved(tmp_path, prepared):
     """The run directory records exactly what ran (checked on a 1-process run of 2 steps)."""
     path = write_recipe(tmp_path / "r.yaml", prepared, tmp_path / "runs", train={"max_steps": 2, "warmup_steps": 1},
-                        eval={"interval": 0}, deepspeed={"config": str(REPO / "ds_configs/zero0.json")})
+                        eval={"interval": 0}, deepspeed={"config": str(REPO / "ds_configs/zero0.json")},
+                        logging={"interval": 1, "tensorboard": True})
     result = run_cli("python", "launch/pretrain.py", "--recipe", str(path), "--set", "train.lr=2e-3")
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "runs" / "t"
@@ -115,3 +116,10 @@ def test_resolved_recipe_and_ds_config_saved(tmp_path, prepared):
         assert key in train_rows[0]
     assert train_rows[0]["mfu"] is None  # no peak FLOPs on CPU
     assert train_rows[1]["tokens"] == 2 * 4 * 64
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = (run / "tensorboard").glob("events.out.tfevents.*")
+    acc = EventAccumulator(str(events))
+    acc.Reload()
+    losses = [e.value for e in acc.Scalars("train/loss")]
+    assert losses == pytest.approx([r["loss"] for r in train_rows], rel=1e-6)
