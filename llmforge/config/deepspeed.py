@@ -6,23 +6,13 @@ hyper-parameters, monitor paths); everything else stays DeepSpeed's own JSON, un
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 from typing import Any
 
+from llmforge.config.loader import deep_merge
 from llmforge.config.recipe import Recipe
 from llmforge.errors import RecipeError
-
-
-def _merge(base: dict, over: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
 
 
 def read_ds_json(path: str, origin: str) -> dict:
@@ -50,7 +40,7 @@ def _agree(cfg: dict, key: str, value: Any, origin: str, source: str) -> None:
 def compose_ds_config(recipe: Recipe, world_size: int, run_dir: str, origin: str, on_cpu: bool) -> dict:
     """The full DeepSpeed config for `recipe` on `world_size` data-parallel ranks."""
     base = read_ds_json(recipe.deepspeed.config, origin)
-    cfg = _merge(base, recipe.deepspeed.overrides)
+    cfg = deep_merge(base, recipe.deepspeed.overrides)
     source = "deepspeed.overrides" if recipe.deepspeed.overrides else "deepspeed.config"
     t = recipe.train
 
@@ -59,12 +49,12 @@ def compose_ds_config(recipe: Recipe, world_size: int, run_dir: str, origin: str
     _agree(cfg, "train_batch_size", t.micro_batch_size * t.grad_accum_steps * world_size, origin, source)
     _agree(cfg, "gradient_clipping", t.grad_clip, origin, source)
 
-    cfg["bf16"] = _merge(cfg.get("bf16", {}), {"enabled": t.precision == "bf16"})
+    cfg["bf16"] = deep_merge(cfg.get("bf16", {}), {"enabled": t.precision == "bf16"})
     fp16 = {"enabled": t.precision == "fp16"}
     if t.precision == "fp16":
         fp16 = {"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2,
                 "min_loss_scale": 1, **fp16}
-    cfg["fp16"] = _merge(cfg.get("fp16", {}), fp16)
+    cfg["fp16"] = deep_merge(cfg.get("fp16", {}), fp16)
 
     if "scheduler" in cfg:
         raise RecipeError(origin, source, "scheduler: llmforge computes the LR schedule (train.schedule); remove it")

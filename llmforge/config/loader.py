@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import os
@@ -34,13 +35,14 @@ def _read_yaml(path: str, origin: str) -> dict:
     return data
 
 
-def _merge(base: dict, child: dict) -> dict:
-    out = dict(base)
-    for key, value in child.items():
+def deep_merge(base: dict, over: dict) -> dict:
+    """A copy of `base` with `over` merged in: nested mappings merge, anything else is replaced."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = deep_merge(out[key], value)
         else:
-            out[key] = value
+            out[key] = copy.deepcopy(value)
     return out
 
 
@@ -59,7 +61,7 @@ def _load_with_extends(path: str, seen: tuple[str, ...] = ()) -> dict:
     found = next((c for c in candidates if os.path.isfile(c)), None)
     if found is None:
         raise RecipeError(path, "extends", f"file not found: {parent}")
-    return _merge(_load_with_extends(found, seen + (real,)), data)
+    return deep_merge(_load_with_extends(found, seen + (real,)), data)
 
 
 def _suggest(key: str, choices: list[str]) -> str:
