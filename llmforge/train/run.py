@@ -57,6 +57,21 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def build_model(recipe: Recipe, ds_config: dict) -> GPT:
+    """The GPT, partitioned at construction under ZeRO-3 (no rank ever holds the whole model), else whole."""
+    import deepspeed
+
+    if zero_stage(ds_config) != 3:
+        return GPT(recipe.model)
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        model = GPT(recipe.model)
+    # Parameters were partitioned as each submodule was built, so GPT's own init ran on empty shards: redo it on
+    # gathered weights (rank 0's values are broadcast). Same seed and RNG use as the unpartitioned path.
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0):
+        model.reset_parameters()
+    return model
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -91,10 +106,10 @@ def pretrain(recipe_path: str, overrides: Optional[list[str]] = None, resume: st
 
     deepspeed.init_distributed(dist_backend=accel.communication_backend_name())
     seed_everything(recipe.run.seed)
-    # Built whole on every rank, then partitioned by deepspeed.initialize (no zero.Init: see README, ZeRO-3).
-    model = GPT(recipe.model)
-    n_params = sum(p.numel() for p in model.parameters())
-    n_embed = sum(p.numel() for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters())
+    model = build_model(recipe, ds_config)
+    numel = lambda p: getattr(p, "ds_numel", p.numel())  # noqa: E731  (full size of a ZeRO-3 partitioned param)
+    n_params = sum(numel(p) for p in model.parameters())
+    n_embed = sum(numel(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters())
     apply_activation_checkpointing(model, recipe.model.activation_checkpointing)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, recipe.train.weight_decay),
                                            config=ds_config)
