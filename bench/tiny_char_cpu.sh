@@ -15,7 +15,7 @@ summary=$(llmforge summary --run "runs/$run" || true)
 {
   echo "# tiny-char on $RANKS CPU ranks"
   echo
-  echo "Command: \`RANKS=$RANKS STEPS=$STEPS bash bench/tiny_char_cpu.sh\` on $(nproc) cores, $(python -c 'import torch; print("torch", torch.__version__)'), $(python -c 'import deepspeed; print("deepspeed", deepspeed.__version__)')."
+  echo "Command: \`RANKS=$RANKS STEPS=$STEPS bash bench/tiny_char_cpu.sh\` on $(nproc) cores, $(python -c 'from importlib.metadata import version as v; print("torch", v("torch") + ", deepspeed", v("deepspeed"))')."
   echo "Measured $(date -u +%Y-%m-%d). Global batch 12 x 256 tokens per rank per step, ZeRO-2, bf16."
   echo
   echo "- wall time of the launch (start-up included): ${wall} s for $STEPS steps"

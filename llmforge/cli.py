@@ -79,9 +79,11 @@ def main(argv: Optional[list[str]] = None) -> None:
         from llmforge.train.metrics import summarize
 
         s = summarize(args.run)
-        print(f"steps {s['steps']} | val loss first {s['first_val_loss']:.4f} -> last {s['last_val_loss']:.4f} | "
-              f"train loss last {s['last_train_loss']:.4f} | median {s['median_tokens_per_s']:.0f} tokens/s")
-        if not s["last_val_loss"] < s["first_val_loss"]:
+        f = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
+        print(f"steps {s['steps']} | val loss first {f(s['first_val_loss'], '.4f')} -> last "
+              f"{f(s['last_val_loss'], '.4f')} | train loss last {f(s['last_train_loss'], '.4f')} | "
+              f"median {f(s['median_tokens_per_s'], '.0f')} tokens/s")
+        if s["first_val_loss"] is not None and not s["last_val_loss"] < s["first_val_loss"]:
             sys.exit(1)
     elif args.command == "generate":
         from llmforge.model.loading import generate_text

@@ -116,6 +116,8 @@ def test_resolved_recipe_and_ds_config_saved(tmp_path, prepared):
         assert key in train_rows[0]
     assert train_rows[0]["mfu"] is None  # no peak FLOPs on CPU
     assert train_rows[1]["tokens"] == 2 * 4 * 64
+    summary = run_cli("llmforge", "summary", "--run", str(run))
+    assert summary.returncode == 0 and "steps 2 | val loss first n/a" in summary.stdout
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     (events,) = (run / "tensorboard").glob("events.out.tfevents.*")
