@@ -20,6 +20,8 @@ $(VENV)/.base: $(VENV)/.torch setup.cfg pyproject.toml
 
 $(VENV)/.dev: $(VENV)/.base
 	$(PIP) install -q -e ".[dev]"
+	# megatron-core only to check that its IndexedDataset reads our shards (its own deps are not needed for that)
+	$(PIP) install -q --no-deps "megatron-core>=0.16,<0.17"
 	touch $@
 
 demo: $(VENV)/.base

@@ -28,8 +28,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-tokenizer", help="train the recipe's tokenizer on data.sources")
     _recipe_args(p)
 
-    p = sub.add_parser("prepare", help="tokenize data.sources into token shards in data.prepared_dir")
+    p = sub.add_parser("prepare", help="clean, filter, dedup and tokenize data.sources into data.prepared_dir")
     _recipe_args(p)
+    p.add_argument("--shard-index", type=int, default=None,
+                   help="this job's slice of the inputs (default: SLURM_ARRAY_TASK_ID, else 0)")
+    p.add_argument("--num-shards", type=int, default=None,
+                   help="number of slices (default: SLURM_ARRAY_TASK_COUNT, else 1)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes on this node")
+    merge = p.add_mutually_exclusive_group()
+    merge.add_argument("--merge", dest="merge", action="store_true", default=None,
+                       help="after processing, merge every dataset (global dedup, final shards, manifest)")
+    merge.add_argument("--no-merge", dest="merge", action="store_false",
+                       help="only process this shard (default when --num-shards > 1)")
+    merge.add_argument("--merge-only", action="store_true", help="only merge (all shards must be complete)")
 
     p = sub.add_parser("corpus", help="write the demo corpus (Python standard-library sources) to a directory")
     p.add_argument("--out", required=True, help="output directory")
@@ -67,9 +78,15 @@ def main(argv: Optional[list[str]] = None) -> None:
             tok = train_tokenizer(recipe, args.recipe)
             print(f"tokenizer: {recipe.tokenizer.type}, {tok.vocab_size} ids -> {recipe.tokenizer.path}")
         else:
-            m = prepare(recipe, args.recipe)
-            for split, s in m["splits"].items():
-                print(f"{split}: {s['documents']} documents, {s['tokens']} tokens -> {recipe.data.prepared_dir}")
+            if args.merge_only:
+                manifests = prepare(recipe, args.recipe, 0, 1, workers=0, merge=True, only_merge=True)
+            else:
+                manifests = prepare(recipe, args.recipe, args.shard_index, args.num_shards, args.workers, args.merge)
+            for name, m in manifests.items():
+                st = m["stats"]
+                print(f"{name}: read {st.get('read', 0)}, kept {st['kept']} documents; "
+                      f"train {m['splits']['train']['tokens']} tokens, val {m['splits']['val']['tokens']} tokens "
+                      f"-> {recipe.data.prepared_dir}/{name}")
     elif args.command == "corpus":
         from llmforge.data.stdlib_corpus import build_stdlib_corpus
 

@@ -9,31 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
-
-class ConfigError(ValueError):
-    """A bad value for `key` (dotted, relative to the object that raised it)."""
-
-    def __init__(self, key: str, problem: str):
-        self.key, self.problem = key, problem
-        super().__init__(f"{key}: {problem}")
-
-
-def doc(default: Any = None, text: str = "", *, factory: Any = None) -> Any:
-    """A dataclass field with a docstring kept in its metadata (for --help and the README)."""
-    if factory is not None:
-        return field(default_factory=factory, metadata={"doc": text})
-    return field(default=default, metadata={"doc": text})
-
-
-def _positive(obj: Any, *names: str, allow_zero: bool = False) -> None:
-    for name in names:
-        value = getattr(obj, name)
-        if value is None:
-            continue
-        if allow_zero and value < 0:
-            raise ConfigError(name, f"must be >= 0, got {value}")
-        if not allow_zero and value <= 0:
-            raise ConfigError(name, f"must be > 0, got {value}")
+from llmforge.config.data import DataConfig, DatasetSpec, SourceSpec  # noqa: F401  (re-exported)
+from llmforge.config.recipe_base import ConfigError, doc, positive
 
 
 @dataclass
@@ -48,45 +25,18 @@ class RunConfig:
 
 
 @dataclass
-class DatasetSpec:
-    path: str = doc(None, "Prepared dataset directory (train.bin/.idx, val.bin/.idx, manifest.json).")
-    weight: float = doc(1.0, "Relative sampling weight in the blend.")
-
-    def __post_init__(self) -> None:
-        if not self.path:
-            raise ConfigError("path", "is required")
-        _positive(self, "weight")
-
-
-@dataclass
-class DataConfig:
-    sources: list[str] = doc(text="Raw text files or globs read by `prepare_data` (one file = one document).",
-                             factory=list)
-    prepared_dir: Optional[str] = doc(None, "Where `prepare_data` writes token shards and manifest.json.")
-    datasets: list[DatasetSpec] = doc(text="Prepared datasets to train on; empty means [prepared_dir].",
-                                      factory=list)
-    seq_len: int = doc(256, "Tokens per training sample (context length).")
-    val_fraction: float = doc(0.01, "Fraction of documents (by content hash) held out for validation.")
-
-    def __post_init__(self) -> None:
-        _positive(self, "seq_len")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ConfigError("val_fraction", f"must be in [0, 1), got {self.val_fraction}")
-
-    def dataset_dirs(self) -> list[DatasetSpec]:
-        if self.datasets:
-            return self.datasets
-        return [DatasetSpec(path=self.prepared_dir)] if self.prepared_dir else []
-
-
-@dataclass
 class TokenizerConfig:
-    type: Literal["char"] = doc("char", "Tokenizer kind (char in this version).")
-    path: Optional[str] = doc(None, "Tokenizer file, written by `train_tokenizer` and read by everything else.")
-    vocab_size: Optional[int] = doc(None, "Upper bound on vocabulary size (char: most frequent characters kept).")
+    type: Literal["char", "sentencepiece", "hf"] = doc(
+        "char", "char | sentencepiece (BPE, trained by train_tokenizer) | hf (a local Hugging Face tokenizer dir).")
+    path: Optional[str] = doc(None, "Tokenizer file (char .json, sentencepiece .model) or HF directory.")
+    vocab_size: Optional[int] = doc(None, "Vocabulary size to train (char: an upper bound; sentencepiece: exact).")
+    sample_bytes: int = doc(100_000_000, "Cleaned text sampled from the sources to train the tokenizer on.")
+    byte_fallback: bool = doc(True, "sentencepiece: unknown characters become UTF-8 byte tokens.")
 
     def __post_init__(self) -> None:
-        _positive(self, "vocab_size")
+        positive(self, "vocab_size", "sample_bytes")
+        if self.type == "sentencepiece" and self.vocab_size is None:
+            raise ConfigError("vocab_size", "is required for a sentencepiece tokenizer")
 
 
 @dataclass
@@ -96,7 +46,7 @@ class ActivationCheckpointingConfig:
     every: int = doc(1, "For every_k: checkpoint blocks 0, k, 2k, ...")
 
     def __post_init__(self) -> None:
-        _positive(self, "every")
+        positive(self, "every")
 
 
 @dataclass
@@ -122,7 +72,7 @@ class ModelConfig:
         text="Recompute activations in the backward pass to save memory.", factory=ActivationCheckpointingConfig)
 
     def __post_init__(self) -> None:
-        _positive(self, "vocab_size", "max_seq_len", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff",
+        positive(self, "vocab_size", "max_seq_len", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff",
                   "norm_eps", "rope_theta", "init_std")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError("dropout", f"must be in [0, 1), got {self.dropout}")
@@ -167,8 +117,8 @@ class TrainConfig:
     precision: Literal["bf16", "fp16", "fp32"] = doc("bf16", "Training precision.")
 
     def __post_init__(self) -> None:
-        _positive(self, "max_steps", "micro_batch_size", "grad_accum_steps", "lr", "eps")
-        _positive(self, "min_lr", "warmup_steps", "weight_decay", "grad_clip", allow_zero=True)
+        positive(self, "max_steps", "micro_batch_size", "grad_accum_steps", "lr", "eps")
+        positive(self, "min_lr", "warmup_steps", "weight_decay", "grad_clip", allow_zero=True)
         if self.min_lr > self.lr:
             raise ConfigError("min_lr", f"{self.min_lr} is above lr={self.lr}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
@@ -190,8 +140,8 @@ class CheckpointConfig:
     keep_last: int = doc(3, "Complete checkpoints kept; older ones are deleted after a new one commits.")
 
     def __post_init__(self) -> None:
-        _positive(self, "interval", allow_zero=True)
-        _positive(self, "keep_last")
+        positive(self, "interval", allow_zero=True)
+        positive(self, "keep_last")
 
 
 @dataclass
@@ -201,8 +151,8 @@ class EvalConfig:
     at_start: bool = doc(True, "Also evaluate before the first step of a fresh run.")
 
     def __post_init__(self) -> None:
-        _positive(self, "interval", allow_zero=True)
-        _positive(self, "batches")
+        positive(self, "interval", allow_zero=True)
+        positive(self, "batches")
 
 
 @dataclass
@@ -211,7 +161,7 @@ class LoggingConfig:
     tensorboard: bool = doc(True, "Write TensorBoard events through DeepSpeed's monitor.")
 
     def __post_init__(self) -> None:
-        _positive(self, "interval")
+        positive(self, "interval")
 
 
 @dataclass

@@ -1,36 +1,88 @@
 """Training samples: fixed-length token windows from prepared datasets, blended by weight in a seeded global order.
 
-Global sample g maps to (dataset, window) in O(1): a short periodic blend pattern picks the dataset, and a seeded
-per-epoch permutation picks the window. Each optimizer step consumes `global_batch` consecutive global indices,
-sliced by data-parallel rank without overlap, so the position is restored from one counter (`consumed_samples`).
+Global sample g maps to (dataset, window) in O(1) time and O(1) memory: a short periodic blend pattern picks the
+dataset, and a keyed Feistel permutation (cycle-walking) picks the window of the current epoch — no per-sample array
+exists, so a rank's memory does not grow with the corpus. Each optimizer step consumes `global_batch` consecutive
+global indices, sliced by data-parallel rank without overlap: the position is one counter (`consumed_samples`).
+Shards are opened lazily from the sizes in the manifest, so a dataset of 10,000 shard files opens without reading
+any index file.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from functools import lru_cache
+from typing import Optional
 
 import numpy as np
 import torch
 
-from llmforge.config.recipe import DatasetSpec
-from llmforge.data.indexed import IndexedDataset
-from llmforge.data.prepare import read_manifest
+from llmforge.config.data import DatasetSpec
+from llmforge.data.merge import read_manifest
 from llmforge.errors import DataError
+
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(x: int) -> int:
+    """splitmix64 finaliser: a fast, well-mixed 64-bit hash."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+class FeistelPermutation:
+    """A seeded bijection of range(n) evaluated per index: 4-round Feistel network on the next even power of two,
+    cycle-walking back into range. O(1) memory whatever n is."""
+
+    def __init__(self, n: int, key: int):
+        if n <= 0:
+            raise ValueError("cannot permute an empty range")
+        self.n = n
+        bits = max(2, (n - 1).bit_length())
+        bits += bits % 2
+        self.half, self.mask = bits // 2, (1 << (bits // 2)) - 1
+        self.keys = [_mix64((key * 4 + r) & _MASK64) for r in range(4)]
+
+    def __call__(self, i: int) -> int:
+        x = i
+        while True:
+            left, right = x >> self.half, x & self.mask
+            for k in self.keys:
+                left, right = right, left ^ (_mix64(right ^ k) & self.mask)
+            x = (left << self.half) | right
+            if x < self.n:
+                return x
 
 
 class TokenWindows:
-    """Sample i is tokens[i·L : i·L + L + 1] of a split's concatenated documents (EOS-separated)."""
+    """Sample i of a split is seq_len+1 tokens of one shard's concatenated (EOS-separated) documents."""
 
-    def __init__(self, prefix: str, seq_len: int):
-        self.tokens = IndexedDataset(prefix).tokens
-        self.seq_len = seq_len
-        self.num_samples = max(0, (len(self.tokens) - 1) // seq_len)
+    def __init__(self, directory: str, shards: list[dict], seq_len: int, dtype: np.dtype):
+        self.directory, self.seq_len, self.dtype = directory, seq_len, np.dtype(dtype)
+        self.prefixes = [s["prefix"] for s in shards]
+        per_shard = np.array([max(0, (s["tokens"] - 1) // seq_len) for s in shards], dtype=np.int64)
+        self.cumulative = np.cumsum(per_shard)
+        self.num_samples = int(self.cumulative[-1]) if len(per_shard) else 0
+        self._open: dict[int, np.memmap] = {}
+
+    def _tokens(self, shard: int) -> np.memmap:
+        if shard not in self._open:
+            if len(self._open) >= 64:  # bound open files on datasets with thousands of shards
+                self._open.pop(next(iter(self._open)))
+            path = os.path.join(self.directory, self.prefixes[shard] + ".bin")
+            self._open[shard] = np.memmap(path, mode="r", dtype=self.dtype)
+        return self._open[shard]
 
     def __getitem__(self, i: int) -> np.ndarray:
-        start = i * self.seq_len
-        return np.asarray(self.tokens[start:start + self.seq_len + 1], dtype=np.int64)
+        shard = int(np.searchsorted(self.cumulative, i, side="right"))
+        local = i - (int(self.cumulative[shard - 1]) if shard else 0)
+        start = local * self.seq_len
+        window = self._tokens(shard)[start:start + self.seq_len + 1]
+        if len(window) != self.seq_len + 1:
+            raise DataError(f"{self.directory}/{self.prefixes[shard]}.bin is shorter than its manifest says")
+        return np.asarray(window, dtype=np.int64)
 
 
 def blend_pattern(weights: list[float], period: int = 1000) -> np.ndarray:
@@ -54,23 +106,28 @@ class BlendedOrder:
         self.sizes, self.seed = sizes, seed
         self.pattern = blend_pattern(weights) if len(sizes) > 1 else np.zeros(1, dtype=np.int64)
         self.per_period = np.bincount(self.pattern, minlength=len(sizes))
-        # rank of each pattern position among earlier positions of the same dataset
         self.rank_in_period = np.zeros(len(self.pattern), dtype=np.int64)
         seen = np.zeros(len(sizes), dtype=np.int64)
         for i, d in enumerate(self.pattern):
             self.rank_in_period[i] = seen[d]
             seen[d] += 1
+        self._perm: dict[tuple[int, int], FeistelPermutation] = {}
 
-    @lru_cache(maxsize=8)
-    def _permutation(self, dataset: int, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, dataset, epoch]).permutation(self.sizes[dataset])
+    def permutation(self, dataset: int, epoch: int) -> FeistelPermutation:
+        key = (dataset, epoch)
+        if key not in self._perm:
+            if len(self._perm) > 16:
+                self._perm.clear()
+            self._perm[key] = FeistelPermutation(self.sizes[dataset], _mix64(self.seed) ^ _mix64(dataset * 1_000_003
+                                                                                                  + epoch))
+        return self._perm[key]
 
     def locate(self, g: int) -> tuple[int, int]:
         period, pos = divmod(g, len(self.pattern))
         d = int(self.pattern[pos])
         k = period * int(self.per_period[d]) + int(self.rank_in_period[pos])
         epoch, j = divmod(k, self.sizes[d])
-        return d, int(self._permutation(d, epoch)[j])
+        return d, self.permutation(d, epoch)(j)
 
 
 def micro_batch_indices(consumed: int, micro_step: int, rank: int, world: int, micro_batch: int) -> range:
@@ -83,10 +140,10 @@ class PretrainData:
     """The train (or val) split of the recipe's datasets, blended, as (inputs, targets) batches."""
 
     def __init__(self, specs: list[DatasetSpec], seq_len: int, seed: int, split: str = "train",
-                 tokenizer_fingerprint: str | None = None):
+                 tokenizer_fingerprint: Optional[str] = None):
         if not specs:
-            raise DataError("data.datasets is empty and data.prepared_dir is not set: nothing to train on")
-        self.windows, digests = [], []
+            raise DataError("no datasets to train on: set data.datasets, or data.sources + data.prepared_dir")
+        windows, weights, digests = [], [], []
         for spec in specs:
             try:
                 manifest = read_manifest(spec.path)
@@ -97,16 +154,17 @@ class PretrainData:
             if tokenizer_fingerprint is not None and have != tokenizer_fingerprint:
                 raise DataError(f"{spec.path}: shards were tokenized with tokenizer {have}, the recipe's tokenizer is "
                                 f"{tokenizer_fingerprint}; re-run launch/prepare_data.py")
-            windows = TokenWindows(os.path.join(spec.path, split), seq_len)
-            if windows.num_samples == 0 and split == "train":
-                raise DataError(f"{spec.path}: train split has fewer than seq_len+1={seq_len + 1} tokens")
-            self.windows.append(windows)
-            digests.append(manifest["files"][f"{split}.bin"]["sha256"])
-        usable = [(w, s.weight) for w, s in zip(self.windows, specs) if w.num_samples > 0]
-        self.windows = [w for w, _ in usable]
-        self.num_samples = sum(w.num_samples for w in self.windows)
-        self.order = (BlendedOrder([w.num_samples for w in self.windows], [wt for _, wt in usable], seed)
-                      if self.windows else None)
+            w = TokenWindows(spec.path, manifest["splits"][split]["shards"], seq_len, manifest["dtype"])
+            if w.num_samples == 0 and split == "train":
+                raise DataError(f"{spec.path}: train split has fewer than seq_len+1={seq_len + 1} tokens per shard")
+            digests.extend(manifest["files"][f"{s['prefix']}.bin"]["sha256"]
+                           for s in manifest["splits"][split]["shards"])
+            if w.num_samples:
+                windows.append(w)
+                weights.append(spec.weight)
+        self.windows = windows
+        self.num_samples = sum(w.num_samples for w in windows)
+        self.order = BlendedOrder([w.num_samples for w in windows], weights, seed) if windows else None
         self.fingerprint = hashlib.sha256("|".join(digests).encode()).hexdigest()[:16]
 
     def batch(self, indices: range) -> tuple[torch.Tensor, torch.Tensor]:

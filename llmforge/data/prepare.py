@@ -1,97 +1,138 @@
-"""Raw text → tokenizer → train/val token shards (indexed format) + manifest.json, in one pass."""
+"""`prepare_data`: plan work units for every source, process this shard's units (optionally on K worker processes),
+then merge each dataset (global dedup + final shards + manifest). Reruns skip completed parts."""
 
 from __future__ import annotations
 
-import hashlib
-import json
+import logging
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor
+from typing import Iterator, Optional
 
+from llmforge.config.data import SourceSpec
 from llmforge.config.recipe import Recipe
-from llmforge.data.indexed import IndexedDatasetWriter, token_dtype
-from llmforge.data.sources import iter_text_documents
-from llmforge.errors import RecipeError
-from llmforge.tokenizer import Tokenizer, fingerprint, load_tokenizer, save_tokenizer
-from llmforge.tokenizer.char import CharTokenizer
+from llmforge.data.dedup import load_eval_ngrams
+from llmforge.data.indexed import token_dtype
+from llmforge.data.merge import merge_dataset, read_manifest  # noqa: F401  (read_manifest is re-exported)
+from llmforge.data.pipeline import keep_reason, part_complete, process_unit
+from llmforge.data.sources import WorkUnit, read_unit, work_units
+from llmforge.errors import DataError, RecipeError
+from llmforge.tokenizer import Tokenizer, fingerprint, load_tokenizer, train_tokenizer_from_texts
 
-MANIFEST = "manifest.json"
-
-
-def is_validation(text: str, val_fraction: float) -> bool:
-    """Deterministic split by document content hash."""
-    h = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "little")
-    return h / 2**64 < val_fraction
+log = logging.getLogger(__name__)
 
 
-def file_digest(path: str) -> dict:
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            sha.update(chunk)
-    return {"size": os.path.getsize(path), "sha256": sha.hexdigest()}
+def shard_from_env() -> tuple[int, int]:
+    """(index, count) of a slurm job array task, or (0, 1)."""
+    env = os.environ
+    if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
+        first = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+        return int(env["SLURM_ARRAY_TASK_ID"]) - first, int(env["SLURM_ARRAY_TASK_COUNT"])
+    return 0, 1
+
+
+def _require(recipe: Recipe, origin: str) -> str:
+    if not recipe.data.sources:
+        raise RecipeError(origin, "data.sources", "is empty: no raw corpora to prepare")
+    if not recipe.data.prepared_dir:
+        raise RecipeError(origin, "data.prepared_dir", "is required: where to write the prepared datasets")
+    return recipe.data.prepared_dir
+
+
+def plan(recipe: Recipe) -> list[tuple[SourceSpec, WorkUnit]]:
+    return [(spec, unit) for spec in recipe.data.sources for unit in work_units(spec)]
+
+
+# Worker processes rebuild the heavy state once (tokenizer, evaluation n-grams) instead of pickling it per unit.
+_WORKER: dict = {}
+
+
+def _init_worker(recipe: Recipe, origin: str) -> None:
+    _WORKER["tok"] = load_tokenizer(recipe.tokenizer, origin)
+    _WORKER["ngrams"] = load_eval_ngrams(recipe.data.decontaminate)
+    _WORKER["recipe"] = recipe
+
+
+def _run_unit(args: tuple[SourceSpec, WorkUnit]) -> dict:
+    spec, unit = args
+    recipe = _WORKER["recipe"]
+    out = os.path.join(recipe.data.prepared_dir, spec.name)
+    return process_unit(unit, spec, recipe.data, _WORKER["tok"], out, _WORKER["ngrams"])
+
+
+def prepare(recipe: Recipe, origin: str, shard_index: Optional[int] = None, num_shards: Optional[int] = None,
+            workers: int = 1, merge: Optional[bool] = None, progress: bool = True, only_merge: bool = False) -> dict:
+    """Process shard `shard_index` of `num_shards` (default: from slurm, else all), then merge if asked (default:
+    when this process handled every shard). Returns {dataset name: manifest} for merged datasets."""
+    out = _require(recipe, origin)
+    env_index, env_count = shard_from_env()
+    index = env_index if shard_index is None else shard_index
+    count = env_count if num_shards is None else num_shards
+    if not 0 <= index < count:
+        raise DataError(f"--shard-index {index} is outside 0..{count - 1}")
+    tok = load_tokenizer(recipe.tokenizer, origin)
+    units = plan(recipe)
+    mine = [u for i, u in enumerate(units) if i % count == index]
+    todo = [] if only_merge else [(s, u) for s, u in mine if not part_complete(os.path.join(out, s.name), u)]
+    log.info("shard %d/%d: %d of %d work units, %d already complete", index, count, len(mine), len(units),
+             len(mine) - len(todo))
+    _run(todo, recipe, origin, workers, progress)
+    if merge is None:
+        merge = count == 1
+    if not merge:
+        return {}
+    info = {"type": recipe.tokenizer.type, "fingerprint": fingerprint(tok), "vocab_size": tok.vocab_size,
+            "eos_id": tok.eos_id, "dtype": token_dtype(tok.vocab_size).name}
+    manifests = {}
+    for spec in recipe.data.sources:
+        spec_units = [u for s, u in units if s.name == spec.name]
+        manifests[spec.name] = merge_dataset(spec, spec_units, os.path.join(out, spec.name), recipe.data, info)
+    return manifests
+
+
+def _run(todo: list[tuple[SourceSpec, WorkUnit]], recipe: Recipe, origin: str, workers: int, progress: bool) -> None:
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(todo), unit="part", disable=not progress or not todo, dynamic_ncols=True)
+    started, docs, nbytes = time.time(), 0, 0
+
+    def done(stats: dict) -> None:
+        nonlocal docs, nbytes
+        docs += stats.get("read", 0)
+        nbytes += stats.get("bytes", 0)
+        elapsed = max(time.time() - started, 1e-9)
+        bar.set_postfix_str(f"{docs / elapsed:.0f} docs/s, {nbytes / elapsed / 1e6:.2f} MB/s")
+        bar.update()
+
+    if workers <= 1:
+        _init_worker(recipe, origin)
+        for job in todo:
+            done(_run_unit(job))
+    else:
+        with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(recipe, origin)) as pool:
+            for stats in pool.map(_run_unit, todo):
+                done(stats)
+    bar.close()
+
+
+def sample_texts(recipe: Recipe, origin: str) -> Iterator[str]:
+    """Cleaned, filtered documents for tokenizer training: up to tokenizer.sample_bytes, shared across sources."""
+    _require(recipe, origin)
+    budget = recipe.tokenizer.sample_bytes // len(recipe.data.sources)
+    for spec in recipe.data.sources:
+        used, stats = 0, {}
+        for unit in work_units(spec):
+            for doc in read_unit(unit, spec, stats):
+                text, reason = keep_reason(doc, spec, recipe.data, set())
+                if reason is None:
+                    yield text
+                    used += len(text.encode("utf-8"))
+                    if used >= budget:
+                        break
+            if used >= budget:
+                break
 
 
 def train_tokenizer(recipe: Recipe, origin: str) -> Tokenizer:
-    """Train the recipe's tokenizer on its data.sources and save it to tokenizer.path."""
-    if not recipe.tokenizer.path:
-        raise RecipeError(origin, "tokenizer.path", "is required: where to write the trained tokenizer")
-    if not recipe.data.sources:
-        raise RecipeError(origin, "data.sources", "is empty: nothing to train the tokenizer on")
-    tok = CharTokenizer.train((text for _, text in iter_text_documents(recipe.data.sources)),
-                              recipe.tokenizer.vocab_size)
-    save_tokenizer(tok, recipe.tokenizer.path)
-    return tok
-
-
-def prepare(recipe: Recipe, origin: str) -> dict:
-    """Tokenize data.sources into data.prepared_dir/{train,val}.{bin,idx} and write manifest.json last."""
-    out = recipe.data.prepared_dir
-    if not out:
-        raise RecipeError(origin, "data.prepared_dir", "is required: where to write the token shards")
-    if not recipe.data.sources:
-        raise RecipeError(origin, "data.sources", "is empty: no input files to prepare")
-    tok = load_tokenizer(recipe.tokenizer, origin)
-    os.makedirs(out, exist_ok=True)
-    manifest_path = os.path.join(out, MANIFEST)
-    if os.path.exists(manifest_path):
-        os.remove(manifest_path)  # the directory is incomplete until the new manifest lands
-    dtype = token_dtype(tok.vocab_size)
-    writers = {split: IndexedDatasetWriter(os.path.join(out, split), dtype) for split in ("train", "val")}
-    stats = {split: {"documents": 0, "tokens": 0} for split in writers}
-    started = time.time()
-    for _, text in iter_text_documents(recipe.data.sources):
-        if not text:
-            continue
-        split = "val" if is_validation(text, recipe.data.val_fraction) else "train"
-        ids = tok.encode(text)
-        ids.append(tok.eos_id)
-        writers[split].add_document(ids)
-        stats[split]["documents"] += 1
-        stats[split]["tokens"] += len(ids)
-    for w in writers.values():
-        w.finalize()
-    files = {name: file_digest(os.path.join(out, name))
-             for split in writers for name in (f"{split}.bin", f"{split}.idx")}
-    manifest = {
-        "format": "megatron-indexed-v1",
-        "tokenizer": {"type": recipe.tokenizer.type, "fingerprint": fingerprint(tok), "vocab_size": tok.vocab_size},
-        "dtype": dtype.name,
-        "sources": recipe.data.sources,
-        "val_fraction": recipe.data.val_fraction,
-        "splits": stats,
-        "files": files,
-        "seconds": round(time.time() - started, 3),
-    }
-    tmp = manifest_path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=2)
-    os.replace(tmp, manifest_path)
-    return manifest
-
-
-def read_manifest(path: str) -> dict:
-    manifest_path = os.path.join(path, MANIFEST)
-    if not os.path.isfile(manifest_path):
-        raise FileNotFoundError(manifest_path)
-    with open(manifest_path, encoding="utf-8") as f:
-        return json.load(f)
+    """Train the recipe's tokenizer on a sample of its cleaned sources and save it to tokenizer.path."""
+    return train_tokenizer_from_texts(recipe.tokenizer, sample_texts(recipe, origin), origin)

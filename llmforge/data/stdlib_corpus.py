@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import sysconfig
+from typing import Optional
 
 SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "__pycache__", "lib2to3", "turtledemo", "ensurepip"}
 
 
-def build_stdlib_corpus(out_dir: str, max_bytes: int = 8_000_000) -> tuple[int, int]:
-    """Copy stdlib *.py files (sorted, skipping tests) into out_dir until max_bytes; returns (files, bytes)."""
+def build_stdlib_corpus(out_dir: str, max_bytes: int = 8_000_000, max_file_bytes: Optional[int] = None
+                        ) -> tuple[int, int]:
+    """Copy stdlib *.py files (sorted, skipping tests and files over max_file_bytes) into out_dir until max_bytes;
+    returns (files, bytes)."""
     root = sysconfig.get_paths()["stdlib"]
     os.makedirs(out_dir, exist_ok=True)
     files = total = 0
@@ -21,6 +24,8 @@ def build_stdlib_corpus(out_dir: str, max_bytes: int = 8_000_000) -> tuple[int, 
             with open(os.path.join(dirpath, name), encoding="utf-8", errors="replace") as f:
                 text = f.read()
             size = len(text.encode("utf-8"))
+            if max_file_bytes is not None and size > max_file_bytes:
+                continue
             if total + size > max_bytes:
                 return files, total
             rel = os.path.relpath(os.path.join(dirpath, name), root).replace(os.sep, "__")

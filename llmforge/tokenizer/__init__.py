@@ -1,22 +1,32 @@
-"""Tokenizers behind one small protocol: build from a recipe, save, load, fingerprint."""
+"""Tokenizers behind one small protocol: char, sentencepiece BPE, local Hugging Face; load, train, fingerprint."""
 
 from __future__ import annotations
 
 import json
 import os
+from typing import Iterable
 
 from llmforge.config.recipe import TokenizerConfig
 from llmforge.errors import RecipeError
 from llmforge.tokenizer.base import Tokenizer, fingerprint
 from llmforge.tokenizer.char import CharTokenizer
 
-__all__ = ["Tokenizer", "CharTokenizer", "fingerprint", "load_tokenizer", "tokenizer_from_json", "save_tokenizer"]
+__all__ = ["Tokenizer", "CharTokenizer", "fingerprint", "load_tokenizer", "tokenizer_from_json", "save_tokenizer",
+           "train_tokenizer_from_texts", "encode_batch"]
 
 
 def tokenizer_from_json(data: dict) -> Tokenizer:
     kind = data.get("type")
     if kind == "char":
         return CharTokenizer.from_json(data)
+    if kind == "sentencepiece":
+        from llmforge.tokenizer.sentencepiece import SentencePieceTokenizer
+
+        return SentencePieceTokenizer.from_json(data)
+    if kind == "hf":
+        from llmforge.tokenizer.hf import HFTokenizer
+
+        return HFTokenizer.from_json(data)
     raise ValueError(f"unknown tokenizer type {kind!r}")
 
 
@@ -28,19 +38,52 @@ def save_tokenizer(tok: Tokenizer, path: str) -> None:
     os.replace(tmp, path)
 
 
+def encode_batch(tok: Tokenizer, texts: list[str]) -> list[list[int]]:
+    batch = getattr(tok, "encode_batch", None)
+    return batch(texts) if batch else [tok.encode(t) for t in texts]
+
+
+def train_tokenizer_from_texts(cfg: TokenizerConfig, texts: Iterable[str], origin: str) -> Tokenizer:
+    """Train the recipe's tokenizer kind on `texts` and save it to cfg.path."""
+    if not cfg.path:
+        raise RecipeError(origin, "tokenizer.path", "is required: where to write the trained tokenizer")
+    if cfg.type == "char":
+        tok = CharTokenizer.train(texts, cfg.vocab_size)
+        save_tokenizer(tok, cfg.path)
+        return tok
+    if cfg.type == "sentencepiece":
+        from llmforge.tokenizer.sentencepiece import SentencePieceTokenizer
+
+        try:
+            return SentencePieceTokenizer.train(texts, cfg.vocab_size, cfg.path, cfg.byte_fallback)
+        except RuntimeError as e:  # sentencepiece reports bad settings (vocab too small for the alphabet) this way
+            raise RecipeError(origin, "tokenizer.vocab_size", str(e).split("]")[-1].strip()) from None
+    raise RecipeError(origin, "tokenizer.type", "hf tokenizers are used as they are, not trained here")
+
+
 def load_tokenizer(cfg: TokenizerConfig, origin: str) -> Tokenizer:
     """Load the tokenizer a recipe names; a missing or unreadable file is a recipe error."""
     if not cfg.path:
         raise RecipeError(origin, "tokenizer.path", "is required (run launch/train_tokenizer.py to create it)")
-    if not os.path.isfile(cfg.path):
-        raise RecipeError(origin, "tokenizer.path", f"file not found: {cfg.path} "
-                                                    f"(run launch/train_tokenizer.py --recipe {origin})")
+    exists = os.path.isdir(cfg.path) if cfg.type == "hf" else os.path.isfile(cfg.path)
+    if not exists:
+        hint = "" if cfg.type == "hf" else f" (run launch/train_tokenizer.py --recipe {origin})"
+        raise RecipeError(origin, "tokenizer.path", f"not found: {cfg.path}{hint}")
     try:
+        if cfg.type == "sentencepiece":
+            from llmforge.tokenizer.sentencepiece import SentencePieceTokenizer
+
+            return SentencePieceTokenizer.load(cfg.path)
+        if cfg.type == "hf":
+            from llmforge.tokenizer.hf import HFTokenizer
+
+            return HFTokenizer.load(cfg.path)
         with open(cfg.path, encoding="utf-8") as f:
             data = json.load(f)
-        tok = tokenizer_from_json(data)
-    except (json.JSONDecodeError, ValueError, KeyError, TypeError) as e:
-        raise RecipeError(origin, "tokenizer.path", f"{cfg.path} is not a llmforge tokenizer file ({e})") from None
-    if data.get("type") != cfg.type:
-        raise RecipeError(origin, "tokenizer.type", f"{cfg.type!r} but {cfg.path} holds a {data.get('type')!r} tokenizer")
-    return tok
+        if data.get("type") != "char":
+            raise RecipeError(origin, "tokenizer.type", f"'char' but {cfg.path} holds a {data.get('type')!r} tokenizer")
+        return CharTokenizer.from_json(data)
+    except RecipeError:
+        raise
+    except Exception as e:  # a corrupt file: sentencepiece, tokenizers and json each raise their own types
+        raise RecipeError(origin, "tokenizer.path", f"{cfg.path} is not a {cfg.type} tokenizer ({e})") from None

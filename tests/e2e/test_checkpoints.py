@@ -42,6 +42,13 @@ def test_commit_layout_pointer_and_pruning(finished_run):
         assert state["consumed_samples"] == state["step"] * 4 and state["world_size"] == 1
         assert (d / "rng_rank00000.pt").exists() and (d / "tokenizer.json").exists()
     assert verify(str(ckpts / "step_00000012")) is None
+    # Resume work does not grow with the step: the same bytes are read at any step (checkpoints do not grow), and
+    # no data is replayed (the position is one counter mapped in O(1): test_loader_order_is_seeded_and_restorable).
+    sizes = []
+    for step in steps:
+        files = json.loads((ckpts / step / "manifest.json").read_text())["files"]
+        sizes.append({k: v["size"] for k, v in files.items() if k.endswith(".pt")})
+    assert sizes[0] == sizes[1] and sizes[0]
 
 
 def test_incomplete_checkpoint_is_skipped_by_auto_and_refused_by_path(finished_run, tmp_path):
@@ -81,13 +88,3 @@ def test_resume_auto_from_finished_run_and_from_explicit_path(finished_run, tmp_
     first_run = {r["step"]: r["loss"] for r in map(json.loads, before) if "loss" in r}
     assert abs(new[1]["loss"] - first_run[9]) < abs(new[1]["loss"] - first_run[1]) / 4
 
-
-def test_resume_work_does_not_grow_with_step(finished_run):
-    """Resume reads the same bytes at any step (checkpoints do not grow) and replays no data: the position is one
-    counter mapped in O(1) (see test_loader_order_is_seeded_and_restorable_in_o1)."""
-    ckpts = finished_run / "runs" / "t" / "checkpoints"
-    sizes = []
-    for step in ("step_00000008", "step_00000012"):
-        files = json.loads((ckpts / step / "manifest.json").read_text())["files"]
-        sizes.append({k: v["size"] for k, v in files.items() if k.endswith(".pt")})
-    assert sizes[0] == sizes[1] and sizes[0]

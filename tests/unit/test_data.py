@@ -1,12 +1,13 @@
 import json
 import os
+import shutil
 import struct
 
 import numpy as np
 import pytest
 
 from llmforge.config import load_recipe
-from llmforge.config.recipe import DatasetSpec
+from llmforge.config.data import DatasetSpec
 from llmforge.data.indexed import HEADER, IndexedDataset, IndexedDatasetWriter
 from llmforge.data.loader import BlendedOrder, PretrainData, micro_batch_indices
 from llmforge.data.prepare import prepare, train_tokenizer
@@ -46,21 +47,25 @@ def test_char_tokenizer_roundtrip_and_unknown():
 
 
 def test_prepare_writes_manifest_and_splits_by_document(tmp_path, prepared):
-    manifest = json.loads((prepared / "prepared" / "manifest.json").read_text())
+    out = prepared / "prepared" / "stdlib"
+    manifest = json.loads((out / "manifest.json").read_text())
     s = manifest["splits"]
     assert s["train"]["documents"] > 0 and s["val"]["documents"] > 0
     n_files = len(list((prepared / "corpus").glob("*.txt")))
-    assert s["train"]["documents"] + s["val"]["documents"] == n_files
+    assert manifest["stats"]["read"] == n_files
+    dropped = sum(v for k, v in manifest["stats"].items() if k.startswith("dropped:"))
+    assert s["train"]["documents"] + s["val"]["documents"] == manifest["stats"]["kept"] == n_files - dropped
     for name, meta in manifest["files"].items():
-        assert os.path.getsize(prepared / "prepared" / name) == meta["size"]
-    train = IndexedDataset(str(prepared / "prepared" / "train"))
-    assert train.num_tokens == s["train"]["tokens"]
-    eos = 1
+        assert os.path.getsize(out / name) == meta["size"]
+    (shard,) = s["train"]["shards"]
+    train = IndexedDataset(str(out / shard["prefix"]))
+    assert train.num_tokens == s["train"]["tokens"] == shard["tokens"]
+    eos = manifest["tokenizer"]["eos_id"]
     assert all(train[i][-1] == eos for i in range(len(train)))  # EOS closes every document
 
 
 def test_loader_rank_slices_are_disjoint_and_cover_the_global_batch(prepared):
-    data = PretrainData([DatasetSpec(str(prepared / "prepared"))], 64, seed=3)
+    data = PretrainData([DatasetSpec(str(prepared / "prepared" / "stdlib"))], 64, seed=3)
     world, mb, accum = 4, 3, 2
     step_consumed = 5 * world * mb * accum
     seen = []
@@ -71,7 +76,7 @@ def test_loader_rank_slices_are_disjoint_and_cover_the_global_batch(prepared):
 
 
 def test_loader_order_is_seeded_and_restorable_in_o1(prepared):
-    spec = [DatasetSpec(str(prepared / "prepared"))]
+    spec = [DatasetSpec(str(prepared / "prepared" / "stdlib"))]
     a, b, c = (PretrainData(spec, 64, seed=s) for s in (3, 3, 4))
     idx = range(40, 44)
     xa, ya = a.batch(idx)
@@ -87,16 +92,13 @@ def test_loader_order_is_seeded_and_restorable_in_o1(prepared):
     far = 10**12 + 17
     x, _ = a.batch(range(far, far + 2))
     epoch, j = divmod(far, n)
-    perm = np.random.default_rng([3, 0, epoch]).permutation(n)
-    assert x[0].tolist() == a.windows[0][int(perm[j])][:-1].tolist()
+    assert x[0].tolist() == a.windows[0][a.order.permutation(0, epoch)(j)][:-1].tolist()
 
 
 def test_blend_follows_weights(tmp_path, prepared):
     other = tmp_path / "copy"
-    other.mkdir()
-    for name in os.listdir(prepared / "prepared"):
-        (other / name).write_bytes((prepared / "prepared" / name).read_bytes())
-    data = PretrainData([DatasetSpec(str(prepared / "prepared"), 3.0), DatasetSpec(str(other), 1.0)], 64, seed=1)
+    shutil.copytree(prepared / "prepared" / "stdlib", other)
+    data = PretrainData([DatasetSpec(str(prepared / "prepared" / "stdlib"), 3.0), DatasetSpec(str(other), 1.0)], 64, seed=1)
     picks = [data.order.locate(g)[0] for g in range(4000)]
     assert picks.count(0) == 3000 and picks.count(1) == 1000
     assert max(len(s) for s in "".join(map(str, picks[:400])).split("0")) <= 1  # spread, not in runs
@@ -110,7 +112,7 @@ def test_blended_order_positions_are_unique_within_an_epoch():
 
 def test_tokenizer_fingerprint_mismatch_is_refused(tmp_path, prepared):
     with pytest.raises(DataError, match="re-run launch/prepare_data.py"):
-        PretrainData([DatasetSpec(str(prepared / "prepared"))], 64, 0, tokenizer_fingerprint="0" * 16)
+        PretrainData([DatasetSpec(str(prepared / "prepared" / "stdlib"))], 64, 0, tokenizer_fingerprint="0" * 16)
 
 
 def test_unprepared_dataset_and_empty_glob(tmp_path, prepared):
@@ -119,4 +121,4 @@ def test_unprepared_dataset_and_empty_glob(tmp_path, prepared):
     path = write_recipe(tmp_path / "r.yaml", tmp_path, tmp_path / "runs")
     recipe = load_recipe(str(path))
     with pytest.raises(DataError, match="matches no files"):
-        train_tokenizer(recipe, str(path))
+        list(train_tokenizer(recipe, str(path)))

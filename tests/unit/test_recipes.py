@@ -42,7 +42,7 @@ BAD = [
     ({"model": {"n_heads": 4, "n_kv_heads": 3}}, [], "model.n_kv_heads", "not divisible"),
     ({"model": {"mlp": "relu"}}, [], "model.mlp", "must be one of swiglu | gelu"),
     ({"deepspeed": {"config": "ds_configs/nope.json"}}, [], "deepspeed.config", "file not found"),
-    ({"tokenizer": {"path": "/nonexistent/tok.json"}}, [], "tokenizer.path", "file not found"),
+    ({"tokenizer": {"path": "/nonexistent/tok.json"}}, [], "tokenizer.path", "not found: /nonexistent"),
     ({"deepspeed": {"overrides": {"train_batch_size": 7}}}, [], "deepspeed.overrides", "train_batch_size=7"),
     ({}, ["--set", "train.nope=1"], "train.nope", "unknown key"),
     ({}, ["--set", "train.lr"], "--set", "expected KEY=VALUE"),

@@ -1,0 +1,113 @@
+"""Per-worker stage of preparation: one work unit → cleaned, filtered, decontaminated, tokenized part files.
+
+A part is `<dataset>/parts/<unit>.{train,val}.{bin,idx}` (indexed format) + `<unit>.npz` (split, position, exact
+hash and MinHash signature of every written document) + `<unit>.json` (counters), the JSON written last: a unit
+whose JSON exists is complete and is skipped when preparation is run again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from llmforge.config.data import DataConfig, SourceSpec
+from llmforge.data.clean import clean_text
+from llmforge.data.dedup import exact_hash, is_contaminated, minhash_signature
+from llmforge.data.filters import code_quality, web_quality
+from llmforge.data.indexed import IndexedDatasetWriter, token_dtype
+from llmforge.data.sources import Document, Stats, WorkUnit, count, read_unit
+from llmforge.tokenizer import Tokenizer, encode_batch
+
+SPLITS = ("train", "val")
+BATCH = 64
+
+
+def is_validation(h: int, val_fraction: float) -> bool:
+    """Deterministic train/val split by the document's (normalised-text) hash."""
+    return (h & 0xFFFFFFFFFFFFFFFF) / 2**64 < val_fraction
+
+
+def part_prefix(dataset_dir: str, unit: WorkUnit) -> str:
+    return os.path.join(dataset_dir, "parts", unit.id)
+
+
+def part_complete(dataset_dir: str, unit: WorkUnit) -> bool:
+    path = part_prefix(dataset_dir, unit) + ".json"
+    if not os.path.isfile(path):
+        return False
+    with open(path, encoding="utf-8") as f:
+        return json.load(f).get("files") == unit.files
+
+
+def keep_reason(doc: Document, spec: SourceSpec, cfg: DataConfig, eval_ngrams: set[int]) -> tuple[str, Optional[str]]:
+    """(cleaned text, None) to keep, or (text, reason) to drop."""
+    text = clean_text(doc.text, code=spec.type == "code")
+    if len(text) < max(cfg.min_chars, 1) or not text.strip():
+        return text, "empty"
+    if len(text) > cfg.max_chars:
+        return text, "too_long"
+    kind = spec.quality_kind
+    reason = None
+    if kind == "web":
+        reason = web_quality(text, cfg.web_filters)
+    elif kind == "code":
+        reason = code_quality(text, cfg.code_filters, doc.meta.get("bytes"))
+    if reason is None and is_contaminated(text, eval_ngrams, cfg.decontaminate.ngram):
+        reason = "contaminated"
+    return text, reason
+
+
+def process_unit(unit: WorkUnit, spec: SourceSpec, cfg: DataConfig, tok: Tokenizer, dataset_dir: str,
+                 eval_ngrams: set[int]) -> dict:
+    """Write one part; returns its counters (documents, bytes, tokens and drop reasons)."""
+    started = time.time()
+    prefix = part_prefix(dataset_dir, unit)
+    os.makedirs(os.path.dirname(prefix), exist_ok=True)
+    dtype = token_dtype(tok.vocab_size)
+    writers = {s: IndexedDatasetWriter(f"{prefix}.{s}", dtype) for s in SPLITS}
+    stats: Stats = {}
+    rows_split, rows_index, rows_hash, rows_sig = [], [], [], []
+    pending: list[tuple[str, int, np.ndarray]] = []
+
+    def flush() -> None:
+        for (text, h, sig), ids in zip(pending, encode_batch(tok, [p[0] for p in pending])):
+            split = 1 if is_validation(h, cfg.val_fraction) else 0
+            name = SPLITS[split]
+            rows_split.append(split)
+            rows_index.append(len(writers[name].lengths))
+            rows_hash.append(h)
+            rows_sig.append(sig)
+            ids.append(tok.eos_id)
+            writers[name].add_document(ids)
+            count(stats, f"tokens:{name}", len(ids))
+        pending.clear()
+
+    for doc in read_unit(unit, spec, stats):
+        count(stats, "read")
+        count(stats, "bytes", len(doc.text.encode("utf-8", errors="replace")))
+        text, reason = keep_reason(doc, spec, cfg, eval_ngrams)
+        if reason is not None:
+            count(stats, f"dropped:{reason}")
+            continue
+        sig = minhash_signature(text, cfg.dedup) if cfg.dedup.near else np.zeros(0, dtype=np.uint64)
+        pending.append((text, exact_hash(text), sig))
+        if len(pending) >= BATCH:
+            flush()
+    flush()
+    for w in writers.values():
+        w.finalize()
+    np.savez(prefix + ".npz.tmp.npz", split=np.asarray(rows_split, dtype=np.uint8),
+             index=np.asarray(rows_index, dtype=np.int64), hash=np.asarray(rows_hash, dtype=np.int64),
+             sig=np.asarray(rows_sig, dtype=np.uint64).reshape(len(rows_sig), -1))
+    os.replace(prefix + ".npz.tmp.npz", prefix + ".npz")
+    stats["written"] = len(rows_split)
+    record = {"unit": unit.id, "files": unit.files, "stats": stats, "seconds": round(time.time() - started, 3)}
+    with open(prefix + ".json.tmp", "w", encoding="utf-8") as f:
+        json.dump(record, f)
+    os.replace(prefix + ".json.tmp", prefix + ".json")
+    return stats

@@ -1,0 +1,81 @@
+"""Common Crawl-style web data: WARC response records (warcio) and HTML files, main text via resiliparse.
+
+Extractor choice (measured in bench/results/html_extraction.md): resiliparse's main-content extraction and
+trafilatura both drop navigation, cookie banners, related-links boxes and footers on our test pages; resiliparse is
+several times faster per page, which decides it at Common Crawl scale. `trafilatura` stays selectable per source.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Iterator
+
+from llmforge.config.data import SourceSpec
+from llmforge.data.sources import Document, Stats, count
+
+
+def html_to_text(html: str | bytes, extractor: str = "resiliparse") -> str:
+    """Main text of an HTML page (boilerplate removed), '' when nothing is left."""
+    if extractor == "trafilatura":
+        import trafilatura
+
+        if isinstance(html, bytes):
+            html = _bytes_to_str(html)
+        return trafilatura.extract(html, include_comments=False, include_tables=True) or ""
+    from resiliparse.extract.html2text import extract_plain_text
+    from resiliparse.parse.html import HTMLTree
+
+    tree = HTMLTree.parse_from_bytes(html) if isinstance(html, bytes) else HTMLTree.parse(html)
+    return extract_plain_text(tree, main_content=True, alt_texts=False, links=False, list_bullets=True)
+
+
+def _bytes_to_str(data: bytes) -> str:
+    from resiliparse.parse.encoding import bytes_to_str, detect_encoding
+
+    return bytes_to_str(data, detect_encoding(data))
+
+
+def read_html_file(path: str, spec: SourceSpec, stats: Stats) -> Iterator[Document]:
+    with open(path, "rb") as f:
+        data = f.read()
+    yield Document(html_to_text(data, spec.extractor), path, {"path": path})
+
+
+def read_warc(path: str, spec: SourceSpec, stats: Stats) -> Iterator[Document]:
+    """HTML response records of a .warc / .warc.gz file. A corrupt or truncated record (digest mismatch, bad gzip
+    member) ends the file and is counted; the records before it are kept."""
+    from warcio.archiveiterator import ArchiveIterator
+    from warcio.exceptions import ArchiveLoadFailed
+
+    with open(path, "rb") as f:
+        # check_digests: a record cut short (truncated file, bad gzip member) otherwise reads as a shorter record
+        records = ArchiveIterator(f, check_digests=True)
+        index = 0
+        while True:
+            try:
+                record = next(records)
+            except StopIteration:
+                return
+            except (ArchiveLoadFailed, zlib.error, EOFError, OSError, ValueError):
+                count(stats, "skipped:corrupt_warc")
+                return
+            index += 1
+            if record.rec_type != "response":
+                continue
+            ctype = (record.http_headers.get_header("Content-Type") or "") if record.http_headers else ""
+            if "html" not in ctype.lower():
+                count(stats, "skipped:not_html")
+                continue
+            try:
+                body = record.content_stream().read()
+            except (zlib.error, EOFError, OSError, ValueError):
+                count(stats, "skipped:corrupt_warc")
+                return
+            has_digest = record.rec_headers.get_header("WARC-Block-Digest") or \
+                record.rec_headers.get_header("WARC-Payload-Digest")
+            if has_digest and record.digest_checker.passed is not True:
+                count(stats, "skipped:corrupt_warc")
+                return
+            url = record.rec_headers.get_header("WARC-Target-URI")
+            date = record.rec_headers.get_header("WARC-Date")
+            yield Document(html_to_text(body, spec.extractor), f"{path}#{index}", {"url": url, "date": date})

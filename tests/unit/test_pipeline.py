@@ -1,0 +1,165 @@
+"""The prepare pipeline end to end on small real corpora: near-duplicates across workers, decontamination, sharded
+preparation equal to one worker, restart skipping complete parts, sentencepiece, and shards megatron-core reads."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from llmforge.config import load_recipe
+from llmforge.config.data import DatasetSpec
+from llmforge.data.indexed import IndexedDataset
+from llmforge.data.loader import PretrainData
+from llmforge.data.prepare import prepare, train_tokenizer
+from llmforge.tokenizer import load_tokenizer
+from tests.conftest import write_recipe
+
+WORDS = ("river market winter council garden engine signal harbor pattern lantern meadow summit orchard compass "
+         "timber canyon beacon glacier harvest village station journey mirror thunder silver forest").split()
+
+
+def essay(rng: random.Random, n: int = 120) -> str:
+    sentences = []
+    while sum(len(s.split()) for s in sentences) < n:
+        words = [rng.choice(WORDS) for _ in range(rng.randint(8, 14))]
+        sentences.append(" ".join(words).capitalize() + ".")
+    return " ".join(sentences)
+
+
+def corpus(root: Path, n_files: int = 6, per_file: int = 12, seed: int = 0) -> dict:
+    """JSONL files of distinct essays, with planted duplicates spread over different files."""
+    rng = random.Random(seed)
+    docs = [[essay(rng) for _ in range(per_file)] for _ in range(n_files)]
+    original = docs[0][0]
+    words = original.split()
+    for i in (3, 17, 40):  # a near-duplicate: three words changed, in another file
+        words[i] = "zebra"
+    docs[4][5] = " ".join(words)
+    docs[2][7] = original.upper().replace(".", "!")  # an exact duplicate after normalisation
+    root.mkdir(parents=True, exist_ok=True)
+    for f, rows in enumerate(docs):
+        (root / f"part{f}.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in rows) + "\n")
+    return {"near": docs[4][5], "exact": docs[2][7], "original": original, "total": n_files * per_file}
+
+
+def recipe_for(tmp: Path, data: Path, out: str, **data_kw) -> tuple[object, str]:
+    path = write_recipe(tmp / f"{out}.yaml", tmp, tmp / "runs",
+                        data={"sources": [{"name": "web", "type": "jsonl", "paths": [str(data / "*.jsonl")],
+                                           "quality": "web"}],
+                              "prepared_dir": str(tmp / out), "val_fraction": 0.1, **data_kw},
+                        tokenizer={"type": "char", "path": str(tmp / "tok.json")})
+    return load_recipe(str(path)), str(path)
+
+
+def shards_digest(directory: Path) -> dict:
+    manifest = json.loads((directory / "manifest.json").read_text())
+    return {name: meta["sha256"] for name, meta in manifest["files"].items()}
+
+
+@pytest.fixture()
+def small_units(monkeypatch):
+    import llmforge.data.sources as sources
+
+    monkeypatch.setattr(sources, "BATCH_FILES", 1)  # one unit per file, so shards and workers have work to split
+
+
+def decoded_texts(directory: Path, tok) -> list[str]:
+    manifest = json.loads((directory / "manifest.json").read_text())
+    texts = []
+    for split in ("train", "val"):
+        for shard in manifest["splits"][split]["shards"]:
+            ds = IndexedDataset(str(directory / shard["prefix"]))
+            texts += [tok.decode(ds[i][:-1].tolist()) for i in range(len(ds))]
+    return texts
+
+
+def test_dedup_across_workers_and_sharded_equals_single(tmp_path, small_units):
+    planted = corpus(tmp_path / "raw")
+    recipe, origin = recipe_for(tmp_path, tmp_path / "raw", "one")
+    train_tokenizer(recipe, origin)
+    tok = load_tokenizer(recipe.tokenizer, origin)
+    m = prepare(recipe, origin, progress=False)["web"]
+    st = m["stats"]
+    assert st["read"] == planted["total"]
+    assert st["dropped:exact_duplicate"] == 1 and st["dropped:near_duplicate"] == 1
+    assert st["kept"] == planted["total"] - 2 == m["splits"]["train"]["documents"] + m["splits"]["val"]["documents"]
+    texts = decoded_texts(tmp_path / "one" / "web", tok)
+    assert planted["original"] in texts and planted["near"] not in texts
+    assert len(set(texts)) == len(texts)
+
+    # Two slurm-array-style shards, then a merge: the same dataset, byte for byte.
+    recipe2, origin2 = recipe_for(tmp_path, tmp_path / "raw", "two")
+    assert prepare(recipe2, origin2, shard_index=0, num_shards=2, progress=False) == {}
+    with pytest.raises(Exception, match="parts are not prepared yet"):
+        prepare(recipe2, origin2, shard_index=0, num_shards=1, progress=False, only_merge=True)
+    prepare(recipe2, origin2, shard_index=1, num_shards=2, progress=False)
+    prepare(recipe2, origin2, shard_index=0, num_shards=1, progress=False, only_merge=True)
+    assert shards_digest(tmp_path / "two" / "web") == shards_digest(tmp_path / "one" / "web")
+
+    # Two worker processes on one node: the same again.
+    recipe3, origin3 = recipe_for(tmp_path, tmp_path / "raw", "workers")
+    prepare(recipe3, origin3, workers=2, progress=False)
+    assert shards_digest(tmp_path / "workers" / "web") == shards_digest(tmp_path / "one" / "web")
+
+
+def test_rerun_skips_complete_parts(tmp_path, small_units):
+    corpus(tmp_path / "raw", per_file=8)
+    recipe, origin = recipe_for(tmp_path, tmp_path / "raw", "out")
+    train_tokenizer(recipe, origin)
+    prepare(recipe, origin, progress=False)
+    parts = sorted((tmp_path / "out" / "web" / "parts").glob("*.json"))
+    stamps = {p: p.stat().st_mtime_ns for p in parts}
+    victim = parts[1]
+    victim.unlink()  # as if that worker was killed before finishing its part
+    prepare(recipe, origin, progress=False)
+    assert all(p.stat().st_mtime_ns == stamps[p] for p in parts if p != victim)
+    assert victim.exists()
+
+
+def test_decontamination_drops_documents_sharing_long_ngrams(tmp_path):
+    planted = corpus(tmp_path / "raw", per_file=8)
+    words = planted["original"].split()
+    bench = tmp_path / "eval.jsonl"
+    bench.write_text(json.dumps({"question": "Q: " + " ".join(words[10:30]) + "?", "answer": "B"}) + "\n")
+    recipe, origin = recipe_for(tmp_path, tmp_path / "raw", "out",
+                                decontaminate={"paths": [str(bench)], "ngram": 13})
+    train_tokenizer(recipe, origin)
+    st = prepare(recipe, origin, progress=False)["web"]["stats"]
+    # the original and its exact copy contain the 20-word span; the near-duplicate has a changed word at 17
+    assert st["dropped:contaminated"] >= 2
+    tok = load_tokenizer(recipe.tokenizer, origin)
+    assert all(" ".join(words[10:23]).lower() not in t.lower() for t in decoded_texts(tmp_path / "out" / "web", tok))
+
+
+def test_sentencepiece_end_to_end_and_megatron_reads_the_shards(tmp_path):
+    corpus(tmp_path / "raw", per_file=15)
+    recipe, origin = recipe_for(tmp_path, tmp_path / "raw", "out")
+    from dataclasses import replace
+
+    recipe = replace(recipe, tokenizer=replace(recipe.tokenizer, type="sentencepiece", vocab_size=400,
+                                                 path=str(tmp_path / "sp.model")))
+    tok = train_tokenizer(recipe, origin)
+    assert tok.vocab_size == 400
+    sample = "The river market opened. 42 lanterns!\n\tdone"
+    assert tok.decode(tok.encode(sample)) == sample  # byte fallback + whitespace kept
+    m = prepare(recipe, origin, progress=False)["web"]
+    assert m["tokenizer"]["type"] == "sentencepiece" and m["dtype"] == "uint16"
+    data = PretrainData([DatasetSpec(str(tmp_path / "out" / "web"))], 64, seed=0,
+                        tokenizer_fingerprint=m["tokenizer"]["fingerprint"])
+    x, y = data.batch(range(4))
+    assert x.shape == (4, 64) and int(x.max()) < 400
+
+    megatron = pytest.importorskip("megatron.core.datasets.indexed_dataset")
+    shard = m["splits"]["train"]["shards"][0]["prefix"]
+    ours = IndexedDataset(str(tmp_path / "out" / "web" / shard))
+    theirs = megatron.IndexedDataset(str(tmp_path / "out" / "web" / shard))
+    assert len(theirs) == len(ours)
+    for i in range(len(ours)):
+        assert theirs[i].tolist() == ours[i].tolist()
+    assert theirs[0][-1] == tok.eos_id
+    digest = hashlib.sha256((tmp_path / "out" / "web" / f"{shard}.bin").read_bytes()).hexdigest()
+    assert m["files"][f"{shard}.bin"]["sha256"] == digest
