@@ -130,6 +130,21 @@ class BlendedOrder:
         return d, self.permutation(d, epoch)(j)
 
 
+def _check_sizes(directory: str, shards: list[dict], files: dict) -> None:
+    """A missing or truncated shard file is an error naming it (a stat per file; no file is read)."""
+    for shard in shards:
+        for ext in (".bin", ".idx"):
+            name = shard["prefix"] + ext
+            path = os.path.join(directory, name)
+            try:
+                size = os.path.getsize(path)
+            except OSError:
+                raise DataError(f"{path}: missing (listed in {directory}/manifest.json)") from None
+            if size != files[name]["size"]:
+                raise DataError(f"{path}: {size} bytes, the manifest says {files[name]['size']} (truncated or "
+                                f"replaced); re-run launch/prepare_data.py")
+
+
 def micro_batch_indices(consumed: int, micro_step: int, rank: int, world: int, micro_batch: int) -> range:
     """Global sample indices of one rank's micro-batch; a step covers consumed .. consumed + micro·accum·world."""
     start = consumed + (micro_step * world + rank) * micro_batch
@@ -154,7 +169,9 @@ class PretrainData:
             if tokenizer_fingerprint is not None and have != tokenizer_fingerprint:
                 raise DataError(f"{spec.path}: shards were tokenized with tokenizer {have}, the recipe's tokenizer is "
                                 f"{tokenizer_fingerprint}; re-run launch/prepare_data.py")
-            w = TokenWindows(spec.path, manifest["splits"][split]["shards"], seq_len, manifest["dtype"])
+            shards = manifest["splits"][split]["shards"]
+            _check_sizes(spec.path, shards, manifest["files"])
+            w = TokenWindows(spec.path, shards, seq_len, manifest["dtype"])
             if w.num_samples == 0 and split == "train":
                 raise DataError(f"{spec.path}: train split has fewer than seq_len+1={seq_len + 1} tokens per shard")
             digests.extend(manifest["files"][f"{s['prefix']}.bin"]["sha256"]

@@ -100,7 +100,8 @@ def pretrain(recipe_path: str, overrides: Optional[list[str]] = None, resume: st
     val_data = PretrainData(specs, recipe.data.seq_len, recipe.run.seed + 1, "val", tok_fp)
     resume_from = ckpt.resolve_resume(resume, ckpt_dir)
     if resume_from is not None:
-        _check_compatible(ckpt.read_state(resume_from), resume_from, world, tok_fp, train_data.fingerprint)
+        _check_compatible(ckpt.read_state(resume_from), resume_from, world, tok_fp, train_data.fingerprint,
+                          recipe.data.allow_fingerprint_change)
 
     import deepspeed
 
@@ -158,7 +159,8 @@ def pretrain(recipe_path: str, overrides: Optional[list[str]] = None, resume: st
     return {"run_dir": run_dir, "step": state.step, "val_loss": trainer.last_val_loss}
 
 
-def _check_compatible(client: dict, path: str, world: int, tok_fp: str, data_fp: str) -> None:
+def _check_compatible(client: dict, path: str, world: int, tok_fp: str, data_fp: str, allow_data_change: bool
+                      ) -> None:
     if client.get("world_size") not in (None, world):
         raise CheckpointError(f"{path} was saved by {client['world_size']} ranks, this run has {world}; "
                               f"resuming at another world size needs a universal checkpoint")
@@ -166,4 +168,8 @@ def _check_compatible(client: dict, path: str, world: int, tok_fp: str, data_fp:
         raise CheckpointError(f"{path} was trained with tokenizer {client['tokenizer_fingerprint']}, "
                               f"the recipe's is {tok_fp}")
     if client.get("data_fingerprint") not in (None, data_fp):
-        raise CheckpointError(f"{path} was trained on data {client['data_fingerprint']}, the recipe's is {data_fp}")
+        if not allow_data_change:
+            raise CheckpointError(f"{path} was trained on data {client['data_fingerprint']}, the recipe's is {data_fp}; "
+                                  f"to continue on the new data pass --set data.allow_fingerprint_change=true")
+        log.warning("datasets changed since %s (%s -> %s); continuing from the same sample counter as asked",
+                    path, client["data_fingerprint"], data_fp)
