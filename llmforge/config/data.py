@@ -126,10 +126,12 @@ class DataConfig:
     min_chars: int = doc(1, "Documents shorter than this (after cleaning) are dropped.")
     max_chars: int = doc(5_000_000, "Documents longer than this are dropped (counted as too_long).")
     shard_tokens: int = doc(1 << 30, "Tokens per output shard file before a new one is started.")
+    unit_files: int = doc(2000, "Small input files grouped into one work unit (the unit of sharding and restart).")
+    unit_bytes: int = doc(64 << 20, "Input bytes per work unit; a larger file is a unit of its own.")
     allow_fingerprint_change: bool = doc(False, "Resume even if the datasets' fingerprint changed.")
 
     def __post_init__(self) -> None:
-        positive(self, "seq_len", "max_chars", "shard_tokens")
+        positive(self, "seq_len", "max_chars", "shard_tokens", "unit_files", "unit_bytes")
         positive(self, "min_chars", allow_zero=True)
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError("val_fraction", f"must be in [0, 1), got {self.val_fraction}")

@@ -40,7 +40,8 @@ def _require(recipe: Recipe, origin: str) -> str:
 
 
 def plan(recipe: Recipe) -> list[tuple[SourceSpec, WorkUnit]]:
-    return [(spec, unit) for spec in recipe.data.sources for unit in work_units(spec)]
+    d = recipe.data
+    return [(spec, unit) for spec in d.sources for unit in work_units(spec, d.unit_files, d.unit_bytes)]
 
 
 # Worker processes rebuild the heavy state once (tokenizer, evaluation n-grams) instead of pickling it per unit.

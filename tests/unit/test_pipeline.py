@@ -50,7 +50,8 @@ def recipe_for(tmp: Path, data: Path, out: str, **data_kw) -> tuple[object, str]
     path = write_recipe(tmp / f"{out}.yaml", tmp, tmp / "runs",
                         data={"sources": [{"name": "web", "type": "jsonl", "paths": [str(data / "*.jsonl")],
                                            "quality": "web"}],
-                              "prepared_dir": str(tmp / out), "val_fraction": 0.1, **data_kw},
+                              "prepared_dir": str(tmp / out), "val_fraction": 0.1,
+                              "unit_files": 1, **data_kw},  # a unit per file: shards and workers get work to split
                         tokenizer={"type": "char", "path": str(tmp / "tok.json")})
     return load_recipe(str(path)), str(path)
 
@@ -58,13 +59,6 @@ def recipe_for(tmp: Path, data: Path, out: str, **data_kw) -> tuple[object, str]
 def shards_digest(directory: Path) -> dict:
     manifest = json.loads((directory / "manifest.json").read_text())
     return {name: meta["sha256"] for name, meta in manifest["files"].items()}
-
-
-@pytest.fixture()
-def small_units(monkeypatch):
-    import llmforge.data.sources as sources
-
-    monkeypatch.setattr(sources, "BATCH_FILES", 1)  # one unit per file, so shards and workers have work to split
 
 
 def decoded_texts(directory: Path, tok) -> list[str]:
@@ -77,7 +71,7 @@ def decoded_texts(directory: Path, tok) -> list[str]:
     return texts
 
 
-def test_dedup_across_workers_and_sharded_equals_single(tmp_path, small_units):
+def test_dedup_across_workers_and_sharded_equals_single(tmp_path):
     planted = corpus(tmp_path / "raw")
     recipe, origin = recipe_for(tmp_path, tmp_path / "raw", "one")
     train_tokenizer(recipe, origin)
@@ -106,7 +100,7 @@ def test_dedup_across_workers_and_sharded_equals_single(tmp_path, small_units):
     assert shards_digest(tmp_path / "workers" / "web") == shards_digest(tmp_path / "one" / "web")
 
 
-def test_rerun_skips_complete_parts(tmp_path, small_units):
+def test_rerun_skips_complete_parts(tmp_path):
     corpus(tmp_path / "raw", per_file=8)
     recipe, origin = recipe_for(tmp_path, tmp_path / "raw", "out")
     train_tokenizer(recipe, origin)
@@ -163,3 +157,77 @@ def test_sentencepiece_end_to_end_and_megatron_reads_the_shards(tmp_path):
     assert theirs[0][-1] == tok.eos_id
     digest = hashlib.sha256((tmp_path / "out" / "web" / f"{shard}.bin").read_bytes()).hexdigest()
     assert m["files"][f"{shard}.bin"]["sha256"] == digest
+
+
+def test_prepare_sbatch_script_array_then_merge(tmp_path):
+    """launch/slurm/prepare.sbatch as slurm runs it: two array tasks (env from slurm), then the merge job."""
+    import os
+    import sys
+
+    from tests.conftest import REPO, run_cli
+
+    corpus(tmp_path / "raw", per_file=8)
+    recipe, origin = recipe_for(tmp_path, tmp_path / "raw", "out")
+    train_tokenizer(recipe, origin)
+    env = {"PYTHON": sys.executable}
+    for task in ("0", "1"):
+        r = run_cli("bash", "launch/slurm/prepare.sbatch", origin, "--set", "data.val_fraction=0.1",
+                    env={**env, "SLURM_ARRAY_TASK_ID": task, "SLURM_ARRAY_TASK_COUNT": "2",
+                         "SLURM_ARRAY_TASK_MIN": "0", "SLURM_CPUS_PER_TASK": "1"})
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert not (tmp_path / "out" / "web" / "manifest.json").exists()
+    parts = list((tmp_path / "out" / "web" / "parts").glob("*.json"))
+    assert len(parts) == 6
+    r = run_cli("bash", "launch/slurm/prepare.sbatch", origin, env={**env, "SLURM_ARRAY_TASK_ID": ""})
+    assert r.returncode == 0, r.stderr[-2000:]
+    manifest = json.loads((tmp_path / "out" / "web" / "manifest.json").read_text())
+    assert manifest["parts"] == 6 and manifest["stats"]["kept"] == 6 * 8 - 2
+    assert os.path.isfile(tmp_path / "out" / "web" / "train-00000.bin")
+
+
+def test_local_hf_tokenizer_directory(tmp_path):
+    from dataclasses import replace
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    planted = corpus(tmp_path / "raw", per_file=8)
+    hf = Tokenizer(models.BPE(unk_token="<unk>"))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    hf.train_from_iterator([planted["original"]] * 3 + [" ".join(WORDS)],
+                           trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "</s>", "<pad>"],
+                                               initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    directory = tmp_path / "hf-tok"
+    directory.mkdir()
+    hf.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>", "pad_token": "<pad>"}))
+    recipe, origin = recipe_for(tmp_path, tmp_path / "raw", "out")
+    recipe = replace(recipe, tokenizer=replace(recipe.tokenizer, type="hf", path=str(directory)))
+    tok = load_tokenizer(recipe.tokenizer, origin)
+    assert tok.eos_id == hf.token_to_id("</s>") and tok.pad_id == hf.token_to_id("<pad>")
+    m = prepare(recipe, origin, progress=False)["web"]
+    assert m["tokenizer"]["type"] == "hf" and m["stats"]["kept"] == 6 * 8 - 2
+    texts = decoded_texts(tmp_path / "out" / "web", tok)
+    assert planted["original"] in texts
+
+
+def test_prepare_cli_bad_input_is_one_line(tmp_path):
+    from tests.conftest import run_cli
+
+    corpus(tmp_path / "raw", per_file=8)
+    recipe, origin = recipe_for(tmp_path, tmp_path / "raw", "out")
+    r = run_cli("python", "launch/prepare_data.py", "--recipe", origin)  # no tokenizer trained yet
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"recipe error: {origin}: tokenizer.path: not found: {tmp_path / 'tok.json'} "
+        f"(run launch/train_tokenizer.py --recipe {origin})"]
+    r = run_cli("python", "launch/train_tokenizer.py", "--recipe", origin, "--set",
+                f"data.sources=[{{name: w, type: jsonl, paths: ['{tmp_path}/none/*.jsonl']}}]")
+    assert r.returncode == 2
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith("data error: data.sources[w].paths:") and "matches no files" in line
+    r = run_cli("python", "launch/train_tokenizer.py", "--recipe", origin, "--set", "tokenizer.type=sentencepiece",
+                "--set", "tokenizer.vocab_size=40", "--set", f"tokenizer.path={tmp_path}/sp.model")
+    assert r.returncode == 2 and "recipe error:" in r.stderr and "tokenizer.vocab_size" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    r = run_cli("python", "launch/prepare_data.py", "--recipe", origin, "--shard-index", "3", "--num-shards", "2")
+    assert r.returncode == 2 and "outside 0..1" in r.stderr

@@ -42,7 +42,6 @@ EXTENSIONS = {
     "jsonl": (".jsonl", ".json", ".jsonl.gz", ".json.gz"),
     "parquet": (".parquet",),
 }
-BATCH_FILES, BATCH_BYTES = 2000, 64 << 20  # small files are grouped into units of at most this much
 
 
 def expand_paths(spec: SourceSpec) -> list[str]:
@@ -83,15 +82,15 @@ class WorkUnit:
         return f"{self.source}-{h}"
 
 
-def work_units(spec: SourceSpec) -> list[WorkUnit]:
+def work_units(spec: SourceSpec, max_files: int = 2000, max_bytes: int = 64 << 20) -> list[WorkUnit]:
     """Group a source's files: big files alone, small ones batched (deterministic, in sorted order)."""
     units, batch, size = [], [], 0
     for path in expand_paths(spec):
         n = os.path.getsize(path)
-        if n >= BATCH_BYTES:
+        if n >= max_bytes:
             units.append(WorkUnit(spec.name, [path]))
             continue
-        if batch and (len(batch) >= BATCH_FILES or size + n > BATCH_BYTES):
+        if batch and (len(batch) >= max_files or size + n > max_bytes):
             units.append(WorkUnit(spec.name, batch))
             batch, size = [], 0
         batch.append(path)
