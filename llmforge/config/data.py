@@ -22,7 +22,8 @@ class SourceSpec:
     quality: Optional[Literal["web", "code", "none"]] = doc(
         None, "Quality filters: web (Gopher/C4 heuristics), code, or none; null picks by type.")
     weight: float = doc(1.0, "Blend weight when data.datasets is not given.")
-    extractor: Literal["resiliparse", "trafilatura"] = doc("resiliparse", "html/warc: main-text extractor.")
+    extractor: Literal["trafilatura", "resiliparse"] = doc(
+        "trafilatura", "html/warc main-text extractor: trafilatura (cleaner) or resiliparse (~13x faster).")
 
     def __post_init__(self) -> None:
         if not self.name or not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):

@@ -1,8 +1,10 @@
-"""Common Crawl-style web data: WARC response records (warcio) and HTML files, main text via resiliparse.
+"""Common Crawl-style web data: WARC response records (warcio) and HTML files, main text via trafilatura.
 
-Extractor choice (measured in bench/results/html_extraction.md): resiliparse's main-content extraction and
-trafilatura both drop navigation, cookie banners, related-links boxes and footers on our test pages; resiliparse is
-several times faster per page, which decides it at Common Crawl scale. `trafilatura` stays selectable per source.
+Extractor choice, measured on the same 300 pages (bench/results/html_extraction.md): both keep 99.9% of the article
+paragraphs; trafilatura leaks none of the boilerplate strings planted around them, resiliparse leaks 19% (it keeps
+ad labels and comment blocks) but is ~13x faster (0.07 vs 0.93 ms per page on one core). Text quality decides the
+default — about 1,000 pages per second per core is affordable next to tokenization and dedup — and resiliparse stays
+selectable per source (`extractor: resiliparse`) where throughput matters more.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from llmforge.config.data import SourceSpec
 from llmforge.data.sources import Document, Stats, count
 
 
-def html_to_text(html: str | bytes, extractor: str = "resiliparse") -> str:
+def html_to_text(html: str | bytes, extractor: str = "trafilatura") -> str:
     """Main text of an HTML page (boilerplate removed), '' when nothing is left."""
     if extractor == "trafilatura":
         import trafilatura
