@@ -51,13 +51,9 @@ def tokenization(texts: list[str], sp_path: str) -> list[tuple[str, float, int]]
             n += sum(len(ids) for ids in fn(b))
         results.append((name, n / (time.perf_counter() - started), n))
 
-    import sentencepiece
-
-    run("llmforge sentencepiece BPE (encode_batch, 1 thread)",
-        lambda b: sp.sp.encode(b, num_threads=1))
+    run("llmforge SentencePieceTokenizer.encode_batch (the prepare path, 1 thread)", sp.encode_batch)
     run("HF tokenizers BPE, same vocab size and sample (encode_batch, RAYON_NUM_THREADS=1)",
         lambda b: [e.ids for e in hf.encode_batch(b, add_special_tokens=False)])
-    del sentencepiece
     return results
 
 

@@ -57,7 +57,7 @@ class SentencePieceTokenizer:
         return self.sp.encode(text)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self.sp.encode(texts)
+        return self.sp.encode(texts, num_threads=1)  # parallelism comes from prepare's worker processes
 
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode([i for i in ids if i not in (self.pad_id, self.eos_id, self.bos_id)])

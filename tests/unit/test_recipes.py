@@ -125,3 +125,11 @@ def test_resolved_recipe_and_ds_config_saved(tmp_path, prepared):
     acc.Reload()
     losses = [e.value for e in acc.Scalars("train/loss")]
     assert losses == pytest.approx([r["loss"] for r in train_rows], rel=1e-6)
+
+
+def test_readme_lists_every_recipe_key():
+    from llmforge.config.reference import recipe_keys
+
+    readme = (REPO / "README.md").read_text()
+    missing = [key for key, _, _ in recipe_keys() if f"`{key}`" not in readme]
+    assert not missing, f"README recipe tables lack {missing}; regenerate with python -m llmforge.config.reference"
