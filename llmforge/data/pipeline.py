@@ -103,7 +103,8 @@ def process_unit(unit: WorkUnit, spec: SourceSpec, cfg: DataConfig, tok: Tokeniz
         w.finalize()
     np.savez(prefix + ".npz.tmp.npz", split=np.asarray(rows_split, dtype=np.uint8),
              index=np.asarray(rows_index, dtype=np.int64), hash=np.asarray(rows_hash, dtype=np.int64),
-             sig=np.asarray(rows_sig, dtype=np.uint64).reshape(len(rows_sig), -1))
+             sig=np.asarray(rows_sig, dtype=np.uint64).reshape(len(rows_sig), cfg.dedup.num_perm if cfg.dedup.near
+                                                                 else 0))
     os.replace(prefix + ".npz.tmp.npz", prefix + ".npz")
     stats["written"] = len(rows_split)
     record = {"unit": unit.id, "files": unit.files, "stats": stats, "seconds": round(time.time() - started, 3)}

@@ -231,3 +231,15 @@ def test_prepare_cli_bad_input_is_one_line(tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1
     r = run_cli("python", "launch/prepare_data.py", "--recipe", origin, "--shard-index", "3", "--num-shards", "2")
     assert r.returncode == 2 and "outside 0..1" in r.stderr
+
+
+def test_empty_and_huge_documents_are_dropped_and_counted(tmp_path):
+    planted = corpus(tmp_path / "raw", per_file=8)
+    with open(tmp_path / "raw" / "part9.jsonl", "w") as f:
+        f.write(json.dumps({"text": "   \n\t  "}) + "\n")
+        f.write(json.dumps({"text": planted["original"] * 40}) + "\n")
+    recipe, origin = recipe_for(tmp_path, tmp_path / "raw", "out", max_chars=20_000)
+    train_tokenizer(recipe, origin)
+    st = prepare(recipe, origin, progress=False)["web"]["stats"]
+    assert st["dropped:empty"] == 1 and st["dropped:too_long"] == 1
+    assert st["read"] == st["kept"] + sum(v for k, v in st.items() if k.startswith("dropped:"))

@@ -47,6 +47,7 @@ BAD = [
     ({}, ["--set", "train.nope=1"], "train.nope", "unknown key"),
     ({}, ["--set", "train.lr"], "--set", "expected KEY=VALUE"),
     ({"train": {"warmup_steps": 50, "max_steps": 10}}, [], "train.warmup_steps", "exceeds"),
+    ({"model": {"vocab_size": 10}}, [], "model.vocab_size", "below the tokenizer's"),
 ]
 
 
