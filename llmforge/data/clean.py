@@ -1,5 +1,6 @@
-"""Text normalisation applied to every document before filtering: Unicode NFC, control characters, leftover
-markup, whitespace. Code keeps its indentation and line structure."""
+"""Text normalisation applied to every document before filtering: Unicode NFC, line endings, control and invisible
+characters everywhere; trailing spaces and runs of blank lines in plain text and code (indentation is kept); and for
+text extracted from web pages also leftover tags and entities and all runs of spaces."""
 
 from __future__ import annotations
 
@@ -14,12 +15,14 @@ _SPACES = re.compile(r"[ \t\u00a0\u2000-\u200a\u3000]+")
 _BLANKS = re.compile(r"\n{3,}")
 
 
-def clean_text(text: str, code: bool = False) -> str:
+def clean_text(text: str, mode: str = "plain") -> str:
+    """mode: "web" (extracted page text), "plain" (text, LaTeX, JSONL/Parquet records) or "code"."""
     text = unicodedata.normalize("NFC", text)
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     text = _CONTROL.sub("", text)
-    if code:
-        return "\n".join(line.rstrip() for line in text.split("\n")).strip("\n") + "\n"
+    if mode != "web":
+        text = "\n".join(line.rstrip() for line in text.split("\n")).strip("\n")
+        return text + "\n" if mode == "code" and text else _BLANKS.sub("\n\n", text)
     if "<" in text and ">" in text:
         text = _TAGS.sub("", text)
     if "&" in text:

@@ -46,7 +46,8 @@ def part_complete(dataset_dir: str, unit: WorkUnit) -> bool:
 
 def keep_reason(doc: Document, spec: SourceSpec, cfg: DataConfig, eval_ngrams: set[int]) -> tuple[str, Optional[str]]:
     """(cleaned text, None) to keep, or (text, reason) to drop."""
-    text = clean_text(doc.text, code=spec.type == "code")
+    mode = "code" if spec.type == "code" else "web" if spec.type in ("html", "warc") else "plain"
+    text = clean_text(doc.text, mode)
     if len(text) < max(cfg.min_chars, 1) or not text.strip():
         return text, "empty"
     if len(text) > cfg.max_chars:

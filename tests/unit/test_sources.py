@@ -217,3 +217,16 @@ def test_web_filter_ngram_repetition_and_thresholds_are_configurable():
         "top_ngram_chars", "duplicate_ngram_chars")
     off = WebFilters(**{k: None for k in WebFilters.__dataclass_fields__})
     assert web_quality(spam, off) is None and web_quality("tiny", off) is None
+
+
+def test_cleaning_modes():
+    from llmforge.data.clean import clean_text
+
+    raw = "caf\u0065\u0301  <b>bold</b> &amp; more\u200b\r\n\r\n\r\n\r\n    indented line   \n\x07end"
+    web = clean_text(raw, "web")
+    assert web == "café bold & more\n\nindented line\nend"
+    plain = clean_text(raw, "plain")
+    assert "    indented line" in plain and "\n\n\n" not in plain and "\u200b" not in plain and "\x07" not in plain
+    assert plain.startswith("café  <b>bold</b> &amp;")  # no markup handling outside web text
+    code = clean_text("def f():\r\n    return 1   \n\n\n\n", "code")
+    assert code == "def f():\n    return 1\n"
