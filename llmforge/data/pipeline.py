@@ -7,6 +7,8 @@ whose JSON exists is complete and is skipped when preparation is run again.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import time
@@ -25,6 +27,17 @@ from llmforge.tokenizer import Tokenizer, encode_batch
 
 SPLITS = ("train", "val")
 BATCH = 64
+PIPELINE_VERSION = 2  # bump when cleaning/filtering semantics change: parts made by another version are redone
+
+
+def processing_key(spec: SourceSpec, cfg: DataConfig, tokenizer_fingerprint: str) -> str:
+    """Everything that decides a part's content; a part made under another key is stale and is processed again."""
+    relevant = {"version": PIPELINE_VERSION, "source": dataclasses.asdict(spec), "tokenizer": tokenizer_fingerprint,
+                "val_fraction": cfg.val_fraction, "min_chars": cfg.min_chars, "max_chars": cfg.max_chars,
+                "web": dataclasses.asdict(cfg.web_filters), "code": dataclasses.asdict(cfg.code_filters),
+                "dedup": dataclasses.asdict(cfg.dedup), "decontaminate": dataclasses.asdict(cfg.decontaminate)}
+    relevant["source"].pop("weight")  # blending weight does not change the data
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def is_validation(h: int, val_fraction: float) -> bool:
@@ -36,12 +49,13 @@ def part_prefix(dataset_dir: str, unit: WorkUnit) -> str:
     return os.path.join(dataset_dir, "parts", unit.id)
 
 
-def part_complete(dataset_dir: str, unit: WorkUnit) -> bool:
+def part_complete(dataset_dir: str, unit: WorkUnit, key: str) -> bool:
     path = part_prefix(dataset_dir, unit) + ".json"
     if not os.path.isfile(path):
         return False
     with open(path, encoding="utf-8") as f:
-        return json.load(f).get("files") == unit.files
+        record = json.load(f)
+    return record.get("files") == unit.files and record.get("key") == key
 
 
 def keep_reason(doc: Document, spec: SourceSpec, cfg: DataConfig, eval_ngrams: set[int]) -> tuple[str, Optional[str]]:
@@ -64,7 +78,7 @@ def keep_reason(doc: Document, spec: SourceSpec, cfg: DataConfig, eval_ngrams: s
 
 
 def process_unit(unit: WorkUnit, spec: SourceSpec, cfg: DataConfig, tok: Tokenizer, dataset_dir: str,
-                 eval_ngrams: set[int]) -> dict:
+                 eval_ngrams: set[int], key: str) -> dict:
     """Write one part; returns its counters (documents, bytes, tokens and drop reasons)."""
     started = time.time()
     prefix = part_prefix(dataset_dir, unit)
@@ -108,7 +122,8 @@ def process_unit(unit: WorkUnit, spec: SourceSpec, cfg: DataConfig, tok: Tokeniz
                                                                  else 0))
     os.replace(prefix + ".npz.tmp.npz", prefix + ".npz")
     stats["written"] = len(rows_split)
-    record = {"unit": unit.id, "files": unit.files, "stats": stats, "seconds": round(time.time() - started, 3)}
+    record = {"unit": unit.id, "files": unit.files, "key": key, "stats": stats,
+              "seconds": round(time.time() - started, 3)}
     with open(prefix + ".json.tmp", "w", encoding="utf-8") as f:
         json.dump(record, f)
     os.replace(prefix + ".json.tmp", prefix + ".json")

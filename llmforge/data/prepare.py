@@ -14,7 +14,7 @@ from llmforge.config.recipe import Recipe
 from llmforge.data.dedup import load_eval_ngrams
 from llmforge.data.indexed import token_dtype
 from llmforge.data.merge import merge_dataset, read_manifest  # noqa: F401  (read_manifest is re-exported)
-from llmforge.data.pipeline import keep_reason, part_complete, process_unit
+from llmforge.data.pipeline import keep_reason, part_complete, process_unit, processing_key
 from llmforge.data.sources import WorkUnit, read_unit, work_units
 from llmforge.errors import DataError, RecipeError
 from llmforge.tokenizer import Tokenizer, fingerprint, load_tokenizer, train_tokenizer_from_texts
@@ -52,13 +52,15 @@ def _init_worker(recipe: Recipe, origin: str) -> None:
     _WORKER["tok"] = load_tokenizer(recipe.tokenizer, origin)
     _WORKER["ngrams"] = load_eval_ngrams(recipe.data.decontaminate)
     _WORKER["recipe"] = recipe
+    _WORKER["fingerprint"] = fingerprint(_WORKER["tok"])
 
 
 def _run_unit(args: tuple[SourceSpec, WorkUnit]) -> dict:
     spec, unit = args
     recipe = _WORKER["recipe"]
     out = os.path.join(recipe.data.prepared_dir, spec.name)
-    return process_unit(unit, spec, recipe.data, _WORKER["tok"], out, _WORKER["ngrams"])
+    key = processing_key(spec, recipe.data, _WORKER["fingerprint"])
+    return process_unit(unit, spec, recipe.data, _WORKER["tok"], out, _WORKER["ngrams"], key)
 
 
 def prepare(recipe: Recipe, origin: str, shard_index: Optional[int] = None, num_shards: Optional[int] = None,
@@ -74,7 +76,9 @@ def prepare(recipe: Recipe, origin: str, shard_index: Optional[int] = None, num_
     tok = load_tokenizer(recipe.tokenizer, origin)
     units = plan(recipe)
     mine = [u for i, u in enumerate(units) if i % count == index]
-    todo = [] if only_merge else [(s, u) for s, u in mine if not part_complete(os.path.join(out, s.name), u)]
+    tok_fp = fingerprint(tok)
+    todo = [] if only_merge else [(s, u) for s, u in mine
+                                  if not part_complete(os.path.join(out, s.name), u, processing_key(s, recipe.data, tok_fp))]
     log.info("shard %d/%d: %d of %d work units, %d already complete", index, count, len(mine), len(units),
              len(mine) - len(todo))
     _run(todo, recipe, origin, workers, progress)

@@ -243,3 +243,15 @@ def test_empty_and_huge_documents_are_dropped_and_counted(tmp_path):
     st = prepare(recipe, origin, progress=False)["web"]["stats"]
     assert st["dropped:empty"] == 1 and st["dropped:too_long"] == 1
     assert st["read"] == st["kept"] + sum(v for k, v in st.items() if k.startswith("dropped:"))
+
+
+def test_changed_settings_redo_parts(tmp_path):
+    corpus(tmp_path / "raw", per_file=8)
+    recipe, origin = recipe_for(tmp_path, tmp_path / "raw", "out")
+    train_tokenizer(recipe, origin)
+    first = prepare(recipe, origin, progress=False)["web"]
+    from dataclasses import replace
+
+    stricter = replace(recipe, data=replace(recipe.data, web_filters=replace(recipe.data.web_filters, min_words=10**6)))
+    m = prepare(stricter, origin, progress=False)["web"]
+    assert m["stats"]["kept"] == 0 and m["stats"]["dropped:too_few_words"] == first["stats"]["read"]
