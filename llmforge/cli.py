@@ -8,6 +8,8 @@ from typing import Optional
 
 from llmforge.errors import exit_on_user_error
 
+PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after saving a checkpoint; rerun with --resume auto to continue
+
 
 def _recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", required=True, help="YAML recipe file")
@@ -68,7 +70,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         from llmforge.train.run import pretrain, setup_logging
 
         setup_logging()
-        pretrain(args.recipe, args.overrides, args.resume)
+        if pretrain(args.recipe, args.overrides, args.resume)["status"] == "preempted":
+            sys.exit(PREEMPTED)
     elif args.command in ("train-tokenizer", "prepare"):
         from llmforge.config import load_recipe
         from llmforge.data.prepare import prepare, train_tokenizer

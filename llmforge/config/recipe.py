@@ -101,6 +101,21 @@ class ModelConfig:
 
 
 @dataclass
+class SpikeGuardConfig:
+    enabled: bool = doc(True, "Skip steps whose loss is non-finite or a spike; roll back on persistent divergence.")
+    window: int = doc(50, "Recent good steps whose loss mean/std define a spike.")
+    min_history: int = doc(10, "Good steps needed before spikes are judged.")
+    threshold_std: float = doc(6.0, "A step loss above mean + threshold_std·std of the window is a spike.")
+    max_bad_steps: int = doc(4, "This many skipped steps within bad_window trigger a rollback.")
+    bad_window: int = doc(20, "Steps over which skipped steps are counted.")
+
+    def __post_init__(self) -> None:
+        positive(self, "window", "min_history", "threshold_std", "max_bad_steps", "bad_window")
+        if self.min_history > self.window:
+            raise ConfigError("min_history", f"{self.min_history} exceeds window={self.window}")
+
+
+@dataclass
 class TrainConfig:
     max_steps: int = doc(2000, "Optimizer steps to train.")
     micro_batch_size: int = doc(12, "Samples per rank per forward/backward.")
@@ -115,10 +130,12 @@ class TrainConfig:
     eps: float = doc(1e-8, "AdamW epsilon.")
     grad_clip: float = doc(1.0, "Clip the global gradient norm to this; 0 disables.")
     precision: Literal["bf16", "fp16", "fp32"] = doc("bf16", "Training precision.")
+    z_loss: float = doc(0.0, "Weight of the z-loss (mean squared log-partition of the logits, PaLM); 0 disables.")
+    spike_guard: SpikeGuardConfig = doc(text="Loss-spike and NaN guard.", factory=SpikeGuardConfig)
 
     def __post_init__(self) -> None:
         positive(self, "max_steps", "micro_batch_size", "grad_accum_steps", "lr", "eps")
-        positive(self, "min_lr", "warmup_steps", "weight_decay", "grad_clip", allow_zero=True)
+        positive(self, "min_lr", "warmup_steps", "weight_decay", "grad_clip", "z_loss", allow_zero=True)
         if self.min_lr > self.lr:
             raise ConfigError("min_lr", f"{self.min_lr} is above lr={self.lr}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):

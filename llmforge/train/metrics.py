@@ -21,6 +21,10 @@ def memory_gb() -> float:
     return psutil.Process().memory_info().rss / 1e9
 
 
+def _fmt(value: Optional[float], spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
 def _fmt_eta(seconds: Optional[float]) -> str:
     if seconds is None or not math.isfinite(seconds):
         return "?"
@@ -50,9 +54,9 @@ class Metrics:
             return
         self._write(row)
         mfu = f" mfu {row['mfu']:.1%}" if row.get("mfu") is not None else ""
-        log.info("step %d | loss %.4f | lr %.3e | grad_norm %.3f | %.0f tok/s%s | mem %.2f GB | eta %s",
-                 row["step"], row["loss"], row["lr"], row["grad_norm"], row["tokens_per_s"], mfu, row["mem_gb"],
-                 _fmt_eta(row.get("eta_s")))
+        log.info("step %d | loss %s | lr %.3e | grad_norm %s | %.0f tok/s%s | mem %.2f GB | eta %s",
+                 row["step"], _fmt(row["loss"], ".4f"), row["lr"], _fmt(row["grad_norm"], ".3f"),
+                 row["tokens_per_s"], mfu, row["mem_gb"], _fmt_eta(row.get("eta_s")))
 
     def eval(self, row: dict) -> None:
         self._tensorboard("eval", row)

@@ -130,7 +130,8 @@ def pretrain(recipe_path: str, overrides: Optional[list[str]] = None, resume: st
     if resume_from is not None:
         started = time.time()
         client = ckpt.load_checkpoint(engine, resume_from)
-        state = TrainState(step=client["step"], consumed_samples=client["consumed_samples"])
+        state = TrainState(step=client["step"], consumed_samples=client["consumed_samples"],
+                           guard=client.get("guard", {}))
         metrics.event("resumed", step=state.step, checkpoint=resume_from,
                       resume_s=round(time.time() - started, 3))
 
@@ -139,8 +140,8 @@ def pretrain(recipe_path: str, overrides: Optional[list[str]] = None, resume: st
 
     def save(s: TrainState) -> None:
         started = time.time()
-        client_state = {"step": s.step, "consumed_samples": s.consumed_samples, "world_size": world,
-                        "recipe": recipe_dict, "tokenizer_fingerprint": tok_fp,
+        client_state = {"step": s.step, "consumed_samples": s.consumed_samples, "guard": s.guard,
+                        "world_size": world, "recipe": recipe_dict, "tokenizer_fingerprint": tok_fp,
                         "data_fingerprint": train_data.fingerprint}
         path = ckpt.save_checkpoint(engine, ckpt_dir, s.step, client_state, recipe.checkpoint.keep_last,
                                     extra_files={"tokenizer.json": tokenizer_json,
@@ -152,11 +153,19 @@ def pretrain(recipe_path: str, overrides: Optional[list[str]] = None, resume: st
     fpt = flops_per_token(n_params - n_embed, recipe.model, recipe.data.seq_len)
     peak = None if on_cpu else device_peak_flops(accel.get_device_name() if hasattr(accel, "get_device_name")
                                                   else torch.cuda.get_device_name())
-    trainer = Trainer(engine, recipe, train_data, val_data, metrics, state, save, fpt, peak)
+    def rollback() -> Optional[TrainState]:
+        path = ckpt.newest_complete(ckpt_dir)
+        if path is None:
+            return None
+        client = ckpt.load_checkpoint(engine, path)
+        return TrainState(step=client["step"], consumed_samples=client["consumed_samples"],
+                          guard=client.get("guard", {}))
+
+    trainer = Trainer(engine, recipe, train_data, val_data, metrics, state, save, fpt, peak, rollback)
     if state.step >= recipe.train.max_steps:
         log.info("nothing to do: checkpoint is at step %d, train.max_steps=%d", state.step, recipe.train.max_steps)
-    trainer.train()
-    return {"run_dir": run_dir, "step": state.step, "val_loss": trainer.last_val_loss}
+    status = trainer.train()
+    return {"run_dir": run_dir, "step": state.step, "val_loss": trainer.last_val_loss, "status": status}
 
 
 def _check_compatible(client: dict, path: str, world: int, tok_fp: str, data_fp: str, allow_data_change: bool

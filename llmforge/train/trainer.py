@@ -1,83 +1,160 @@
-"""The training loop: `Trainer.train()` runs `train_step()` and small side effects (log, eval, checkpoint)."""
+"""The training loop: `Trainer.train()` runs `train_step()` and small side effects (log, eval, checkpoint, guard,
+preemption)."""
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
+import torch.distributed as dist
 
 from llmforge.config.recipe import Recipe
 from llmforge.data.loader import PretrainData, micro_batch_indices
 from llmforge.train.distributed import mean_across_ranks
+from llmforge.train.guard import FaultInjector, SpikeGuard, StopSignal
 from llmforge.train.metrics import Metrics, memory_gb
 from llmforge.train.schedule import lr_at
 
 
 @dataclass
 class TrainState:
-    step: int = 0               # optimizer steps completed
+    step: int = 0               # optimizer steps completed (skipped steps included)
     consumed_samples: int = 0   # global samples consumed (the data position)
+    guard: dict = field(default_factory=dict)
+
+
+@dataclass
+class StepResult:
+    loss: float                 # mean over micro-batches and ranks
+    lr: float
+    skipped: Optional[str]      # why the optimizer step was skipped, or None
+    stop: bool                  # a rank received a stop signal
 
 
 class Trainer:
     def __init__(self, engine: Any, recipe: Recipe, train_data: PretrainData, val_data: Optional[PretrainData],
                  metrics: Metrics, state: TrainState, save_fn: Callable[[TrainState], None],
-                 flops_per_token: float, peak_flops: Optional[float]):
+                 flops_per_token: float, peak_flops: Optional[float],
+                 rollback_fn: Optional[Callable[[], Optional[TrainState]]] = None):
         self.engine, self.recipe, self.metrics, self.state = engine, recipe, metrics, state
-        self.train_data, self.val_data, self.save_fn = train_data, val_data, save_fn
+        self.train_data, self.val_data, self.save_fn, self.rollback_fn = train_data, val_data, save_fn, rollback_fn
         self.rank, self.world = engine.global_rank, engine.world_size
         t = recipe.train
         self.global_batch = t.micro_batch_size * t.grad_accum_steps * self.world
         self.tokens_per_step = self.global_batch * recipe.data.seq_len
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.guard = SpikeGuard(t.spike_guard)
+        self.guard.load_state_dict(state.guard)
+        self.stop = StopSignal()
+        self.faults = FaultInjector()
         self.last_val_loss: Optional[float] = None
 
     # -- the step -------------------------------------------------------------------------------------------------
-    def train_step(self) -> tuple[torch.Tensor, float]:
-        """One optimizer step over grad_accum_steps micro-batches; returns (this rank's mean loss, lr)."""
+    def train_step(self) -> StepResult:
+        """One optimizer step over grad_accum_steps micro-batches.
+
+        Before the last backward, one all-reduce gives every rank the step's mean loss and any stop signal. A step
+        whose loss is non-finite or a spike is skipped through DeepSpeed's own overflow check: the last backward
+        carries NaN, so the whole accumulated gradient is dropped and neither weights nor optimizer state change.
+        """
         t, engine = self.recipe.train, self.engine
+        step = self.state.step + 1
         lr = lr_at(self.state.step, t)
         for group in engine.optimizer.param_groups:
             group["lr"] = lr
         total = torch.zeros((), device=engine.device)
+        skipped_before = engine.skipped_steps
         for micro in range(t.grad_accum_steps):
             indices = micro_batch_indices(self.state.consumed_samples, micro, self.rank, self.world,
                                           t.micro_batch_size)
             inputs, targets = self.train_data.batch(indices)
-            _, loss = engine(inputs.to(engine.device), targets.to(engine.device))
+            logits, loss = engine(inputs.to(engine.device), targets.to(engine.device))
+            if t.z_loss:
+                loss = loss + t.z_loss * torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
+            loss = self.faults.loss(step, loss)
+            total += loss.detach().float()
+            if micro == t.grad_accum_steps - 1:
+                mean_loss, stop = self._agree(total / t.grad_accum_steps)
+                verdict = self.guard.judge(mean_loss)
+                if verdict is not None:
+                    loss = loss * float("nan")
             engine.backward(loss)
             engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
-            total += loss.detach().float()
-        self.state.step += 1
+        skipped = verdict
+        if engine.skipped_steps > skipped_before and skipped is None:
+            skipped = "non_finite_grad"  # finite loss, but DeepSpeed found inf/NaN gradients
+        self.state.step = step
         self.state.consumed_samples += self.global_batch
-        return total / t.grad_accum_steps, lr
+        return StepResult(mean_loss, lr, skipped, stop)
+
+    def _agree(self, loss: torch.Tensor) -> tuple[float, bool]:
+        """One all-reduce: (mean loss over ranks, any rank asked to stop)."""
+        flag = 1.0 if self.stop.requested else 0.0
+        packed = torch.stack([loss.detach().float(), torch.tensor(flag, device=loss.device)])
+        if dist.is_initialized() and self.world > 1:
+            dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+        return float(packed[0]) / self.world, bool(packed[1] > 0)
 
     # -- the loop -------------------------------------------------------------------------------------------------
-    def train(self) -> None:
+    def train(self) -> str:
+        """Train to max_steps; returns 'finished' or 'preempted' (a checkpoint was saved first)."""
         r = self.recipe
         if self.state.step == 0 and r.eval.interval and r.eval.at_start:
             self.evaluate()
         window_start, window_steps = time.time(), 0
         run_start, run_start_step = time.time(), self.state.step
         while self.state.step < r.train.max_steps:
-            loss, lr = self.train_step()
+            result = self.train_step()
             window_steps += 1
             step = self.state.step
             last = step == r.train.max_steps
+            if result.skipped:
+                self.metrics.event("skipped_step", step=step, reason=result.skipped, loss=_json_float(result.loss))
+            if self.guard.record(step, result.loss, result.skipped is not None) and self._rollback(step):
+                continue
+            self.state.guard = self.guard.state_dict()
             if step % r.logging.interval == 0 or last:
                 now = time.time()
-                self.log(step, loss, lr, now - window_start, window_steps,
+                self.log(step, result, now - window_start, window_steps,
                          (now - run_start) / max(1, step - run_start_step))
                 window_start, window_steps = time.time(), 0
             if r.eval.interval and (step % r.eval.interval == 0 or last):
                 self.evaluate()
+            if result.stop:
+                return self._preempt()
             if (r.checkpoint.interval and step % r.checkpoint.interval == 0) or last:
                 self.save_fn(self.state)
+        return "finished"
 
-    def log(self, step: int, loss: torch.Tensor, lr: float, elapsed: float, steps: int, s_per_step: float) -> None:
+    def _rollback(self, step: int) -> bool:
+        """Persistent divergence: reload the newest complete checkpoint, keep the data position (so the window that
+        caused it is skipped), and go on. False when there is no checkpoint to go back to."""
+        restored = self.rollback_fn() if self.rollback_fn else None
+        if restored is None:
+            self.metrics.event("rollback_unavailable", step=step, reason="no complete checkpoint")
+            self.guard.reset_bad()
+            return False
+        skipped = self.state.consumed_samples - restored.consumed_samples
+        self.metrics.event("rollback", step=step, to_step=restored.step, skipped_samples=skipped)
+        self.state.step = restored.step
+        self.guard.load_state_dict(restored.guard)
+        self.guard.reset_bad()
+        self.state.guard = self.guard.state_dict()
+        return True
+
+    def _preempt(self) -> str:
+        started = time.time()
+        self.save_fn(self.state)
+        since = (time.time() - self.stop.received_at) if self.stop.received_at else None
+        self.metrics.event("preempted", step=self.state.step, signal=self.stop.signum,
+                           save_s=round(time.time() - started, 3),
+                           signal_to_saved_s=None if since is None else round(since, 3))
+        return "preempted"
+
+    def log(self, step: int, result: StepResult, elapsed: float, steps: int, s_per_step: float) -> None:
         tokens_per_s = self.tokens_per_step * steps / max(elapsed, 1e-9)
         grad_norm = self.engine.get_global_grad_norm()
         mfu = None
@@ -85,8 +162,8 @@ class Trainer:
             mfu = self.flops_per_token * tokens_per_s / (self.peak_flops * self.world)
         self.metrics.train({
             "step": step, "tokens": self.state.consumed_samples * self.recipe.data.seq_len,
-            "loss": mean_across_ranks(loss), "lr": lr,
-            "grad_norm": None if grad_norm is None else float(grad_norm),
+            "loss": _json_float(result.loss), "lr": result.lr,
+            "grad_norm": None if grad_norm is None else _json_float(float(grad_norm)),
             "tokens_per_s": tokens_per_s, "mfu": mfu, "mem_gb": memory_gb(),
             "eta_s": s_per_step * (self.recipe.train.max_steps - step),
         })
@@ -108,3 +185,8 @@ class Trainer:
         self.last_val_loss = val_loss
         self.metrics.eval({"step": self.state.step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))})
         return val_loss
+
+
+def _json_float(x: float) -> Optional[float]:
+    """JSON has no NaN/inf: non-finite values are written as null."""
+    return x if math.isfinite(x) else None

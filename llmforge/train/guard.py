@@ -1,0 +1,101 @@
+"""Loss-spike and NaN guard, preemption signals, and fault injection for tests.
+
+Every rank sees the same all-reduced step loss, so every rank takes the same decision without further collectives.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import os
+import signal
+import time
+from typing import Optional
+
+import torch
+
+from llmforge.config.recipe import SpikeGuardConfig
+
+
+class SpikeGuard:
+    """Judges each step's loss against the recent good ones and counts skipped steps for rollback."""
+
+    def __init__(self, cfg: SpikeGuardConfig):
+        self.cfg = cfg
+        self.history: collections.deque[float] = collections.deque(maxlen=cfg.window)
+        self.bad_steps: collections.deque[int] = collections.deque()
+
+    def judge(self, loss: float) -> Optional[str]:
+        """None for a good loss, else why the step must be skipped ('non_finite' or 'spike')."""
+        if not self.cfg.enabled:
+            return None
+        if not math.isfinite(loss):
+            return "non_finite"
+        if len(self.history) >= self.cfg.min_history:
+            mean = sum(self.history) / len(self.history)
+            std = math.sqrt(sum((x - mean) ** 2 for x in self.history) / len(self.history))
+            if loss > mean + self.cfg.threshold_std * max(std, 1e-3 * abs(mean), 1e-6):
+                return "spike"
+        return None
+
+    def record(self, step: int, loss: float, skipped: bool) -> bool:
+        """Note the step's outcome; True when skipped steps within bad_window reached max_bad_steps (roll back)."""
+        if not skipped:
+            self.history.append(loss)
+        else:
+            self.bad_steps.append(step)
+        while self.bad_steps and self.bad_steps[0] <= step - self.cfg.bad_window:
+            self.bad_steps.popleft()
+        return self.cfg.enabled and len(self.bad_steps) >= self.cfg.max_bad_steps
+
+    def reset_bad(self) -> None:
+        self.bad_steps.clear()
+
+    def state_dict(self) -> dict:
+        return {"history": list(self.history), "bad_steps": list(self.bad_steps)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history.clear()
+        self.history.extend(state.get("history", []))
+        self.bad_steps = collections.deque(state.get("bad_steps", []))
+
+
+class StopSignal:
+    """SIGUSR1/SIGTERM (slurm's preemption warning and kill) → a flag the ranks agree on at the next step."""
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None
+        self.received_at: Optional[float] = None
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.signum is None:
+            self.signum, self.received_at = signum, time.time()
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+
+class FaultInjector:
+    """Test hook: LLMFORGE_FAULTS="nan@5,inf@7,spike@9" corrupts the loss of those steps (1-based) on every rank."""
+
+    def __init__(self, spec: Optional[str] = None):
+        spec = os.environ.get("LLMFORGE_FAULTS", "") if spec is None else spec
+        self.faults: dict[int, str] = {}
+        for item in filter(None, (x.strip() for x in spec.split(","))):
+            kind, _, step = item.partition("@")
+            self.faults[int(step)] = kind
+
+    def loss(self, step: int, loss: torch.Tensor) -> torch.Tensor:
+        kind = self.faults.pop(step, None)  # once: a step redone after a rollback is clean
+        if kind == "nan":
+            return loss * float("nan")
+        if kind == "inf":
+            return loss * float("inf")
+        if kind == "spike":
+            return loss * 20.0
+        return loss

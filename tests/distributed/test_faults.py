@@ -1,0 +1,97 @@
+"""Fault tolerance on 2 CPU ranks: NaN/inf/spike steps skipped and logged, rollback on persistent divergence, and
+preemption by signal (save, exit 75, resume with the uninterrupted run's losses)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import REPO, run_cli, write_recipe
+from tests.distributed.test_zero_resume import ds_cmd, losses_after_last_start, rows
+
+pytestmark = pytest.mark.distributed
+
+
+def recipe(tmp_path: Path, prepared: Path, name: str, **train) -> Path:
+    return write_recipe(tmp_path / f"{name}.yaml", prepared, tmp_path / "runs", run={"name": name},
+                        train={"max_steps": 14, "warmup_steps": 2, **train}, eval={"interval": 0},
+                        checkpoint={"interval": 4, "keep_last": 10})
+
+
+def test_nan_inf_and_spike_steps_are_skipped_and_logged(tmp_path, prepared):
+    r = run_cli(*ds_cmd(recipe(tmp_path, prepared, "faults", spike_guard={"min_history": 5})),
+                env={"LLMFORGE_FAULTS": "nan@5,inf@7,spike@11"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    all_rows = rows(tmp_path / "runs" / "faults")
+    skipped = {x["step"]: x["reason"] for x in all_rows if x.get("event") == "skipped_step"}
+    assert skipped == {5: "non_finite", 7: "non_finite", 11: "spike"}
+    losses = {x["step"]: x["loss"] for x in all_rows if "loss" in x and "event" not in x}
+    assert losses[5] is None and losses[7] is None and losses[11] > 2 * losses[10]
+    # nothing non-finite leaked into the weights: every later step trains normally
+    for step in (6, 8, 9, 10, 12, 13, 14):
+        assert losses[step] is not None and losses[step] < losses[1]
+    assert losses[14] < losses[4]
+
+
+def test_persistent_divergence_rolls_back_and_skips_the_window(tmp_path, prepared):
+    r = run_cli(*ds_cmd(recipe(tmp_path, prepared, "diverge", spike_guard={"max_bad_steps": 3, "bad_window": 10})),
+                env={"LLMFORGE_FAULTS": "nan@9,nan@10,inf@11"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    all_rows = rows(tmp_path / "runs" / "diverge")
+    (rb,) = [x for x in all_rows if x.get("event") == "rollback"]
+    assert rb["step"] == 11 and rb["to_step"] == 8 and rb["skipped_samples"] == 3 * 8
+    after = all_rows[all_rows.index(rb) + 1:]
+    steps = [x["step"] for x in after if "loss" in x and "event" not in x]
+    assert steps == list(range(9, 15))  # steps 9-14 redone on fresh data
+    assert all(x["loss"] is not None for x in after if "loss" in x and "event" not in x)
+    last = [x for x in after if "loss" in x and "event" not in x][-1]
+    assert last["tokens"] == (14 + 3) * 8 * 64  # the data window of the bad steps was skipped, not replayed
+
+
+def _rank_pids(launcher: subprocess.Popen) -> list[int]:
+    return [p.pid for p in psutil.Process(launcher.pid).children(recursive=True)
+            if "launch/pretrain.py" in " ".join(p.cmdline()) and "--local_rank" in " ".join(p.cmdline())]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM])
+def test_signal_saves_exits_75_and_resume_matches_uninterrupted(tmp_path, prepared, signum):
+    steps = 30
+    base = recipe(tmp_path, prepared, "base", max_steps=steps)
+    r = run_cli(*ds_cmd(base))
+    assert r.returncode == 0, r.stderr[-3000:]
+    baseline = losses_after_last_start(tmp_path / "runs" / "base")
+
+    cfg = recipe(tmp_path, prepared, "pre", max_steps=steps)
+    metrics = tmp_path / "runs" / "pre" / "metrics.jsonl"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.Popen(ds_cmd(cfg), cwd=REPO, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and sum('"loss"' in line for line in metrics.read_text().splitlines()) >= 6:
+            break
+        time.sleep(0.02)
+    pids = _rank_pids(proc)
+    assert len(pids) == 2
+    os.kill(pids[0], signum)  # one rank only: the all-reduced flag must stop both
+    assert proc.wait(timeout=120) == 75
+    all_rows = rows(tmp_path / "runs" / "pre")
+    (pre,) = [x for x in all_rows if x.get("event") == "preempted"]
+    assert pre["signal"] == signum and pre["step"] < steps and pre["signal_to_saved_s"] < 30
+    pointer = tmp_path / "runs" / "pre" / "checkpoints" / "latest"
+    assert pointer.read_text().strip() == f"step_{pre['step']:08d}"
+
+    r = run_cli(*ds_cmd(cfg, "--resume", "auto"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    after = losses_after_last_start(tmp_path / "runs" / "pre")
+    assert sorted(after) == list(range(pre["step"] + 1, steps + 1))
+    assert all(after[s] == baseline[s] for s in after)  # nothing lost, bit for bit
+    json.dumps(pre)
