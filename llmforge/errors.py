@@ -50,8 +50,9 @@ def exit_on_user_error(fn: F) -> F:
         except UserError as e:
             import os
 
-            # Under a multi-rank launcher every rank hits the same error; let rank 0 speak.
-            if os.environ.get("RANK", "0") == "0":
+            # Under a multi-rank launcher every rank hits the same error; let rank 0 speak, unless the error is
+            # one rank's own (a failed write).
+            if os.environ.get("RANK", "0") == "0" or getattr(e, "every_rank", False):
                 print(e.line(), file=sys.stderr, flush=True)
             sys.exit(2)
 

@@ -65,34 +65,89 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _enough_space(ckpt_dir: str) -> Optional[str]:
+    """None if the disk can hold another checkpoint as large as the newest one (+10%), else the problem."""
+    newest = newest_complete(ckpt_dir, checksums=False)
+    if newest is None:
+        return None
+    with open(os.path.join(newest, MANIFEST), encoding="utf-8") as f:
+        need = int(1.1 * sum(meta["size"] for meta in json.load(f)["files"].values()))
+    free = shutil.disk_usage(ckpt_dir).free
+    if free < need:
+        return f"{free / 1e6:.1f} MB free in {ckpt_dir}, a checkpoint needs about {need / 1e6:.1f} MB"
+    return None
+
+
 def save_checkpoint(engine: Any, ckpt_dir: str, step: int, client_state: dict, keep_last: int,
-                    extra_files: Optional[dict[str, str]] = None) -> str:
-    """Save through DeepSpeed on every rank, then commit (manifest + pointer) on rank 0. Returns the path."""
+                    extra_files: Optional[dict[str, str]] = None, fault: Optional[str] = None) -> Optional[str]:
+    """Save through DeepSpeed on every rank, then commit (manifest + pointer) on rank 0. Returns the path, or None
+    when the disk cannot hold the checkpoint (decided before writing anything; the previous one stays).
+
+    A write that fails anyway (ENOSPC from a racing writer, a dying disk) raises CheckpointError on that rank, which
+    ends the run: the previous checkpoint is untouched because nothing is committed before every rank finished.
+    """
     tag = tag_for(step)
     path = os.path.join(ckpt_dir, tag)
+    os.makedirs(ckpt_dir, exist_ok=True)
+    problem = _enough_space(ckpt_dir) if rank() == 0 else None
+    if _any_rank(problem is not None):
+        return None
     if rank() == 0 and os.path.isdir(path):
         shutil.rmtree(path)  # an incomplete leftover from a run killed while saving this step
     barrier()
-    engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False)
-    rng_path = os.path.join(path, f"rng_rank{rank():05d}.pt")
-    torch.save(rng_state(), rng_path + ".tmp")
-    os.replace(rng_path + ".tmp", rng_path)
-    barrier()  # every rank's shards are on disk
-    if rank() == 0:
-        for name, text in (extra_files or {}).items():
-            _write_atomic(os.path.join(path, name), text)
-        files = {}
-        for root, _, names in os.walk(path):
-            for name in sorted(names):
-                full = os.path.join(root, name)
-                rel = os.path.relpath(full, path)
-                files[rel] = {"size": os.path.getsize(full), "sha256": _sha256(full)}
-        manifest = {"step": step, "tag": tag, "files": files}
-        _write_atomic(os.path.join(path, MANIFEST), json.dumps(manifest, indent=1))
-        _write_atomic(os.path.join(ckpt_dir, POINTER), tag + "\n")
-        _prune(ckpt_dir, keep_last, step)
+    previous = newest_complete(ckpt_dir, checksums=False)
+    try:
+        engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False)
+        _inject(fault)
+        rng_path = os.path.join(path, f"rng_rank{rank():05d}.pt")
+        torch.save(rng_state(), rng_path + ".tmp")
+        os.replace(rng_path + ".tmp", rng_path)
+        barrier()  # every rank's shards are on disk
+        if rank() == 0:
+            for name, text in (extra_files or {}).items():
+                _write_atomic(os.path.join(path, name), text)
+            files = {}
+            for root, _, names in os.walk(path):
+                for name in sorted(names):
+                    full = os.path.join(root, name)
+                    rel = os.path.relpath(full, path)
+                    files[rel] = {"size": os.path.getsize(full), "sha256": _sha256(full)}
+            manifest = {"step": step, "tag": tag, "files": files}
+            _write_atomic(os.path.join(path, MANIFEST), json.dumps(manifest, indent=1))
+            _write_atomic(os.path.join(ckpt_dir, POINTER), tag + "\n")
+            _prune(ckpt_dir, keep_last, step)
+    except OSError as e:
+        kept = os.path.basename(previous) if previous else "none"
+        err = CheckpointError(f"saving {tag} failed on rank {rank()}: {e.strerror or e}; nothing of it was "
+                              f"committed, the last complete checkpoint ({kept}) is intact")
+        err.every_rank = True
+        raise err from None
     barrier()
     return path
+
+
+def _any_rank(flag: bool) -> bool:
+    """A tiny control signal: True on every rank if it is True on any."""
+    import torch.distributed as dist
+
+    t = torch.tensor([1.0 if flag else 0.0])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def _inject(fault: Optional[str]) -> None:
+    """Test hook for checkpoint faults on the last rank: 'die' (process killed mid-save) or 'enospc'."""
+    import torch.distributed as dist
+
+    if not fault or rank() != (dist.get_world_size() - 1 if dist.is_initialized() else 0):
+        return
+    if fault == "die":
+        os._exit(137)
+    if fault == "enospc":
+        import errno
+
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
 def _steps_in(ckpt_dir: str) -> list[tuple[int, str]]:
@@ -114,8 +169,9 @@ def _prune(ckpt_dir: str, keep_last: int, current: int) -> None:
             shutil.rmtree(os.path.join(ckpt_dir, t), ignore_errors=True)
 
 
-def verify(path: str) -> Optional[str]:
-    """None if the checkpoint at `path` is complete and its files match the manifest sizes, else the problem."""
+def verify(path: str, checksums: bool = True) -> Optional[str]:
+    """None if the checkpoint at `path` is complete and its files match the manifest (sizes, and sha256 when
+    `checksums`), else the problem, naming the file."""
     manifest_path = os.path.join(path, MANIFEST)
     if not os.path.isfile(manifest_path):
         return f"{path} is incomplete (no {MANIFEST}: the save did not finish)"
@@ -130,24 +186,29 @@ def verify(path: str) -> Optional[str]:
             return f"{full} is missing"
         if os.path.getsize(full) != meta["size"]:
             return f"{full} has {os.path.getsize(full)} bytes, the manifest says {meta['size']}"
+    if checksums:
+        for rel, meta in manifest["files"].items():
+            full = os.path.join(path, rel)
+            if _sha256(full) != meta["sha256"]:
+                return f"{full} is corrupted (sha256 differs from the manifest)"
     return None
 
 
-def newest_complete(ckpt_dir: str) -> Optional[str]:
-    """The checkpoint `latest` points to if complete, else the newest complete one, else None."""
-    pointer = os.path.join(ckpt_dir, POINTER)
-    if os.path.isfile(pointer):
-        with open(pointer, encoding="utf-8") as f:
-            tag = f.read().strip()
-        path = os.path.join(ckpt_dir, tag)
-        problem = verify(path)
-        if problem is None:
-            return path
-        log.warning("checkpoint pointer %s names a bad checkpoint (%s); looking for an older one", pointer, problem)
+def newest_complete(ckpt_dir: str, checksums: bool = True) -> Optional[str]:
+    """The newest committed checkpoint, verified; None if there is none.
+
+    Uncommitted ones (no manifest: killed while saving) are passed over. A committed checkpoint whose files no
+    longer match its manifest is an error naming the file, not a silent fall-back to older weights.
+    """
     for _, tag in reversed(_steps_in(ckpt_dir)):
         path = os.path.join(ckpt_dir, tag)
-        if verify(path) is None:
-            return path
+        if not os.path.isfile(os.path.join(path, MANIFEST)):
+            log.warning("%s was never committed (killed while saving?); looking at older checkpoints", path)
+            continue
+        problem = verify(path, checksums)
+        if problem:
+            raise CheckpointError(f"{problem}; delete {path} to resume from an older checkpoint")
+        return path
     return None
 
 

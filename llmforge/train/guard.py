@@ -81,7 +81,8 @@ class StopSignal:
 
 
 class FaultInjector:
-    """Test hook: LLMFORGE_FAULTS="nan@5,inf@7,spike@9" corrupts the loss of those steps (1-based) on every rank."""
+    """Test hook: LLMFORGE_FAULTS="nan@5,inf@7,spike@9" corrupts the loss of those steps (1-based) on every rank;
+    "die_in_save@8" / "enospc_in_save@8" make the last rank die or hit ENOSPC while saving that step."""
 
     def __init__(self, spec: Optional[str] = None):
         spec = os.environ.get("LLMFORGE_FAULTS", "") if spec is None else spec
@@ -90,8 +91,17 @@ class FaultInjector:
             kind, _, step = item.partition("@")
             self.faults[int(step)] = kind
 
+    def save_fault(self, step: int) -> Optional[str]:
+        kind = self.faults.get(step)
+        if kind in ("die_in_save", "enospc_in_save"):
+            del self.faults[step]
+            return kind.split("_")[0]
+        return None
+
     def loss(self, step: int, loss: torch.Tensor) -> torch.Tensor:
-        kind = self.faults.pop(step, None)  # once: a step redone after a rollback is clean
+        kind = self.faults.get(step)
+        if kind in ("nan", "inf", "spike"):
+            del self.faults[step]  # once: a step redone after a rollback is clean
         if kind == "nan":
             return loss * float("nan")
         if kind == "inf":

@@ -24,6 +24,7 @@ from llmforge.model.flops import device_peak_flops, flops_per_token
 from llmforge.tokenizer import fingerprint, load_tokenizer
 from llmforge.train import checkpoint as ckpt
 from llmforge.train.distributed import setup_env
+from llmforge.train.guard import FaultInjector
 from llmforge.train.metrics import Metrics
 from llmforge.train.trainer import Trainer, TrainState
 
@@ -138,16 +139,23 @@ def pretrain(recipe_path: str, overrides: Optional[list[str]] = None, resume: st
     tokenizer_json = json.dumps(tok.to_json(), ensure_ascii=False)
     recipe_dict = recipe_to_dict(recipe)
 
+    save_faults = FaultInjector()
+
     def save(s: TrainState) -> None:
         started = time.time()
         client_state = {"step": s.step, "consumed_samples": s.consumed_samples, "guard": s.guard,
                         "world_size": world, "recipe": recipe_dict, "tokenizer_fingerprint": tok_fp,
                         "data_fingerprint": train_data.fingerprint}
         path = ckpt.save_checkpoint(engine, ckpt_dir, s.step, client_state, recipe.checkpoint.keep_last,
+                                    fault=save_faults.save_fault(s.step),
                                     extra_files={"tokenizer.json": tokenizer_json,
                                                  ckpt.STATE: json.dumps({k: v for k, v in client_state.items()
                                                                          if k != "recipe"}, indent=1),
                                                  "recipe.yaml": recipe_to_yaml(recipe)})
+        if path is None:
+            log.warning("checkpoint at step %d skipped: not enough disk space; the previous one is intact", s.step)
+            metrics.event("checkpoint_skipped", step=s.step, reason="disk space")
+            return
         metrics.event("checkpoint", step=s.step, path=path, save_s=round(time.time() - started, 3))
 
     fpt = flops_per_token(n_params - n_embed, recipe.model, recipe.data.seq_len)

@@ -95,3 +95,58 @@ def test_signal_saves_exits_75_and_resume_matches_uninterrupted(tmp_path, prepar
     assert sorted(after) == list(range(pre["step"] + 1, steps + 1))
     assert all(after[s] == baseline[s] for s in after)  # nothing lost, bit for bit
     json.dumps(pre)
+
+
+def test_rank_killed_while_saving_resumes_from_previous_checkpoint(tmp_path, prepared):
+    cfg = recipe(tmp_path, prepared, "die", max_steps=12)
+    r = run_cli(*ds_cmd(cfg), env={"LLMFORGE_FAULTS": "die_in_save@8"})
+    assert r.returncode != 0
+    ckpts = tmp_path / "runs" / "die" / "checkpoints"
+    assert (ckpts / "step_00000008").is_dir() and not (ckpts / "step_00000008" / "manifest.json").exists()
+    first = losses_after_last_start(tmp_path / "runs" / "die")
+    r = run_cli(*ds_cmd(cfg, "--resume", "auto"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    (resumed,) = [x for x in rows(tmp_path / "runs" / "die") if x.get("event") == "resumed"]
+    assert resumed["step"] == 4
+    after = losses_after_last_start(tmp_path / "runs" / "die")
+    assert all(after[s] == first[s] for s in range(5, 9))  # nothing lost beyond the last checkpoint
+    assert (ckpts / "step_00000008" / "manifest.json").exists()  # the leftover was replaced by a complete save
+
+
+def test_enospc_while_saving_is_one_line_and_keeps_previous(tmp_path, prepared):
+    cfg = recipe(tmp_path, prepared, "enospc", max_steps=12)
+    r = run_cli(*ds_cmd(cfg), env={"LLMFORGE_FAULTS": "enospc_in_save@8"})
+    assert r.returncode == 2
+    lines = [x for x in (r.stdout + r.stderr).splitlines() if x.startswith("checkpoint error:")]
+    assert lines == ["checkpoint error: saving step_00000008 failed on rank 1: No space left on device; nothing of "
+                     "it was committed, the last complete checkpoint (step_00000004) is intact"]
+    r = run_cli(*ds_cmd(cfg, "--resume", "auto"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [x["step"] for x in rows(tmp_path / "runs" / "enospc") if x.get("event") == "resumed"] == [4]
+
+
+@pytest.fixture()
+def small_tmpfs(tmp_path):
+    mount = tmp_path / "small"
+    mount.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True)
+    if r.returncode != 0:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"cannot mount a tmpfs under CI: {r.stderr.decode().strip()}")
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {r.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_full_disk_skips_the_save_and_keeps_previous(tmp_path, prepared, small_tmpfs):
+    cfg = write_recipe(tmp_path / "full.yaml", prepared, tmp_path / "runs", run={"name": "full"},
+                       train={"max_steps": 12, "warmup_steps": 2}, eval={"interval": 0},
+                       checkpoint={"interval": 4, "keep_last": 10, "dir": str(small_tmpfs)})
+    r = run_cli(*ds_cmd(cfg))
+    assert r.returncode == 0, r.stderr[-3000:]
+    all_rows = rows(tmp_path / "runs" / "full")
+    assert [x["step"] for x in all_rows if x.get("event") == "checkpoint"] == [4]
+    assert [x["step"] for x in all_rows if x.get("event") == "checkpoint_skipped"] == [8, 12]
+    from llmforge.train.checkpoint import newest_complete
+
+    assert newest_complete(str(small_tmpfs)) == str(small_tmpfs / "step_00000004")

@@ -60,9 +60,17 @@ def test_incomplete_checkpoint_is_skipped_by_auto_and_refused_by_path(finished_r
     with pytest.raises(CheckpointError, match="incomplete"):
         resolve_resume(str(ckpts / "step_00000012"), str(ckpts))
     shard = next((ckpts / "step_00000008").glob("*model_states.pt"))
-    shard.write_bytes(shard.read_bytes()[:-10])  # truncated file
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 0xFF  # one flipped byte: same size, different content
+    shard.write_bytes(bytes(data))
+    assert "is corrupted (sha256" in verify(str(ckpts / "step_00000008"))
+    with pytest.raises(CheckpointError, match=f"{shard}.*corrupted"):
+        newest_complete(str(ckpts))  # committed but damaged: an error naming the file, not older weights
+    shard.write_bytes(bytes(data[:-10]))
     assert "manifest says" in verify(str(ckpts / "step_00000008"))
-    assert newest_complete(str(ckpts)) is None
+    shard.write_bytes(bytes(data))
+    (ckpts / "step_00000008" / "rng_rank00000.pt").unlink()
+    assert verify(str(ckpts / "step_00000008"), checksums=False).endswith("rng_rank00000.pt is missing")
     assert resolve_resume("none", str(ckpts)) is None
 
 
