@@ -238,6 +238,38 @@ def resolve_resume(resume: str, ckpt_dir: str) -> Optional[str]:
     raise CheckpointError(f"--resume {resume}: not a checkpoint, checkpoints directory or run directory")
 
 
+UNIVERSAL_INFO = "universal_checkpoint_info"
+UNIVERSAL = "universal"  # <checkpoint>/universal/: the DeepSpeed universal form, made when the layout changes
+
+
+def universal_info() -> dict:
+    """What ds_to_universal needs in the client state; pure data parallelism has no TP/PP patterns to declare."""
+    from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_VERSION_KEY, UNIVERSAL_CHECKPOINT_VERSION_VALUE
+
+    return {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}
+
+
+def ensure_universal(path: str) -> str:
+    """Convert the checkpoint at `path` to DeepSpeed's universal format once (rank 0; every rank waits) and return
+    the directory to load from. Used to resume at another world size or ZeRO stage."""
+    import subprocess
+    import sys
+
+    out = os.path.join(path, UNIVERSAL)
+    if rank() == 0 and not os.path.isdir(out):
+        tmp = out + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", path,
+               "--output_folder", tmp, "--num_extract_workers", "1", "--num_merge_workers", "1"]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise CheckpointError(f"{path}: conversion to a universal checkpoint failed: {tail[0]}")
+        os.replace(tmp, out)
+    barrier()
+    return out
+
+
 def read_state(path: str) -> dict:
     try:
         with open(os.path.join(path, STATE), encoding="utf-8") as f:
@@ -253,7 +285,8 @@ def load_checkpoint(engine: Any, path: str) -> dict:
                                                   load_lr_scheduler_states=False)
     if loaded is None:  # DeepSpeed returns (None, None) instead of raising when it finds nothing
         raise CheckpointError(f"{path}: DeepSpeed found no loadable checkpoint there")
-    rng_path = os.path.join(path, f"rng_rank{rank():05d}.pt")
-    if os.path.isfile(rng_path):
+    source = os.path.dirname(path.rstrip("/")) if os.path.basename(path.rstrip("/")) == UNIVERSAL else path
+    rng_path = os.path.join(source, f"rng_rank{rank():05d}.pt")
+    if os.path.isfile(rng_path):  # after a world-size change, new ranks start with their seeded RNG
         set_rng_state(torch.load(rng_path, weights_only=False))
     return client_state or {}

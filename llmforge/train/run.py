@@ -100,9 +100,20 @@ def pretrain(recipe_path: str, overrides: Optional[list[str]] = None, resume: st
     train_data = PretrainData(specs, recipe.data.seq_len, recipe.run.seed, "train", tok_fp)
     val_data = PretrainData(specs, recipe.data.seq_len, recipe.run.seed + 1, "val", tok_fp)
     resume_from = ckpt.resolve_resume(resume, ckpt_dir)
+    elastic = False
     if resume_from is not None:
-        _check_compatible(ckpt.read_state(resume_from), resume_from, world, tok_fp, train_data.fingerprint,
-                          recipe.data.allow_fingerprint_change)
+        saved = ckpt.read_state(resume_from)
+        _check_compatible(saved, resume_from, tok_fp, train_data.fingerprint, recipe.data.allow_fingerprint_change)
+        # Another world size or ZeRO stage: DeepSpeed's sharded files do not fit; go through a universal checkpoint.
+        elastic = saved.get("world_size", world) != world or saved.get("zero_stage", zero_stage(ds_config)) != \
+            zero_stage(ds_config)
+        if elastic:
+            before, after = saved.get("zero_stage", 0), zero_stage(ds_config)
+            if (before == 3) != (after == 3):
+                raise CheckpointError(f"{resume_from} was saved under ZeRO-{before}; DeepSpeed's universal loader "
+                                      f"cannot move it to ZeRO-{after} (stage 3 <-> 0/1/2). Resume under "
+                                      f"{'ZeRO-3' if before == 3 else 'ZeRO-1 or 2'}: any world size works there")
+            ds_config.setdefault("checkpoint", {})["load_universal"] = True
 
     import deepspeed
 
@@ -130,9 +141,13 @@ def pretrain(recipe_path: str, overrides: Optional[list[str]] = None, resume: st
     state = TrainState()
     if resume_from is not None:
         started = time.time()
-        client = ckpt.load_checkpoint(engine, resume_from)
+        load_from = ckpt.ensure_universal(resume_from) if elastic else resume_from
+        client = ckpt.load_checkpoint(engine, load_from)
         state = TrainState(step=client["step"], consumed_samples=client["consumed_samples"],
                            guard=client.get("guard", {}))
+        if elastic:
+            metrics.event("elastic_resume", from_world=saved.get("world_size"), to_world=world,
+                          from_stage=saved.get("zero_stage"), to_stage=zero_stage(ds_config))
         metrics.event("resumed", step=state.step, checkpoint=resume_from,
                       resume_s=round(time.time() - started, 3))
 
@@ -144,8 +159,11 @@ def pretrain(recipe_path: str, overrides: Optional[list[str]] = None, resume: st
     def save(s: TrainState) -> None:
         started = time.time()
         client_state = {"step": s.step, "consumed_samples": s.consumed_samples, "guard": s.guard,
-                        "world_size": world, "recipe": recipe_dict, "tokenizer_fingerprint": tok_fp,
-                        "data_fingerprint": train_data.fingerprint}
+                        "world_size": world, "zero_stage": zero_stage(ds_config),
+                        "global_batch": recipe.train.micro_batch_size * recipe.train.grad_accum_steps * world,
+                        "recipe": recipe_dict,
+                        "tokenizer_fingerprint": tok_fp, "data_fingerprint": train_data.fingerprint,
+                        ckpt.UNIVERSAL_INFO: ckpt.universal_info()}
         path = ckpt.save_checkpoint(engine, ckpt_dir, s.step, client_state, recipe.checkpoint.keep_last,
                                     fault=save_faults.save_fault(s.step),
                                     extra_files={"tokenizer.json": tokenizer_json,
@@ -176,11 +194,7 @@ def pretrain(recipe_path: str, overrides: Optional[list[str]] = None, resume: st
     return {"run_dir": run_dir, "step": state.step, "val_loss": trainer.last_val_loss, "status": status}
 
 
-def _check_compatible(client: dict, path: str, world: int, tok_fp: str, data_fp: str, allow_data_change: bool
-                      ) -> None:
-    if client.get("world_size") not in (None, world):
-        raise CheckpointError(f"{path} was saved by {client['world_size']} ranks, this run has {world}; "
-                              f"resuming at another world size needs a universal checkpoint")
+def _check_compatible(client: dict, path: str, tok_fp: str, data_fp: str, allow_data_change: bool) -> None:
     if client.get("tokenizer_fingerprint") not in (None, tok_fp):
         raise CheckpointError(f"{path} was trained with tokenizer {client['tokenizer_fingerprint']}, "
                               f"the recipe's is {tok_fp}")
