@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 
 import torch
 import torch.distributed as dist
@@ -18,6 +19,9 @@ def _free_port() -> int:
 def setup_env() -> None:
     """Fill RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* when no launcher did: from SLURM_* under srun, else one process."""
     env = os.environ
+    # DeepSpeed JIT-builds a CPU comm op into torch's extension cache, which is shared by every environment of the
+    # user and rebuilt (under a lock) whenever another venv used it last: keep one cache per environment.
+    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
     if "RANK" in env and "WORLD_SIZE" in env:
         return
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:

@@ -24,7 +24,7 @@ from llmforge.model.flops import device_peak_flops, flops_per_token
 from llmforge.tokenizer import fingerprint, load_tokenizer
 from llmforge.train import checkpoint as ckpt
 from llmforge.train.distributed import setup_env
-from llmforge.train.guard import FaultInjector
+from llmforge.train.guard import FaultInjector, StopSignal
 from llmforge.train.metrics import Metrics
 from llmforge.train.trainer import Trainer, TrainState
 
@@ -80,7 +80,8 @@ def seed_everything(seed: int) -> None:
 
 
 def pretrain(recipe_path: str, overrides: Optional[list[str]] = None, resume: str = "auto") -> dict:
-    """Pre-train from a recipe; returns a summary (steps, first/last val loss, run dir)."""
+    """Pre-train from a recipe; returns a summary (steps, first/last val loss, run dir, status)."""
+    stop = StopSignal()  # first: a preemption signal during start-up must not kill the process
     setup_env()
     recipe = load_recipe(recipe_path, overrides)
     world = int(os.environ["WORLD_SIZE"])
@@ -187,7 +188,7 @@ def pretrain(recipe_path: str, overrides: Optional[list[str]] = None, resume: st
         return TrainState(step=client["step"], consumed_samples=client["consumed_samples"],
                           guard=client.get("guard", {}))
 
-    trainer = Trainer(engine, recipe, train_data, val_data, metrics, state, save, fpt, peak, rollback)
+    trainer = Trainer(engine, recipe, train_data, val_data, metrics, state, save, fpt, peak, rollback, stop)
     if state.step >= recipe.train.max_steps:
         log.info("nothing to do: checkpoint is at step %d, train.max_steps=%d", state.step, recipe.train.max_steps)
     status = trainer.train()

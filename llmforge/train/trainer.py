@@ -38,7 +38,8 @@ class Trainer:
     def __init__(self, engine: Any, recipe: Recipe, train_data: PretrainData, val_data: Optional[PretrainData],
                  metrics: Metrics, state: TrainState, save_fn: Callable[[TrainState], None],
                  flops_per_token: float, peak_flops: Optional[float],
-                 rollback_fn: Optional[Callable[[], Optional[TrainState]]] = None):
+                 rollback_fn: Optional[Callable[[], Optional[TrainState]]] = None,
+                 stop: Optional[StopSignal] = None):
         self.engine, self.recipe, self.metrics, self.state = engine, recipe, metrics, state
         self.train_data, self.val_data, self.save_fn, self.rollback_fn = train_data, val_data, save_fn, rollback_fn
         self.rank, self.world = engine.global_rank, engine.world_size
@@ -48,7 +49,7 @@ class Trainer:
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.guard = SpikeGuard(t.spike_guard)
         self.guard.load_state_dict(state.guard)
-        self.stop = StopSignal()
+        self.stop = stop or StopSignal()
         self.faults = FaultInjector()
         self.last_val_loss: Optional[float] = None
 
