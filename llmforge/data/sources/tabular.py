@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 from llmforge.config.data import SourceSpec
 from llmforge.data.sources import Document, Stats, count
@@ -37,28 +37,32 @@ def iter_json_records(path: str, stats: Stats) -> Iterator[tuple[int, dict]]:
                 count(stats, "skipped:bad_json_line")
 
 
+def record_to_document(rec: dict, doc_id: str, spec: SourceSpec, stats: Stats) -> Optional[Document]:
+    """The record's text field as a Document (url/id/date/lang kept), or None (counted) when it has none."""
+    text = rec.get(spec.text_field)
+    if not isinstance(text, str):
+        count(stats, "skipped:no_text_field")
+        return None
+    meta = {k: rec[k] for k in ("url", "id", "date", "lang") if k in rec and isinstance(rec[k], (str, int))}
+    return Document(text, doc_id, meta)
+
+
 def _from_dataset(path: str, builder: str, spec: SourceSpec, stats: Stats) -> Iterator[Document]:
     import datasets
 
     ds = datasets.load_dataset(builder, data_files=path, split="train", streaming=True)
     for i, rec in enumerate(ds):
-        text = rec.get(spec.text_field)
-        if not isinstance(text, str):
-            count(stats, "skipped:no_text_field")
-            continue
-        meta = {k: rec[k] for k in ("url", "id", "date", "lang") if k in rec and isinstance(rec[k], (str, int))}
-        yield Document(text, f"{path}#{i}", meta)
+        doc = record_to_document(rec, f"{path}#{i}", spec, stats)
+        if doc is not None:
+            yield doc
 
 
 def read_jsonl(path: str, spec: SourceSpec, stats: Stats) -> Iterator[Document]:
     """JSONL or JSON.gz. Read line by line here (not via `datasets`) so one bad line is skipped, not fatal."""
     for i, rec in iter_json_records(path, stats):
-        text = rec.get(spec.text_field)
-        if not isinstance(text, str):
-            count(stats, "skipped:no_text_field")
-            continue
-        meta = {k: rec[k] for k in ("url", "id", "date", "lang") if k in rec and isinstance(rec[k], (str, int))}
-        yield Document(text, f"{path}#{i}", meta)
+        doc = record_to_document(rec, f"{path}#{i}", spec, stats)
+        if doc is not None:
+            yield doc
 
 
 def read_parquet(path: str, spec: SourceSpec, stats: Stats) -> Iterator[Document]:
