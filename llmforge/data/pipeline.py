@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np

@@ -10,7 +10,7 @@ from llmforge.config import load_recipe
 from llmforge.config.data import DatasetSpec
 from llmforge.data.indexed import HEADER, IndexedDataset, IndexedDatasetWriter
 from llmforge.data.loader import BlendedOrder, PretrainData, micro_batch_indices
-from llmforge.data.prepare import prepare, train_tokenizer
+from llmforge.data.prepare import train_tokenizer
 from llmforge.errors import DataError
 from llmforge.tokenizer import CharTokenizer
 from tests.conftest import write_recipe
@@ -73,6 +73,8 @@ def test_loader_rank_slices_are_disjoint_and_cover_the_global_batch(prepared):
         for rank in range(world):
             seen.extend(micro_batch_indices(step_consumed, micro, rank, world, mb))
     assert sorted(seen) == list(range(step_consumed, step_consumed + world * mb * accum))
+    windows = [data.order.locate(g) for g in seen]
+    assert len(set(windows)) == len(windows)  # no two ranks train on the same sample in a step
 
 
 def test_loader_order_is_seeded_and_restorable_in_o1(prepared):

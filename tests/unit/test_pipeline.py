@@ -164,7 +164,7 @@ def test_prepare_sbatch_script_array_then_merge(tmp_path):
     import os
     import sys
 
-    from tests.conftest import REPO, run_cli
+    from tests.conftest import run_cli
 
     corpus(tmp_path / "raw", per_file=8)
     recipe, origin = recipe_for(tmp_path, tmp_path / "raw", "out")
