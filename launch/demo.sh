@@ -10,6 +10,7 @@ python launch/prepare_data.py --recipe "$RECIPE"
 rm -rf runs/tiny-char  # the demo always trains from scratch
 deepspeed --num_gpus 2 launch/pretrain.py --recipe "$RECIPE" --resume none
 llmforge summary --run runs/tiny-char
+llmforge plot runs/tiny-char
 echo "--- sample (prompt: 'def ') ---"
 python launch/generate.py --checkpoint runs/tiny-char --prompt "def " --max-new-tokens 300 --temperature 0.8 --top-k 40
 echo "--- demo finished in $(( $(date +%s) - start )) s ---"

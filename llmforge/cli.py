@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from typing import Optional
 
@@ -50,6 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("summary", help="first/last val loss and throughput of a run (exit 1 if val loss did not fall)")
     p.add_argument("--run", required=True, help="run directory")
+
+    p = sub.add_parser("export-hf", help="write a checkpoint as a Hugging Face LlamaForCausalLM directory")
+    p.add_argument("--checkpoint", required=True, help="run directory, checkpoints directory or checkpoint")
+    p.add_argument("--out", required=True, help="output directory (config.json + model.safetensors)")
+
+    p = sub.add_parser("plot", help="write PNG charts of a run's metrics to <run>/plots/")
+    p.add_argument("run", help="run directory")
 
     p = sub.add_parser("generate", help="sample text from a checkpoint")
     p.add_argument("--checkpoint", required=True, help="run directory, checkpoints directory or checkpoint")
@@ -105,6 +113,17 @@ def main(argv: Optional[list[str]] = None) -> None:
               f"median {f(s['median_tokens_per_s'], '.0f')} tokens/s")
         if s["first_val_loss"] is not None and not s["last_val_loss"] < s["first_val_loss"]:
             sys.exit(1)
+    elif args.command == "export-hf":
+        from llmforge.model.hf import export_hf
+
+        with contextlib.redirect_stdout(sys.stderr):
+            out = export_hf(args.checkpoint, args.out)
+        print(f"exported {args.checkpoint} -> {out}")
+    elif args.command == "plot":
+        from llmforge.plots import plot_run
+
+        for path in plot_run(args.run):
+            print(path)
     elif args.command == "generate":
         from llmforge.model.loading import generate_text
 
