@@ -23,7 +23,7 @@ from llmforge.model import GPT, apply_activation_checkpointing
 from llmforge.model.flops import device_peak_flops, flops_per_token
 from llmforge.tokenizer import fingerprint, load_tokenizer
 from llmforge.train import checkpoint as ckpt
-from llmforge.train.distributed import setup_env
+from llmforge.train.distributed import release_shm_segment, setup_env
 from llmforge.train.guard import FaultInjector, StopSignal
 from llmforge.train.metrics import Metrics
 from llmforge.train.trainer import Trainer, TrainState
@@ -101,24 +101,19 @@ def pretrain(recipe_path: str, overrides: Optional[list[str]] = None, resume: st
     train_data = PretrainData(specs, recipe.data.seq_len, recipe.run.seed, "train", tok_fp)
     val_data = PretrainData(specs, recipe.data.seq_len, recipe.run.seed + 1, "val", tok_fp)
     resume_from = ckpt.resolve_resume(resume, ckpt_dir)
+    saved: dict = {}
     elastic = False
     if resume_from is not None:
         saved = ckpt.read_state(resume_from)
         _check_compatible(saved, resume_from, tok_fp, train_data.fingerprint, recipe.data.allow_fingerprint_change)
-        # Another world size or ZeRO stage: DeepSpeed's sharded files do not fit; go through a universal checkpoint.
-        elastic = saved.get("world_size", world) != world or saved.get("zero_stage", zero_stage(ds_config)) != \
-            zero_stage(ds_config)
+        elastic = _needs_universal(saved, resume_from, world, zero_stage(ds_config))
         if elastic:
-            before, after = saved.get("zero_stage", 0), zero_stage(ds_config)
-            if (before == 3) != (after == 3):
-                raise CheckpointError(f"{resume_from} was saved under ZeRO-{before}; DeepSpeed's universal loader "
-                                      f"cannot move it to ZeRO-{after} (stage 3 <-> 0/1/2). Resume under "
-                                      f"{'ZeRO-3' if before == 3 else 'ZeRO-1 or 2'}: any world size works there")
             ds_config.setdefault("checkpoint", {})["load_universal"] = True
 
     import deepspeed
 
     deepspeed.init_distributed(dist_backend=accel.communication_backend_name())
+    release_shm_segment()
     seed_everything(recipe.run.seed)
     model = build_model(recipe, ds_config)
     numel = lambda p: getattr(p, "ds_numel", p.numel())  # noqa: E731  (full size of a ZeRO-3 partitioned param)
@@ -193,6 +188,19 @@ def pretrain(recipe_path: str, overrides: Optional[list[str]] = None, resume: st
         log.info("nothing to do: checkpoint is at step %d, train.max_steps=%d", state.step, recipe.train.max_steps)
     status = trainer.train()
     return {"run_dir": run_dir, "step": state.step, "val_loss": trainer.last_val_loss, "status": status}
+
+
+def _needs_universal(saved: dict, path: str, world: int, stage: int) -> bool:
+    """True when the checkpoint was saved at another world size or ZeRO stage: DeepSpeed's sharded files do not fit,
+    so it is loaded through a universal checkpoint. Moves DeepSpeed's universal loader cannot make are refused."""
+    before_world, before_stage = saved.get("world_size", world), saved.get("zero_stage", stage)
+    if before_world == world and before_stage == stage:
+        return False
+    if (before_stage == 3) != (stage == 3):
+        raise CheckpointError(f"{path} was saved under ZeRO-{before_stage}; DeepSpeed's universal loader cannot move "
+                              f"it to ZeRO-{stage} (stage 3 <-> 0/1/2). Resume under "
+                              f"{'ZeRO-3' if before_stage == 3 else 'ZeRO-1 or 2'}: any world size works there")
+    return True
 
 
 def _check_compatible(client: dict, path: str, tok_fp: str, data_fp: str, allow_data_change: bool) -> None:

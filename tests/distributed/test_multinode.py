@@ -36,3 +36,18 @@ def test_two_launchers_no_ssh_match_one_node(tmp_path, prepared):
     two = losses_after_last_start(tmp_path / "runs" / "two")
     assert one == two and sorted(two) == list(range(1, 9))
     assert (tmp_path / "runs" / "two" / "checkpoints" / "step_00000008" / "manifest.json").exists()
+
+
+def test_runs_leave_no_shared_memory_behind(tmp_path, prepared):
+    """DeepSpeed's CPU allreduce buffers (/dev/shm, ~67 MB per rank) are unlinked after start-up, also when the run
+    is killed afterwards."""
+    import glob
+
+    recipe = write_recipe(tmp_path / "r.yaml", prepared, tmp_path / "runs", train={"max_steps": 2, "warmup_steps": 1},
+                          checkpoint={"interval": 0}, eval={"interval": 0})
+    port = free_port()
+    cmd = ds_cmd(recipe)
+    cmd[cmd.index("--master_port") + 1] = str(port)
+    r = run_cli(*cmd)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*") == []
