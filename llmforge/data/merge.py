@@ -4,7 +4,6 @@ LSH — then the kept documents are copied into the final shards and `manifest.j
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import os
 from typing import Iterator
@@ -17,16 +16,13 @@ from llmforge.data.indexed import IndexedDataset, IndexedDatasetWriter
 from llmforge.data.pipeline import SPLITS, part_prefix
 from llmforge.data.sources import WorkUnit
 from llmforge.errors import DataError
+from llmforge.fileio import sha256_file
 
 MANIFEST = "manifest.json"
 
 
 def file_digest(path: str) -> dict:
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            sha.update(chunk)
-    return {"size": os.path.getsize(path), "sha256": sha.hexdigest()}
+    return {"size": os.path.getsize(path), "sha256": sha256_file(path)}
 
 
 class ShardWriter:

@@ -13,7 +13,7 @@ from llmforge.config.data import SourceSpec
 from llmforge.config.recipe import Recipe
 from llmforge.data.dedup import load_eval_ngrams
 from llmforge.data.indexed import token_dtype
-from llmforge.data.merge import merge_dataset, read_manifest  # noqa: F401  (read_manifest is re-exported)
+from llmforge.data.merge import merge_dataset
 from llmforge.data.pipeline import keep_reason, part_complete, process_unit, processing_key
 from llmforge.data.sources import WorkUnit, read_unit, work_units
 from llmforge.errors import DataError, RecipeError

@@ -7,7 +7,6 @@ commit. DeepSpeed's own `latest` is never written (save_latest=False) and never 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 
 from llmforge.errors import CheckpointError
+from llmforge.fileio import sha256_file
 from llmforge.train.distributed import barrier, rank
 
 log = logging.getLogger(__name__)
@@ -40,14 +40,6 @@ def _write_atomic(path: str, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def rng_state() -> dict:
@@ -111,7 +103,7 @@ def save_checkpoint(engine: Any, ckpt_dir: str, step: int, client_state: dict, k
                 for name in sorted(names):
                     full = os.path.join(root, name)
                     rel = os.path.relpath(full, path)
-                    files[rel] = {"size": os.path.getsize(full), "sha256": _sha256(full)}
+                    files[rel] = {"size": os.path.getsize(full), "sha256": sha256_file(full)}
             manifest = {"step": step, "tag": tag, "files": files}
             _write_atomic(os.path.join(path, MANIFEST), json.dumps(manifest, indent=1))
             _write_atomic(os.path.join(ckpt_dir, POINTER), tag + "\n")
@@ -189,7 +181,7 @@ def verify(path: str, checksums: bool = True) -> Optional[str]:
     if checksums:
         for rel, meta in manifest["files"].items():
             full = os.path.join(path, rel)
-            if _sha256(full) != meta["sha256"]:
+            if sha256_file(full) != meta["sha256"]:
                 return f"{full} is corrupted (sha256 differs from the manifest)"
     return None
 
