@@ -7,7 +7,7 @@ import contextlib
 import sys
 from typing import Optional
 
-from llmforge.errors import exit_on_user_error
+from llmforge.errors import exit_on_user_error, exit_process
 
 PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after saving a checkpoint; rerun with --resume auto to continue
 
@@ -78,8 +78,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         from llmforge.train.run import pretrain, setup_logging
 
         setup_logging()
-        if pretrain(args.recipe, args.overrides, args.resume)["status"] == "preempted":
-            sys.exit(PREEMPTED)
+        status = pretrain(args.recipe, args.overrides, args.resume)["status"]
+        exit_process(PREEMPTED if status == "preempted" else 0)
     elif args.command in ("train-tokenizer", "prepare"):
         from llmforge.config import load_recipe
         from llmforge.data.prepare import prepare, train_tokenizer

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import sys
-from typing import Callable, TypeVar
+from typing import Callable, NoReturn, TypeVar
 
 F = TypeVar("F", bound=Callable)
 
@@ -40,6 +40,23 @@ class CheckpointError(UserError):
     prefix = "checkpoint error"
 
 
+def exit_process(code: int) -> NoReturn:
+    """End the command with `code`. A process that joined a torch.distributed group leaves without interpreter
+    finalisation: gloo's worker threads can still be releasing the last collective's tensors then, which needs the
+    GIL, and the process aborts ("terminate called without an active exception", exit 250 instead of `code`).
+    Everything a run writes is closed by then; only the standard streams and log handlers are flushed here."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        import logging
+        import os
+
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 def exit_on_user_error(fn: F) -> F:
     """Decorate a command's main(): a UserError prints one line on stderr and exits 2 (no traceback)."""
 
@@ -54,6 +71,6 @@ def exit_on_user_error(fn: F) -> F:
             # one rank's own (a failed write).
             if os.environ.get("RANK", "0") == "0" or getattr(e, "every_rank", False):
                 print(e.line(), file=sys.stderr, flush=True)
-            sys.exit(2)
+            exit_process(2)
 
     return wrapper  # type: ignore[return-value]

@@ -96,11 +96,19 @@ def from_llama(directory: str) -> GPT:
 
 
 def export_hf(checkpoint: str, out: str) -> str:
-    """Consolidate a checkpoint (any ZeRO stage) and write config.json + model.safetensors to `out`."""
+    """Consolidate a checkpoint (any ZeRO stage) and write config.json + model.safetensors + the tokenizer (files
+    `AutoTokenizer` loads) to `out`."""
     from llmforge.model.loading import load_model
+    from llmforge.tokenizer.export import save_hf_tokenizer
 
-    model, _, _ = load_model(checkpoint)
+    model, tok, _ = load_model(checkpoint)
     hf = to_llama(model)
+    bos = getattr(tok, "bos_id", -1)
+    special_ids = {"eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id, "bos_token_id": bos if bos >= 0 else None}
+    for key, value in special_ids.items():
+        setattr(hf.config, key, value)
+        setattr(hf.generation_config, key, value)
     os.makedirs(out, exist_ok=True)
     hf.save_pretrained(out, safe_serialization=True)
+    save_hf_tokenizer(tok, out)
     return out

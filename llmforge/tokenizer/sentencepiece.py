@@ -39,7 +39,7 @@ class SentencePieceTokenizer:
                 user_defined_symbols=["\n", "\t"], normalization_rule_name="identity",
                 remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, split_digits=True,
                 character_coverage=0.9995, max_sentence_length=1 << 16, num_threads=os.cpu_count() or 1,
-                minloglevel=2, hard_vocab_limit=False)
+                add_dummy_prefix=False, minloglevel=2, hard_vocab_limit=False)
             with open(prefix + ".model", "rb") as f:
                 proto = f.read()
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

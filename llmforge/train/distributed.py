@@ -66,6 +66,13 @@ def release_shm_segment() -> None:
         pass  # not a CPU run, or no shm op
 
 
+def shutdown() -> None:
+    """End the process group once every rank is done, so no rank leaves while a peer still talks to it."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
 

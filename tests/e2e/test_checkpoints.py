@@ -15,9 +15,11 @@ from tests.conftest import REPO, run_cli, write_recipe
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, prepared) -> Path:
-    """A 12-step single-process run with checkpoints at 4, 8, 12 (ZeRO-0, bf16)."""
+    """A 12-step single-process run with checkpoints at 4, 8, 12 (ZeRO-0, bf16). The spike guard's loss window (the
+    only state that grows, up to its bounded length) is full by step 4, so later checkpoints have equal sizes."""
     tmp = tmp_path_factory.mktemp("ckpt")
     recipe = write_recipe(tmp / "r.yaml", prepared, tmp / "runs", eval={"interval": 0},
+                          train={"spike_guard": {"window": 4, "min_history": 2}},
                           checkpoint={"interval": 4, "keep_last": 2},
                           deepspeed={"config": str(REPO / "ds_configs/zero0.json")})
     r = run_cli("python", "launch/pretrain.py", "--recipe", str(recipe))

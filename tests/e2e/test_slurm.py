@@ -26,14 +26,14 @@ def slurm(tmp_path_factory):
     cluster.stop()
 
 
-def wait_for(predicate, timeout: float, what: str):
+def wait_for(predicate, timeout: float, what: str, detail=lambda: ""):
     deadline = time.time() + timeout
     while time.time() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(1.0)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"timed out waiting for {what}\n{detail()}")
 
 
 def test_dry_run_quotes_every_value(tmp_path, prepared):
@@ -69,7 +69,13 @@ def test_preempt_requeue_resume_matches_uninterrupted(tmp_path, prepared, slurm)
     wait_for(lambda: metrics.exists() and metrics.read_text().count('"loss"') >= 10, 240, "training to start")
     started = time.time()
     assert slurm.run("scancel", "--signal=USR1", "--batch", job).returncode == 0
-    wait_for(lambda: slurm.job_field(job, "Restarts") == "1", 120, "the job to requeue itself")
+
+    def diagnosis() -> str:
+        out = tmp_path / f"slurm-{job}.out"
+        state = slurm.run("scontrol", "show", "job", job).stdout
+        return f"{state}\n--- {out.name} (tail) ---\n{out.read_text()[-4000:] if out.exists() else '(missing)'}"
+
+    wait_for(lambda: slurm.job_field(job, "Restarts") == "1", 120, "the job to requeue itself", diagnosis)
 
     def finished() -> bool:
         state = slurm.job_field(job, "JobState")
@@ -77,7 +83,7 @@ def test_preempt_requeue_resume_matches_uninterrupted(tmp_path, prepared, slurm)
             slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now")
         return state == "COMPLETED"
 
-    wait_for(finished, 300, "the requeued job to finish")
+    wait_for(finished, 300, "the requeued job to finish", diagnosis)
     log = (tmp_path / f"slurm-{job}.out").read_text()
     assert "requeueing job" in log and "restart 1" in log
 

@@ -3,7 +3,11 @@ round trip is identical; architectures Llama cannot express are refused in one l
 
 from __future__ import annotations
 
+import glob
+import json
+import os
 import sys
+import sysconfig
 
 import pytest
 import torch
@@ -58,6 +62,15 @@ def test_export_cli_from_a_checkpoint(tmp_path, prepared):
                 "--out", str(tmp_path / "hf"))
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "hf" / "config.json").exists() and (tmp_path / "hf" / "model.safetensors").exists()
+    from transformers import AutoTokenizer
+
+    from llmforge.tokenizer import tokenizer_from_json
+
+    ours = tokenizer_from_json(json.loads((prepared / "prepared" / "tokenizer.json").read_text()))
+    theirs = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    text = (prepared / "corpus").glob("*.txt").__next__().read_text()[:3000]
+    assert theirs.encode(text, add_special_tokens=False) == ours.encode(text)
+    assert theirs.eos_token_id == ours.eos_id and theirs.pad_token_id == ours.pad_id
     bad = write_recipe(tmp_path / "g.yaml", prepared, tmp_path / "runs", run={"name": "g"}, model={"mlp": "gelu"},
                        train={"max_steps": 1, "warmup_steps": 1}, eval={"interval": 0},
                        deepspeed={"config": str(REPO / "ds_configs/zero0.json")})
@@ -77,3 +90,40 @@ def test_plot_writes_pngs(tmp_path, prepared):
     pngs = sorted(p.name for p in (tmp_path / "runs" / "t" / "plots").glob("*.png"))
     assert pngs == ["grad_norm.png", "loss.png", "lr.png", "tokens_per_s.png"]
     assert all((tmp_path / "runs" / "t" / "plots" / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+
+
+def _stdlib_texts(start: int, stop: int) -> list[str]:
+    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))[start:stop]
+    return [open(f, encoding="utf-8", errors="replace").read() for f in files]
+
+
+EDGE_CASES = ["h\u00e9llo w\u00f6rld 12345 \u65e5\u672c\u8a9e \U0001f600  two  spaces\n\n\ttab", " leading space",
+              "\nleading newline", "trailing  ", "", "x", "\u0000\u00ad\ufeff odd code points"]
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "char"])
+def test_tokenizer_export_encodes_and_decodes_like_llmforge(tmp_path, kind):
+    """AutoTokenizer on the exported files gives llmforge's ids and text back, on held-out real text (code, prose,
+    unicode that only byte fallback or <unk> covers, leading and repeated whitespace)."""
+    from transformers import AutoTokenizer
+
+    from llmforge.tokenizer.char import CharTokenizer
+    from llmforge.tokenizer.export import save_hf_tokenizer
+    from llmforge.tokenizer.sentencepiece import SentencePieceTokenizer
+
+    train = _stdlib_texts(0, 40)
+    if kind == "sentencepiece":
+        tok = SentencePieceTokenizer.train(train, 1500, str(tmp_path / "spm.model"))
+    else:
+        tok = CharTokenizer.train(train)
+    save_hf_tokenizer(tok, str(tmp_path / "hf"))
+    hf = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert len(hf) == tok.vocab_size and hf.eos_token_id == tok.eos_id and hf.pad_token_id == tok.pad_id
+    texts = _stdlib_texts(40, 120) + EDGE_CASES
+    tokens = 0
+    for text in texts:
+        ids = tok.encode(text)
+        assert hf.encode(text, add_special_tokens=False) == ids, text[:80]
+        assert hf.decode(ids, skip_special_tokens=True) == tok.decode(ids), text[:80]
+        tokens += len(ids)
+    assert tokens > 100_000
