@@ -22,11 +22,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmforge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("pretrain", help="pre-train a model from a recipe (run under deepspeed, torchrun or python)")
-    _recipe_args(p)
-    p.add_argument("--resume", default="auto",
-                   help="auto (newest complete checkpoint, else fresh) | none | PATH (checkpoint or run dir)")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    for name, text in (("pretrain", "pre-train a model from a recipe (run under deepspeed, torchrun or python)"),
+                       ("sft", "supervised fine-tuning on chat JSONL from posttrain.init_from"),
+                       ("dpo", "direct preference optimisation on {prompt, chosen, rejected} JSONL")):
+        p = sub.add_parser(name, help=text)
+        _recipe_args(p)
+        p.add_argument("--resume", default="auto",
+                       help="auto (newest complete checkpoint, else fresh) | none | PATH (checkpoint or run dir)")
+        p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
     p = sub.add_parser("train-tokenizer", help="train the recipe's tokenizer on data.sources")
     _recipe_args(p)
@@ -59,6 +62,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plot", help="write PNG charts of a run's metrics to <run>/plots/")
     p.add_argument("run", help="run directory")
 
+    p = sub.add_parser("evaluate", help="perplexity of a checkpoint on the val split of each dataset (JSON)")
+    p.add_argument("--checkpoint", required=True, help="run directory, checkpoints directory or checkpoint")
+    p.add_argument("--dataset", action="append", default=None, metavar="DIR",
+                   help="prepared dataset directory (repeatable; default: the checkpoint's training datasets)")
+    p.add_argument("--max-samples", type=int, default=None, help="score at most this many val windows per dataset")
+    p.add_argument("--out", default=None, help="JSON path (default: <run dir>/eval/perplexity_step_<N>.json)")
+
+    p = sub.add_parser("lm-eval", help="run lm-evaluation-harness tasks on a checkpoint (needs llmforge[eval])")
+    p.add_argument("--checkpoint", required=True, help="run directory, checkpoints directory or checkpoint")
+    p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    p.add_argument("--include-path", default=None, help="directory of local lm-eval task YAML files")
+    p.add_argument("--limit", type=float, default=None, help="documents per task (or a fraction)")
+    p.add_argument("--num-fewshot", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--out", default=None, help="JSON path (default: <run dir>/eval/lm_eval_step_<N>.json)")
+
     p = sub.add_parser("generate", help="sample text from a checkpoint")
     p.add_argument("--checkpoint", required=True, help="run directory, checkpoints directory or checkpoint")
     p.add_argument("--prompt", default="", help="text to continue")
@@ -74,11 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
 @exit_on_user_error
 def main(argv: Optional[list[str]] = None) -> None:
     args = build_parser().parse_args(argv)
-    if args.command == "pretrain":
-        from llmforge.train.run import pretrain, setup_logging
+    if args.command in ("pretrain", "sft", "dpo"):
+        from llmforge.train.run import run_training, setup_logging
 
         setup_logging()
-        status = pretrain(args.recipe, args.overrides, args.resume)["status"]
+        status = run_training(args.recipe, args.overrides, args.resume, args.command)["status"]
         exit_process(PREEMPTED if status == "preempted" else 0)
     elif args.command in ("train-tokenizer", "prepare"):
         from llmforge.config import load_recipe
@@ -119,6 +138,24 @@ def main(argv: Optional[list[str]] = None) -> None:
         with contextlib.redirect_stdout(sys.stderr):
             out = export_hf(args.checkpoint, args.out)
         print(f"exported {args.checkpoint} -> {out}")
+    elif args.command == "evaluate":
+        from llmforge.eval.perplexity import evaluate_checkpoint
+
+        with contextlib.redirect_stdout(sys.stderr):
+            out, report = evaluate_checkpoint(args.checkpoint, args.dataset, args.max_samples, args.out)
+        for name, r in report["datasets"].items():
+            print(f"{name}: val loss {r['loss']:.4f}, perplexity {r['ppl']:.3f} over {r['tokens']} tokens")
+        print(f"-> {out}")
+    elif args.command == "lm-eval":
+        from llmforge.eval.harness import run_lm_eval
+
+        with contextlib.redirect_stdout(sys.stderr):
+            out, report = run_lm_eval(args.checkpoint, args.tasks.split(","), args.include_path, args.limit,
+                                      args.num_fewshot, args.batch_size, args.out)
+        for task, metrics in report["results"].items():
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+            print(f"{task}: {shown}")
+        print(f"-> {out}")
     elif args.command == "plot":
         from llmforge.plots import plot_run
 

@@ -182,6 +182,53 @@ class LoggingConfig:
 
 
 @dataclass
+class LoraConfig:
+    rank: int = doc(0, "LoRA rank; 0 = full fine-tuning. Base weights are frozen, adapters merge back on export.")
+    alpha: float = doc(16.0, "LoRA scale numerator: the update is (alpha / rank) · B·A.")
+    dropout: float = doc(0.0, "Dropout on the adapter input.")
+    targets: list[str] = doc(text="Linear layers that get adapters (names inside a block).",
+                             factory=lambda: ["wq", "wk", "wv", "wo", "gate", "up", "down"])
+
+    def __post_init__(self) -> None:
+        positive(self, "rank", allow_zero=True)
+        positive(self, "alpha")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError("dropout", f"must be in [0, 1), got {self.dropout}")
+        known = {"wq", "wk", "wv", "wo", "gate", "up", "down"}
+        unknown = [t for t in self.targets if t not in known]
+        if unknown or not self.targets:
+            raise ConfigError("targets", f"must be a non-empty subset of {sorted(known)}, got {self.targets}")
+
+
+@dataclass
+class DPOConfig:
+    beta: float = doc(0.1, "Strength of the implicit KL penalty towards the reference model.")
+    loss: Literal["sigmoid", "ipo"] = doc("sigmoid", "sigmoid (DPO) or ipo (squared loss around 1/(2·beta)).")
+    label_smoothing: float = doc(0.0, "sigmoid: probability that a preference label is flipped (cDPO).")
+
+    def __post_init__(self) -> None:
+        positive(self, "beta")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError("label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
+
+
+@dataclass
+class PostTrainConfig:
+    init_from: Optional[str] = doc(None, "Starting weights: an llmforge run dir / checkpoint, or a local Hugging "
+                                         "Face Llama directory.")
+    train_file: Optional[str] = doc(None, "JSONL: SFT {prompt, response} or {messages: [{role, content}]}; DPO "
+                                          "{prompt, chosen, rejected}.")
+    val_file: Optional[str] = doc(None, "Held-out JSONL of the same form; null = val_fraction of train_file.")
+    val_fraction: float = doc(0.05, "Examples (by content hash) held out when there is no val_file.")
+    lora: LoraConfig = doc(text="Low-rank adapters instead of full fine-tuning.", factory=LoraConfig)
+    dpo: DPOConfig = doc(text="DPO objective (launch/dpo.py).", factory=DPOConfig)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError("val_fraction", f"must be in [0, 1), got {self.val_fraction}")
+
+
+@dataclass
 class Recipe:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -192,6 +239,7 @@ class Recipe:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    posttrain: PostTrainConfig = field(default_factory=PostTrainConfig)
 
     def __post_init__(self) -> None:
         if self.model.max_seq_len is not None and self.model.max_seq_len < self.data.seq_len:

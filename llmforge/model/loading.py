@@ -44,12 +44,60 @@ def load_model(checkpoint: str, dtype: torch.dtype = torch.float32) -> tuple[GPT
     with open(os.path.join(path, "tokenizer.json"), encoding="utf-8") as f:
         tok = tokenizer_from_json(json.load(f))
     model = GPT(recipe.model)
+    lora = recipe.posttrain.lora
+    if lora.rank:
+        from llmforge.posttrain.lora import apply_lora
+
+        apply_lora(model, lora)
     state = _state_dict(path)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and recipe.model.tie_embeddings)]
     if missing or unexpected:
         raise CheckpointError(f"{path}: weights do not match the model (missing {missing}, unexpected {unexpected})")
+    if lora.rank:
+        from llmforge.posttrain.lora import merge_lora
+
+        merge_lora(model)
     return model.to(dtype).eval(), tok, recipe
+
+
+def load_pretrained(path: str) -> tuple[GPT, Tokenizer]:
+    """Starting weights and tokenizer for fine-tuning or continued training: an llmforge run dir / checkpoint (LoRA
+    adapters merged), or a local Hugging Face Llama directory (config.json + weights + tokenizer files)."""
+    if os.path.isfile(os.path.join(path, "config.json")):
+        from llmforge.model.hf import from_llama
+        from llmforge.tokenizer.hf import HFTokenizer
+
+        if not os.path.isfile(os.path.join(path, "tokenizer.json")):
+            raise CheckpointError(f"{path}: a Hugging Face model directory needs its tokenizer.json")
+        return from_llama(path), HFTokenizer.load(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: not found (expected an llmforge run dir / checkpoint or a Hugging Face dir)")
+    model, tok, _ = load_model(path)
+    return model, tok
+
+
+def resize_vocab(model: GPT, vocab_size: int, seed: int = 0) -> GPT:
+    """The same model with `vocab_size` rows of embedding (and LM head): existing rows kept, new rows the mean of the
+    old ones plus N(0, init_std) noise, so new tokens start distinct and in distribution."""
+    import dataclasses
+
+    old = model.cfg.vocab_size
+    if vocab_size <= old:
+        return model
+    cfg = dataclasses.replace(model.cfg, vocab_size=vocab_size)
+    new = GPT(cfg)
+    state = model.state_dict()
+    gen = torch.Generator().manual_seed(seed)
+    for key in ("tok_emb.weight",) + (() if cfg.tie_embeddings else ("lm_head.weight",)):
+        w = state[key]
+        extra = w.float().mean(0, keepdim=True) + cfg.init_std * torch.randn(vocab_size - old, w.shape[1],
+                                                                             generator=gen)
+        state[key] = torch.cat([w, extra.to(w.dtype)])
+    if cfg.tie_embeddings:
+        state["lm_head.weight"] = state["tok_emb.weight"]
+    new.load_state_dict(state)
+    return new
 
 
 def generate_text(checkpoint: str, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8,

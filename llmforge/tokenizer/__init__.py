@@ -27,6 +27,10 @@ def tokenizer_from_json(data: dict) -> Tokenizer:
         from llmforge.tokenizer.hf import HFTokenizer
 
         return HFTokenizer.from_json(data)
+    if kind == "added":
+        from llmforge.tokenizer.added import AddedTokensTokenizer
+
+        return AddedTokensTokenizer.from_json(data)
     raise ValueError(f"unknown tokenizer type {kind!r}")
 
 

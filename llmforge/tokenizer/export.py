@@ -6,6 +6,7 @@
 - sentencepiece BPE: the same pieces and ids, merges derived from the piece order (the order sentencepiece merges
   in), byte fallback, whitespace as "▁" (Metaspace), user-defined symbols as added tokens, control pieces special.
 - hf: the tokenizer it was loaded from.
+- added (a base plus chat role markers): the base's form with the markers as special tokens after its vocabulary.
 """
 
 from __future__ import annotations
@@ -26,6 +27,14 @@ def to_hf_tokenizer(tok: Tokenizer) -> tuple[Any, dict[str, str]]:
         return _char(tok)
     if kind == "sentencepiece":
         return _sentencepiece(tok)
+    if kind == "added":
+        from tokenizers import AddedToken
+
+        backend, roles = to_hf_tokenizer(tok.base)
+        if backend.get_vocab_size(with_added_tokens=True) != tok.base_size:
+            raise ValueError("the base tokenizer's Hugging Face vocabulary does not end where llmforge's does")
+        backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in tok.tokens])
+        return backend, {**roles, "additional_special_tokens": list(tok.tokens)}
     if kind == "hf":
         from tokenizers import Tokenizer as HFTok
 

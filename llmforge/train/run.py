@@ -81,6 +81,12 @@ def seed_everything(seed: int) -> None:
 
 def pretrain(recipe_path: str, overrides: Optional[list[str]] = None, resume: str = "auto") -> dict:
     """Pre-train from a recipe; returns a summary (steps, first/last val loss, run dir, status)."""
+    return run_training(recipe_path, overrides, resume, "pretrain")
+
+
+def run_training(recipe_path: str, overrides: Optional[list[str]] = None, resume: str = "auto",
+                 task: str = "pretrain") -> dict:
+    """Pre-training, SFT or DPO (task) from a recipe: the same engine, loop, checkpoints and resume for all three."""
     stop = StopSignal()  # first: a preemption signal during start-up must not kill the process
     setup_env()
     recipe = load_recipe(recipe_path, overrides)
@@ -94,13 +100,24 @@ def pretrain(recipe_path: str, overrides: Optional[list[str]] = None, resume: st
     ds_config = compose_ds_config(recipe, world, run_dir, recipe_path, on_cpu)
     if recipe.train.precision == "fp16" and on_cpu:
         raise RecipeError(recipe_path, "train.precision", "fp16 needs a GPU; use bf16 or fp32 on CPU")
-    tok = load_tokenizer(recipe.tokenizer, recipe_path)
-    tok_fp = fingerprint(tok)
-    recipe = resolve_model_config(recipe, tok.vocab_size, recipe_path)
-    specs = recipe.data.dataset_dirs()
-    train_data = PretrainData(specs, recipe.data.seq_len, recipe.run.seed, "train", tok_fp)
-    val_data = PretrainData(specs, recipe.data.seq_len, recipe.run.seed + 1, "val", tok_fp)
     resume_from = ckpt.resolve_resume(resume, ckpt_dir)
+    job = None
+    if task == "pretrain":
+        tok = load_tokenizer(recipe.tokenizer, recipe_path)
+        tok_fp = fingerprint(tok)
+        recipe = resolve_model_config(recipe, tok.vocab_size, recipe_path)
+        specs = recipe.data.dataset_dirs()
+        train_data = PretrainData(specs, recipe.data.seq_len, recipe.run.seed, "train", tok_fp)
+        val_data = PretrainData(specs, recipe.data.seq_len, recipe.run.seed + 1, "val", tok_fp)
+    else:
+        from llmforge.posttrain import setup as post
+
+        if recipe.posttrain.lora.rank and zero_stage(ds_config) == 3:
+            raise RecipeError(recipe_path, "posttrain.lora.rank", "LoRA runs under ZeRO stage 0-2 (the adapters "
+                                                                  "are small); use ds_configs/zero2.json")
+        job = post.prepare(task, recipe, recipe_path, resume_from)
+        recipe, tok, train_data, val_data = job.recipe, job.tok, job.train_data, job.val_data
+        tok_fp = fingerprint(tok)
     saved: dict = {}
     elastic = False
     if resume_from is not None:
@@ -116,6 +133,15 @@ def pretrain(recipe_path: str, overrides: Optional[list[str]] = None, resume: st
     release_shm_segment()
     seed_everything(recipe.run.seed)
     model = build_model(recipe, ds_config)
+    if job is not None:
+        if job.init_model is not None:
+            post.load_weights(model, job.init_model, zero_stage(ds_config) == 3)
+            job.init_model = None
+        if recipe.posttrain.lora.rank:
+            from llmforge.posttrain.lora import apply_lora
+
+            log.info("LoRA rank %d on %s: %d trainable parameters", recipe.posttrain.lora.rank,
+                     ",".join(recipe.posttrain.lora.targets), apply_lora(model, recipe.posttrain.lora))
     numel = lambda p: getattr(p, "ds_numel", p.numel())  # noqa: E731  (full size of a ZeRO-3 partitioned param)
     n_params = sum(numel(p) for p in model.parameters())
     n_embed = sum(numel(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters())
@@ -183,7 +209,14 @@ def pretrain(recipe_path: str, overrides: Optional[list[str]] = None, resume: st
         return TrainState(step=client["step"], consumed_samples=client["consumed_samples"],
                           guard=client.get("guard", {}))
 
-    trainer = Trainer(engine, recipe, train_data, val_data, metrics, state, save, fpt, peak, rollback, stop)
+    objective = None
+    if task == "dpo":
+        d = recipe.posttrain.dpo
+        table = post.reference_table(engine, job, os.path.join(run_dir, "dpo_reference.pt"),
+                                     recipe.train.micro_batch_size, fresh=resume_from is None)
+        objective = post.dpo_objective(table, d.beta, d.loss, d.label_smoothing)
+    trainer = Trainer(engine, recipe, train_data, val_data, metrics, state, save, fpt, peak, rollback, stop,
+                      objective)
     if state.step >= recipe.train.max_steps:
         log.info("nothing to do: checkpoint is at step %d, train.max_steps=%d", state.step, recipe.train.max_steps)
     status = trainer.train()

@@ -12,8 +12,7 @@ import torch
 import torch.distributed as dist
 
 from llmforge.config.recipe import Recipe
-from llmforge.data.loader import PretrainData, micro_batch_indices
-from llmforge.train.distributed import mean_across_ranks
+from llmforge.data.loader import micro_batch_indices
 from llmforge.train.guard import FaultInjector, SpikeGuard, StopSignal
 from llmforge.train.metrics import Metrics, memory_gb
 from llmforge.train.schedule import lr_at
@@ -32,14 +31,31 @@ class StepResult:
     lr: float
     skipped: Optional[str]      # why the optimizer step was skipped, or None
     stop: bool                  # a rank received a stop signal
+    stats: dict = field(default_factory=dict)  # the objective's own metrics (DPO rewards, ...), mean over ranks
+
+
+Objective = Callable[[Any, Any], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def lm_objective(z_loss: float = 0.0) -> Objective:
+    """Next-token cross-entropy on (inputs, targets) batches (targets -100 carry no loss), plus optional z-loss."""
+
+    def objective(engine: Any, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        inputs, targets = batch
+        logits, loss = engine(inputs.to(engine.device), targets.to(engine.device))
+        if z_loss:
+            loss = loss + z_loss * torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
+        return loss, {}
+
+    return objective
 
 
 class Trainer:
-    def __init__(self, engine: Any, recipe: Recipe, train_data: PretrainData, val_data: Optional[PretrainData],
+    def __init__(self, engine: Any, recipe: Recipe, train_data: Any, val_data: Optional[Any],
                  metrics: Metrics, state: TrainState, save_fn: Callable[[TrainState], None],
                  flops_per_token: float, peak_flops: Optional[float],
                  rollback_fn: Optional[Callable[[], Optional[TrainState]]] = None,
-                 stop: Optional[StopSignal] = None):
+                 stop: Optional[StopSignal] = None, objective: Optional[Objective] = None):
         self.engine, self.recipe, self.metrics, self.state = engine, recipe, metrics, state
         self.train_data, self.val_data, self.save_fn, self.rollback_fn = train_data, val_data, save_fn, rollback_fn
         self.rank, self.world = engine.global_rank, engine.world_size
@@ -51,15 +67,18 @@ class Trainer:
         self.guard.load_state_dict(state.guard)
         self.stop = stop or StopSignal()
         self.faults = FaultInjector()
+        self.objective = objective or lm_objective(t.z_loss)
+        self.eval_objective = objective or lm_objective(0.0)
         self.last_val_loss: Optional[float] = None
 
     # -- the step -------------------------------------------------------------------------------------------------
     def train_step(self) -> StepResult:
         """One optimizer step over grad_accum_steps micro-batches.
 
-        Before the last backward, one all-reduce gives every rank the step's mean loss and any stop signal. A step
-        whose loss is non-finite or a spike is skipped through DeepSpeed's own overflow check: the last backward
-        carries NaN, so the whole accumulated gradient is dropped and neither weights nor optimizer state change.
+        Before the last backward, one all-reduce gives every rank the step's mean loss (and the objective's metrics)
+        and any stop signal. A step whose loss is non-finite or a spike is skipped through DeepSpeed's own overflow
+        check: the last backward carries NaN, so the whole accumulated gradient is dropped and neither weights nor
+        optimizer state change.
         """
         t, engine = self.recipe.train, self.engine
         step = self.state.step + 1
@@ -67,18 +86,19 @@ class Trainer:
         for group in engine.optimizer.param_groups:
             group["lr"] = lr
         total = torch.zeros((), device=engine.device)
+        stat_totals: dict[str, torch.Tensor] = {}
         skipped_before = engine.skipped_steps
         for micro in range(t.grad_accum_steps):
             indices = micro_batch_indices(self.state.consumed_samples, micro, self.rank, self.world,
                                           t.micro_batch_size)
-            inputs, targets = self.train_data.batch(indices)
-            logits, loss = engine(inputs.to(engine.device), targets.to(engine.device))
-            if t.z_loss:
-                loss = loss + t.z_loss * torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
+            loss, stats = self.objective(engine, self.train_data.batch(indices))
             loss = self.faults.loss(step, loss)
             total += loss.detach().float()
+            for k, v in stats.items():
+                stat_totals[k] = stat_totals.get(k, 0.0) + v.detach().float()
             if micro == t.grad_accum_steps - 1:
-                mean_loss, stop = self._agree(total / t.grad_accum_steps)
+                n = t.grad_accum_steps
+                mean_loss, stop, means = self._agree(total / n, {k: v / n for k, v in stat_totals.items()})
                 verdict = self.guard.judge(mean_loss)
                 if verdict is not None:
                     loss = loss * float("nan")
@@ -89,15 +109,19 @@ class Trainer:
             skipped = "non_finite_grad"  # finite loss, but DeepSpeed found inf/NaN gradients
         self.state.step = step
         self.state.consumed_samples += self.global_batch
-        return StepResult(mean_loss, lr, skipped, stop)
+        return StepResult(mean_loss, lr, skipped, stop, means)
 
-    def _agree(self, loss: torch.Tensor) -> tuple[float, bool]:
-        """One all-reduce: (mean loss over ranks, any rank asked to stop)."""
+    def _agree(self, loss: torch.Tensor, stats: Optional[dict[str, torch.Tensor]] = None
+               ) -> tuple[float, bool, dict[str, float]]:
+        """One all-reduce: (mean loss over ranks, any rank asked to stop, mean of each objective metric)."""
+        stats = stats or {}
         flag = 1.0 if self.stop.requested else 0.0
-        packed = torch.stack([loss.detach().float(), torch.tensor(flag, device=loss.device)])
+        packed = torch.stack([loss.detach().float(), torch.tensor(flag, device=loss.device),
+                              *[v.reshape(()).to(loss.device) for v in stats.values()]])
         if dist.is_initialized() and self.world > 1:
             dist.all_reduce(packed, op=dist.ReduceOp.SUM)
-        return float(packed[0]) / self.world, bool(packed[1] > 0)
+        means = {k: float(packed[2 + i]) / self.world for i, k in enumerate(stats)}
+        return float(packed[0]) / self.world, bool(packed[1] > 0), means
 
     # -- the loop -------------------------------------------------------------------------------------------------
     def train(self) -> str:
@@ -167,24 +191,31 @@ class Trainer:
             "grad_norm": None if grad_norm is None else _json_float(float(grad_norm)),
             "tokens_per_s": tokens_per_s, "mfu": mfu, "mem_gb": memory_gb(),
             "eta_s": s_per_step * (self.recipe.train.max_steps - step),
+            **{k: _json_float(v) for k, v in result.stats.items()},
         })
 
     @torch.no_grad()
     def evaluate(self) -> Optional[float]:
-        """Mean val loss over eval.batches micro-batches per rank (a fixed set of val samples)."""
+        """Mean val loss (and objective metrics, prefixed val_) over eval.batches micro-batches per rank, always the
+        same val samples."""
         if self.val_data is None or self.val_data.num_samples == 0:
             return None
         engine, mb = self.engine, self.recipe.train.micro_batch_size
         engine.eval()
         total = torch.zeros((), device=engine.device)
+        stat_totals: dict[str, torch.Tensor] = {}
         for b in range(self.recipe.eval.batches):
-            inputs, targets = self.val_data.batch(micro_batch_indices(0, b, self.rank, self.world, mb))
-            _, loss = engine(inputs.to(engine.device), targets.to(engine.device))
+            loss, stats = self.eval_objective(engine, self.val_data.batch(micro_batch_indices(0, b, self.rank,
+                                                                                               self.world, mb)))
             total += loss.float()
+            for k, v in stats.items():
+                stat_totals[k] = stat_totals.get(k, 0.0) + v.float()
         engine.train()
-        val_loss = mean_across_ranks(total / self.recipe.eval.batches)
+        n = self.recipe.eval.batches
+        val_loss, _, means = self._agree(total / n, {k: v / n for k, v in stat_totals.items()})
         self.last_val_loss = val_loss
-        self.metrics.eval({"step": self.state.step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))})
+        self.metrics.eval({"step": self.state.step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)),
+                           **{f"val_{k}": _json_float(v) for k, v in means.items()}})
         return val_loss
 
 
