@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     for name, text in (("pretrain", "pre-train a model from a recipe (run under deepspeed, torchrun or python)"),
-                       ("sft", "supervised fine-tuning on chat JSONL from posttrain.init_from"),
+                       ("sft", "supervised fine-tuning on chat JSONL, starting from train.init_from"),
                        ("dpo", "direct preference optimisation on {prompt, chosen, rejected} JSONL")):
         p = sub.add_parser(name, help=text)
         _recipe_args(p)
@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plot", help="write PNG charts of a run's metrics to <run>/plots/")
     p.add_argument("run", help="run directory")
+
+    p = sub.add_parser("import-hf", help="a local Hugging Face Llama directory -> an llmforge run with a checkpoint")
+    p.add_argument("--hf", required=True, help="Hugging Face model directory (config.json, weights, tokenizer.json)")
+    p.add_argument("--out", required=True, help="run directory to create")
 
     p = sub.add_parser("evaluate", help="perplexity of a checkpoint on the val split of each dataset (JSON)")
     p.add_argument("--checkpoint", required=True, help="run directory, checkpoints directory or checkpoint")
@@ -138,6 +142,13 @@ def main(argv: Optional[list[str]] = None) -> None:
         with contextlib.redirect_stdout(sys.stderr):
             out = export_hf(args.checkpoint, args.out)
         print(f"exported {args.checkpoint} -> {out}")
+    elif args.command == "import-hf":
+        from llmforge.model.hf import import_hf
+
+        with contextlib.redirect_stdout(sys.stderr):
+            path = import_hf(args.hf, args.out)
+        print(f"imported {args.hf} -> {path}")
+        exit_process(0)
     elif args.command == "evaluate":
         from llmforge.eval.perplexity import evaluate_checkpoint
 

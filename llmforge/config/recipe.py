@@ -132,6 +132,9 @@ class TrainConfig:
     precision: Literal["bf16", "fp16", "fp32"] = doc("bf16", "Training precision.")
     z_loss: float = doc(0.0, "Weight of the z-loss (mean squared log-partition of the logits, PaLM); 0 disables.")
     spike_guard: SpikeGuardConfig = doc(text="Loss-spike and NaN guard.", factory=SpikeGuardConfig)
+    init_from: Optional[str] = doc(None, "Start from these weights instead of a random init: an llmforge run dir / "
+                                         "checkpoint or a local Hugging Face Llama dir. The architecture comes from "
+                                         "them; step, optimizer and data position start fresh. Required by SFT/DPO.")
 
     def __post_init__(self) -> None:
         positive(self, "max_steps", "micro_batch_size", "grad_accum_steps", "lr", "eps")
@@ -214,8 +217,6 @@ class DPOConfig:
 
 @dataclass
 class PostTrainConfig:
-    init_from: Optional[str] = doc(None, "Starting weights: an llmforge run dir / checkpoint, or a local Hugging "
-                                         "Face Llama directory.")
     train_file: Optional[str] = doc(None, "JSONL: SFT {prompt, response} or {messages: [{role, content}]}; DPO "
                                           "{prompt, chosen, rejected}.")
     val_file: Optional[str] = doc(None, "Held-out JSONL of the same form; null = val_fraction of train_file.")

@@ -112,3 +112,48 @@ def export_hf(checkpoint: str, out: str) -> str:
     hf.save_pretrained(out, safe_serialization=True)
     save_hf_tokenizer(tok, out)
     return out
+
+
+def import_hf(directory: str, out: str) -> str:
+    """A local Hugging Face Llama directory as an llmforge run directory `out` with one committed checkpoint
+    (step 0, fp32 weights, the HF tokenizer): generate, evaluate, export and lm-eval read it like any run, and
+    `train.init_from` starts continued pre-training or SFT from it."""
+    import dataclasses
+    import json
+
+    import deepspeed
+
+    from llmforge.config import Recipe, recipe_to_dict, recipe_to_yaml
+    from llmforge.config.recipe import DataConfig, RunConfig, TokenizerConfig, TrainConfig
+    from llmforge.tokenizer import fingerprint
+    from llmforge.tokenizer.hf import HFTokenizer
+    from llmforge.train import checkpoint as ckpt
+    from llmforge.train.distributed import setup_env
+
+    if not os.path.isfile(os.path.join(directory, "tokenizer.json")):
+        raise ExportError(f"{directory}: no tokenizer.json (a Hugging Face fast tokenizer is needed)")
+    model = from_llama(directory)
+    tok = HFTokenizer.load(directory)
+    if tok.vocab_size > model.cfg.vocab_size:
+        raise ExportError(f"{directory}: the tokenizer has {tok.vocab_size} ids, the model only "
+                          f"{model.cfg.vocab_size} embeddings")
+    out = os.path.abspath(out)
+    recipe = Recipe(run=RunConfig(name=os.path.basename(out), output_dir=os.path.dirname(out)),
+                    data=DataConfig(seq_len=min(256, model.cfg.max_seq_len)),
+                    tokenizer=TokenizerConfig(type="hf", path=os.path.abspath(directory)),
+                    model=model.cfg, train=dataclasses.replace(TrainConfig(), precision="fp32", warmup_steps=0))
+    setup_env()
+    deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
+    engine, *_ = deepspeed.initialize(model=model, config={"train_micro_batch_size_per_gpu": 1,
+                                                           "zero_optimization": {"stage": 0}})
+    state = {"step": 0, "consumed_samples": 0, "guard": {}, "world_size": 1, "zero_stage": 0, "global_batch": 0,
+             "tokenizer_fingerprint": fingerprint(tok), "imported_from": os.path.abspath(directory)}
+    files = {"tokenizer.json": json.dumps(tok.to_json()), ckpt.STATE: json.dumps(state, indent=1),
+             "recipe.yaml": recipe_to_yaml(recipe)}
+    path = ckpt.save_checkpoint(engine, os.path.join(out, "checkpoints"), 0,
+                                {**state, "recipe": recipe_to_dict(recipe)}, keep_last=1, extra_files=files)
+    if path is None:
+        raise ExportError(f"{out}: not enough disk space for the checkpoint")
+    with open(os.path.join(out, "recipe.resolved.yaml"), "w", encoding="utf-8") as f:
+        f.write(recipe_to_yaml(recipe))
+    return path

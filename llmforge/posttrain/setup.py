@@ -32,9 +32,10 @@ class PostTrainJob:
 def prepare(task: str, recipe: Recipe, origin: str, resume_from: Optional[str]) -> PostTrainJob:
     """Validate the posttrain section and build tokenizer, model config, data (and starting weights if fresh)."""
     pt = recipe.posttrain
-    for key in ("init_from", "train_file"):
-        if not getattr(pt, key):
-            raise RecipeError(origin, f"posttrain.{key}", f"is required for {task}")
+    if not recipe.train.init_from:
+        raise RecipeError(origin, "train.init_from", f"is required for {task}: the model to fine-tune")
+    if not pt.train_file:
+        raise RecipeError(origin, "posttrain.train_file", f"is required for {task}")
     for key in ("train_file", "val_file"):
         path = getattr(pt, key)
         if path and not os.path.isfile(path):
@@ -48,11 +49,11 @@ def prepare(task: str, recipe: Recipe, origin: str, resume_from: Optional[str]) 
         with open(os.path.join(resume_from, "recipe.yaml"), encoding="utf-8") as f:
             model_cfg = recipe_from_dict(yaml.safe_load(f), resume_from).model
     else:
-        if not os.path.exists(pt.init_from):
-            raise RecipeError(origin, "posttrain.init_from", f"not found: {pt.init_from}")
+        if not os.path.exists(recipe.train.init_from):
+            raise RecipeError(origin, "train.init_from", f"not found: {recipe.train.init_from}")
         from llmforge.model.loading import load_pretrained, resize_vocab
 
-        base, base_tok = load_pretrained(pt.init_from)
+        base, base_tok = load_pretrained(recipe.train.init_from)
         tok = with_chat_tokens(base_tok)
         init_model = resize_vocab(base, tok.vocab_size, recipe.run.seed)
         model_cfg = init_model.cfg
@@ -61,7 +62,7 @@ def prepare(task: str, recipe: Recipe, origin: str, resume_from: Optional[str]) 
                                     dropout=recipe.model.dropout)
     if recipe.data.seq_len > model_cfg.max_seq_len:
         raise RecipeError(origin, "data.seq_len", f"{recipe.data.seq_len} exceeds the model's max_seq_len="
-                                                  f"{model_cfg.max_seq_len} (from {pt.init_from})")
+                                                  f"{model_cfg.max_seq_len} (from {recipe.train.init_from})")
     recipe = dataclasses.replace(recipe, model=model_cfg)
     train_records, val_records = split_records(pt.train_file, pt.val_file, pt.val_fraction)
     kind = PreferenceData if task == "dpo" else SFTData

@@ -101,11 +101,14 @@ def run_training(recipe_path: str, overrides: Optional[list[str]] = None, resume
     if recipe.train.precision == "fp16" and on_cpu:
         raise RecipeError(recipe_path, "train.precision", "fp16 needs a GPU; use bf16 or fp32 on CPU")
     resume_from = ckpt.resolve_resume(resume, ckpt_dir)
-    job = None
+    job = init_model = None
     if task == "pretrain":
         tok = load_tokenizer(recipe.tokenizer, recipe_path)
         tok_fp = fingerprint(tok)
-        recipe = resolve_model_config(recipe, tok.vocab_size, recipe_path)
+        if recipe.train.init_from:
+            recipe, init_model = _continue_from(recipe, recipe_path, tok_fp, resume_from)
+        else:
+            recipe = resolve_model_config(recipe, tok.vocab_size, recipe_path)
         specs = recipe.data.dataset_dirs()
         train_data = PretrainData(specs, recipe.data.seq_len, recipe.run.seed, "train", tok_fp)
         val_data = PretrainData(specs, recipe.data.seq_len, recipe.run.seed + 1, "val", tok_fp)
@@ -134,9 +137,13 @@ def run_training(recipe_path: str, overrides: Optional[list[str]] = None, resume
     seed_everything(recipe.run.seed)
     model = build_model(recipe, ds_config)
     if job is not None:
-        if job.init_model is not None:
-            post.load_weights(model, job.init_model, zero_stage(ds_config) == 3)
-            job.init_model = None
+        init_model, job.init_model = job.init_model, None
+    if init_model is not None:
+        from llmforge.posttrain.setup import load_weights
+
+        load_weights(model, init_model, zero_stage(ds_config) == 3)
+        init_model = None
+    if job is not None:
         if recipe.posttrain.lora.rank:
             from llmforge.posttrain.lora import apply_lora
 
@@ -222,6 +229,37 @@ def run_training(recipe_path: str, overrides: Optional[list[str]] = None, resume
     status = trainer.train()
     shutdown()
     return {"run_dir": run_dir, "step": state.step, "val_loss": trainer.last_val_loss, "status": status}
+
+
+def _continue_from(recipe: Recipe, origin: str, tok_fp: str, resume_from: Optional[str]
+                   ) -> tuple[Recipe, Optional[GPT]]:
+    """Continued pre-training from train.init_from: the architecture (and, on a fresh start, the weights) of the
+    starting model; its tokenizer must be the recipe's."""
+    from llmforge.model.loading import load_pretrained
+
+    path = recipe.train.init_from
+    if resume_from is not None:  # the checkpoint has the weights; only the architecture is needed
+        import yaml
+
+        from llmforge.config import recipe_from_dict
+
+        with open(os.path.join(resume_from, "recipe.yaml"), encoding="utf-8") as f:
+            cfg, init_model = recipe_from_dict(yaml.safe_load(f), resume_from).model, None
+    else:
+        if not os.path.exists(path):
+            raise RecipeError(origin, "train.init_from", f"not found: {path}")
+        init_model, init_tok = load_pretrained(path)
+        if fingerprint(init_tok) != tok_fp:
+            raise RecipeError(origin, "train.init_from", f"{path} uses tokenizer {fingerprint(init_tok)}, the "
+                                                         f"recipe's tokenizer is {tok_fp}; point tokenizer.path at "
+                                                         f"the model's tokenizer")
+        cfg = init_model.cfg
+    if recipe.data.seq_len > cfg.max_seq_len:
+        raise RecipeError(origin, "data.seq_len", f"{recipe.data.seq_len} exceeds the model's max_seq_len="
+                                                  f"{cfg.max_seq_len} (from {path})")
+    cfg = dataclasses.replace(cfg, activation_checkpointing=recipe.model.activation_checkpointing,
+                              dropout=recipe.model.dropout)
+    return dataclasses.replace(recipe, model=cfg), init_model
 
 
 def _needs_universal(saved: dict, path: str, world: int, stage: int) -> bool:

@@ -65,13 +65,35 @@ def write_sft(path: Path, n: int, seed: int) -> Path:
 
 
 def post_recipe(tmp: Path, prepared: Path, base_run: Path, name: str, train_file: Path, **sections) -> Path:
-    posttrain = {"init_from": str(base_run), "train_file": str(train_file), "val_fraction": 0.1,
-                 **sections.pop("posttrain", {})}
+    posttrain = {"train_file": str(train_file), "val_fraction": 0.1, **sections.pop("posttrain", {})}
     train = {"max_steps": 40, "warmup_steps": 4, "lr": 3e-3, "min_lr": 3e-4, "micro_batch_size": 8,
-             **sections.pop("train", {})}
+             "init_from": str(base_run), **sections.pop("train", {})}
     return write_recipe(tmp / f"{name}.yaml", prepared, tmp / "runs", run={"name": name}, data={"seq_len": 48},
                         train=train, posttrain=posttrain, eval={"interval": 10, "batches": 2},
                         checkpoint={"interval": 10}, **sections)
+
+
+def test_continued_pretraining_starts_from_init_weights(tmp_path, prepared, base):
+    """train.init_from on a pre-training recipe: the base's architecture and weights, fresh step and optimizer."""
+    recipe = write_recipe(tmp_path / "c.yaml", prepared, tmp_path / "runs", run={"name": "cont"},
+                          data={**_data(prepared), "seq_len": 96},
+                          train={"max_steps": 4, "warmup_steps": 1, "micro_batch_size": 8, "init_from": str(base)},
+                          eval={"interval": 0})
+    r = run_cli(*post_cmd("pretrain", recipe))
+    assert r.returncode == 0, r.stderr[-3000:]
+    base_losses = losses_after_last_start(base)
+    cont = losses_after_last_start(tmp_path / "runs" / "cont")
+    assert sorted(cont) == [1, 2, 3, 4]
+    assert abs(cont[1] - base_losses[60]) < 0.3 and cont[1] < base_losses[1] - 1.0, (cont, base_losses)
+    bad = write_recipe(tmp_path / "b.yaml", prepared, tmp_path / "runs", run={"name": "bad"},
+                       train={"init_from": str(base)})  # data.seq_len 64 fits; the tokenizer is another one
+    bad.write_text(bad.read_text().replace(str(prepared / "prepared" / "tokenizer.json"), str(tmp_path / "t.json")))
+    from llmforge.tokenizer import save_tokenizer
+    from llmforge.tokenizer.char import CharTokenizer
+
+    save_tokenizer(CharTokenizer(list("abc")), str(tmp_path / "t.json"))
+    r = run_cli(sys.executable, "launch/pretrain.py", "--recipe", str(bad))
+    assert r.returncode == 2 and "train.init_from:" in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
 
 
 # -- SFT ------------------------------------------------------------------------------------------------------------
@@ -186,9 +208,9 @@ def test_bad_sft_input_is_one_line(tmp_path, prepared, base):
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1] == (f"data error: {bad}:2: needs string fields 'prompt' and 'response', "
                                                  f"or 'messages'")
-    recipe = post_recipe(tmp_path, prepared, base, "bad2", bad, posttrain={"init_from": str(tmp_path / "nope")})
+    recipe = post_recipe(tmp_path, prepared, base, "bad2", bad, train={"init_from": str(tmp_path / "nope")})
     r = run_cli(sys.executable, "launch/sft.py", "--recipe", str(recipe))
-    assert r.returncode == 2 and "posttrain.init_from: not found" in r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 2 and "train.init_from: not found" in r.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "runs" / "bad").exists() and not (tmp_path / "runs" / "bad2").exists()
 
 

@@ -127,3 +127,38 @@ def test_tokenizer_export_encodes_and_decodes_like_llmforge(tmp_path, kind):
         assert hf.decode(ids, skip_special_tokens=True) == tok.decode(ids), text[:80]
         tokens += len(ids)
     assert tokens > 100_000
+
+
+def test_import_hf_then_export_is_identical(tmp_path):
+    """HF Llama dir -> `llmforge import-hf` (a run with a committed checkpoint) -> export-hf: same tensors, same
+    tokenizer; the imported run generates like any other."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from llmforge.tokenizer.char import CharTokenizer
+    from llmforge.tokenizer.export import save_hf_tokenizer
+
+    tok = CharTokenizer.train(_stdlib_texts(0, 5))
+    torch.manual_seed(1)
+    model = GPT(ModelConfig(vocab_size=tok.vocab_size, max_seq_len=64, d_model=32, n_layers=2, n_heads=4,
+                            n_kv_heads=2, tie_embeddings=False))
+    src = tmp_path / "src"
+    to_llama(model).save_pretrained(src)
+    save_hf_tokenizer(tok, str(src))
+    r = run_cli(sys.executable, "-m", "llmforge.cli", "import-hf", "--hf", str(src), "--out", str(tmp_path / "run"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "run" / "checkpoints" / "step_00000000" / "manifest.json").exists()
+    r = run_cli(sys.executable, "launch/export_hf.py", "--checkpoint", str(tmp_path / "run"),
+                "--out", str(tmp_path / "back"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    first, second = load_file(src / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    text = "def main():\n    return 0\n"
+    assert (AutoTokenizer.from_pretrained(tmp_path / "back").encode(text, add_special_tokens=False)
+            == tok.encode(text))
+    r = run_cli(sys.executable, "-m", "llmforge.cli", "generate", "--checkpoint", str(tmp_path / "run"),
+                "--prompt", "def ", "--max-new-tokens", "10", "--temperature", "0")
+    assert r.returncode == 0 and r.stdout.startswith("def "), r.stderr[-2000:]
+    bad = run_cli(sys.executable, "-m", "llmforge.cli", "import-hf", "--hf", str(tmp_path), "--out",
+                  str(tmp_path / "x"))
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("export error:")
