@@ -52,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--max-bytes", type=int, default=8_000_000, help="stop after this many bytes")
 
+    p = sub.add_parser("toy-chat", help="write a small synthetic SFT set and preference set (JSONL) to a directory")
+    p.add_argument("--out", required=True, help="output directory (sft.jsonl, prefs.jsonl)")
+    p.add_argument("--n", type=int, default=400, help="examples per file")
+    p.add_argument("--seed", type=int, default=0)
+
     p = sub.add_parser("summary", help="first/last val loss and throughput of a run (exit 1 if val loss did not fall)")
     p.add_argument("--run", required=True, help="run directory")
 
@@ -102,7 +107,7 @@ def main(argv: Optional[list[str]] = None) -> None:
 
         setup_logging()
         status = run_training(args.recipe, args.overrides, args.resume, args.command)["status"]
-        exit_process(PREEMPTED if status == "preempted" else 0)
+        exit_process(PREEMPTED if status == "preempted" else 0, synchronize=True)
     elif args.command in ("train-tokenizer", "prepare"):
         from llmforge.config import load_recipe
         from llmforge.data.prepare import prepare, train_tokenizer
@@ -126,6 +131,11 @@ def main(argv: Optional[list[str]] = None) -> None:
 
         files, size = build_stdlib_corpus(args.out, args.max_bytes)
         print(f"corpus: {files} files, {size / 1e6:.1f} MB -> {args.out}")
+    elif args.command == "toy-chat":
+        from llmforge.posttrain.toy import write_toy_sets
+
+        for path in write_toy_sets(args.out, args.n, args.seed):
+            print(path)
     elif args.command == "summary":
         from llmforge.train.metrics import summarize
 

@@ -40,11 +40,16 @@ class CheckpointError(UserError):
     prefix = "checkpoint error"
 
 
-def exit_process(code: int) -> NoReturn:
+def exit_process(code: int, synchronize: bool = False) -> NoReturn:
     """End the command with `code`. A process that joined a torch.distributed group leaves without interpreter
     finalisation: gloo's worker threads can still be releasing the last collective's tensors then, which needs the
     GIL, and the process aborts ("terminate called without an active exception", exit 250 instead of `code`).
-    Everything a run writes is closed by then; only the standard streams and log handlers are flushed here."""
+    Everything a run writes is closed by then; only the standard streams and log handlers are flushed here.
+
+    synchronize: every rank is ending the same way (a finished or preempted run): meet at a barrier first, so the
+    ranks exit together; a launcher that kills the others on a non-zero exit (srun --kill-on-bad-exit, the DeepSpeed
+    launcher) then finds them already gone.
+    """
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
         import logging
@@ -53,6 +58,8 @@ def exit_process(code: int) -> NoReturn:
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
+        if synchronize:
+            dist.barrier()
         os._exit(code)
     sys.exit(code)
 

@@ -6,7 +6,6 @@ import os
 import socket
 import sys
 
-import torch
 import torch.distributed as dist
 
 
@@ -66,13 +65,6 @@ def release_shm_segment() -> None:
         pass  # not a CPU run, or no shm op
 
 
-def shutdown() -> None:
-    """End the process group once every rank is done, so no rank leaves while a peer still talks to it."""
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
 def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -84,12 +76,3 @@ def rank() -> int:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-def mean_across_ranks(value: torch.Tensor) -> float:
-    """All-reduce a scalar tensor (average) and return it as a float."""
-    t = value.detach().float().clone()
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        t /= dist.get_world_size()
-    return float(t.item())

@@ -23,7 +23,7 @@ from llmforge.model import GPT, apply_activation_checkpointing
 from llmforge.model.flops import device_peak_flops, flops_per_token
 from llmforge.tokenizer import fingerprint, load_tokenizer
 from llmforge.train import checkpoint as ckpt
-from llmforge.train.distributed import release_shm_segment, setup_env, shutdown
+from llmforge.train.distributed import release_shm_segment, setup_env
 from llmforge.train.guard import FaultInjector, StopSignal
 from llmforge.train.metrics import Metrics
 from llmforge.train.trainer import Trainer, TrainState
@@ -227,7 +227,6 @@ def run_training(recipe_path: str, overrides: Optional[list[str]] = None, resume
     if state.step >= recipe.train.max_steps:
         log.info("nothing to do: checkpoint is at step %d, train.max_steps=%d", state.step, recipe.train.max_steps)
     status = trainer.train()
-    shutdown()
     return {"run_dir": run_dir, "step": state.step, "val_loss": trainer.last_val_loss, "status": status}
 
 

@@ -3,7 +3,6 @@ resume is exact, the DPO loss matches a hand computation, and preference accurac
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import sys
@@ -12,11 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from llmforge.posttrain.toy import preference_records, sft_records, toy_word, write_jsonl
 from tests.conftest import REPO, run_cli, write_recipe
 from tests.distributed.test_zero_resume import free_port, losses_after_last_start, rows
-
-LETTERS = "abcdefghijklmnopqrstuvwxyz"
-
 
 def post_cmd(task: str, recipe: Path, *extra: str) -> list[str]:
     bindir = Path(sys.executable).parent
@@ -44,24 +41,9 @@ def _data(prepared: Path) -> dict:
             "prepared_dir": str(prepared / "prepared")}
 
 
-def _word(rng: random.Random) -> str:
-    return "".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 6)))
-
-
 def write_sft(path: Path, n: int, seed: int) -> Path:
-    """Toy format: any question is answered 'ANSWER: <the question's last word>'."""
-    rng = random.Random(seed)
-    with open(path, "w") as f:
-        for i in range(n):
-            w = _word(rng)
-            if i % 2:
-                rec = {"prompt": f"say {w}", "response": f"ANSWER: {w}"}
-            else:
-                rec = {"messages": [{"role": "system", "content": "be brief"},
-                                    {"role": "user", "content": f"word {w}"},
-                                    {"role": "assistant", "content": f"ANSWER: {w}"}]}
-            f.write(json.dumps(rec) + "\n")
-    return path
+    """Toy format: any request is answered 'ANSWER: <the request's last word>'."""
+    return Path(write_jsonl(str(path), sft_records(n, seed)))
 
 
 def post_recipe(tmp: Path, prepared: Path, base_run: Path, name: str, train_file: Path, **sections) -> Path:
@@ -143,7 +125,7 @@ def test_sft_learns_a_toy_format_and_resumes_exactly(tmp_path, prepared, base):
     model, tok, _ = load_model(str(run))
     rng, good = random.Random(99), 0
     for _ in range(10):
-        w = _word(rng)
+        w = toy_word(rng)
         ids = render(tok, [{"role": "user", "content": f"say {w}"}], add_generation_prompt=True).ids
         out = generate(model, torch.tensor([ids]), 14, temperature=0)[0, len(ids):].tolist()
         end = tok.token_id("<|end|>")
@@ -242,12 +224,7 @@ def test_dpo_loss_matches_hand_computation():
 
 def write_prefs(path: Path, n: int, seed: int) -> Path:
     """Toy preference: answers in capitals are preferred to the same answer in lower case."""
-    rng = random.Random(seed)
-    with open(path, "w") as f:
-        for _ in range(n):
-            w = _word(rng)
-            f.write(json.dumps({"prompt": f"say {w}", "chosen": w.upper(), "rejected": w}) + "\n")
-    return path
+    return Path(write_jsonl(str(path), preference_records(n, seed)))
 
 
 @pytest.mark.parametrize("stage", [2, 3])
