@@ -81,6 +81,17 @@ def test_lm_eval_runs_a_local_task_on_a_checkpoint(tmp_path, trained):
     assert 0.0 <= acc <= 1.0 and report["n_samples"]["toy_syntax"]["effective"] == len(docs)
     assert "toy_syntax: acc" in r.stdout
 
+    # the same task through the exported Hugging Face model and lm-eval's own `hf` model: the same accuracy
+    r = run_cli(sys.executable, "launch/export_hf.py", "--checkpoint", str(trained), "--out", str(tmp_path / "hf"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    tasks = TaskManager(include_path=str(tmp_path / "tasks"))
+    via_hf = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={tmp_path / 'hf'},dtype=float32,device=cpu",
+                                     tasks=["toy_syntax"], task_manager=tasks, log_samples=False)
+    assert via_hf["results"]["toy_syntax"]["acc,none"] == acc
+
     # the adapter's numbers are the model's: log p(continuation | context) summed over its tokens
     from llmforge.eval.harness import LLMForgeLM
 
