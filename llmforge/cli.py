@@ -52,6 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--max-bytes", type=int, default=8_000_000, help="stop after this many bytes")
 
+    p = sub.add_parser("plan", help="memory per GPU and time to budget for each ZeRO stage x activation checkpointing")
+    _recipe_args(p)
+    p.add_argument("--gpus", type=int, required=True, help="data-parallel GPUs")
+    p.add_argument("--gpu-memory", required=True, help="memory per GPU, e.g. 80GB")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak per GPU (H100/H200: 989)")
+    p.add_argument("--mfu", type=float, default=0.45, help="assumed model FLOPs utilisation for the time estimate")
+
     p = sub.add_parser("toy-chat", help="write a small synthetic SFT set and preference set (JSONL) to a directory")
     p.add_argument("--out", required=True, help="output directory (sft.jsonl, prefs.jsonl)")
     p.add_argument("--n", type=int, default=400, help="examples per file")
@@ -131,6 +138,31 @@ def main(argv: Optional[list[str]] = None) -> None:
 
         files, size = build_stdlib_corpus(args.out, args.max_bytes)
         print(f"corpus: {files} files, {size / 1e6:.1f} MB -> {args.out}")
+    elif args.command == "plan":
+        from llmforge.config import load_recipe
+        from llmforge.errors import UserError
+        from llmforge.plan import count_params, format_plan, plan
+
+        text = args.gpu_memory.strip().upper().removesuffix("B").removesuffix("G")
+        try:
+            memory = float(text)
+        except ValueError:
+            raise UserError(f"--gpu-memory {args.gpu_memory!r}: expected a size like 80GB") from None
+        if args.gpus < 1 or memory <= 0:
+            raise UserError("--gpus and --gpu-memory must be positive")
+        recipe = load_recipe(args.recipe, args.overrides)
+        vocab = recipe.model.vocab_size
+        if vocab is None and recipe.tokenizer.path:
+            from llmforge.tokenizer import load_tokenizer
+
+            with contextlib.suppress(UserError):
+                vocab = load_tokenizer(recipe.tokenizer, args.recipe).vocab_size
+        rows = plan(recipe, args.recipe, args.gpus, memory, args.peak_tflops, args.mfu, vocab)
+        import dataclasses
+
+        cfg = dataclasses.replace(recipe.model, vocab_size=vocab or 32000,
+                                  max_seq_len=recipe.model.max_seq_len or recipe.data.seq_len)
+        print(format_plan(rows, count_params(cfg)[0], args.gpus, memory))
     elif args.command == "toy-chat":
         from llmforge.posttrain.toy import write_toy_sets
 

@@ -1,0 +1,161 @@
+"""`llmforge plan`: before launching, what a recipe needs per GPU for each ZeRO stage × activation-checkpointing
+choice, and how long it will take.
+
+Memory per GPU (bytes; N parameters, d data-parallel ranks, bf16/fp16 training with fp32 master weights and Adam):
+- model states at the peak of a step (the optimizer update), following the ZeRO paper (Rajbhandari et al., 2020)
+  and fitted to what DeepSpeed 0.19 holds, measured as bytes per parameter on 2 CPU ranks at two model sizes
+  (bench/results/memory-cpu.md): params 2N (stage 3: 2N/d); gradients stage 0: 2N 16-bit + 4N fp32
+  accumulation, stage 1-2: 2N + 4N/d, stage 3: 2N/d + 4N/d; optimizer 12N fp32 master + exp_avg + exp_avg_sq
+  (stage 1-3: 12N/d), plus at stage 0 the update's 4N fp32 temporary. fp32 training: params and gradients 4N
+  each, no master copy (8N optimizer); not measured.
+- activations of one micro-batch (b sequences of s tokens), counted from the tensors the block saves for backward
+  (bf16): per layer s·b·(2·(7d + 3·kv_dim) + 8·ff) bytes with a fused attention kernel, plus 2·a·s²·b for the
+  score matrix where attention is not fused (CPU); full checkpointing keeps 2·s·b·d per layer plus one layer's
+  recompute; selective drops the attention tensors; logits 6·s·b·V (bf16 logits + fp32 loss).
+- buffers: DeepSpeed's gradient buckets (stage 1-2: reduce_bucket_size elements, twice with overlap_comm) and
+  stage-3 prefetch/live parameters (bounded by stage3_max_live_parameters).
+Throughput: FLOPs/token (6N + 12·L·d·s, ×4/3 of the forward share recomputed under full checkpointing) at an assumed
+MFU of the device's peak; time to the recipe's token budget (max_steps × global batch × seq_len).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from llmforge.config import Recipe
+from llmforge.config.deepspeed import compose_ds_config, zero_stage
+from llmforge.config.recipe import ModelConfig
+from llmforge.model.flops import flops_per_token
+
+GB = 1024 ** 3
+
+
+def count_params(cfg: ModelConfig) -> tuple[int, int]:
+    """(all parameters, non-embedding parameters), exactly, from a model built on the meta device."""
+    from llmforge.model.gpt import GPT
+
+    with torch.device("meta"):
+        model = GPT(cfg)
+    total = sum(p.numel() for p in model.parameters())
+    return total, model.num_params(non_embedding=True)
+
+
+def model_state_bytes(n_params: int, stage: int, dp: int, precision: str = "bf16") -> dict[str, float]:
+    """Parameters, gradients and optimizer states per rank at the peak of a step (the optimizer update), as measured
+    on DeepSpeed 0.19 CPU ranks (bench/memory_probe.py; tests/distributed/test_plan.py keeps them within 15%)."""
+    if precision == "fp32":
+        params, grads, optim = 4.0 * n_params, 4.0 * n_params, 8.0 * n_params
+        if stage >= 2:
+            grads /= dp
+    elif stage == 0:
+        # 16-bit weights and gradients, fp32 gradient accumulation, fp32 master + exp_avg + exp_avg_sq, and the
+        # update's fp32 temporary over the whole flat buffer
+        params, grads, optim = 2.0 * n_params, 6.0 * n_params, 16.0 * n_params
+    else:
+        # full 16-bit gradients until the reduce-scatter (stages 1 and 2 alike at the peak, measured), the fp32
+        # gradient partition, fp32 master + exp_avg + exp_avg_sq partitions
+        params, grads, optim = 2.0 * n_params, (2.0 * n_params if stage < 3 else 2.0 * n_params / dp), 12.0 * n_params
+        grads += 4.0 * n_params / dp
+    if stage >= 1:
+        optim /= dp
+    if stage >= 3:
+        params /= dp
+    return {"params": params, "grads": grads, "optimizer": optim}
+
+
+def activation_bytes(cfg: ModelConfig, seq_len: int, micro_batch: int, mode: str, every: int = 1,
+                     fused_attention: bool = True, elem: int = 2) -> float:
+    """Activations of one micro-batch saved for backward, for an activation-checkpointing mode."""
+    s, b, d, ff, L = seq_len, micro_batch, cfg.d_model, cfg.ff_dim, cfg.n_layers
+    kv = cfg.n_kv_heads * cfg.head_dim if cfg.n_kv_heads else d
+    attn = elem * s * b * (3 * d + 3 * kv) + (0 if fused_attention else elem * cfg.n_heads * s * s * b)
+    rest = elem * s * b * 4 * d + elem * s * b * (4 if cfg.mlp == "swiglu" else 2) * ff
+    layer = attn + rest
+    boundary = elem * s * b * d
+    if mode == "none":
+        body = L * layer
+    elif mode == "full":
+        body = L * boundary + layer
+    elif mode == "every_k":
+        kept = L - len(range(0, L, every))
+        body = kept * layer + (L - kept) * boundary + layer
+    elif mode == "selective":
+        body = L * rest + attn
+    else:
+        raise ValueError(f"unknown activation checkpointing mode {mode!r}")
+    logits = s * b * cfg.vocab_size * (elem + 4)
+    return float(body + logits)
+
+
+def buffer_bytes(ds_config: dict, n_params: int, elem: int = 2) -> float:
+    zero = ds_config.get("zero_optimization", {})
+    stage = zero.get("stage", 0)
+    if stage in (1, 2):
+        bucket = min(float(zero.get("reduce_bucket_size", 5e8)), n_params)
+        return elem * bucket * (2 if zero.get("overlap_comm", False) else 1)
+    if stage == 3:
+        live = min(float(zero.get("stage3_max_live_parameters", 1e9)), n_params)
+        prefetch = min(float(zero.get("stage3_prefetch_bucket_size", 5e7)), n_params)
+        return elem * (live + prefetch)
+    return 0.0
+
+
+@dataclass
+class PlanRow:
+    stage: int
+    checkpointing: str
+    params_gb: float
+    grads_gb: float
+    optimizer_gb: float
+    activations_gb: float
+    buffers_gb: float
+    total_gb: float
+    fits: bool
+    tokens_per_s: float
+    step_s: float
+    hours_to_budget: float
+
+
+def plan(recipe: Recipe, origin: str, gpus: int, gpu_memory_gb: float, peak_tflops: float = 989.0,
+         mfu: float = 0.45, vocab_size: Optional[int] = None, fused_attention: bool = True) -> list[PlanRow]:
+    """One row per ZeRO stage (0-3) × activation checkpointing (none, selective, full) for `gpus` data-parallel
+    GPUs of `gpu_memory_gb` each."""
+    m = recipe.model
+    cfg = dataclasses.replace(m, vocab_size=m.vocab_size or vocab_size or 32000,
+                              max_seq_len=m.max_seq_len or recipe.data.seq_len)
+    n_total, n_body = count_params(cfg)
+    t = recipe.train
+    tokens_per_step = t.micro_batch_size * t.grad_accum_steps * gpus * recipe.data.seq_len
+    budget = tokens_per_step * t.max_steps
+    rows = []
+    for stage in (0, 1, 2, 3):
+        ds = compose_ds_config(recipe, gpus, recipe.run_dir, origin, on_cpu=False)
+        ds["zero_optimization"] = {**ds.get("zero_optimization", {}), "stage": stage}
+        states = model_state_bytes(n_total, stage, gpus, t.precision)
+        buffers = buffer_bytes(ds, n_total)
+        for mode in ("none", "selective", "full"):
+            acts = activation_bytes(cfg, recipe.data.seq_len, t.micro_batch_size, mode,
+                                    fused_attention=fused_attention, elem=4 if t.precision == "fp32" else 2)
+            total = sum(states.values()) + acts + buffers
+            fpt = flops_per_token(n_body, cfg, recipe.data.seq_len)
+            recompute = {"none": 0.0, "selective": 12.0 * cfg.n_layers * cfg.d_model * recipe.data.seq_len / 3,
+                         "full": fpt / 3}[mode]
+            tps = mfu * peak_tflops * 1e12 * gpus / (fpt + recompute)
+            rows.append(PlanRow(stage, mode, states["params"] / GB, states["grads"] / GB, states["optimizer"] / GB,
+                                acts / GB, buffers / GB, total / GB, total <= gpu_memory_gb * GB * 0.95, tps,
+                                tokens_per_step / tps, budget / tps / 3600))
+    return rows
+
+
+def format_plan(rows: list[PlanRow], n_params: int, gpus: int, gpu_memory_gb: float) -> str:
+    head = (f"{n_params / 1e6:.1f}M parameters, {gpus} GPUs x {gpu_memory_gb:g} GB (fits: total <= 95% of memory)\n"
+            "| ZeRO | ckpt | params GB | grads GB | optim GB | activ. GB | buffers GB | total GB | fits | tokens/s "
+            "| step s | hours to budget |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+    lines = [f"| {r.stage} | {r.checkpointing} | {r.params_gb:.2f} | {r.grads_gb:.2f} | {r.optimizer_gb:.2f} | "
+             f"{r.activations_gb:.2f} | {r.buffers_gb:.2f} | {r.total_gb:.2f} | {'yes' if r.fits else 'NO'} | "
+             f"{r.tokens_per_s:,.0f} | {r.step_s:.3f} | {r.hours_to_budget:.1f} |" for r in rows]
+    return head + "\n".join(lines)
