@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 
 from llmforge.config import Recipe
-from llmforge.config.deepspeed import compose_ds_config, zero_stage
+from llmforge.config.deepspeed import compose_ds_config
 from llmforge.config.recipe import ModelConfig
 from llmforge.model.flops import flops_per_token
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from llmforge.plan import model_state_bytes
-from tests.conftest import REPO, run_cli, write_recipe
+from tests.conftest import run_cli, write_recipe
 from tests.distributed.test_zero_resume import free_port
 
 
