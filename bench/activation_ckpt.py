@@ -1,0 +1,138 @@
+"""Peak memory and step time of llmforge's training step for each activation-checkpointing mode (none, full,
+every_k with k=2, selective), the recipe's model and DeepSpeed config, one process, random tokens.
+
+Peak memory is the peak over the timed steps above the memory before the first of them: on GPU the peak allocated
+bytes; on CPU the peak RSS (reset through /proc/self/clear_refs, in a run with MALLOC_MMAP_THRESHOLD_=65536 so freed
+activations leave RSS; step times come from a second run without it, since it costs page faults). Each mode runs in
+its own processes so peaks do not mix.
+
+    python bench/activation_ckpt.py --recipe recipes/tiny-char.yaml
+    python bench/activation_ckpt.py --quick        # the test runs this
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+MODES = [("none", 1), ("full", 1), ("every_k", 2), ("selective", 1)]
+
+
+def one_mode(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    import deepspeed
+    import torch
+    from deepspeed.accelerator import get_accelerator
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from memory_probe import rss_bytes
+    from train_throughput import RandomTokens, timed
+
+    from llmforge.config import load_recipe
+    from llmforge.config.deepspeed import compose_ds_config
+    from llmforge.model import apply_activation_checkpointing
+    from llmforge.model.gpt import GPT
+    from llmforge.train.distributed import release_shm_segment, setup_env
+    from llmforge.train.metrics import Metrics
+    from llmforge.train.run import param_groups, resolve_model_config, seed_everything
+    from llmforge.train.trainer import Trainer, TrainState
+
+    recipe = load_recipe(args.recipe, args.overrides + [f"model.activation_checkpointing.mode={args.mode}",
+                                                        f"model.activation_checkpointing.every={args.every}"])
+    recipe = dataclasses.replace(recipe, eval=dataclasses.replace(recipe.eval, interval=0))
+    setup_env()
+    accel = get_accelerator()
+    on_cpu = accel.device_name() == "cpu"
+    recipe = resolve_model_config(recipe, recipe.model.vocab_size or 256, args.recipe)
+    ds_config = compose_ds_config(recipe, 1, "/tmp/llmforge-bench", args.recipe, on_cpu)
+    ds_config.pop("tensorboard", None)
+    deepspeed.init_distributed(dist_backend=accel.communication_backend_name())
+    release_shm_segment()
+    seed_everything(0)
+    model = GPT(recipe.model)
+    apply_activation_checkpointing(model, recipe.model.activation_checkpointing)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, recipe.train.weight_decay),
+                                      config=ds_config)
+    trainer = Trainer(engine, recipe, RandomTokens(recipe.model.vocab_size, recipe.data.seq_len), None,
+                      Metrics("/tmp", False), TrainState(), lambda s: None, 0.0, None)
+    sync = (lambda: None) if on_cpu else accel.synchronize
+    trainer.train_step()  # warm-up: optimizer states exist before the peak is reset
+    sync()
+    if on_cpu:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = rss_bytes()
+    else:
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    times = timed(trainer.train_step, 0, args.steps, sync)
+    peak = (rss_bytes("VmHWM") if on_cpu else torch.cuda.max_memory_allocated()) - before
+    tokens = recipe.train.micro_batch_size * recipe.train.grad_accum_steps * recipe.data.seq_len
+    print(json.dumps({"mode": args.mode, "every": args.every, "step_s": statistics.median(times),
+                      "tokens_per_s": tokens / statistics.median(times), "peak_bytes": peak,
+                      "device": "cpu" if on_cpu else accel.get_device_name()}), flush=True)
+    os._exit(0)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", default="recipes/tiny-char.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", default=None)
+    p.add_argument("--mode", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--every", type=int, default=1, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.quick:
+        args.overrides += ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
+                           "data.seq_len=64", "train.micro_batch_size=4", "train.warmup_steps=1"]
+        args.steps = 2
+    if args.mode:
+        one_mode(args)
+        return
+    rows = []
+    for mode, every in MODES:
+        cmd = [sys.executable, os.path.abspath(__file__), "--recipe", args.recipe, "--steps", str(args.steps),
+               "--mode", mode, "--every", str(every)] + [x for o in args.overrides for x in ("--set", o)]
+        runs = []
+        # memory with every large allocation mmapped (freed memory leaves RSS), time without (that costs page faults)
+        for env in ({**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}, dict(os.environ)):
+            r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            line = [x for x in r.stdout.splitlines() if x.startswith('{"mode"')]
+            if r.returncode != 0 or not line:
+                sys.exit(f"{mode}: failed\n{r.stderr[-2000:]}")
+            runs.append(json.loads(line[0]))
+        rows.append({**runs[1], "peak_bytes": runs[0]["peak_bytes"]})
+    from importlib.metadata import version
+
+    device = rows[0]["device"]
+    ref = rows[0]
+    lines = [f"# Activation checkpointing, {device}, {datetime.date.today()}", "",
+             f"Command: `python bench/activation_ckpt.py --recipe {args.recipe}"
+             + "".join(f" --set {o}" for o in (args.overrides if not args.quick else [])) + (" --quick" if args.quick
+                                                                                         else "") + "`; "
+             f"torch {version('torch')}, deepspeed {version('deepspeed')}. Median step time of {args.steps} steps; "
+             "peak memory of those steps over the memory before them (activations and gradients; CPU: peak RSS).", "",
+             "| mode | step s | tokens/s | peak MB | time vs none | memory vs none |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        name = r["mode"] if r["mode"] != "every_k" else f"every_k (k={r['every']})"
+        lines.append(f"| {name} | {r['step_s']:.4f} | {r['tokens_per_s']:,.0f} | {r['peak_bytes'] / 2**20:.1f} | "
+                     f"{r['step_s'] / ref['step_s']:.2f}x | {r['peak_bytes'] / max(ref['peak_bytes'], 1):.2f}x |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    name = f"{device.replace(' ', '-')}-{datetime.date.today()}-activation-ckpt.md"
+    out = args.out or os.path.join("bench", "results", name)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""Training-step throughput of llmforge side by side with two peers, in one process, on the same model dimensions:
+
+  llmforge      the recipe's model and DeepSpeed config through llmforge's Trainer.train_step (guard, stop flag,
+                LR schedule included)
+  torch         the same GPT module in a plain PyTorch loop: torch.optim.AdamW, bf16 autocast (fp32 weights),
+                clip_grad_norm_, no DeepSpeed
+  hf+deepspeed  transformers LlamaForCausalLM with the same dimensions, through DeepSpeed with the same config
+
+Each runs `--warmup` steps, then `--steps` timed steps on random tokens (data loading is outside all three); the
+median step time gives tokens/s (and MFU on a known GPU). Prints a table with ratios to llmforge and writes it to
+bench/results/<device>-<date>-throughput.md (or --out).
+
+    python bench/train_throughput.py --recipe recipes/tiny-char.yaml
+    python bench/train_throughput.py --quick          # a few steps of a tiny model (the test runs this)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import datetime
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+class RandomTokens:
+    """Stands in for PretrainData: random (inputs, targets) of the recipe's shape."""
+
+    def __init__(self, vocab: int, seq_len: int):
+        self.vocab, self.seq_len, self.num_samples, self.fingerprint = vocab, seq_len, 1 << 30, "random"
+
+    def batch(self, indices: range) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(indices.start)
+        block = torch.randint(0, self.vocab, (len(indices), self.seq_len + 1), generator=g)
+        return block[:, :-1], block[:, 1:]
+
+
+def timed(step, warmup: int, steps: int, sync) -> list[float]:
+    times = []
+    for i in range(warmup + steps):
+        sync()
+        start = time.perf_counter()
+        step()
+        sync()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", default="recipes/tiny-char.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--quick", action="store_true", help="tiny model, 3 timed steps (checks the script runs)")
+    p.add_argument("--out", default=None)
+    p.add_argument("--local_rank", type=int, default=None)
+    args = p.parse_args()
+
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    from llmforge.config import load_recipe
+    from llmforge.config.deepspeed import compose_ds_config, zero_stage
+    from llmforge.model.flops import device_peak_flops, flops_per_token
+    from llmforge.model.gpt import GPT
+    from llmforge.model.hf import llama_config
+    from llmforge.train.distributed import release_shm_segment, setup_env
+    from llmforge.train.metrics import Metrics
+    from llmforge.train.run import param_groups, resolve_model_config, seed_everything
+    from llmforge.train.trainer import Trainer, TrainState
+
+    overrides = list(args.overrides)
+    if args.quick:
+        overrides += ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
+                      "data.seq_len=64", "train.micro_batch_size=4", "train.warmup_steps=1"]
+        args.steps, args.warmup = 3, 1
+    recipe = load_recipe(args.recipe, overrides)
+    recipe = dataclasses.replace(recipe, eval=dataclasses.replace(recipe.eval, interval=0))
+    setup_env()
+    accel = get_accelerator()
+    on_cpu = accel.device_name() == "cpu"
+    vocab = recipe.model.vocab_size or 256
+    recipe = resolve_model_config(recipe, vocab, args.recipe)
+    ds_config = compose_ds_config(recipe, 1, "/tmp/llmforge-bench", args.recipe, on_cpu)
+    ds_config.pop("tensorboard", None)
+    deepspeed.init_distributed(dist_backend=accel.communication_backend_name())
+    release_shm_segment()
+    device = torch.device(accel.device_name(), 0) if not on_cpu else torch.device("cpu")
+    sync = (lambda: None) if on_cpu else accel.synchronize
+    t, seq = recipe.train, recipe.data.seq_len
+    tokens_per_step = t.micro_batch_size * t.grad_accum_steps * seq
+    data = RandomTokens(vocab, seq)
+    seed_everything(0)
+    base = GPT(recipe.model)
+    n_body = base.num_params(non_embedding=True)
+    results = {}
+
+    # llmforge
+    model = copy.deepcopy(base)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, t.weight_decay),
+                                      config=copy.deepcopy(ds_config))
+    trainer = Trainer(engine, recipe, data, None, Metrics("/tmp", False), TrainState(), lambda s: None,
+                      0.0, None)
+    results["llmforge"] = timed(trainer.train_step, args.warmup, args.steps, sync)
+    del engine, trainer, model
+
+    # plain PyTorch
+    model = copy.deepcopy(base).to(device)
+    opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas), eps=t.eps)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision)
+    state = {"i": 0}
+
+    def torch_step() -> None:
+        for micro in range(t.grad_accum_steps):
+            x, y = data.batch(range(state["i"], state["i"] + t.micro_batch_size))
+            state["i"] += t.micro_batch_size
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                _, loss = model(x.to(device), y.to(device))
+            (loss / t.grad_accum_steps).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    results["torch"] = timed(torch_step, args.warmup, args.steps, sync)
+    del model, opt
+
+    # Hugging Face Llama through DeepSpeed
+    from transformers import LlamaForCausalLM
+
+    hf = LlamaForCausalLM(llama_config(recipe.model))
+    hf_engine, *_ = deepspeed.initialize(model=hf, model_parameters=param_groups(hf, t.weight_decay),
+                                         config=copy.deepcopy(ds_config))
+    state["i"] = 0
+
+    def hf_step() -> None:
+        for micro in range(t.grad_accum_steps):
+            x, y = data.batch(range(state["i"], state["i"] + t.micro_batch_size))
+            state["i"] += t.micro_batch_size
+            out = hf_engine(input_ids=x.to(hf_engine.device), labels=None)
+            loss = torch.nn.functional.cross_entropy(out.logits.float().flatten(0, 1), y.to(hf_engine.device).flatten())
+            hf_engine.backward(loss)
+            hf_engine.step()
+
+    results["hf+deepspeed"] = timed(hf_step, args.warmup, args.steps, sync)
+
+    name = "cpu" if on_cpu else accel.get_device_name().replace(" ", "-")
+    peak = None if on_cpu else device_peak_flops(accel.get_device_name())
+    fpt = flops_per_token(n_body, recipe.model, seq)
+    ref = tokens_per_step / statistics.median(results["llmforge"])
+    from importlib.metadata import version
+
+    lines = [f"# Training-step throughput, {name}, {datetime.date.today()}", "",
+             f"Command: `python bench/train_throughput.py --recipe {args.recipe}"
+             + "".join(f" --set {o}" for o in args.overrides) + (" --quick" if args.quick else "") + "`; "
+             f"torch {version('torch')}, deepspeed {version('deepspeed')}, transformers {version('transformers')}, "
+             f"{os.cpu_count()} CPU cores visible, torch threads {torch.get_num_threads()}.",
+             f"Model: {recipe.model.d_model} d_model, {recipe.model.n_layers} layers, {recipe.model.n_heads} heads "
+             f"({recipe.model.n_kv_heads or recipe.model.n_heads} kv), vocab {vocab}, {n_body / 1e6:.2f}M "
+             f"non-embedding parameters; {t.micro_batch_size} x {seq} tokens x {t.grad_accum_steps} accumulation "
+             f"per step; ZeRO-{zero_stage(ds_config)}, {t.precision}, 1 process. Median of {args.steps} steps "
+             f"after {args.warmup} warm-up steps.", "",
+             "| trainer | median step s | tokens/s | MFU | vs llmforge |", "|---|---|---|---|---|"]
+    for key, times in results.items():
+        med = statistics.median(times)
+        tps = tokens_per_step / med
+        mfu = f"{fpt * tps / peak:.1%}" if peak else "n/a"
+        lines.append(f"| {key} | {med:.4f} | {tps:,.0f} | {mfu} | {tps / ref:.2f}x |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    out = args.out or os.path.join("bench", "results", f"{name}-{datetime.date.today()}-throughput.md")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w", encoding="utf-8") as f:
+        f.write(text)
+    sys.stdout.flush()
+    os._exit(0)  # see llmforge.errors.exit_process: no interpreter finalisation after gloo
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,22 @@
+"""The benchmarks run in quick mode and print their tables (no timing asserts: figures come from full runs)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from tests.conftest import run_cli
+
+
+@pytest.mark.parametrize("script,rows", [
+    ("bench/train_throughput.py", ["| llmforge |", "| torch |", "| hf+deepspeed |"]),
+    ("bench/activation_ckpt.py", ["| none |", "| full |", "| every_k (k=2) |", "| selective |"]),
+    ("bench/data_loader.py", ["| open a dataset of 500 shard files", "tokens/s per rank"]),
+])
+def test_bench_quick_mode_prints_its_table(tmp_path, script, rows):
+    out = tmp_path / "result.md"
+    r = run_cli(sys.executable, script, "--quick", "--out", str(out), timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for row in rows:
+        assert row in r.stdout and row in out.read_text(), row
