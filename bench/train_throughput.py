@@ -131,7 +131,7 @@ def main() -> None:
         opt.zero_grad(set_to_none=True)
 
     results["torch"] = timed(torch_step, args.warmup, args.steps, sync)
-    del model, opt
+    model = opt = None  # free before the next contender
 
     # Hugging Face Llama through DeepSpeed
     from transformers import LlamaForCausalLM
