@@ -77,6 +77,39 @@ def load_pretrained(path: str) -> tuple[GPT, Tokenizer]:
     return model, tok
 
 
+def starting_point(recipe: Recipe, origin: str, resume_from: Optional[str], extend_tokenizer=None
+                   ) -> tuple[Recipe, Optional[GPT], Tokenizer]:
+    """What a run with train.init_from starts from: (recipe with the starting model's architecture, its weights or
+    None when resuming, its tokenizer). A resumed run takes architecture and tokenizer from its own checkpoint; a
+    fresh one from init_from, with `extend_tokenizer(tok)` applied (the vocabulary grows to match). Training-time
+    choices (activation checkpointing, dropout) stay the recipe's."""
+    import dataclasses
+
+    from llmforge.errors import RecipeError
+
+    path = recipe.train.init_from
+    model = None
+    if resume_from is not None:
+        with open(os.path.join(resume_from, "tokenizer.json"), encoding="utf-8") as f:
+            tok = tokenizer_from_json(json.load(f))
+        with open(os.path.join(resume_from, "recipe.yaml"), encoding="utf-8") as f:
+            cfg = recipe_from_dict(yaml.safe_load(f), resume_from).model
+    else:
+        if not os.path.exists(path):
+            raise RecipeError(origin, "train.init_from", f"not found: {path}")
+        model, tok = load_pretrained(path)
+        if extend_tokenizer is not None:
+            tok = extend_tokenizer(tok)
+            model = resize_vocab(model, tok.vocab_size, recipe.run.seed)
+        cfg = model.cfg
+    if recipe.data.seq_len > cfg.max_seq_len:
+        raise RecipeError(origin, "data.seq_len", f"{recipe.data.seq_len} exceeds the model's max_seq_len="
+                                                  f"{cfg.max_seq_len} (from {path})")
+    cfg = dataclasses.replace(cfg, activation_checkpointing=recipe.model.activation_checkpointing,
+                              dropout=recipe.model.dropout)
+    return dataclasses.replace(recipe, model=cfg), model, tok
+
+
 def resize_vocab(model: GPT, vocab_size: int, seed: int = 0) -> GPT:
     """The same model with `vocab_size` rows of embedding (and LM head): existing rows kept, new rows the mean of the
     old ones plus N(0, init_std) noise, so new tokens start distinct and in distribution."""

@@ -4,19 +4,17 @@ Everything else — engine, schedule, guard, checkpoints, exact resume, preempti
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 
-from llmforge.config import Recipe, recipe_from_dict
+from llmforge.config import Recipe
 from llmforge.errors import RecipeError
 from llmforge.model.gpt import GPT
 from llmforge.posttrain.data import PreferenceData, SFTData, split_records
-from llmforge.tokenizer import Tokenizer, tokenizer_from_json
+from llmforge.tokenizer import Tokenizer
 from llmforge.tokenizer.added import with_chat_tokens
 
 
@@ -40,30 +38,9 @@ def prepare(task: str, recipe: Recipe, origin: str, resume_from: Optional[str]) 
         path = getattr(pt, key)
         if path and not os.path.isfile(path):
             raise RecipeError(origin, f"posttrain.{key}", f"file not found: {path}")
-    init_model = None
-    if resume_from is not None:  # tokenizer and model exactly as the run saved them
-        import yaml
+    from llmforge.model.loading import starting_point
 
-        with open(os.path.join(resume_from, "tokenizer.json"), encoding="utf-8") as f:
-            tok = tokenizer_from_json(json.load(f))
-        with open(os.path.join(resume_from, "recipe.yaml"), encoding="utf-8") as f:
-            model_cfg = recipe_from_dict(yaml.safe_load(f), resume_from).model
-    else:
-        if not os.path.exists(recipe.train.init_from):
-            raise RecipeError(origin, "train.init_from", f"not found: {recipe.train.init_from}")
-        from llmforge.model.loading import load_pretrained, resize_vocab
-
-        base, base_tok = load_pretrained(recipe.train.init_from)
-        tok = with_chat_tokens(base_tok)
-        init_model = resize_vocab(base, tok.vocab_size, recipe.run.seed)
-        model_cfg = init_model.cfg
-    # The architecture comes from the starting weights; training-time choices come from this recipe.
-    model_cfg = dataclasses.replace(model_cfg, activation_checkpointing=recipe.model.activation_checkpointing,
-                                    dropout=recipe.model.dropout)
-    if recipe.data.seq_len > model_cfg.max_seq_len:
-        raise RecipeError(origin, "data.seq_len", f"{recipe.data.seq_len} exceeds the model's max_seq_len="
-                                                  f"{model_cfg.max_seq_len} (from {recipe.train.init_from})")
-    recipe = dataclasses.replace(recipe, model=model_cfg)
+    recipe, init_model, tok = starting_point(recipe, origin, resume_from, with_chat_tokens)
     train_records, val_records = split_records(pt.train_file, pt.val_file, pt.val_fraction)
     kind = PreferenceData if task == "dpo" else SFTData
     train = kind(train_records, tok, recipe.data.seq_len, recipe.run.seed, "train")

@@ -232,33 +232,16 @@ def run_training(recipe_path: str, overrides: Optional[list[str]] = None, resume
 
 def _continue_from(recipe: Recipe, origin: str, tok_fp: str, resume_from: Optional[str]
                    ) -> tuple[Recipe, Optional[GPT]]:
-    """Continued pre-training from train.init_from: the architecture (and, on a fresh start, the weights) of the
-    starting model; its tokenizer must be the recipe's."""
-    from llmforge.model.loading import load_pretrained
+    """Continued pre-training from train.init_from: its architecture and weights; its tokenizer must be the
+    recipe's (the prepared data was tokenized with that one)."""
+    from llmforge.model.loading import starting_point
 
-    path = recipe.train.init_from
-    if resume_from is not None:  # the checkpoint has the weights; only the architecture is needed
-        import yaml
-
-        from llmforge.config import recipe_from_dict
-
-        with open(os.path.join(resume_from, "recipe.yaml"), encoding="utf-8") as f:
-            cfg, init_model = recipe_from_dict(yaml.safe_load(f), resume_from).model, None
-    else:
-        if not os.path.exists(path):
-            raise RecipeError(origin, "train.init_from", f"not found: {path}")
-        init_model, init_tok = load_pretrained(path)
-        if fingerprint(init_tok) != tok_fp:
-            raise RecipeError(origin, "train.init_from", f"{path} uses tokenizer {fingerprint(init_tok)}, the "
-                                                         f"recipe's tokenizer is {tok_fp}; point tokenizer.path at "
-                                                         f"the model's tokenizer")
-        cfg = init_model.cfg
-    if recipe.data.seq_len > cfg.max_seq_len:
-        raise RecipeError(origin, "data.seq_len", f"{recipe.data.seq_len} exceeds the model's max_seq_len="
-                                                  f"{cfg.max_seq_len} (from {path})")
-    cfg = dataclasses.replace(cfg, activation_checkpointing=recipe.model.activation_checkpointing,
-                              dropout=recipe.model.dropout)
-    return dataclasses.replace(recipe, model=cfg), init_model
+    recipe, init_model, init_tok = starting_point(recipe, origin, resume_from)
+    if fingerprint(init_tok) != tok_fp:
+        raise RecipeError(origin, "train.init_from", f"{recipe.train.init_from} uses tokenizer "
+                                                     f"{fingerprint(init_tok)}, the recipe's tokenizer is {tok_fp}; "
+                                                     f"point tokenizer.path at the model's tokenizer")
+    return recipe, init_model
 
 
 def _needs_universal(saved: dict, path: str, world: int, stage: int) -> bool:
