@@ -32,7 +32,7 @@ def one_mode(args: argparse.Namespace) -> None:
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from memory_probe import rss_bytes
-    from train_throughput import RandomTokens, timed
+    from train_throughput import RandomTokens, timed, vocab_size
 
     from llmforge.config import load_recipe
     from llmforge.config.deepspeed import compose_ds_config
@@ -49,7 +49,7 @@ def one_mode(args: argparse.Namespace) -> None:
     setup_env()
     accel = get_accelerator()
     on_cpu = accel.device_name() == "cpu"
-    recipe = resolve_model_config(recipe, recipe.model.vocab_size or 256, args.recipe)
+    recipe = resolve_model_config(recipe, vocab_size(recipe, args.recipe), args.recipe)
     ds_config = compose_ds_config(recipe, 1, "/tmp/llmforge-bench", args.recipe, on_cpu)
     ds_config.pop("tensorboard", None)
     deepspeed.init_distributed(dist_backend=accel.communication_backend_name())

@@ -42,6 +42,19 @@ class RandomTokens:
         return block[:, :-1], block[:, 1:]
 
 
+def vocab_size(recipe, origin: str) -> int:
+    """The model's vocabulary: the recipe's, else its tokenizer's when it exists, else 256 (char) or 32000 (BPE)."""
+    if recipe.model.vocab_size:
+        return recipe.model.vocab_size
+    from llmforge.errors import UserError
+    from llmforge.tokenizer import load_tokenizer
+
+    try:
+        return load_tokenizer(recipe.tokenizer, origin).vocab_size
+    except UserError:
+        return 256 if recipe.tokenizer.type == "char" else 32000
+
+
 def timed(step, warmup: int, steps: int, sync) -> list[float]:
     times = []
     for i in range(warmup + steps):
@@ -88,7 +101,7 @@ def main() -> None:
     setup_env()
     accel = get_accelerator()
     on_cpu = accel.device_name() == "cpu"
-    vocab = recipe.model.vocab_size or 256
+    vocab = vocab_size(recipe, args.recipe)
     recipe = resolve_model_config(recipe, vocab, args.recipe)
     ds_config = compose_ds_config(recipe, 1, "/tmp/llmforge-bench", args.recipe, on_cpu)
     ds_config.pop("tensorboard", None)
