@@ -20,6 +20,8 @@ import statistics
 import subprocess
 import sys
 
+from results_file import write_result
+
 MODES = [("none", 1), ("full", 1), ("every_k", 2), ("selective", 1)]
 
 
@@ -127,11 +129,7 @@ def main() -> None:
                      f"{r['step_s'] / ref['step_s']:.2f}x | {r['peak_bytes'] / max(ref['peak_bytes'], 1):.2f}x |")
     text = "\n".join(lines) + "\n"
     print(text)
-    name = f"{device.replace(' ', '-')}-{datetime.date.today()}-activation-ckpt.md"
-    out = args.out or os.path.join("bench", "results", name)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w", encoding="utf-8") as f:
-        f.write(text)
+    write_result(text, args.out, f"{device.replace(' ', '-')}-{datetime.date.today()}-activation-ckpt.md")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from results_file import write_result  # noqa: E402
 
 
 def write_dataset(root: str, shard_tokens: list[int], vocab: int = 32000, seed: int = 0) -> str:
@@ -94,10 +95,7 @@ def main() -> None:
              f"batches | {tokens_per_s:,.0f} tokens/s per rank ({load_s / args.batches * 1000:.2f} ms per batch) |"]
     text = "\n".join(lines) + "\n"
     print(text)
-    out = args.out or os.path.join("bench", "results", f"cpu-{datetime.date.today()}-data-loader.md")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w", encoding="utf-8") as f:
-        f.write(text)
+    write_result(text, args.out, f"cpu-{datetime.date.today()}-data-loader.md")
 
 
 if __name__ == "__main__":

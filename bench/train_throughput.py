@@ -28,6 +28,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from results_file import write_result  # noqa: E402
 
 
 class RandomTokens:
@@ -189,10 +190,7 @@ def main() -> None:
         lines.append(f"| {key} | {med:.4f} | {tps:,.0f} | {mfu} | {tps / ref:.2f}x |")
     text = "\n".join(lines) + "\n"
     print(text)
-    out = args.out or os.path.join("bench", "results", f"{name}-{datetime.date.today()}-throughput.md")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w", encoding="utf-8") as f:
-        f.write(text)
+    write_result(text, args.out, f"{name}-{datetime.date.today()}-throughput.md")
     sys.stdout.flush()
     os._exit(0)  # see llmforge.errors.exit_process: no interpreter finalisation after gloo
 
