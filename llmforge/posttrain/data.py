@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -143,7 +144,10 @@ class SFTData(_Indexed):
     def __init__(self, records: list[tuple[str, Any]], tok: Any, seq_len: int, seed: int, split: str = "train"):
         self.tok, self.seq_len, self.split = tok, seq_len, split
         self.examples = [render(tok, _messages(rec, where)) for where, rec in records]
-        self.truncated = sum(len(e.ids) > seq_len + 1 for e in self.examples)
+        cut = sum(len(e.ids) > seq_len + 1 for e in self.examples)
+        if cut:
+            logging.getLogger("llmforge").warning("%d of %d %s conversations are longer than data.seq_len=%d and "
+                                                  "are cut", cut, len(self.examples), split, seq_len)
         usable = [e for e in self.examples if any(e.mask[1: seq_len + 1])]
         if records and not usable:
             raise DataError(f"{records[0][0].rsplit(':', 1)[0]}: every response starts beyond data.seq_len={seq_len}")
