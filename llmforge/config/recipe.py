@@ -130,6 +130,8 @@ class TrainConfig:
     eps: float = doc(1e-8, "AdamW epsilon.")
     grad_clip: float = doc(1.0, "Clip the global gradient norm to this; 0 disables.")
     precision: Literal["bf16", "fp16", "fp32"] = doc("bf16", "Training precision.")
+    compile: bool = doc(False, "torch.compile each transformer block (one shared graph; compiled on the first "
+                                "step, tens of seconds). Checkpoints do not depend on it.")
     z_loss: float = doc(0.0, "Weight of the z-loss (mean squared log-partition of the logits, PaLM); 0 disables.")
     spike_guard: SpikeGuardConfig = doc(text="Loss-spike and NaN guard.", factory=SpikeGuardConfig)
     init_from: Optional[str] = doc(None, "Start from these weights instead of a random init: an llmforge run dir / "
