@@ -11,7 +11,11 @@ median step time gives tokens/s (and MFU on a known GPU). Prints a table with ra
 bench/results/<device>-<date>-throughput.md (or --out).
 
     python bench/train_throughput.py --recipe recipes/tiny-char.yaml
+    python bench/train_throughput.py --recipe recipes/tiny-char.yaml --compile   # + each with compiled blocks
     python bench/train_throughput.py --quick          # a few steps of a tiny model (the test runs this)
+
+With --compile each trainer also runs with its transformer blocks compiled (torch.compile, in place; llmforge through
+`train.compile`), so eager and compiled ratios both come from the same run.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import gc
 import datetime
 import os
 import statistics
@@ -74,6 +79,10 @@ def main() -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=6,
+                   help="timed steps split into this many rounds, the contenders taking turns in each (all in memory "
+                        "at once); 1 = one contender at a time, for models too big to hold three")
+    p.add_argument("--compile", action="store_true", help="also time each trainer with compiled blocks")
     p.add_argument("--quick", action="store_true", help="tiny model, 3 timed steps (checks the script runs)")
     p.add_argument("--out", default=None)
     p.add_argument("--local_rank", type=int, default=None)
@@ -85,7 +94,7 @@ def main() -> None:
     from llmforge.config import load_recipe
     from llmforge.config.deepspeed import compose_ds_config, zero_stage
     from llmforge.model.flops import device_peak_flops, flops_per_token
-    from llmforge.model.gpt import GPT
+    from llmforge.model import GPT, compile_blocks
     from llmforge.model.hf import llama_config
     from llmforge.train.distributed import release_shm_segment, setup_env
     from llmforge.train.metrics import Metrics
@@ -96,7 +105,7 @@ def main() -> None:
     if args.quick:
         overrides += ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
                       "data.seq_len=64", "train.micro_batch_size=4", "train.warmup_steps=1"]
-        args.steps, args.warmup = 3, 1
+        args.steps, args.warmup, args.rounds = 3, 1, min(args.rounds, 3)
     recipe = load_recipe(args.recipe, overrides)
     recipe = dataclasses.replace(recipe, eval=dataclasses.replace(recipe.eval, interval=0))
     setup_env()
@@ -118,76 +127,110 @@ def main() -> None:
     n_body = base.num_params(non_embedding=True)
     results = {}
 
-    # llmforge
-    model = copy.deepcopy(base)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, t.weight_decay),
-                                      config=copy.deepcopy(ds_config))
-    trainer = Trainer(engine, recipe, data, None, Metrics("/tmp", False), TrainState(), lambda s: None,
-                      0.0, None)
-    results["llmforge"] = timed(trainer.train_step, args.warmup, args.steps, sync)
-    del engine, trainer, model
-
-    # plain PyTorch
-    model = copy.deepcopy(base).to(device)
-    opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas), eps=t.eps)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision)
-    state = {"i": 0}
-
-    def torch_step() -> None:
-        for micro in range(t.grad_accum_steps):
-            x, y = data.batch(range(state["i"], state["i"] + t.micro_batch_size))
-            state["i"] += t.micro_batch_size
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                _, loss = model(x.to(device), y.to(device))
-            (loss / t.grad_accum_steps).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    results["torch"] = timed(torch_step, args.warmup, args.steps, sync)
-    model = opt = None  # free before the next contender
-
-    # Hugging Face Llama through DeepSpeed
     from transformers import LlamaForCausalLM
 
-    hf = LlamaForCausalLM(llama_config(recipe.model))
-    hf_engine, *_ = deepspeed.initialize(model=hf, model_parameters=param_groups(hf, t.weight_decay),
-                                         config=copy.deepcopy(ds_config))
-    state["i"] = 0
+    def run_llmforge(compiled: bool):
+        model = copy.deepcopy(base)
+        if compiled:
+            compile_blocks(model)
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, t.weight_decay),
+                                          config=copy.deepcopy(ds_config))
+        trainer = Trainer(engine, recipe, data, None, Metrics("/tmp", False), TrainState(), lambda s: None,
+                          0.0, None)
+        return trainer.train_step
 
-    def hf_step() -> None:
-        for micro in range(t.grad_accum_steps):
-            x, y = data.batch(range(state["i"], state["i"] + t.micro_batch_size))
-            state["i"] += t.micro_batch_size
-            out = hf_engine(input_ids=x.to(hf_engine.device), labels=None)
-            loss = torch.nn.functional.cross_entropy(out.logits.float().flatten(0, 1), y.to(hf_engine.device).flatten())
-            hf_engine.backward(loss)
-            hf_engine.step()
+    def run_torch(compiled: bool):
+        model = copy.deepcopy(base).to(device)
+        if compiled:
+            compile_blocks(model)
+        opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas), eps=t.eps)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision)
+        position = iter(range(0, 1 << 62, t.micro_batch_size))
 
-    results["hf+deepspeed"] = timed(hf_step, args.warmup, args.steps, sync)
+        def step() -> None:
+            for micro in range(t.grad_accum_steps):
+                i = next(position)
+                x, y = data.batch(range(i, i + t.micro_batch_size))
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                    _, loss = model(x.to(device), y.to(device))
+                (loss / t.grad_accum_steps).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        return step
+
+    def run_hf(compiled: bool):
+        hf = LlamaForCausalLM(llama_config(recipe.model))
+        if compiled:
+            for layer in hf.model.layers:
+                layer.compile()
+        engine, *_ = deepspeed.initialize(model=hf, model_parameters=param_groups(hf, t.weight_decay),
+                                          config=copy.deepcopy(ds_config))
+        position = iter(range(0, 1 << 62, t.micro_batch_size))
+
+        def step() -> None:
+            for micro in range(t.grad_accum_steps):
+                i = next(position)
+                x, y = data.batch(range(i, i + t.micro_batch_size))
+                out = engine(input_ids=x.to(engine.device), labels=None)
+                loss = torch.nn.functional.cross_entropy(out.logits.float().flatten(0, 1),
+                                                         y.to(engine.device).flatten())
+                engine.backward(loss)
+                engine.step()
+
+        return step
+
+    contenders = [(key + (" (compiled)" if compiled else ""), fn, compiled)
+                  for compiled in ([False, True] if args.compile else [False])
+                  for key, fn in (("llmforge", run_llmforge), ("torch", run_torch), ("hf+deepspeed", run_hf))]
+    if args.rounds == 1:  # one contender in memory at a time
+        for key, build, compiled in contenders:
+            results[key] = timed(build(compiled), args.warmup, args.steps, sync)
+            gc.collect()
+    else:  # all built, then their timed steps interleaved, so drift in the machine's speed reaches each alike
+        steps = {key: build(compiled) for key, build, compiled in contenders}
+        for key, step in steps.items():
+            timed(step, args.warmup, 0, sync)
+            results[key] = []
+        per_round = -(-args.steps // args.rounds)
+        for _ in range(args.rounds):
+            for key, step in steps.items():
+                results[key] += timed(step, 0, per_round, sync)
 
     name = "cpu" if on_cpu else accel.get_device_name().replace(" ", "-")
     peak = None if on_cpu else device_peak_flops(accel.get_device_name())
     fpt = flops_per_token(n_body, recipe.model, seq)
-    ref = tokens_per_step / statistics.median(results["llmforge"])
     from importlib.metadata import version
 
     lines = [f"# Training-step throughput, {name}, {datetime.date.today()}", "",
              f"Command: `python bench/train_throughput.py --recipe {args.recipe}"
-             + "".join(f" --set {o}" for o in args.overrides) + (" --quick" if args.quick else "") + "`; "
+             + "".join(f" --set {o}" for o in args.overrides) + (" --compile" if args.compile else "")
+             + (f" --rounds {args.rounds}" if args.rounds != 6 else "")
+             + (" --quick" if args.quick else "") + "`; "
              f"torch {version('torch')}, deepspeed {version('deepspeed')}, transformers {version('transformers')}, "
              f"{os.cpu_count()} CPU cores visible, torch threads {torch.get_num_threads()}.",
              f"Model: {recipe.model.d_model} d_model, {recipe.model.n_layers} layers, {recipe.model.n_heads} heads "
              f"({recipe.model.n_kv_heads or recipe.model.n_heads} kv), vocab {vocab}, {n_body / 1e6:.2f}M "
              f"non-embedding parameters; {t.micro_batch_size} x {seq} tokens x {t.grad_accum_steps} accumulation "
-             f"per step; ZeRO-{zero_stage(ds_config)}, {t.precision}, 1 process. Median of {args.steps} steps "
-             f"after {args.warmup} warm-up steps.", "",
-             "| trainer | median step s | tokens/s | MFU | vs llmforge |", "|---|---|---|---|---|"]
+             f"per step; ZeRO-{zero_stage(ds_config)}, {t.precision}, 1 process. Median of {len(results['llmforge'])} "
+             f"steps after {args.warmup} warm-up steps"
+             + (f", the contenders taking turns in {args.rounds} rounds." if args.rounds > 1 else ", one after the other.")
+             , "",
+             "| trainer | median step s | tokens/s | MFU | llmforge speed-up over it (same mode) |",
+             "|---|---|---|---|---|"]
     for key, times in results.items():
         med = statistics.median(times)
         tps = tokens_per_step / med
         mfu = f"{fpt * tps / peak:.1%}" if peak else "n/a"
-        lines.append(f"| {key} | {med:.4f} | {tps:,.0f} | {mfu} | {tps / ref:.2f}x |")
+        ref = statistics.median(results["llmforge (compiled)" if "compiled" in key else "llmforge"])
+        lines.append(f"| {key} | {med:.4f} | {tps:,.0f} | {mfu} | {med / ref:.2f}x |")
+    med = {key: statistics.median(times) for key, times in results.items()}
+    lines += ["", f"- framework overhead against the plain PyTorch loop (eager): "
+                  f"{med['llmforge'] / med['torch'] - 1:+.1%} step time"]
+    if args.compile:
+        lines.append(f"- llmforge with train.compile against HF Llama + DeepSpeed as it ships (eager): "
+                     f"{med['hf+deepspeed'] / med['llmforge (compiled)']:.2f}x tokens/s")
     text = "\n".join(lines) + "\n"
     print(text)
     write_result(text, args.out, f"{name}-{datetime.date.today()}-throughput.md")

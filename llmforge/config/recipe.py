@@ -132,6 +132,9 @@ class TrainConfig:
     precision: Literal["bf16", "fp16", "fp32"] = doc("bf16", "Training precision.")
     compile: bool = doc(False, "torch.compile each transformer block (one shared graph; compiled on the first "
                                 "step, tens of seconds). Checkpoints do not depend on it.")
+    loss_chunk: int = doc(0, "Compute the LM head and loss over this many tokens at a time, recomputing each chunk's "
+                             "logits in backward, so the (tokens x vocab) fp32 logits are never held whole; 0 = all "
+                             "at once.")
     z_loss: float = doc(0.0, "Weight of the z-loss (mean squared log-partition of the logits, PaLM); 0 disables.")
     spike_guard: SpikeGuardConfig = doc(text="Loss-spike and NaN guard.", factory=SpikeGuardConfig)
     init_from: Optional[str] = doc(None, "Start from these weights instead of a random init: an llmforge run dir / "
@@ -140,7 +143,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         positive(self, "max_steps", "micro_batch_size", "grad_accum_steps", "lr", "eps")
-        positive(self, "min_lr", "warmup_steps", "weight_decay", "grad_clip", "z_loss", allow_zero=True)
+        positive(self, "min_lr", "warmup_steps", "weight_decay", "grad_clip", "z_loss", "loss_chunk",
+                 allow_zero=True)
         if self.min_lr > self.lr:
             raise ConfigError("min_lr", f"{self.min_lr} is above lr={self.lr}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):

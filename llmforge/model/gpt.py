@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from llmforge.config.recipe import ModelConfig
 
@@ -170,9 +171,14 @@ class GPT(nn.Module):
             nn.init.normal_(block.attn.wo.weight, mean=0.0, std=residual_std)
             nn.init.normal_(block.mlp.down.weight, mean=0.0, std=residual_std)
 
-    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None,
-                cache: Optional[KVCache] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Logits (B, T, vocab) and, given targets, the mean next-token cross-entropy (fp32, ignore_index=-100)."""
+    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None,
+                loss_chunk: int = 0, z_loss: float = 0.0) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Logits (B, T, vocab) and, given targets, the loss: mean next-token cross-entropy in fp32 over targets that
+        are not -100, plus z_loss × the mean squared log-partition (PaLM's z-loss) when z_loss > 0.
+
+        loss_chunk > 0 (with targets): the LM head and loss run over that many tokens at a time, each chunk's logits
+        recomputed in the backward pass, so the (tokens × vocab) logits are never held whole; logits come back None.
+        """
         B, T = idx.shape
         start = cache.length if cache is not None else 0
         if start + T > self.cfg.max_seq_len:
@@ -186,11 +192,36 @@ class GPT(nn.Module):
         x = self.drop(x)
         for block in self.blocks:
             x = block(x, rope, cache)
-        logits = self.lm_head(self.norm(x))
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        h = self.norm(x)
+        if targets is None:
+            return self.lm_head(h), None
+        if loss_chunk and loss_chunk < B * T:
+            return None, self._chunked_loss(h.reshape(B * T, -1), targets.reshape(-1), loss_chunk, z_loss)
+        logits = self.lm_head(h)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        if z_loss:
+            loss = loss + z_loss * torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
         return logits, loss
+
+    def _chunked_loss(self, h: torch.Tensor, targets: torch.Tensor, chunk: int, z_loss: float) -> torch.Tensor:
+        ce_sum = z_sum = 0.0
+        for s in range(0, h.shape[0], chunk):
+            args = (h[s:s + chunk], targets[s:s + chunk], bool(z_loss))
+            if torch.is_grad_enabled():
+                # Non-reentrant: the recomputation calls lm_head as a module again (ZeRO-3 gathers its weight).
+                ce, z = checkpoint(self._loss_sums, *args, use_reentrant=False)
+            else:
+                ce, z = self._loss_sums(*args)
+            ce_sum, z_sum = ce_sum + ce, z_sum + z
+        loss = ce_sum / (targets != -100).sum()
+        return loss + z_loss * z_sum / h.shape[0] if z_loss else loss
+
+    def _loss_sums(self, h: torch.Tensor, targets: torch.Tensor, with_z: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed cross-entropy (and squared log-partition) of one chunk of tokens."""
+        logits = self.lm_head(h).float()
+        ce = F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
+        z = torch.logsumexp(logits, dim=-1).pow(2).sum() if with_z else torch.zeros((), device=h.device)
+        return ce, z
 
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())

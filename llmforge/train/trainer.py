@@ -37,14 +37,13 @@ class StepResult:
 Objective = Callable[[Any, Any], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
-def lm_objective(z_loss: float = 0.0) -> Objective:
-    """Next-token cross-entropy on (inputs, targets) batches (targets -100 carry no loss), plus optional z-loss."""
+def lm_objective(z_loss: float = 0.0, loss_chunk: int = 0) -> Objective:
+    """Next-token cross-entropy on (inputs, targets) batches (targets -100 carry no loss), plus optional z-loss;
+    loss_chunk > 0 computes the LM head and loss that many tokens at a time (see GPT.forward)."""
 
     def objective(engine: Any, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         inputs, targets = batch
-        logits, loss = engine(inputs.to(engine.device), targets.to(engine.device))
-        if z_loss:
-            loss = loss + z_loss * torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
+        _, loss = engine(inputs.to(engine.device), targets.to(engine.device), loss_chunk=loss_chunk, z_loss=z_loss)
         return loss, {}
 
     return objective
@@ -67,8 +66,8 @@ class Trainer:
         self.guard.load_state_dict(state.guard)
         self.stop = stop or StopSignal()
         self.faults = FaultInjector()
-        self.objective = objective or lm_objective(t.z_loss)
-        self.eval_objective = objective or lm_objective(0.0)
+        self.objective = objective or lm_objective(t.z_loss, t.loss_chunk)
+        self.eval_objective = objective or lm_objective(0.0, t.loss_chunk)
         self.last_val_loss: Optional[float] = None
 
     # -- the step -------------------------------------------------------------------------------------------------

@@ -145,6 +145,46 @@ def test_compiled_blocks_match_eager_and_share_one_graph(mode):
     assert counters["stats"]["unique_graphs"] == 1
 
 
+def saved_bytes(fn) -> tuple[int, int]:
+    """(total, largest) bytes of the tensors autograd keeps for backward while fn() runs."""
+    sizes: list[int] = []
+
+    def pack(t):
+        sizes.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(sizes), max(sizes)
+
+
+@pytest.mark.parametrize("z_loss", [0.0, 1e-3])
+def test_chunked_loss_equals_whole_and_never_holds_the_logits(z_loss):
+    model = tiny(vocab_size=997, n_layers=2)
+    x = torch.randint(0, 997, (3, 40))
+    y = torch.randint(0, 997, (3, 40))
+    y[0, :7] = -100  # ignored targets count in neither the sum nor the mean
+    grads = {}
+    for chunk in (0, 50):  # 50 does not divide 120 tokens: the last chunk is short
+        model.zero_grad()
+        out = {}
+        total, largest = saved_bytes(lambda: out.update(zip(("logits", "loss"), model(x, y, loss_chunk=chunk,
+                                                                                    z_loss=z_loss))))
+        out["loss"].backward()
+        grads[chunk] = (out["loss"].detach(), {n: p.grad.clone() for n, p in model.named_parameters()},
+                        total, largest)
+        assert (out["logits"] is None) == bool(chunk)
+    whole, chunked = grads[0], grads[50]
+    torch.testing.assert_close(chunked[0], whole[0], rtol=1e-6, atol=1e-6)
+    for name, g in whole[1].items():
+        torch.testing.assert_close(chunked[1][name], g, rtol=1e-5, atol=1e-7)
+    logits_bytes = 3 * 40 * 997 * 4
+    assert whole[3] >= logits_bytes  # the whole path keeps (tokens x vocab) fp32 for backward
+    assert chunked[3] < logits_bytes / 2 and chunked[2] < whole[2] - logits_bytes
+    with torch.no_grad():  # eval: the same loss without checkpointing
+        torch.testing.assert_close(model(x, y, loss_chunk=50, z_loss=z_loss)[1], whole[0], rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("sampling", [dict(temperature=0.0), dict(temperature=0.9, top_k=10, top_p=0.9)])
 @pytest.mark.parametrize("kw", VARIANTS[:2])
 def test_generation_with_kv_cache_equals_without(sampling, kw):
