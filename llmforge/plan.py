@@ -8,10 +8,16 @@ Memory per GPU (bytes; N parameters, d data-parallel ranks, bf16/fp16 training w
   accumulation, stage 1-2: 2N + 4N/d, stage 3: 2N/d + 4N/d; optimizer 12N fp32 master + exp_avg + exp_avg_sq
   (stage 1-3: 12N/d), plus at stage 0 the update's 4N fp32 temporary. fp32 training: params and gradients 4N
   each, no master copy (8N optimizer); not measured.
-- activations of one micro-batch (b sequences of s tokens), counted from the tensors the block saves for backward
-  (bf16): per layer s·b·(2·(7d + 3·kv_dim) + 8·ff) bytes with a fused attention kernel, plus 2·a·s²·b for the
-  score matrix where attention is not fused (CPU); full checkpointing keeps 2·s·b·d per layer plus one layer's
-  recompute; selective drops the attention tensors; logits 6·s·b·V (bf16 logits + fp32 loss).
+- activations of one micro-batch (T = b·s tokens, 16-bit elements of e bytes), counted from the tensors each
+  operation keeps for backward: per block two norms (fused kernel, as on GPU: input T·d·e + fp32 rstd T·4; the
+  unfused CPU composite keeps two fp32 copies, T·(8d + 8)), each norm's output as the next linear's input (T·d·e),
+  attention q, k, v and output T·(2d + 2·kv_dim)·e + fp32 log-sum-exp T·heads·4 (a·s²·b·e more where attention is
+  not a fused kernel), SwiGLU T·4·ff·e (GELU 2·ff). Full checkpointing keeps each block's input T·d·e;
+  selective drops the attention tensors. The final norm and LM-head input, then the logits: the loss keeps their
+  fp32 log-softmax (T·V·4); with train.loss_chunk = c nothing of them is kept, only c tokens' logits exist at a
+  time. Transients on top (`transients=True`, the plan's figure): one block's recomputation under checkpointing
+  and, at the loss, the logits' fp32 and 16-bit gradients (T·V·(4 + e), or c·V·(8 + e) chunked).
+  tests/unit/test_plan.py holds the kept part within 10% of what the model saves for backward, measured on CPU.
 - buffers: DeepSpeed's gradient buckets (stage 1-2: reduce_bucket_size elements, twice with overlap_comm) and
   stage-3 prefetch/live parameters (bounded by stage3_max_live_parameters).
 Throughput: FLOPs/token (6N + 12·L·d·s, ×4/3 of the forward share recomputed under full checkpointing) at an assumed
@@ -68,27 +74,42 @@ def model_state_bytes(n_params: int, stage: int, dp: int, precision: str = "bf16
 
 
 def activation_bytes(cfg: ModelConfig, seq_len: int, micro_batch: int, mode: str, every: int = 1,
-                     fused_attention: bool = True, elem: int = 2) -> float:
-    """Activations of one micro-batch saved for backward, for an activation-checkpointing mode."""
-    s, b, d, ff, L = seq_len, micro_batch, cfg.d_model, cfg.ff_dim, cfg.n_layers
-    kv = cfg.n_kv_heads * cfg.head_dim if cfg.n_kv_heads else d
-    attn = elem * s * b * (3 * d + 3 * kv) + (0 if fused_attention else elem * cfg.n_heads * s * s * b)
-    rest = elem * s * b * 4 * d + elem * s * b * (4 if cfg.mlp == "swiglu" else 2) * ff
-    layer = attn + rest
-    boundary = elem * s * b * d
+                     fused_attention: bool = True, fused_norm: bool = True, elem: int = 2, loss_chunk: int = 0,
+                     transients: bool = True) -> float:
+    """Activations of one micro-batch for an activation-checkpointing mode: what is kept for backward plus, with
+    `transients`, what backward briefly adds on top (one block's recomputation, the logits' gradients)."""
+    s, b, d, ff, L, V = seq_len, micro_batch, cfg.d_model, cfg.ff_dim, cfg.n_layers, cfg.vocab_size
+    T = s * b
+    kv = cfg.kv_heads * cfg.head_dim
+    if cfg.norm == "layernorm":  # a native kernel everywhere: input + fp32 mean and rstd
+        norm = T * (elem * d + 8)
+    else:
+        norm = T * (elem * d + 4) if fused_norm else T * (8 * d + 8)
+    norm += elem * T * d  # its output, the input of the next linear(s)
+    attn = elem * T * (2 * d + 2 * kv) + 4 * T * cfg.n_heads
+    if not fused_attention:
+        attn += elem * cfg.n_heads * s * s * b
+    mlp = elem * T * (4 if cfg.mlp == "swiglu" else 2) * ff
+    layer = 2 * norm + attn + mlp
+    boundary = elem * T * d
+    recompute = layer if transients else 0
     if mode == "none":
         body = L * layer
     elif mode == "full":
-        body = L * boundary + layer
+        body = L * boundary + recompute
     elif mode == "every_k":
-        kept = L - len(range(0, L, every))
-        body = kept * layer + (L - kept) * boundary + layer
+        wrapped = len(range(0, L, every))
+        body = (L - wrapped) * layer + wrapped * boundary + recompute
     elif mode == "selective":
-        body = L * rest + attn
+        body = L * (2 * norm + mlp) + (attn if transients else 0)
     else:
         raise ValueError(f"unknown activation checkpointing mode {mode!r}")
-    logits = s * b * cfg.vocab_size * (elem + 4)
-    return float(body + logits)
+    head = norm  # final norm + LM-head input
+    if 0 < loss_chunk < T:  # one chunk's logits at a time, nothing of them kept between
+        logits = loss_chunk * V * (8 + elem) if transients else 0
+    else:
+        logits = T * V * ((8 + elem) if transients else 4)
+    return float(body + head + logits)
 
 
 def buffer_bytes(ds_config: dict, n_params: int, elem: int = 2) -> float:
@@ -139,7 +160,8 @@ def plan(recipe: Recipe, origin: str, gpus: int, gpu_memory_gb: float, peak_tflo
         buffers = buffer_bytes(ds, n_total)
         for mode in ("none", "selective", "full"):
             acts = activation_bytes(cfg, recipe.data.seq_len, t.micro_batch_size, mode,
-                                    fused_attention=fused_attention, elem=4 if t.precision == "fp32" else 2)
+                                    fused_attention=fused_attention, elem=4 if t.precision == "fp32" else 2,
+                                    loss_chunk=t.loss_chunk)
             total = sum(states.values()) + acts + buffers
             fpt = flops_per_token(n_body, cfg, recipe.data.seq_len)
             recompute = {"none": 0.0, "selective": 12.0 * cfg.n_layers * cfg.d_model * recipe.data.seq_len / 3,
