@@ -96,6 +96,10 @@ def test_composed_ds_config_derives_only_what_must_agree(tmp_path, prepared):
     assert {k: v for k, v in ds["zero_optimization"].items() if k != "overlap_comm"} == \
         {k: v for k, v in plain.items() if k != "overlap_comm"}
     assert ds["optimizer"]["params"]["lr"] == recipe.train.lr
+    # on CPU torch's AdamW with its fused kernel; on GPU DeepSpeed's own FusedAdam (nothing added)
+    assert ds["optimizer"]["params"]["torch_adam"] is True and ds["optimizer"]["params"]["fused"] is True
+    on_gpu = compose_ds_config(recipe, 4, str(tmp_path / "run"), str(path), on_cpu=False)["optimizer"]["params"]
+    assert "torch_adam" not in on_gpu and "fused" not in on_gpu
 
 
 def test_resolved_recipe_and_ds_config_saved(tmp_path, prepared):
