@@ -73,6 +73,21 @@ def timed(step, warmup: int, steps: int, sync) -> list[float]:
     return times
 
 
+def planner_line(recipe, origin: str, vocab: int, stage: int, measured_gb) -> str:
+    """`llmforge plan`'s per-GPU total for this recipe on one GPU, against the measured peak where there is one."""
+    from llmforge.plan import plan
+
+    mode = recipe.model.activation_checkpointing.mode
+    rows = [r for r in plan(recipe, origin, 1, 1e9, vocab_size=vocab) if (r.stage, r.checkpointing) == (stage, mode)]
+    if not rows:
+        return f"- planner: no row for activation checkpointing {mode!r}"
+    predicted = rows[0].total_gb
+    if measured_gb is None:
+        return f"- planner: {predicted:.3g} GB per GPU predicted for llmforge (ZeRO-{stage}, {mode}); no GPU to measure"
+    return (f"- planner: {predicted:.2f} GB per GPU predicted for llmforge (ZeRO-{stage}, {mode}), {measured_gb:.2f} GB "
+            f"measured (torch.cuda.max_memory_allocated): error {predicted / measured_gb - 1:+.1%}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", default="recipes/tiny-char.yaml")
@@ -184,19 +199,39 @@ def main() -> None:
     contenders = [(key + (" (compiled)" if compiled else ""), fn, compiled)
                   for compiled in ([False, True] if args.compile else [False])
                   for key, fn in (("llmforge", run_llmforge), ("torch", run_torch), ("hf+deepspeed", run_hf))]
+    # GPU memory of each trainer: what it keeps between steps (weights, gradients, optimizer states, measured across
+    # its build and warm-up) plus the most its own timed steps add on top of everything resident then
+    gpu = not on_cpu and torch.cuda.is_available()
+    allocated = torch.cuda.memory_allocated if gpu else (lambda: 0)
+    resident: dict[str, int] = {}
+    transient: dict[str, int] = {}
+
+    def prepare(key, build, compiled):
+        before = allocated()
+        step = build(compiled)
+        timed(step, args.warmup, 0, sync)  # the optimizer states exist after the first step
+        resident[key] = allocated() - before
+        results[key] = []
+        return step
+
+    def segment(key, step, n):
+        if gpu:
+            torch.cuda.reset_peak_memory_stats()
+        base = allocated()
+        results[key] += timed(step, 0, n, sync)
+        if gpu:
+            transient[key] = max(transient.get(key, 0), torch.cuda.max_memory_allocated() - base)
+
     if args.rounds == 1:  # one contender in memory at a time
         for key, build, compiled in contenders:
-            results[key] = timed(build(compiled), args.warmup, args.steps, sync)
+            segment(key, prepare(key, build, compiled), args.steps)
             gc.collect()
     else:  # all built, then their timed steps interleaved, so drift in the machine's speed reaches each alike
-        steps = {key: build(compiled) for key, build, compiled in contenders}
-        for key, step in steps.items():
-            timed(step, args.warmup, 0, sync)
-            results[key] = []
+        steps = {key: prepare(key, build, compiled) for key, build, compiled in contenders}
         per_round = -(-args.steps // args.rounds)
         for _ in range(args.rounds):
             for key, step in steps.items():
-                results[key] += timed(step, 0, per_round, sync)
+                segment(key, step, per_round)
 
     name = "cpu" if on_cpu else accel.get_device_name().replace(" ", "-")
     peak = None if on_cpu else device_peak_flops(accel.get_device_name())
@@ -217,20 +252,23 @@ def main() -> None:
              f"steps after {args.warmup} warm-up steps"
              + (f", the contenders taking turns in {args.rounds} rounds." if args.rounds > 1 else ", one after the other.")
              , "",
-             "| trainer | median step s | tokens/s | MFU | llmforge speed-up over it (same mode) |",
-             "|---|---|---|---|---|"]
+             "| trainer | median step s | tokens/s | MFU | peak GB | llmforge speed-up over it (same mode) |",
+             "|---|---|---|---|---|---|"]
+    peak_gb = {key: (resident[key] + transient[key]) / 1024 ** 3 for key in transient}
     for key, times in results.items():
         med = statistics.median(times)
         tps = tokens_per_step / med
         mfu = f"{fpt * tps / peak:.1%}" if peak else "n/a"
+        mem = f"{peak_gb[key]:.2f}" if key in peak_gb else "n/a"
         ref = statistics.median(results["llmforge (compiled)" if "compiled" in key else "llmforge"])
-        lines.append(f"| {key} | {med:.4f} | {tps:,.0f} | {mfu} | {med / ref:.2f}x |")
+        lines.append(f"| {key} | {med:.4f} | {tps:,.0f} | {mfu} | {mem} | {med / ref:.2f}x |")
     med = {key: statistics.median(times) for key, times in results.items()}
     lines += ["", f"- framework overhead against the plain PyTorch loop (eager): "
                   f"{med['llmforge'] / med['torch'] - 1:+.1%} step time"]
     if args.compile:
         lines.append(f"- llmforge with train.compile against HF Llama + DeepSpeed as it ships (eager): "
                      f"{med['hf+deepspeed'] / med['llmforge (compiled)']:.2f}x tokens/s")
+    lines.append(planner_line(recipe, args.recipe, vocab, zero_stage(ds_config), peak_gb.get("llmforge")))
     text = "\n".join(lines) + "\n"
     print(text)
     write_result(text, args.out, f"{name}-{datetime.date.today()}-throughput.md")

@@ -10,7 +10,7 @@ from tests.conftest import run_cli
 
 
 @pytest.mark.parametrize("script,rows", [
-    ("bench/train_throughput.py", ["| llmforge |", "| torch |", "| hf+deepspeed |"]),
+    ("bench/train_throughput.py", ["| llmforge |", "| torch |", "| hf+deepspeed |", "- planner: "]),
     ("bench/activation_ckpt.py", ["| none |", "| full |", "| every_k (k=2) |", "| selective |"]),
     ("bench/data_loader.py", ["| open a dataset of 500 shard files", "tokens/s per rank"]),
 ])
