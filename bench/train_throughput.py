@@ -7,7 +7,9 @@
   hf+deepspeed  transformers LlamaForCausalLM with the same dimensions, through DeepSpeed with the same config
 
 Each runs `--warmup` steps, then `--steps` timed steps on random tokens (data loading is outside all three); the
-median step time gives tokens/s (and MFU on a known GPU). Prints a table with ratios to llmforge and writes it to
+median step time gives tokens/s (and MFU on a known GPU). On GPU each trainer's peak memory is what it keeps between
+steps plus the most its own steps add, and `llmforge plan`'s per-GPU total for the recipe is set against llmforge's
+(the planner's error). Prints a table with ratios to llmforge and writes it to
 bench/results/<device>-<date>-throughput.md (or --out).
 
     python bench/train_throughput.py --recipe recipes/tiny-char.yaml
