@@ -1,16 +1,29 @@
 #!/usr/bin/env bash
-# The GPU benchmark set (one GPU): training-step throughput and MFU of llmforge vs a plain PyTorch loop and HF Llama +
-# DeepSpeed for the ~110M, ~340M and ~1B Llama recipes at sequence length 2048 under ZeRO-1 and ZeRO-2, then the
-# activation-checkpointing trade-offs at ~340M. Results land in bench/results/<gpu>-<date>-*.md.
+# The GPU benchmark set (one GPU): training-step throughput, MFU and peak memory of llmforge vs a plain PyTorch loop
+# and HF Llama + DeepSpeed for the ~110M, ~340M and ~1B Llama recipes at sequence length 2048 — ZeRO-1 eager, ZeRO-2
+# eager and with compiled blocks (train.compile) — then the activation-checkpointing trade-offs at ~340M. Each
+# throughput table also sets `llmforge plan`'s per-GPU total against llmforge's measured peak. Results land in
+# bench/results/gpu-*.md.
+#
+#   bash bench/gpu_suite.sh              # all sizes
+#   bash bench/gpu_suite.sh 125m 350m    # some of them (each size takes a few minutes)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python}
-for size in 125m 350m 1b; do
+sizes=${*:-125m 350m 1b ckpt}
+for size in $sizes; do
+  if [ "$size" = ckpt ]; then
+    $PY bench/activation_ckpt.py --recipe recipes/llama-350m.yaml --set train.grad_accum_steps=1 \
+      --out bench/results/gpu-llama-350m-activation-ckpt.md
+    continue
+  fi
+  rounds=6
+  [ "$size" = 1b ] && rounds=1  # three ~1B trainers do not fit in one GPU together
   for stage in 1 2; do
+    extra=()
+    [ "$stage" = 2 ] && extra=(--compile)
     $PY bench/train_throughput.py --recipe "recipes/llama-$size.yaml" --set "deepspeed.config=ds_configs/zero$stage.json" \
-      --set train.grad_accum_steps=1 --steps "${STEPS:-20}" --warmup 5 \
+      --set train.grad_accum_steps=1 --steps "${STEPS:-20}" --warmup 5 --rounds "$rounds" "${extra[@]}" \
       --out "bench/results/gpu-llama-$size-zero$stage-throughput.md"
   done
 done
-$PY bench/activation_ckpt.py --recipe recipes/llama-350m.yaml --set train.grad_accum_steps=1 \
-  --out bench/results/gpu-llama-350m-activation-ckpt.md

@@ -154,7 +154,7 @@ def main() -> None:
                                           config=copy.deepcopy(ds_config))
         trainer = Trainer(engine, recipe, data, None, Metrics("/tmp", False), TrainState(), lambda s: None,
                           0.0, None)
-        return trainer.train_step
+        return trainer.train_step, engine.destroy
 
     def run_torch(compiled: bool):
         model = copy.deepcopy(base).to(device)
@@ -175,7 +175,7 @@ def main() -> None:
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        return step
+        return step, lambda: None
 
     def run_hf(compiled: bool):
         hf = LlamaForCausalLM(llama_config(recipe.model))
@@ -196,7 +196,7 @@ def main() -> None:
                 engine.backward(loss)
                 engine.step()
 
-        return step
+        return step, engine.destroy  # DeepSpeed's hooks keep an engine alive until it is destroyed
 
     contenders = [(key + (" (compiled)" if compiled else ""), fn, compiled)
                   for compiled in ([False, True] if args.compile else [False])
@@ -210,11 +210,11 @@ def main() -> None:
 
     def prepare(key, build, compiled):
         before = allocated()
-        step = build(compiled)
+        step, release = build(compiled)
         timed(step, args.warmup, 0, sync)  # the optimizer states exist after the first step
         resident[key] = allocated() - before
         results[key] = []
-        return step
+        return step, release
 
     def segment(key, step, n):
         if gpu:
@@ -226,10 +226,13 @@ def main() -> None:
 
     if args.rounds == 1:  # one contender in memory at a time
         for key, build, compiled in contenders:
-            segment(key, prepare(key, build, compiled), args.steps)
+            step, release = prepare(key, build, compiled)
+            segment(key, step, args.steps)
+            release()
+            del step, release
             gc.collect()
     else:  # all built, then their timed steps interleaved, so drift in the machine's speed reaches each alike
-        steps = {key: prepare(key, build, compiled) for key, build, compiled in contenders}
+        steps = {key: prepare(key, build, compiled)[0] for key, build, compiled in contenders}
         per_round = -(-args.steps // args.rounds)
         for _ in range(args.rounds):
             for key, step in steps.items():
