@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU benchmark set (one GPU): training-step throughput, MFU and peak memory of llmforge vs a plain PyTorch loop
 # and HF Llama + DeepSpeed for the ~110M, ~340M and ~1B Llama recipes at sequence length 2048 — ZeRO-1 eager, ZeRO-2
-# eager and with compiled blocks (train.compile) — then the activation-checkpointing trade-offs at ~340M. Each
+# eager and with compiled blocks (train.compile), no activation checkpointing (each fits one 80 GB GPU, per
+# `llmforge plan`) — then the activation-checkpointing trade-offs at ~340M. Each
 # throughput table also sets `llmforge plan`'s per-GPU total against llmforge's measured peak. Results land in
 # bench/results/gpu-*.md.
 #
@@ -23,7 +24,8 @@ for size in $sizes; do
     extra=()
     [ "$stage" = 2 ] && extra=(--compile)
     $PY bench/train_throughput.py --recipe "recipes/llama-$size.yaml" --set "deepspeed.config=ds_configs/zero$stage.json" \
-      --set train.grad_accum_steps=1 --steps "${STEPS:-20}" --warmup 5 --rounds "$rounds" "${extra[@]}" \
+      --set train.grad_accum_steps=1 --set model.activation_checkpointing.mode=none \
+      --steps "${STEPS:-20}" --warmup 5 --rounds "$rounds" "${extra[@]}" \
       --out "bench/results/gpu-llama-$size-zero$stage-throughput.md"
   done
 done

@@ -86,8 +86,8 @@ def planner_line(recipe, origin: str, vocab: int, stage: int, measured_gb) -> st
     predicted = rows[0].total_gb
     if measured_gb is None:
         return f"- planner: {predicted:.3g} GB per GPU predicted for llmforge (ZeRO-{stage}, {mode}); no GPU to measure"
-    return (f"- planner: {predicted:.2f} GB per GPU predicted for llmforge (ZeRO-{stage}, {mode}), {measured_gb:.2f} GB "
-            f"measured (torch.cuda.max_memory_allocated): error {predicted / measured_gb - 1:+.1%}")
+    return (f"- planner: {predicted:.2f} GB per GPU predicted for llmforge (ZeRO-{stage}, {mode}), "
+            f"{measured_gb:.2f} GB measured (torch.cuda.max_memory_allocated): error {predicted / measured_gb - 1:+.1%}")
 
 
 def main() -> None:
@@ -111,7 +111,7 @@ def main() -> None:
     from llmforge.config import load_recipe
     from llmforge.config.deepspeed import compose_ds_config, zero_stage
     from llmforge.model.flops import device_peak_flops, flops_per_token
-    from llmforge.model import GPT, compile_blocks
+    from llmforge.model import GPT, apply_activation_checkpointing, compile_blocks
     from llmforge.model.hf import llama_config
     from llmforge.train.distributed import release_shm_segment, setup_env
     from llmforge.train.metrics import Metrics
@@ -139,6 +139,10 @@ def main() -> None:
     t, seq = recipe.train, recipe.data.seq_len
     tokens_per_step = t.micro_batch_size * t.grad_accum_steps * seq
     data = RandomTokens(vocab, seq)
+    ckpt = recipe.model.activation_checkpointing
+    if ckpt.mode not in ("none", "full"):
+        sys.exit(f"error: activation checkpointing {ckpt.mode!r}: HF Llama has only none or full; pass "
+                 f"--set model.activation_checkpointing.mode=none (or full)")
     seed_everything(0)
     base = GPT(recipe.model)
     n_body = base.num_params(non_embedding=True)
@@ -147,7 +151,7 @@ def main() -> None:
     from transformers import LlamaForCausalLM
 
     def run_llmforge(compiled: bool):
-        model = copy.deepcopy(base)
+        model = apply_activation_checkpointing(copy.deepcopy(base), ckpt)
         if compiled:
             compile_blocks(model)
         engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, t.weight_decay),
@@ -157,7 +161,7 @@ def main() -> None:
         return trainer.train_step, engine.destroy
 
     def run_torch(compiled: bool):
-        model = copy.deepcopy(base).to(device)
+        model = apply_activation_checkpointing(copy.deepcopy(base), ckpt).to(device)
         if compiled:
             compile_blocks(model)
         opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas), eps=t.eps)
@@ -179,6 +183,8 @@ def main() -> None:
 
     def run_hf(compiled: bool):
         hf = LlamaForCausalLM(llama_config(recipe.model))
+        if ckpt.mode == "full":
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if compiled:
             for layer in hf.model.layers:
                 layer.compile()
@@ -253,10 +259,11 @@ def main() -> None:
              f"Model: {recipe.model.d_model} d_model, {recipe.model.n_layers} layers, {recipe.model.n_heads} heads "
              f"({recipe.model.n_kv_heads or recipe.model.n_heads} kv), vocab {vocab}, {n_body / 1e6:.2f}M "
              f"non-embedding parameters; {t.micro_batch_size} x {seq} tokens x {t.grad_accum_steps} accumulation "
-             f"per step; ZeRO-{zero_stage(ds_config)}, {t.precision}, 1 process. Median of {len(results['llmforge'])} "
+             f"per step; ZeRO-{zero_stage(ds_config)}, {t.precision}, activation checkpointing {ckpt.mode}, "
+             f"1 process. Median of {len(results['llmforge'])} "
              f"steps after {args.warmup} warm-up steps"
-             + (f", the contenders taking turns in {args.rounds} rounds." if args.rounds > 1 else ", one after the other.")
-             , "",
+             + (f", the contenders taking turns in {args.rounds} rounds." if args.rounds > 1
+                else ", one after the other."), "",
              "| trainer | median step s | tokens/s | MFU | peak GB | llmforge speed-up over it (same mode) |",
              "|---|---|---|---|---|---|"]
     peak_gb = {key: (resident[key] + transient[key]) / 1024 ** 3 for key in transient}
