@@ -87,7 +87,7 @@ def planner_line(recipe, origin: str, vocab: int, stage: int, measured_gb) -> st
     if measured_gb is None:
         return f"- planner: {predicted:.3g} GB per GPU predicted for llmforge (ZeRO-{stage}, {mode}); no GPU to measure"
     return (f"- planner: {predicted:.2f} GB per GPU predicted for llmforge (ZeRO-{stage}, {mode}), "
-            f"{measured_gb:.2f} GB measured (torch.cuda.max_memory_allocated): error {predicted / measured_gb - 1:+.1%}")
+            f"{measured_gb:.2f} GB measured (max_memory_allocated): error {predicted / measured_gb - 1:+.1%}")
 
 
 def main() -> None:
