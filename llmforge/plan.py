@@ -9,8 +9,9 @@ Memory per GPU (bytes; N parameters, d data-parallel ranks, bf16/fp16 training w
   (stage 1-3: 12N/d), plus at stage 0 the update's 4N fp32 temporary. fp32 training: params and gradients 4N
   each, no master copy (8N optimizer); not measured.
 - activations of one micro-batch (T = b·s tokens, 16-bit elements of e bytes), counted from the tensors each
-  operation keeps for backward: per block two norms (fused kernel, as on GPU: input T·d·e + fp32 rstd T·4; the
-  unfused CPU composite keeps two fp32 copies, T·(8d + 8)), each norm's output as the next linear's input (T·d·e),
+  operation keeps for backward: per block two norms (RMSNorm as a fused kernel, as on GPU: input T·d·e + fp32
+  rstd T·4; its unfused CPU composite keeps two fp32 copies, T·(8d + 8); LayerNorm input + fp32 mean and rstd,
+  T·(d·e + 8)), each norm's output as the next linear's input (T·d·e),
   attention q, k, v and output T·(2d + 2·kv_dim)·e + fp32 log-sum-exp T·heads·4 (a·s²·b·e more where attention is
   not a fused kernel), SwiGLU T·4·ff·e (GELU 2·ff). Full checkpointing keeps each block's input T·d·e;
   selective drops the attention tensors. The final norm and LM-head input, then the logits: the loss keeps their
