@@ -12,8 +12,13 @@ PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12, "L
 
 
 def flops_per_token(n_params_non_embedding: int, cfg: ModelConfig, seq_len: int) -> float:
-    """6N for the weights (forward + backward) plus the attention score/value term 12·L·d·T (PaLM, appendix B)."""
-    return 6.0 * n_params_non_embedding + 12.0 * cfg.n_layers * cfg.d_model * seq_len
+    """6N for the weights (forward + backward) plus the attention score/value term 12·L·d·T (PaLM, appendix B).
+
+    N counts every weight that multiplies per token, the LM head included: an untied head is a non-embedding
+    parameter already; a head tied to the token embedding is not, so its d·V is added here (the embedding lookup
+    itself costs nothing). Tied and untied models of the same shape then do the same FLOPs, as they should."""
+    head = cfg.d_model * cfg.vocab_size if cfg.tie_embeddings and cfg.vocab_size else 0
+    return 6.0 * (n_params_non_embedding + head) + 12.0 * cfg.n_layers * cfg.d_model * seq_len
 
 
 def device_peak_flops(device_name: Optional[str]) -> Optional[float]:

@@ -211,3 +211,22 @@ def test_cache_forward_matches_full_forward():
 def test_too_long_input_is_refused():
     with pytest.raises(ValueError, match="max_seq_len"):
         tiny()(torch.zeros(1, 49, dtype=torch.long))
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_flops_per_token_counts_every_matmul_weight(tie):
+    """The MFU numerator against torch's FLOP counter on the reference attention path (plain matmuls): 6 x every
+    weight that multiplies per token (the LM head included, tied or not) plus PaLM's attention term 12·L·d·T."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from llmforge.model.flops import flops_per_token
+
+    cfg = ModelConfig(vocab_size=300, max_seq_len=64, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=160,
+                      tie_embeddings=tie, attn_impl="reference")
+    model, tokens = GPT(cfg), 3 * 64
+    x = torch.randint(0, 300, (3, 64))
+    with FlopCounterMode(display=False) as counter:
+        model(x, x)[1].backward()
+    fpt = flops_per_token(model.num_params(non_embedding=True), cfg, 64)
+    norms = sum(p.numel() for name, p in model.named_parameters() if "norm" in name)  # in N, but no matmul
+    assert counter.get_total_flops() / tokens == fpt - 6 * norms
