@@ -225,10 +225,10 @@ def main() -> None:
     def segment(key, step, n):
         if gpu:
             torch.cuda.reset_peak_memory_stats()
-        base = allocated()
+        floor = allocated()
         results[key] += timed(step, 0, n, sync)
         if gpu:
-            transient[key] = max(transient.get(key, 0), torch.cuda.max_memory_allocated() - base)
+            transient[key] = max(transient.get(key, 0), torch.cuda.max_memory_allocated() - floor)
 
     if args.rounds == 1:  # one contender in memory at a time
         for key, build, compiled in contenders:
