@@ -3,6 +3,8 @@ checkpointing and torch.compile."""
 
 from __future__ import annotations
 
+from typing import Optional
+
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 
@@ -38,3 +40,20 @@ def compile_blocks(model: GPT) -> GPT:
     for block in model.blocks:
         block.compile()
     return model
+
+
+def compile_unavailable(on_cpu: bool) -> Optional[str]:
+    """Why torch.compile could not build kernels here, or None: Inductor needs a C++ compiler on CPU (found the way
+    Inductor itself searches: $CXX, else g++ / clang++) and Triton on GPU."""
+    if on_cpu:
+        from torch._inductor import exc
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        try:
+            get_cpp_compiler()
+        except exc.InvalidCxxCompiler:
+            return "torch.compile on CPU needs a C++ compiler (g++, clang++ or the one $CXX names); none was found"
+        return None
+    from torch.utils._triton import has_triton
+
+    return None if has_triton() else "torch.compile on GPU needs Triton, which is not installed"

@@ -19,7 +19,7 @@ from llmforge.config import Recipe, load_recipe, recipe_to_dict, recipe_to_yaml
 from llmforge.config.deepspeed import compose_ds_config, zero_stage
 from llmforge.data.loader import PretrainData
 from llmforge.errors import CheckpointError, RecipeError
-from llmforge.model import GPT, apply_activation_checkpointing, compile_blocks
+from llmforge.model import GPT, apply_activation_checkpointing, compile_blocks, compile_unavailable
 from llmforge.model.flops import device_peak_flops, flops_per_token
 from llmforge.tokenizer import fingerprint, load_tokenizer
 from llmforge.train import checkpoint as ckpt
@@ -100,6 +100,8 @@ def run_training(recipe_path: str, overrides: Optional[list[str]] = None, resume
     ds_config = compose_ds_config(recipe, world, run_dir, recipe_path, on_cpu)
     if recipe.train.precision == "fp16" and on_cpu:
         raise RecipeError(recipe_path, "train.precision", "fp16 needs a GPU; use bf16 or fp32 on CPU")
+    if recipe.train.compile and (problem := compile_unavailable(on_cpu)):
+        raise RecipeError(recipe_path, "train.compile", f"{problem}; or set train.compile: false")
     resume_from = ckpt.resolve_resume(resume, ckpt_dir)
     job = init_model = None
     if task == "pretrain":

@@ -63,6 +63,17 @@ def test_bad_recipe_one_line_exit_2_nothing_written(tmp_path, prepared, edits, a
     assert not (tmp_path / "runs").exists()
 
 
+def test_compile_without_a_compiler_is_one_line(tmp_path, prepared):
+    """train.compile on a CPU machine where Inductor finds no C++ compiler: refused before anything is written."""
+    path = write_recipe(tmp_path / "c.yaml", prepared, tmp_path / "runs", train={"compile": True})
+    result = run_cli("python", "launch/pretrain.py", "--recipe", str(path), env={"CXX": "no-such-c++-compiler"})
+    assert result.returncode == 2, result.stderr[-2000:]
+    (line,) = result.stderr.strip().splitlines()
+    assert line == (f"recipe error: {path}: train.compile: torch.compile on CPU needs a C++ compiler (g++, clang++ "
+                    "or the one $CXX names); none was found; or set train.compile: false")
+    assert not (tmp_path / "runs").exists()
+
+
 def test_yaml_syntax_error_names_line(tmp_path):
     path = tmp_path / "broken.yaml"
     path.write_text("run:\n  name: x\ntrain: {lr: 1e-3\n  max_steps: 3\n")
