@@ -7,6 +7,7 @@ activations leave RSS; step times come from a second run without it, since it co
 its own processes so peaks do not mix.
 
     python bench/activation_ckpt.py --recipe recipes/tiny-char.yaml
+    python bench/activation_ckpt.py --recipe R --loss-chunk 1024   # + none and full with train.loss_chunk=1024
     python bench/activation_ckpt.py --quick        # the test runs this
 """
 
@@ -87,6 +88,8 @@ def main() -> None:
     p.add_argument("--recipe", default="recipes/tiny-char.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--loss-chunk", type=int, default=0,
+                   help="also run none and full with train.loss_chunk set to this (the LM head over chunks of tokens)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=None)
     p.add_argument("--mode", default=None, help=argparse.SUPPRESS)
@@ -100,9 +103,13 @@ def main() -> None:
         one_mode(args)
         return
     rows = []
-    for mode, every in MODES:
+    runs_to_do = [(mode, every, 0) for mode, every in MODES]
+    if args.loss_chunk:
+        runs_to_do += [("none", 1, args.loss_chunk), ("full", 1, args.loss_chunk)]
+    for mode, every, chunk in runs_to_do:
+        overrides = args.overrides + ([f"train.loss_chunk={chunk}"] if chunk else [])
         cmd = [sys.executable, os.path.abspath(__file__), "--recipe", args.recipe, "--steps", str(args.steps),
-               "--mode", mode, "--every", str(every)] + [x for o in args.overrides for x in ("--set", o)]
+               "--mode", mode, "--every", str(every)] + [x for o in overrides for x in ("--set", o)]
         runs = []
         # memory with every large allocation mmapped (freed memory leaves RSS), time without (that costs page faults)
         for env in ({**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}, dict(os.environ)):
@@ -111,20 +118,22 @@ def main() -> None:
             if r.returncode != 0 or not line:
                 sys.exit(f"{mode}: failed\n{r.stderr[-2000:]}")
             runs.append(json.loads(line[0]))
-        rows.append({**runs[1], "peak_bytes": runs[0]["peak_bytes"]})
+        rows.append({**runs[1], "peak_bytes": runs[0]["peak_bytes"], "loss_chunk": chunk})
     from importlib.metadata import version
 
     device = rows[0]["device"]
     ref = rows[0]
     lines = [f"# Activation checkpointing, {device}, {datetime.date.today()}", "",
              f"Command: `python bench/activation_ckpt.py --recipe {args.recipe}"
-             + "".join(f" --set {o}" for o in (args.overrides if not args.quick else [])) + (" --quick" if args.quick
-                                                                                         else "") + "`; "
+             + "".join(f" --set {o}" for o in (args.overrides if not args.quick else []))
+             + (f" --loss-chunk {args.loss_chunk}" if args.loss_chunk else "") + (" --quick" if args.quick else "")
+             + "`; "
              f"torch {version('torch')}, deepspeed {version('deepspeed')}. Median step time of {args.steps} steps; "
              "peak memory of those steps over the memory before them (activations and gradients; CPU: peak RSS).", "",
              "| mode | step s | tokens/s | peak MB | time vs none | memory vs none |", "|---|---|---|---|---|---|"]
     for r in rows:
         name = r["mode"] if r["mode"] != "every_k" else f"every_k (k={r['every']})"
+        name += f" + loss_chunk {r['loss_chunk']}" if r["loss_chunk"] else ""
         lines.append(f"| {name} | {r['step_s']:.4f} | {r['tokens_per_s']:,.0f} | {r['peak_bytes'] / 2**20:.1f} | "
                      f"{r['step_s'] / ref['step_s']:.2f}x | {r['peak_bytes'] / max(ref['peak_bytes'], 1):.2f}x |")
     text = "\n".join(lines) + "\n"

@@ -2,7 +2,7 @@
 # The GPU benchmark set (one GPU): training-step throughput, MFU and peak memory of llmforge vs a plain PyTorch loop
 # and HF Llama + DeepSpeed for the ~110M, ~340M and ~1B Llama recipes at sequence length 2048 — ZeRO-1 eager, ZeRO-2
 # eager and with compiled blocks (train.compile), no activation checkpointing (each fits one 80 GB GPU, per
-# `llmforge plan`) — then the activation-checkpointing trade-offs at ~340M. Each
+# `llmforge plan`) — then the activation-checkpointing trade-offs at ~340M, with and without train.loss_chunk. Each
 # throughput table also sets `llmforge plan`'s per-GPU total against llmforge's measured peak. Results land in
 # bench/results/gpu-*.md.
 #
@@ -14,7 +14,7 @@ PY=${PY:-python}
 sizes=${*:-125m 350m 1b ckpt}
 for size in $sizes; do
   if [ "$size" = ckpt ]; then
-    $PY bench/activation_ckpt.py --recipe recipes/llama-350m.yaml --set train.grad_accum_steps=1 \
+    $PY bench/activation_ckpt.py --recipe recipes/llama-350m.yaml --set train.grad_accum_steps=1 --loss-chunk 2048 \
       --out bench/results/gpu-llama-350m-activation-ckpt.md
     continue
   fi
@@ -23,8 +23,8 @@ for size in $sizes; do
   for stage in 1 2; do
     extra=()
     [ "$stage" = 2 ] && extra=(--compile)
-    $PY bench/train_throughput.py --recipe "recipes/llama-$size.yaml" --set "deepspeed.config=ds_configs/zero$stage.json" \
-      --set train.grad_accum_steps=1 --set model.activation_checkpointing.mode=none \
+    $PY bench/train_throughput.py --recipe "recipes/llama-$size.yaml" \
+      --set "deepspeed.config=ds_configs/zero$stage.json" --set train.grad_accum_steps=1 --set model.activation_checkpointing.mode=none \
       --steps "${STEPS:-20}" --warmup 5 --rounds "$rounds" "${extra[@]}" \
       --out "bench/results/gpu-llama-$size-zero$stage-throughput.md"
   done

@@ -9,14 +9,16 @@ import pytest
 from tests.conftest import run_cli
 
 
-@pytest.mark.parametrize("script,rows", [
-    ("bench/train_throughput.py", ["| llmforge |", "| torch |", "| hf+deepspeed |", "- planner: "]),
-    ("bench/activation_ckpt.py", ["| none |", "| full |", "| every_k (k=2) |", "| selective |"]),
-    ("bench/data_loader.py", ["| open a dataset of 500 shard files", "tokens/s per rank"]),
+@pytest.mark.parametrize("script,args,rows", [
+    ("bench/train_throughput.py", [], ["| llmforge |", "| torch |", "| hf+deepspeed |", "- planner: "]),
+    ("bench/activation_ckpt.py", ["--loss-chunk", "64"],
+     ["| none |", "| full |", "| every_k (k=2) |", "| selective |", "| none + loss_chunk 64 |",
+      "| full + loss_chunk 64 |"]),
+    ("bench/data_loader.py", [], ["| open a dataset of 500 shard files", "tokens/s per rank"]),
 ])
-def test_bench_quick_mode_prints_its_table(tmp_path, script, rows):
+def test_bench_quick_mode_prints_its_table(tmp_path, script, args, rows):
     out = tmp_path / "result.md"
-    r = run_cli(sys.executable, script, "--quick", "--out", str(out), timeout=600)
+    r = run_cli(sys.executable, script, "--quick", *args, "--out", str(out), timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     for row in rows:
         assert row in r.stdout and row in out.read_text(), row
