@@ -141,7 +141,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     elif args.command == "plan":
         from llmforge.config import load_recipe
         from llmforge.errors import UserError
-        from llmforge.plan import count_params, format_plan, plan
+        from llmforge.plan import count_params, format_plan, loss_chunk_hint, plan
 
         text = args.gpu_memory.strip().upper().removesuffix("B").removesuffix("G")
         try:
@@ -163,6 +163,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         cfg = dataclasses.replace(recipe.model, vocab_size=vocab or 32000,
                                   max_seq_len=recipe.model.max_seq_len or recipe.data.seq_len)
         print(format_plan(rows, count_params(cfg)[0], args.gpus, memory))
+        hint = loss_chunk_hint(recipe, vocab)
+        if hint:
+            print(hint)
     elif args.command == "toy-chat":
         from llmforge.posttrain.toy import write_toy_sets
 

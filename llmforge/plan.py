@@ -174,6 +174,26 @@ def plan(recipe: Recipe, origin: str, gpus: int, gpu_memory_gb: float, peak_tflo
     return rows
 
 
+def loss_chunk_hint(recipe: Recipe, vocab_size: Optional[int] = None, chunk: int = 2048,
+                    min_share: float = 0.2) -> Optional[str]:
+    """A line for the plan when train.loss_chunk is off and the logits are at least `min_share` of the activations
+    (no checkpointing): how much a chunked LM head would save per GPU."""
+    t, m = recipe.train, recipe.model
+    if t.loss_chunk or t.micro_batch_size * recipe.data.seq_len <= chunk:
+        return None
+    cfg = dataclasses.replace(m, vocab_size=m.vocab_size or vocab_size or 32000,
+                              max_seq_len=m.max_seq_len or recipe.data.seq_len)
+    elem = 4 if t.precision == "fp32" else 2
+    whole = activation_bytes(cfg, recipe.data.seq_len, t.micro_batch_size, "none", elem=elem)
+    saved = whole - activation_bytes(cfg, recipe.data.seq_len, t.micro_batch_size, "none", elem=elem,
+                                     loss_chunk=chunk)
+    if saved < min_share * whole:
+        return None
+    return (f"hint: train.loss_chunk: {chunk} would hold {saved / GB:.2f} GB less per GPU ({saved / whole:.0%} of the "
+            f"activations without checkpointing: the logits and their gradients; each chunk's LM head is recomputed "
+            f"in backward)")
+
+
 def format_plan(rows: list[PlanRow], n_params: int, gpus: int, gpu_memory_gb: float) -> str:
     head = (f"{n_params / 1e6:.1f}M parameters, {gpus} GPUs x {gpu_memory_gb:g} GB (fits: total <= 95% of memory)\n"
             "| ZeRO | ckpt | params GB | grads GB | optim GB | activ. GB | buffers GB | total GB | fits | tokens/s "

@@ -1,8 +1,10 @@
-"""The planner's activation memory against what the model really keeps for backward (counted on CPU, bf16)."""
+"""The planner's activation memory against what the model really keeps for backward (counted on CPU, bf16), and its
+loss_chunk hint."""
 
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 import pytest
 import torch
@@ -10,7 +12,8 @@ import torch
 from llmforge.config import load_recipe
 from llmforge.config.recipe import ActivationCheckpointingConfig, ModelConfig
 from llmforge.model import GPT, apply_activation_checkpointing
-from llmforge.plan import activation_bytes, plan
+from llmforge.plan import activation_bytes, loss_chunk_hint, plan
+from tests.conftest import run_cli
 
 
 def kept_for_backward(cfg: ModelConfig, seq: int, batch: int, mode: str, every: int, loss_chunk: int) -> int:
@@ -64,3 +67,18 @@ def test_plan_counts_loss_chunk():
         saved = row.activations_gb - chunked[key].activations_gb
         assert saved == pytest.approx(logits_gb * (1 - 1024 / (4 * 2048)), rel=1e-6), key
         assert chunked[key].params_gb == row.params_gb and chunked[key].tokens_per_s == row.tokens_per_s
+
+
+def test_plan_hints_loss_chunk_where_the_logits_weigh():
+    """llama-125m (8 x 2048 tokens, 32k vocabulary): the logits are a large share, so `llmforge plan` names the
+    saving; none once loss_chunk is set, and none for llama-1b (4 sequences: the blocks dominate)."""
+    recipe = load_recipe("recipes/llama-125m.yaml")
+    hint = loss_chunk_hint(recipe, 32000)
+    cfg = dataclasses.replace(recipe.model, vocab_size=32000, max_seq_len=2048)
+    saved = activation_bytes(cfg, 2048, 8, "none") - activation_bytes(cfg, 2048, 8, "none", loss_chunk=2048)
+    assert hint is not None and f"would hold {saved / 1024 ** 3:.2f} GB less per GPU" in hint
+    assert loss_chunk_hint(load_recipe("recipes/llama-125m.yaml", ["train.loss_chunk=1024"]), 32000) is None
+    assert loss_chunk_hint(load_recipe("recipes/llama-1b.yaml"), 32000) is None
+    r = run_cli(sys.executable, "-m", "llmforge.cli", "plan", "--recipe", "recipes/llama-125m.yaml", "--gpus", "8",
+                "--gpu-memory", "80GB")
+    assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == hint, r.stdout[-500:]
