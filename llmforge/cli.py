@@ -141,7 +141,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     elif args.command == "plan":
         from llmforge.config import load_recipe
         from llmforge.errors import UserError
-        from llmforge.plan import count_params, format_plan, loss_chunk_hint, plan
+        from llmforge.plan import count_params, format_plan, loss_chunk_hint, plan, planned_model
 
         text = args.gpu_memory.strip().upper().removesuffix("B").removesuffix("G")
         try:
@@ -158,11 +158,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             with contextlib.suppress(UserError):
                 vocab = load_tokenizer(recipe.tokenizer, args.recipe).vocab_size
         rows = plan(recipe, args.recipe, args.gpus, memory, args.peak_tflops, args.mfu, vocab)
-        import dataclasses
-
-        cfg = dataclasses.replace(recipe.model, vocab_size=vocab or 32000,
-                                  max_seq_len=recipe.model.max_seq_len or recipe.data.seq_len)
-        print(format_plan(rows, count_params(cfg)[0], args.gpus, memory))
+        print(format_plan(rows, count_params(planned_model(recipe, vocab))[0], args.gpus, memory))
         hint = loss_chunk_hint(recipe, vocab)
         if hint:
             print(hint)

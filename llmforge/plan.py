@@ -142,13 +142,18 @@ class PlanRow:
     hours_to_budget: float
 
 
+def planned_model(recipe: Recipe, vocab_size: Optional[int] = None) -> ModelConfig:
+    """The recipe's model with its vocabulary (the recipe's, else the tokenizer's, else 32,000) and length resolved."""
+    m = recipe.model
+    return dataclasses.replace(m, vocab_size=m.vocab_size or vocab_size or 32000,
+                               max_seq_len=m.max_seq_len or recipe.data.seq_len)
+
+
 def plan(recipe: Recipe, origin: str, gpus: int, gpu_memory_gb: float, peak_tflops: float = 989.0,
          mfu: float = 0.45, vocab_size: Optional[int] = None, fused_attention: bool = True) -> list[PlanRow]:
     """One row per ZeRO stage (0-3) × activation checkpointing (none, selective, full) for `gpus` data-parallel
     GPUs of `gpu_memory_gb` each."""
-    m = recipe.model
-    cfg = dataclasses.replace(m, vocab_size=m.vocab_size or vocab_size or 32000,
-                              max_seq_len=m.max_seq_len or recipe.data.seq_len)
+    cfg = planned_model(recipe, vocab_size)
     n_total, n_body = count_params(cfg)
     t = recipe.train
     tokens_per_step = t.micro_batch_size * t.grad_accum_steps * gpus * recipe.data.seq_len
@@ -178,11 +183,10 @@ def loss_chunk_hint(recipe: Recipe, vocab_size: Optional[int] = None, chunk: int
                     min_share: float = 0.2) -> Optional[str]:
     """A line for the plan when train.loss_chunk is off and the logits are at least `min_share` of the activations
     (no checkpointing): how much a chunked LM head would save per GPU."""
-    t, m = recipe.train, recipe.model
+    t = recipe.train
     if t.loss_chunk or t.micro_batch_size * recipe.data.seq_len <= chunk:
         return None
-    cfg = dataclasses.replace(m, vocab_size=m.vocab_size or vocab_size or 32000,
-                              max_seq_len=m.max_seq_len or recipe.data.seq_len)
+    cfg = planned_model(recipe, vocab_size)
     elem = 4 if t.precision == "fp32" else 2
     whole = activation_bytes(cfg, recipe.data.seq_len, t.micro_batch_size, "none", elem=elem)
     saved = whole - activation_bytes(cfg, recipe.data.seq_len, t.micro_batch_size, "none", elem=elem,
