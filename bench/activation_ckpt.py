@@ -8,6 +8,7 @@ its own processes so peaks do not mix.
 
     python bench/activation_ckpt.py --recipe recipes/tiny-char.yaml
     python bench/activation_ckpt.py --recipe R --loss-chunk 1024   # + none and full with train.loss_chunk=1024
+    python bench/activation_ckpt.py --recipe R --compile   # + none with train.compile (compiled blocks and loss)
     python bench/activation_ckpt.py --quick        # the test runs this
 """
 
@@ -39,7 +40,7 @@ def one_mode(args: argparse.Namespace) -> None:
 
     from llmforge.config import load_recipe
     from llmforge.config.deepspeed import compose_ds_config
-    from llmforge.model import apply_activation_checkpointing
+    from llmforge.model import apply_activation_checkpointing, compile_model
     from llmforge.model.gpt import GPT
     from llmforge.train.distributed import release_shm_segment, setup_env
     from llmforge.train.metrics import Metrics
@@ -60,6 +61,8 @@ def one_mode(args: argparse.Namespace) -> None:
     seed_everything(0)
     model = GPT(recipe.model)
     apply_activation_checkpointing(model, recipe.model.activation_checkpointing)
+    if recipe.train.compile:
+        compile_model(model)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, recipe.train.weight_decay),
                                       config=ds_config)
     trainer = Trainer(engine, recipe, RandomTokens(recipe.model.vocab_size, recipe.data.seq_len), None,
@@ -90,6 +93,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--loss-chunk", type=int, default=0,
                    help="also run none and full with train.loss_chunk set to this (the LM head over chunks of tokens)")
+    p.add_argument("--compile", action="store_true",
+                   help="also run none (and none with --loss-chunk) with train.compile: compiled blocks and loss")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=None)
     p.add_argument("--mode", default=None, help=argparse.SUPPRESS)
@@ -103,11 +108,14 @@ def main() -> None:
         one_mode(args)
         return
     rows = []
-    runs_to_do = [(mode, every, 0) for mode, every in MODES]
+    runs_to_do = [(mode, every, 0, False) for mode, every in MODES]
     if args.loss_chunk:
-        runs_to_do += [("none", 1, args.loss_chunk), ("full", 1, args.loss_chunk)]
-    for mode, every, chunk in runs_to_do:
-        overrides = args.overrides + ([f"train.loss_chunk={chunk}"] if chunk else [])
+        runs_to_do += [("none", 1, args.loss_chunk, False), ("full", 1, args.loss_chunk, False)]
+    if args.compile:
+        runs_to_do += [("none", 1, 0, True)] + ([("none", 1, args.loss_chunk, True)] if args.loss_chunk else [])
+    for mode, every, chunk, compiled in runs_to_do:
+        overrides = (args.overrides + ([f"train.loss_chunk={chunk}"] if chunk else [])
+                     + (["train.compile=true"] if compiled else []))
         cmd = [sys.executable, os.path.abspath(__file__), "--recipe", args.recipe, "--steps", str(args.steps),
                "--mode", mode, "--every", str(every)] + [x for o in overrides for x in ("--set", o)]
         runs = []
@@ -118,7 +126,7 @@ def main() -> None:
             if r.returncode != 0 or not line:
                 sys.exit(f"{mode}: failed\n{r.stderr[-2000:]}")
             runs.append(json.loads(line[0]))
-        rows.append({**runs[1], "peak_bytes": runs[0]["peak_bytes"], "loss_chunk": chunk})
+        rows.append({**runs[1], "peak_bytes": runs[0]["peak_bytes"], "loss_chunk": chunk, "compiled": compiled})
     from importlib.metadata import version
 
     device = rows[0]["device"]
@@ -126,7 +134,8 @@ def main() -> None:
     lines = [f"# Activation checkpointing, {device}, {datetime.date.today()}", "",
              f"Command: `python bench/activation_ckpt.py --recipe {args.recipe}"
              + "".join(f" --set {o}" for o in (args.overrides if not args.quick else []))
-             + (f" --loss-chunk {args.loss_chunk}" if args.loss_chunk else "") + (" --quick" if args.quick else "")
+             + (f" --loss-chunk {args.loss_chunk}" if args.loss_chunk else "") + (" --compile" if args.compile else "")
+             + (" --quick" if args.quick else "")
              + "`; "
              f"torch {version('torch')}, deepspeed {version('deepspeed')}. Median step time of {args.steps} steps; "
              "peak memory of those steps over the memory before them (activations and gradients; CPU: peak RSS).", "",
@@ -134,6 +143,7 @@ def main() -> None:
     for r in rows:
         name = r["mode"] if r["mode"] != "every_k" else f"every_k (k={r['every']})"
         name += f" + loss_chunk {r['loss_chunk']}" if r["loss_chunk"] else ""
+        name += " + train.compile" if r["compiled"] else ""
         lines.append(f"| {name} | {r['step_s']:.4f} | {r['tokens_per_s']:,.0f} | {r['peak_bytes'] / 2**20:.1f} | "
                      f"{r['step_s'] / ref['step_s']:.2f}x | {r['peak_bytes'] / max(ref['peak_bytes'], 1):.2f}x |")
     text = "\n".join(lines) + "\n"

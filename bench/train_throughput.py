@@ -13,11 +13,11 @@ steps plus the most its own steps add, and `llmforge plan`'s per-GPU total for t
 bench/results/<device>-<date>-throughput.md (or --out).
 
     python bench/train_throughput.py --recipe recipes/tiny-char.yaml
-    python bench/train_throughput.py --recipe recipes/tiny-char.yaml --compile   # + each with compiled blocks
+    python bench/train_throughput.py --recipe recipes/tiny-char.yaml --compile   # + each compiled
     python bench/train_throughput.py --quick          # a few steps of a tiny model (the test runs this)
 
-With --compile each trainer also runs with its transformer blocks compiled (torch.compile, in place; llmforge through
-`train.compile`), so eager and compiled ratios both come from the same run.
+With --compile each trainer also runs with its transformer blocks and its loss compiled (torch.compile, in place;
+llmforge through `train.compile`), so eager and compiled ratios both come from the same run.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=6,
                    help="timed steps split into this many rounds, the contenders taking turns in each (all in memory "
                         "at once); 1 = one contender at a time, for models too big to hold three")
-    p.add_argument("--compile", action="store_true", help="also time each trainer with compiled blocks")
+    p.add_argument("--compile", action="store_true", help="also time each trainer with compiled blocks and loss")
     p.add_argument("--quick", action="store_true", help="tiny model, 3 timed steps (checks the script runs)")
     p.add_argument("--out", default=None)
     p.add_argument("--local_rank", type=int, default=None)
@@ -111,7 +111,7 @@ def main() -> None:
     from llmforge.config import load_recipe
     from llmforge.config.deepspeed import compose_ds_config, zero_stage
     from llmforge.model.flops import device_peak_flops, flops_per_token
-    from llmforge.model import GPT, apply_activation_checkpointing, compile_blocks
+    from llmforge.model import GPT, apply_activation_checkpointing, compile_model
     from llmforge.model.hf import llama_config
     from llmforge.train.distributed import release_shm_segment, setup_env
     from llmforge.train.metrics import Metrics
@@ -153,7 +153,7 @@ def main() -> None:
     def run_llmforge(compiled: bool):
         model = apply_activation_checkpointing(copy.deepcopy(base), ckpt)
         if compiled:
-            compile_blocks(model)
+            compile_model(model)
         engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, t.weight_decay),
                                           config=copy.deepcopy(ds_config))
         trainer = Trainer(engine, recipe, data, None, Metrics("/tmp", False), TrainState(), lambda s: None,
@@ -163,7 +163,7 @@ def main() -> None:
     def run_torch(compiled: bool):
         model = apply_activation_checkpointing(copy.deepcopy(base), ckpt).to(device)
         if compiled:
-            compile_blocks(model)
+            compile_model(model)
         opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas), eps=t.eps)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision)
         position = iter(range(0, 1 << 62, t.micro_batch_size))
@@ -192,13 +192,17 @@ def main() -> None:
                                           config=copy.deepcopy(ds_config))
         position = iter(range(0, 1 << 62, t.micro_batch_size))
 
+        def cross_entropy(logits, targets):
+            return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+        loss_fn = torch.compile(cross_entropy) if compiled else cross_entropy
+
         def step() -> None:
             for micro in range(t.grad_accum_steps):
                 i = next(position)
                 x, y = data.batch(range(i, i + t.micro_batch_size))
                 out = engine(input_ids=x.to(engine.device), labels=None)
-                loss = torch.nn.functional.cross_entropy(out.logits.float().flatten(0, 1),
-                                                         y.to(engine.device).flatten())
+                loss = loss_fn(out.logits, y.to(engine.device))
                 engine.backward(loss)
                 engine.step()
 

@@ -14,10 +14,12 @@ Memory per GPU (bytes; N parameters, d data-parallel ranks, bf16/fp16 training w
   T·(d·e + 8)), each norm's output as the next linear's input (T·d·e),
   attention q, k, v and output T·(2d + 2·kv_dim)·e + fp32 log-sum-exp T·heads·4 (a·s²·b·e more where attention is
   not a fused kernel), SwiGLU T·4·ff·e (GELU 2·ff). Full checkpointing keeps each block's input T·d·e;
-  selective drops the attention tensors. The final norm and LM-head input, then the logits: the loss keeps their
-  fp32 log-softmax (T·V·4); with train.loss_chunk = c nothing of them is kept, only c tokens' logits exist at a
-  time. Transients on top (`transients=True`, the plan's figure): one block's recomputation under checkpointing
-  and, at the loss, the logits' fp32 and 16-bit gradients (T·V·(4 + e), or c·V·(8 + e) chunked).
+  selective drops the attention tensors. The final norm and LM-head input, then the logits: the eager loss keeps
+  their fp32 log-softmax (T·V·4), the compiled one (train.compile) the 16-bit logits and an fp32 log-sum-exp
+  (T·(V·e + 8)); with train.loss_chunk = c nothing of them is kept, only c tokens' logits exist at a time.
+  Transients on top (`transients=True`, the plan's figure): one block's recomputation under checkpointing and, at
+  the loss, the logits' gradients: eager fp32 and 16-bit (T·V·(4 + e)), compiled 16-bit only (T·V·e); chunked,
+  one chunk's kept part and gradients.
   tests/unit/test_plan.py holds the kept part within 10% of what the model saves for backward, measured on CPU.
 - buffers: DeepSpeed's gradient buckets (stage 1-2: reduce_bucket_size elements, twice with overlap_comm) and
   stage-3 prefetch/live parameters (bounded by stage3_max_live_parameters).
@@ -76,9 +78,10 @@ def model_state_bytes(n_params: int, stage: int, dp: int, precision: str = "bf16
 
 def activation_bytes(cfg: ModelConfig, seq_len: int, micro_batch: int, mode: str, every: int = 1,
                      fused_attention: bool = True, fused_norm: bool = True, elem: int = 2, loss_chunk: int = 0,
-                     transients: bool = True) -> float:
+                     compiled_loss: bool = False, transients: bool = True) -> float:
     """Activations of one micro-batch for an activation-checkpointing mode: what is kept for backward plus, with
-    `transients`, what backward briefly adds on top (one block's recomputation, the logits' gradients)."""
+    `transients`, what backward briefly adds on top (one block's recomputation, the logits' gradients).
+    `compiled_loss`: the loss as train.compile builds it (keeps the 16-bit logits and an fp32 log-sum-exp)."""
     s, b, d, ff, L, V = seq_len, micro_batch, cfg.d_model, cfg.ff_dim, cfg.n_layers, cfg.vocab_size
     T = s * b
     kv = cfg.kv_heads * cfg.head_dim
@@ -106,11 +109,19 @@ def activation_bytes(cfg: ModelConfig, seq_len: int, micro_batch: int, mode: str
     else:
         raise ValueError(f"unknown activation checkpointing mode {mode!r}")
     head = norm  # final norm + LM-head input
-    if 0 < loss_chunk < T:  # one chunk's logits at a time, nothing of them kept between
-        logits = loss_chunk * V * (8 + elem) if transients else 0
-    else:
-        logits = T * V * ((8 + elem) if transients else 4)
-    return float(body + head + logits)
+    return float(body + head + logits_bytes(T, V, elem, loss_chunk, compiled_loss, transients))
+
+
+def logits_bytes(tokens: int, vocab: int, elem: int = 2, loss_chunk: int = 0, compiled_loss: bool = False,
+                 transients: bool = True) -> float:
+    """The logits' share of activation_bytes: what the loss keeps for backward, plus with `transients` the logits'
+    gradients. Eager, the loss keeps the fp32 log-softmax and backward adds fp32 and 16-bit gradients; compiled, it
+    keeps the 16-bit logits and their fp32 log-sum-exp, and backward writes the 16-bit gradient directly. Chunked,
+    one chunk's logits exist at a time and nothing of them is kept between chunks."""
+    kept, grads = (elem * vocab + 8, elem * vocab) if compiled_loss else (4 * vocab, (4 + elem) * vocab)
+    if 0 < loss_chunk < tokens:
+        return float(loss_chunk * (kept + grads) if transients else 0)
+    return float(tokens * (kept + (grads if transients else 0)))
 
 
 def buffer_bytes(ds_config: dict, n_params: int, elem: int = 2) -> float:
@@ -167,7 +178,7 @@ def plan(recipe: Recipe, origin: str, gpus: int, gpu_memory_gb: float, peak_tflo
         for mode in ("none", "selective", "full"):
             acts = activation_bytes(cfg, recipe.data.seq_len, t.micro_batch_size, mode,
                                     fused_attention=fused_attention, elem=4 if t.precision == "fp32" else 2,
-                                    loss_chunk=t.loss_chunk)
+                                    loss_chunk=t.loss_chunk, compiled_loss=t.compile)
             total = sum(states.values()) + acts + buffers
             fpt = flops_per_token(n_body, cfg, recipe.data.seq_len)
             recompute = {"none": 0.0, "selective": 12.0 * cfg.n_layers * cfg.d_model * recipe.data.seq_len / 3,
@@ -182,20 +193,26 @@ def plan(recipe: Recipe, origin: str, gpus: int, gpu_memory_gb: float, peak_tflo
 def loss_chunk_hint(recipe: Recipe, vocab_size: Optional[int] = None, chunk: int = 2048,
                     min_share: float = 0.2) -> Optional[str]:
     """A line for the plan when train.loss_chunk is off and the logits are at least `min_share` of the activations
-    (no checkpointing): how much a chunked LM head would save per GPU."""
+    (no checkpointing): how much a chunked LM head would save per GPU, and the compiled loss where it is off."""
     t = recipe.train
     if t.loss_chunk or t.micro_batch_size * recipe.data.seq_len <= chunk:
         return None
     cfg = planned_model(recipe, vocab_size)
     elem = 4 if t.precision == "fp32" else 2
-    whole = activation_bytes(cfg, recipe.data.seq_len, t.micro_batch_size, "none", elem=elem)
+    whole = activation_bytes(cfg, recipe.data.seq_len, t.micro_batch_size, "none", elem=elem,
+                             compiled_loss=t.compile)
     saved = whole - activation_bytes(cfg, recipe.data.seq_len, t.micro_batch_size, "none", elem=elem,
-                                     loss_chunk=chunk)
+                                     loss_chunk=chunk, compiled_loss=t.compile)
     if saved < min_share * whole:
         return None
-    return (f"hint: train.loss_chunk: {chunk} would hold {saved / GB:.2f} GB less per GPU ({saved / whole:.0%} of the "
+    line = (f"hint: train.loss_chunk: {chunk} would hold {saved / GB:.2f} GB less per GPU ({saved / whole:.0%} of the "
             f"activations without checkpointing: the logits and their gradients; each chunk's LM head is recomputed "
             f"in backward)")
+    if not t.compile:
+        fused = whole - activation_bytes(cfg, recipe.data.seq_len, t.micro_batch_size, "none", elem=elem,
+                                         compiled_loss=True)
+        line += f"; train.compile, whose fused loss keeps no fp32 logits, {fused / GB:.2f} GB less"
+    return line
 
 
 def format_plan(rows: list[PlanRow], n_params: int, gpus: int, gpu_memory_gb: float) -> str:

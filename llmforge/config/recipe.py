@@ -130,9 +130,10 @@ class TrainConfig:
     eps: float = doc(1e-8, "AdamW epsilon.")
     grad_clip: float = doc(1.0, "Clip the global gradient norm to this; 0 disables.")
     precision: Literal["bf16", "fp16", "fp32"] = doc("bf16", "Training precision.")
-    compile: bool = doc(False, "torch.compile each transformer block (one shared graph; compiled on the first "
-                                "step, tens of seconds; needs a C++ compiler on CPU, Triton on GPU). Checkpoints do "
-                                "not depend on it.")
+    compile: bool = doc(False, "torch.compile each transformer block (one shared graph) and the loss (a fused fp32 "
+                                "cross-entropy that keeps no fp32 copy of the logits); compiled on the first step, "
+                                "tens of seconds; needs a C++ compiler on CPU, Triton on GPU. Checkpoints do not "
+                                "depend on it.")
     loss_chunk: int = doc(0, "Compute the LM head and loss over this many tokens at a time, recomputing each chunk's "
                              "logits in backward, so the (tokens x vocab) fp32 logits are never held whole; 0 = all "
                              "at once.")

@@ -32,13 +32,14 @@ def apply_activation_checkpointing(model: GPT, cfg: ActivationCheckpointingConfi
     return model
 
 
-def compile_blocks(model: GPT) -> GPT:
-    """torch.compile every transformer block in place, after activation checkpointing (the recomputation then runs
-    the compiled code too). Blocks share one compiled graph: their code is the same and parameters are graph inputs,
-    so compile time does not grow with depth. In-place compilation keeps state_dict keys, so checkpoints and export do
-    not depend on it."""
+def compile_model(model: GPT) -> GPT:
+    """torch.compile every transformer block and the loss in place, after activation checkpointing (the recomputation
+    then runs the compiled code too). Blocks share one compiled graph: their code is the same and parameters are graph
+    inputs, so compile time does not grow with depth. The compiled loss fuses the fp32 cross-entropy (see TokenLoss).
+    In-place compilation keeps state_dict keys, so checkpoints and export do not depend on it."""
     for block in model.blocks:
         block.compile()
+    model.loss.compile()
     return model
 
 

@@ -142,6 +142,19 @@ class Block(nn.Module):
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
 
+class TokenLoss(nn.Module):
+    """Summed fp32 cross-entropy over the targets that are not -100, and the summed squared log-partition (for
+    PaLM's z-loss), of (N, vocab) logits. A module of its own so that `train.compile` can compile it: compiled, the
+    fp32 upcast, log-sum-exp and gather fuse into one pass and backward keeps only the 16-bit logits and one fp32
+    log-sum-exp per token, where eager keeps the fp32 log-softmax (N × vocab × 4 bytes)."""
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor, with_z: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = logits.float()
+        ce = F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
+        z = torch.logsumexp(logits, dim=-1).pow(2).sum() if with_z else logits.new_zeros(())
+        return ce, z
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -154,6 +167,7 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.loss = TokenLoss()
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.reset_parameters()
@@ -195,33 +209,35 @@ class GPT(nn.Module):
         h = self.norm(x)
         if targets is None:
             return self.lm_head(h), None
-        if loss_chunk and loss_chunk < B * T:
-            return None, self._chunked_loss(h.reshape(B * T, -1), targets.reshape(-1), loss_chunk, z_loss)
-        logits = self.lm_head(h)
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
-        if z_loss:
-            loss = loss + z_loss * torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
-        return logits, loss
+        return self.head_loss(h, targets, loss_chunk, z_loss)
 
-    def _chunked_loss(self, h: torch.Tensor, targets: torch.Tensor, chunk: int, z_loss: float) -> torch.Tensor:
-        ce_sum = z_sum = 0.0
-        for s in range(0, h.shape[0], chunk):
-            args = (h[s:s + chunk], targets[s:s + chunk], bool(z_loss))
-            if torch.is_grad_enabled():
-                # Non-reentrant: the recomputation calls lm_head as a module again (ZeRO-3 gathers its weight).
-                ce, z = checkpoint(self._loss_sums, *args, use_reentrant=False)
-            else:
-                ce, z = self._loss_sums(*args)
-            ce_sum, z_sum = ce_sum + ce, z_sum + z
-        loss = ce_sum / (targets != -100).sum()
-        return loss + z_loss * z_sum / h.shape[0] if z_loss else loss
+    def head_loss(self, h: torch.Tensor, targets: torch.Tensor, loss_chunk: int = 0, z_loss: float = 0.0
+                  ) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+        """The LM head and loss over final hidden states h (..., d_model) and their targets (...): (logits or None
+        when chunked, loss), as GPT.forward returns them."""
+        lead = h.shape[:-1]
+        h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+        n = h.shape[0]
+        if loss_chunk and loss_chunk < n:
+            ce = z = 0.0
+            for s in range(0, n, loss_chunk):
+                args = (h[s:s + loss_chunk], targets[s:s + loss_chunk], bool(z_loss))
+                if torch.is_grad_enabled():
+                    # Non-reentrant: the recomputation calls lm_head as a module again (ZeRO-3 gathers its weight).
+                    chunk_ce, chunk_z = checkpoint(self._chunk_loss, *args, use_reentrant=False)
+                else:
+                    chunk_ce, chunk_z = self._chunk_loss(*args)
+                ce, z = ce + chunk_ce, z + chunk_z
+            logits = None
+        else:
+            logits = self.lm_head(h)
+            ce, z = self.loss(logits, targets, bool(z_loss))
+            logits = logits.view(*lead, -1)
+        loss = ce / (targets != -100).sum()
+        return logits, loss + z_loss * z / n if z_loss else loss
 
-    def _loss_sums(self, h: torch.Tensor, targets: torch.Tensor, with_z: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed cross-entropy (and squared log-partition) of one chunk of tokens."""
-        logits = self.lm_head(h).float()
-        ce = F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
-        z = torch.logsumexp(logits, dim=-1).pow(2).sum() if with_z else torch.zeros((), device=h.device)
-        return ce, z
+    def _chunk_loss(self, h: torch.Tensor, targets: torch.Tensor, with_z: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.loss(self.lm_head(h), targets, with_z)
 
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())

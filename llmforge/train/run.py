@@ -19,7 +19,7 @@ from llmforge.config import Recipe, load_recipe, recipe_to_dict, recipe_to_yaml
 from llmforge.config.deepspeed import compose_ds_config, zero_stage
 from llmforge.data.loader import PretrainData
 from llmforge.errors import CheckpointError, RecipeError
-from llmforge.model import GPT, apply_activation_checkpointing, compile_blocks, compile_unavailable
+from llmforge.model import GPT, apply_activation_checkpointing, compile_model, compile_unavailable
 from llmforge.model.flops import device_peak_flops, flops_per_token
 from llmforge.tokenizer import fingerprint, load_tokenizer
 from llmforge.train import checkpoint as ckpt
@@ -156,7 +156,7 @@ def run_training(recipe_path: str, overrides: Optional[list[str]] = None, resume
     n_embed = sum(numel(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters())
     apply_activation_checkpointing(model, recipe.model.activation_checkpointing)
     if recipe.train.compile:
-        compile_blocks(model)
+        compile_model(model)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, recipe.train.weight_decay),
                                            config=ds_config)
     is_main = engine.global_rank == 0

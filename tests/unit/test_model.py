@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from llmforge.config.recipe import ActivationCheckpointingConfig, ModelConfig
-from llmforge.model import GPT, KVCache, apply_activation_checkpointing, compile_blocks, generate
+from llmforge.model import GPT, KVCache, apply_activation_checkpointing, compile_model, generate
 from llmforge.model.gpt import apply_rope, reference_attention, rope_tables
 
 
@@ -129,7 +129,7 @@ def test_compiled_blocks_match_eager_and_share_one_graph(mode):
     torch._dynamo.reset()
     counters.clear()
     base = apply_activation_checkpointing(tiny(n_layers=4), ActivationCheckpointingConfig(mode))
-    compiled = compile_blocks(copy.deepcopy(base))
+    compiled = compile_model(copy.deepcopy(base))
     assert list(compiled.state_dict()) == list(base.state_dict())  # checkpoints do not depend on compilation
     x = torch.randint(0, 61, (2, 32))
     _, l1 = base(x, x)
@@ -140,9 +140,10 @@ def test_compiled_blocks_match_eager_and_share_one_graph(mode):
     g1 = dict(base.named_parameters())
     for name, p in compiled.named_parameters():
         torch.testing.assert_close(p.grad, g1[name].grad, rtol=1e-4, atol=1e-6)
-    # the blocks ran compiled code, and four blocks needed one graph (parameters are inputs, not constants)
+    # the blocks and the loss ran compiled code: four blocks needed one graph (parameters are inputs, not
+    # constants), the loss one more
     assert counters["stats"]["calls_captured"] > 0
-    assert counters["stats"]["unique_graphs"] == 1
+    assert counters["stats"]["unique_graphs"] == 2
 
 
 def saved_bytes(fn) -> tuple[int, int]:
@@ -183,6 +184,37 @@ def test_chunked_loss_equals_whole_and_never_holds_the_logits(z_loss):
     assert chunked[3] < logits_bytes / 2 and chunked[2] < whole[2] - logits_bytes
     with torch.no_grad():  # eval: the same loss without checkpointing
         torch.testing.assert_close(model(x, y, loss_chunk=50, z_loss=z_loss)[1], whole[0], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("with_z", [False, True])
+def test_compiled_loss_matches_eager_and_keeps_no_fp32_logits(with_z):
+    """train.compile's loss: the same sums and logit gradients as eager, but backward keeps the bf16 logits and one
+    fp32 log-sum-exp per token instead of the fp32 log-softmax (what the planner counts for each)."""
+    from llmforge.model.gpt import TokenLoss
+
+    torch._dynamo.reset()
+    n, vocab = 96, 1000
+    torch.manual_seed(0)
+    logits = (torch.randn(n, vocab) * 3).to(torch.bfloat16)
+    targets = torch.randint(0, vocab, (n,))
+    targets[:9] = -100
+    results = {}
+    compiled_loss = TokenLoss()
+    compiled_loss.compile()
+    for name, loss in (("eager", TokenLoss()), ("compiled", compiled_loss)):
+        x = logits.clone().requires_grad_()
+        out = {}
+        kept, _ = saved_bytes(lambda: out.update(sums=loss(x, targets, with_z)))
+        ce, z = out["sums"]
+        (ce + 0.1 * z).backward()
+        results[name] = (ce.detach(), z.detach(), x.grad, kept)
+    eager, compiled = results["eager"], results["compiled"]
+    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(compiled[1], eager[1], rtol=1e-5, atol=1e-3)
+    assert compiled[1].item() > 0 if with_z else compiled[1].item() == 0
+    torch.testing.assert_close(compiled[2].float(), eager[2].float(), rtol=2e-2, atol=1e-4)
+    assert eager[3] >= n * vocab * 4  # the fp32 log-softmax
+    assert n * vocab * 2 <= compiled[3] <= n * vocab * 2 + n * 8 + 4096  # bf16 logits + fp32 lse (+ targets)
 
 
 @pytest.mark.parametrize("sampling", [dict(temperature=0.0), dict(temperature=0.9, top_k=10, top_p=0.9)])
