@@ -2,20 +2,26 @@
 # The GPU benchmark set (one GPU): training-step throughput, MFU and peak memory of llmforge vs a plain PyTorch loop
 # and HF Llama + DeepSpeed for the ~110M, ~340M and ~1B Llama recipes at sequence length 2048 — ZeRO-1 eager, ZeRO-2
 # eager and with compiled blocks (train.compile), no activation checkpointing (each fits one 80 GB GPU, per
-# `llmforge plan`) — then the activation-checkpointing trade-offs at ~340M, with and without train.loss_chunk. Each
-# throughput table also sets `llmforge plan`'s per-GPU total against llmforge's measured peak. Results land in
-# bench/results/gpu-*.md.
+# `llmforge plan`) — then the activation-checkpointing trade-offs at ~340M, with and without train.loss_chunk and
+# train.compile, and the LM head + loss alone at llama-125m's micro-batch (8 x 2048 tokens, d 768, vocabulary
+# 32,000): eager, compiled (fused cross-entropy), chunked. Each throughput table also sets `llmforge plan`'s per-GPU
+# total against llmforge's measured peak. Results land in bench/results/gpu-*.md.
 #
-#   bash bench/gpu_suite.sh              # all sizes
-#   bash bench/gpu_suite.sh 125m 350m    # some of them (each size takes a few minutes)
+#   bash bench/gpu_suite.sh                 # all of it
+#   bash bench/gpu_suite.sh 125m 350m loss  # some of it (each part takes a few minutes)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python}
-sizes=${*:-125m 350m 1b ckpt}
+sizes=${*:-125m 350m 1b ckpt loss}
 for size in $sizes; do
   if [ "$size" = ckpt ]; then
     $PY bench/activation_ckpt.py --recipe recipes/llama-350m.yaml --set train.grad_accum_steps=1 --loss-chunk 2048 \
-      --out bench/results/gpu-llama-350m-activation-ckpt.md
+      --compile --out bench/results/gpu-llama-350m-activation-ckpt.md
+    continue
+  fi
+  if [ "$size" = loss ]; then
+    $PY bench/lm_loss.py --tokens 16384 --d-model 768 --vocab 32000 --chunk 2048 --steps 30 \
+      --out bench/results/gpu-llama-125m-lm-loss.md
     continue
   fi
   rounds=6
