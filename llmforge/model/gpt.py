@@ -215,10 +215,11 @@ class GPT(nn.Module):
                   ) -> tuple[Optional[torch.Tensor], torch.Tensor]:
         """The LM head and loss over final hidden states h (..., d_model) and their targets (...): (logits or None
         when chunked, loss), as GPT.forward returns them."""
-        lead = h.shape[:-1]
+        chunked = 0 < loss_chunk < targets.numel()
+        logits = None if chunked else self.lm_head(h)  # returned as computed: callers may differentiate by it
         h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
         n = h.shape[0]
-        if loss_chunk and loss_chunk < n:
+        if chunked:
             ce = z = 0.0
             for s in range(0, n, loss_chunk):
                 args = (h[s:s + loss_chunk], targets[s:s + loss_chunk], bool(z_loss))
@@ -228,11 +229,8 @@ class GPT(nn.Module):
                 else:
                     chunk_ce, chunk_z = self._chunk_loss(*args)
                 ce, z = ce + chunk_ce, z + chunk_z
-            logits = None
         else:
-            logits = self.lm_head(h)
-            ce, z = self.loss(logits, targets, bool(z_loss))
-            logits = logits.view(*lead, -1)
+            ce, z = self.loss(logits.view(n, -1), targets, bool(z_loss))
         loss = ce / (targets != -100).sum()
         return logits, loss + z_loss * z / n if z_loss else loss
 
