@@ -84,9 +84,10 @@ def planner_line(recipe, origin: str, vocab: int, stage: int, measured_gb) -> st
     if not rows:
         return f"- planner: no row for activation checkpointing {mode!r}"
     predicted = rows[0].total_gb
+    what = f"llmforge{' with train.compile' if recipe.train.compile else ''} (ZeRO-{stage}, {mode})"
     if measured_gb is None:
-        return f"- planner: {predicted:.3g} GB per GPU predicted for llmforge (ZeRO-{stage}, {mode}); no GPU to measure"
-    return (f"- planner: {predicted:.2f} GB per GPU predicted for llmforge (ZeRO-{stage}, {mode}), "
+        return f"- planner: {predicted:.3g} GB per GPU predicted for {what}; no GPU to measure"
+    return (f"- planner: {predicted:.2f} GB per GPU predicted for {what}, "
             f"{measured_gb:.2f} GB measured (max_memory_allocated): error {predicted / measured_gb - 1:+.1%}")
 
 
@@ -284,7 +285,10 @@ def main() -> None:
     if args.compile:
         lines.append(f"- llmforge with train.compile against HF Llama + DeepSpeed as it ships (eager): "
                      f"{med['hf+deepspeed'] / med['llmforge (compiled)']:.2f}x tokens/s")
-    lines.append(planner_line(recipe, args.recipe, vocab, zero_stage(ds_config), peak_gb.get("llmforge")))
+    for compiled in ([False, True] if args.compile else [False]):  # the plan of each llmforge contender
+        planned = dataclasses.replace(recipe, train=dataclasses.replace(t, compile=compiled))
+        lines.append(planner_line(planned, args.recipe, vocab, zero_stage(ds_config),
+                                  peak_gb.get("llmforge (compiled)" if compiled else "llmforge")))
     text = "\n".join(lines) + "\n"
     print(text)
     write_result(text, args.out, f"{name}-{datetime.date.today()}-throughput.md")
