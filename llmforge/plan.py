@@ -17,10 +17,12 @@ Memory per GPU (bytes; N parameters, d data-parallel ranks, bf16/fp16 training w
   selective drops the attention tensors. The final norm and LM-head input, then the logits: the eager loss keeps
   their fp32 log-softmax (T·V·4), the compiled one (train.compile) the 16-bit logits and an fp32 log-sum-exp
   (T·(V·e + 8)); with train.loss_chunk = c nothing of them is kept, only c tokens' logits exist at a time.
+  Compiled blocks keep a fused norm's tensors (on CPU too) and SwiGLU T·3·ff·e (the SiLU is recomputed).
   Transients on top (`transients=True`, the plan's figure): one block's recomputation under checkpointing and, at
   the loss, the logits' gradients: eager fp32 and 16-bit (T·V·(4 + e)), compiled 16-bit only (T·V·e); chunked,
   one chunk's kept part and gradients.
-  tests/unit/test_plan.py holds the kept part within 10% of what the model saves for backward, measured on CPU.
+  tests/unit/test_plan.py holds the kept part within 10% of what the model saves for backward, measured on CPU,
+  eager and compiled.
 - buffers: DeepSpeed's gradient buckets (stage 1-2: reduce_bucket_size elements, twice with overlap_comm) and
   stage-3 prefetch/live parameters (bounded by stage3_max_live_parameters).
 Throughput: FLOPs/token (6N + 12·L·d·s, ×4/3 of the forward share recomputed under full checkpointing) at an assumed
@@ -78,22 +80,28 @@ def model_state_bytes(n_params: int, stage: int, dp: int, precision: str = "bf16
 
 def activation_bytes(cfg: ModelConfig, seq_len: int, micro_batch: int, mode: str, every: int = 1,
                      fused_attention: bool = True, fused_norm: bool = True, elem: int = 2, loss_chunk: int = 0,
-                     compiled_loss: bool = False, transients: bool = True) -> float:
+                     compiled: bool = False, transients: bool = True) -> float:
     """Activations of one micro-batch for an activation-checkpointing mode: what is kept for backward plus, with
     `transients`, what backward briefly adds on top (one block's recomputation, the logits' gradients).
-    `compiled_loss`: the loss as train.compile builds it (keeps the 16-bit logits and an fp32 log-sum-exp)."""
+    `compiled`: blocks and loss as train.compile builds them — block norms keep what a fused kernel keeps whatever
+    `fused_norm` says (which then concerns only the final norm), SwiGLU keeps its two projections and their product
+    (the SiLU is recomputed), the loss keeps the 16-bit logits and an fp32 log-sum-exp."""
     s, b, d, ff, L, V = seq_len, micro_batch, cfg.d_model, cfg.ff_dim, cfg.n_layers, cfg.vocab_size
     T = s * b
     kv = cfg.kv_heads * cfg.head_dim
-    if cfg.norm == "layernorm":  # a native kernel everywhere: input + fp32 mean and rstd
-        norm = T * (elem * d + 8)
-    else:
-        norm = T * (elem * d + 4) if fused_norm else T * (8 * d + 8)
-    norm += elem * T * d  # its output, the input of the next linear(s)
+
+    def norm_bytes(fused: bool) -> int:
+        if cfg.norm == "layernorm":  # a native kernel everywhere: input + fp32 mean and rstd
+            kept = T * (elem * d + 8)
+        else:
+            kept = T * (elem * d + 4) if fused else T * (8 * d + 8)
+        return kept + elem * T * d  # its output, the input of the next linear(s)
+
+    norm = norm_bytes(fused_norm or compiled)
     attn = elem * T * (2 * d + 2 * kv) + 4 * T * cfg.n_heads
     if not fused_attention:
         attn += elem * cfg.n_heads * s * s * b
-    mlp = elem * T * (4 if cfg.mlp == "swiglu" else 2) * ff
+    mlp = elem * T * ((3 if compiled else 4) if cfg.mlp == "swiglu" else 2) * ff
     layer = 2 * norm + attn + mlp
     boundary = elem * T * d
     recompute = layer if transients else 0
@@ -108,8 +116,8 @@ def activation_bytes(cfg: ModelConfig, seq_len: int, micro_batch: int, mode: str
         body = L * (2 * norm + mlp) + (attn if transients else 0)
     else:
         raise ValueError(f"unknown activation checkpointing mode {mode!r}")
-    head = norm  # final norm + LM-head input
-    return float(body + head + logits_bytes(T, V, elem, loss_chunk, compiled_loss, transients))
+    head = norm_bytes(fused_norm)  # final norm (not compiled) + LM-head input
+    return float(body + head + logits_bytes(T, V, elem, loss_chunk, compiled, transients))
 
 
 def logits_bytes(tokens: int, vocab: int, elem: int = 2, loss_chunk: int = 0, compiled_loss: bool = False,
@@ -178,7 +186,7 @@ def plan(recipe: Recipe, origin: str, gpus: int, gpu_memory_gb: float, peak_tflo
         for mode in ("none", "selective", "full"):
             acts = activation_bytes(cfg, recipe.data.seq_len, t.micro_batch_size, mode,
                                     fused_attention=fused_attention, elem=4 if t.precision == "fp32" else 2,
-                                    loss_chunk=t.loss_chunk, compiled_loss=t.compile)
+                                    loss_chunk=t.loss_chunk, compiled=t.compile)
             total = sum(states.values()) + acts + buffers
             fpt = flops_per_token(n_body, cfg, recipe.data.seq_len)
             recompute = {"none": 0.0, "selective": 12.0 * cfg.n_layers * cfg.d_model * recipe.data.seq_len / 3,
@@ -200,9 +208,9 @@ def loss_chunk_hint(recipe: Recipe, vocab_size: Optional[int] = None, chunk: int
     cfg = planned_model(recipe, vocab_size)
     elem = 4 if t.precision == "fp32" else 2
     whole = activation_bytes(cfg, recipe.data.seq_len, t.micro_batch_size, "none", elem=elem,
-                             compiled_loss=t.compile)
+                             compiled=t.compile)
     saved = whole - activation_bytes(cfg, recipe.data.seq_len, t.micro_batch_size, "none", elem=elem,
-                                     loss_chunk=chunk, compiled_loss=t.compile)
+                                     loss_chunk=chunk, compiled=t.compile)
     if saved < min_share * whole:
         return None
     line = (f"hint: train.loss_chunk: {chunk} would hold {saved / GB:.2f} GB less per GPU ({saved / whole:.0%} of the "
@@ -210,8 +218,8 @@ def loss_chunk_hint(recipe: Recipe, vocab_size: Optional[int] = None, chunk: int
             f"in backward)")
     if not t.compile:
         fused = whole - activation_bytes(cfg, recipe.data.seq_len, t.micro_batch_size, "none", elem=elem,
-                                         compiled_loss=True)
-        line += f"; train.compile, whose fused loss keeps no fp32 logits, {fused / GB:.2f} GB less"
+                                         compiled=True)
+        line += f"; train.compile (fused loss, compiled blocks) {fused / GB:.2f} GB less"
     return line
 
 

@@ -11,20 +11,20 @@ import torch
 
 from llmforge.config import load_recipe
 from llmforge.config.recipe import ActivationCheckpointingConfig, ModelConfig
-from llmforge.model import GPT, apply_activation_checkpointing
+from llmforge.model import GPT, apply_activation_checkpointing, compile_model
 from llmforge.plan import activation_bytes, loss_chunk_hint, plan
 from tests.conftest import run_cli
 
 
 def kept_for_backward(cfg: ModelConfig, seq: int, batch: int, mode: str, every: int, loss_chunk: int,
-                      compiled_loss: bool = False) -> int:
+                      compiled: bool = False) -> int:
     """Bytes of the distinct storages autograd keeps after a bf16 forward with targets (parameters excluded)."""
     torch.manual_seed(0)
     model = GPT(cfg).to(torch.bfloat16)
     apply_activation_checkpointing(model, ActivationCheckpointingConfig(mode=mode, every=every))
-    if compiled_loss:  # the loss as train.compile builds it (the blocks stay eager: their CPU norms are unfused)
+    if compiled:  # blocks and loss as train.compile builds them
         torch._dynamo.reset()
-        model.loss.compile()
+        compile_model(model)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     kept: dict[int, int] = {}
 
@@ -49,14 +49,15 @@ SHAPES = [dict(d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=384, vocab
 @pytest.mark.parametrize("shape", SHAPES, ids=["rmsnorm-swiglu-gqa", "layernorm-gelu-mha"])
 @pytest.mark.parametrize("mode,every,loss_chunk,compiled", [
     ("none", 1, 0, False), ("none", 1, 64, False), ("selective", 1, 0, False), ("every_k", 2, 0, False),
-    ("full", 1, 0, False), ("full", 1, 64, False), ("none", 1, 0, True), ("full", 1, 0, True)])
+    ("full", 1, 0, False), ("full", 1, 64, False), ("none", 1, 0, True), ("selective", 1, 0, True),
+    ("full", 1, 64, True)])
 def test_activation_bytes_match_what_backward_keeps(shape, mode, every, loss_chunk, compiled):
     seq, batch = 64, 3
     cfg = ModelConfig(max_seq_len=seq, **shape)
     measured = kept_for_backward(cfg, seq, batch, mode, every, loss_chunk, compiled)
-    # CPU runs RMSNorm as its unfused composite (fp32 copies); the GPU plan counts the fused kernel
+    # eager CPU runs RMSNorm as its unfused composite (fp32 copies); the GPU plan counts the fused kernel
     predicted = activation_bytes(cfg, seq, batch, mode, every, fused_norm=False, loss_chunk=loss_chunk,
-                                 compiled_loss=compiled, transients=False)
+                                 compiled=compiled, transients=False)
     assert abs(predicted - measured) <= 0.1 * measured, (measured, predicted)
 
 
@@ -74,15 +75,18 @@ def test_plan_counts_loss_chunk():
         assert chunked[key].params_gb == row.params_gb and chunked[key].tokens_per_s == row.tokens_per_s
 
 
-def test_plan_counts_the_compiled_loss():
-    """train.compile's fused cross-entropy: per token the logits cost 2V (bf16 kept) + 8 (fp32 log-sum-exp) + 2V
-    (bf16 gradient) bytes instead of 4V (fp32 log-softmax) + 6V (fp32 and bf16 gradients)."""
+def test_plan_counts_train_compile():
+    """train.compile: per token the logits cost 2V (bf16 kept) + 8 (fp32 log-sum-exp) + 2V (bf16 gradient) bytes
+    instead of 4V (fp32 log-softmax) + 6V (fp32 and bf16 gradients), and each SwiGLU keeps 3·ff instead of 4·ff
+    16-bit values (every block without checkpointing; the one block recomputed at a time under full)."""
     recipe = load_recipe("recipes/llama-125m.yaml", ["train.micro_batch_size=4"])
     eager = {(r.stage, r.checkpointing): r for r in plan(recipe, "recipes/llama-125m.yaml", 8, 80, vocab_size=32000)}
     compiled = load_recipe("recipes/llama-125m.yaml", ["train.micro_batch_size=4", "train.compile=true"])
+    T, m = 4 * 2048, recipe.model
     for r in plan(compiled, "recipes/llama-125m.yaml", 8, 80, vocab_size=32000):
         saved = eager[r.stage, r.checkpointing].activations_gb - r.activations_gb
-        assert saved == pytest.approx(4 * 2048 * (6 * 32000 - 8) / 1024 ** 3, rel=1e-9)
+        blocks = {"none": m.n_layers, "selective": m.n_layers, "full": 1}[r.checkpointing]
+        assert saved == pytest.approx((T * (6 * 32000 - 8) + blocks * T * 2 * m.ff_dim) / 1024 ** 3, rel=1e-9)
 
 
 def test_plan_hints_loss_chunk_where_the_logits_weigh():
@@ -93,8 +97,9 @@ def test_plan_hints_loss_chunk_where_the_logits_weigh():
     cfg = dataclasses.replace(recipe.model, vocab_size=32000, max_seq_len=2048)
     saved = activation_bytes(cfg, 2048, 8, "none") - activation_bytes(cfg, 2048, 8, "none", loss_chunk=2048)
     assert hint is not None and f"would hold {saved / 1024 ** 3:.2f} GB less per GPU" in hint
-    fused = 8 * 2048 * (6 * 32000 - 8) / 1024 ** 3  # see test_plan_counts_the_compiled_loss
-    assert hint.endswith(f"; train.compile, whose fused loss keeps no fp32 logits, {fused:.2f} GB less")
+    fused = activation_bytes(cfg, 2048, 8, "none") - activation_bytes(cfg, 2048, 8, "none", compiled=True)
+    assert fused > 8 * 2048 * 6 * 32000  # at least the logits' fp32 share (see test_plan_counts_train_compile)
+    assert hint.endswith(f"; train.compile (fused loss, compiled blocks) {fused / 1024 ** 3:.2f} GB less")
     compiled_hint = loss_chunk_hint(load_recipe("recipes/llama-125m.yaml", ["train.compile=true"]), 32000)
     assert compiled_hint is not None and "train.compile" not in compiled_hint
     assert loss_chunk_hint(load_recipe("recipes/llama-125m.yaml", ["train.loss_chunk=1024"]), 32000) is None
