@@ -120,13 +120,13 @@ def activation_bytes(cfg: ModelConfig, seq_len: int, micro_batch: int, mode: str
     return float(body + head + logits_bytes(T, V, elem, loss_chunk, compiled, transients))
 
 
-def logits_bytes(tokens: int, vocab: int, elem: int = 2, loss_chunk: int = 0, compiled_loss: bool = False,
+def logits_bytes(tokens: int, vocab: int, elem: int = 2, loss_chunk: int = 0, compiled: bool = False,
                  transients: bool = True) -> float:
     """The logits' share of activation_bytes: what the loss keeps for backward, plus with `transients` the logits'
     gradients. Eager, the loss keeps the fp32 log-softmax and backward adds fp32 and 16-bit gradients; compiled, it
     keeps the 16-bit logits and their fp32 log-sum-exp, and backward writes the 16-bit gradient directly. Chunked,
     one chunk's logits exist at a time and nothing of them is kept between chunks."""
-    kept, grads = (elem * vocab + 8, elem * vocab) if compiled_loss else (4 * vocab, (4 + elem) * vocab)
+    kept, grads = (elem * vocab + 8, elem * vocab) if compiled else (4 * vocab, (4 + elem) * vocab)
     if 0 < loss_chunk < tokens:
         return float(loss_chunk * (kept + grads) if transients else 0)
     return float(tokens * (kept + (grads if transients else 0)))
