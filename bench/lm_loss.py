@@ -120,7 +120,8 @@ def main() -> None:
     for name, (model, chunk) in variants.items():
         med = statistics.median(times[name])
         comp = model is compiled
-        gpu_cols = (f"{peak[name] / mb:.1f} | {logits_bytes(n, vocab, 2, chunk, comp, True) / mb:.1f}" if gpu else "n/a | n/a")
+        planned_peak = logits_bytes(n, vocab, 2, chunk, comp, True)
+        gpu_cols = f"{peak[name] / mb:.1f} | {planned_peak / mb:.1f}" if gpu else "n/a | n/a"
         lines.append(f"| {name} | {med * 1e3:.1f} | {med / ref:.2f}x | {losses[name]:.4f} | {kept[name] / mb:.1f} | "
                      f"{logits_bytes(n, vocab, 2, chunk, comp, False) / mb:.1f} | {gpu_cols} |")
     text = "\n".join(lines) + "\n"

@@ -14,7 +14,8 @@ from tests.conftest import run_cli
     ("bench/activation_ckpt.py", ["--loss-chunk", "64", "--compile"],
      ["| none |", "| full |", "| every_k (k=2) |", "| selective |", "| none + loss_chunk 64 |",
       "| full + loss_chunk 64 |", "| none + train.compile |", "| none + loss_chunk 64 + train.compile |"]),
-    ("bench/lm_loss.py", [], ["| eager |", "| train.compile |", "| loss_chunk 96 |", "| loss_chunk 96 + train.compile |"]),
+    ("bench/lm_loss.py", [],
+     ["| eager |", "| train.compile |", "| loss_chunk 96 |", "| loss_chunk 96 + train.compile |"]),
     ("bench/data_loader.py", [], ["| open a dataset of 500 shard files", "tokens/s per rank"]),
 ])
 def test_bench_quick_mode_prints_its_table(tmp_path, script, args, rows):
