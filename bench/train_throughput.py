@@ -6,10 +6,12 @@
                 clip_grad_norm_, no DeepSpeed
   hf+deepspeed  transformers LlamaForCausalLM with the same dimensions, through DeepSpeed with the same config
 
-Each runs `--warmup` steps, then `--steps` timed steps on random tokens (data loading is outside all three); the
-median step time gives tokens/s (and MFU on a known GPU). On GPU each trainer's peak memory is what it keeps between
-steps plus the most its own steps add, and `llmforge plan`'s per-GPU total for the recipe is set against llmforge's
-(the planner's error). Prints a table with ratios to llmforge and writes it to
+Each runs `--warmup` steps, then `--steps` timed steps on random tokens, drawn in the step (llmforge's Trainer draws
+the next micro-batch meanwhile on its prefetch thread, as it reads shards in training); the median step time gives
+tokens/s (and MFU on a known GPU). On GPU a step time is the mean over one round's steps, timed whole with no wait
+between them, as training runs (the host queues a step while the GPU finishes the last). On GPU each trainer's peak memory is what it keeps between steps plus the most
+its own steps add, and `llmforge plan`'s per-GPU total for the recipe is set against llmforge's (the planner's
+error). Prints a table with ratios to llmforge and writes it to
 bench/results/<device>-<date>-throughput.md (or --out).
 
     python bench/train_throughput.py --recipe recipes/tiny-char.yaml
@@ -159,7 +161,12 @@ def main() -> None:
                                           config=copy.deepcopy(ds_config))
         trainer = Trainer(engine, recipe, data, None, Metrics("/tmp", False), TrainState(), lambda s: None,
                           0.0, None)
-        return trainer.train_step, engine.destroy
+
+        def release() -> None:
+            trainer.batches.close()
+            engine.destroy()
+
+        return trainer.train_step, release
 
     def run_torch(compiled: bool):
         model = apply_activation_checkpointing(copy.deepcopy(base), ckpt).to(device)
@@ -231,7 +238,15 @@ def main() -> None:
         if gpu:
             torch.cuda.reset_peak_memory_stats()
         floor = allocated()
-        results[key] += timed(step, 0, n, sync)
+        if gpu:  # as training runs: no wait between steps, so the host queues a step while the GPU ends the last
+            sync()
+            start = time.perf_counter()
+            for _ in range(n):
+                step()
+            sync()
+            results[key].append((time.perf_counter() - start) / n)
+        else:
+            results[key] += timed(step, 0, n, sync)
         if gpu:
             transient[key] = max(transient.get(key, 0), torch.cuda.max_memory_allocated() - floor)
 
@@ -266,7 +281,8 @@ def main() -> None:
              f"non-embedding parameters; {t.micro_batch_size} x {seq} tokens x {t.grad_accum_steps} accumulation "
              f"per step; ZeRO-{zero_stage(ds_config)}, {t.precision}, activation checkpointing {ckpt.mode}, "
              f"1 process. Median of {len(results['llmforge'])} "
-             f"steps after {args.warmup} warm-up steps"
+             + ("steps" if not gpu else "rounds' mean step times (each round timed whole: no wait between its steps)")
+             + f" after {args.warmup} warm-up steps"
              + (f", the contenders taking turns in {args.rounds} rounds." if args.rounds > 1
                 else ", one after the other."), "",
              "| trainer | median step s | tokens/s | MFU | peak GB | llmforge speed-up over it (same mode) |",

@@ -130,10 +130,12 @@ class DataConfig:
     unit_files: int = doc(2000, "Small input files grouped into one work unit (the unit of sharding and restart).")
     unit_bytes: int = doc(64 << 20, "Input bytes per work unit; a larger file is a unit of its own.")
     allow_fingerprint_change: bool = doc(False, "Resume even if the datasets' fingerprint changed.")
+    prefetch: int = doc(2, "Training micro-batches read ahead on a background thread (pinned for an asynchronous "
+                           "copy on GPU); 0 reads each one inside the step.")
 
     def __post_init__(self) -> None:
         positive(self, "seq_len", "max_chars", "shard_tokens", "unit_files", "unit_bytes")
-        positive(self, "min_chars", allow_zero=True)
+        positive(self, "min_chars", "prefetch", allow_zero=True)
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError("val_fraction", f"must be in [0, 1), got {self.val_fraction}")
         names = [s.name for s in self.sources]

@@ -93,11 +93,16 @@ def dpo_objective(reference: dict[str, torch.Tensor], beta: float, loss: str, la
     """Trainer objective over PreferenceData batches; reference[split][k] = (log ref(chosen_k), log ref(rejected_k))
     for pair k of the batch's split."""
 
+    on_device: dict[str, torch.Tensor] = {}  # each split's table, copied to the device once
+
     def objective(engine: Any, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        logits, _ = engine(batch["inputs"].to(engine.device))
-        logps = sequence_logps(logits, batch["targets"].to(engine.device))
+        device = engine.device
+        logits, _ = engine(batch["inputs"].to(device, non_blocking=True))
+        logps = sequence_logps(logits, batch["targets"].to(device, non_blocking=True))
         n = logps.shape[0] // 2
-        ref = reference[batch["split"]][batch["examples"]].to(logps.device)
+        if batch["split"] not in on_device:
+            on_device[batch["split"]] = reference[batch["split"]].to(device)
+        ref = on_device[batch["split"]][batch["examples"].to(device, non_blocking=True)]
         return dpo_loss(logps[:n], logps[n:], ref[:, 0], ref[:, 1], beta, loss, label_smoothing)
 
     return objective

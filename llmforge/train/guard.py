@@ -25,18 +25,34 @@ class SpikeGuard:
         self.history: collections.deque[float] = collections.deque(maxlen=cfg.window)
         self.bad_steps: collections.deque[int] = collections.deque()
 
+    def limit(self) -> float:
+        """The highest loss that passes now: mean + threshold_std · std of the recent good losses (inf while there
+        are fewer than min_history of them)."""
+        if len(self.history) < self.cfg.min_history:
+            return math.inf
+        mean = sum(self.history) / len(self.history)
+        std = math.sqrt(sum((x - mean) ** 2 for x in self.history) / len(self.history))
+        return mean + self.cfg.threshold_std * max(std, 1e-3 * abs(mean), 1e-6)
+
     def judge(self, loss: float) -> Optional[str]:
         """None for a good loss, else why the step must be skipped ('non_finite' or 'spike')."""
         if not self.cfg.enabled:
             return None
         if not math.isfinite(loss):
             return "non_finite"
-        if len(self.history) >= self.cfg.min_history:
-            mean = sum(self.history) / len(self.history)
-            std = math.sqrt(sum((x - mean) ** 2 for x in self.history) / len(self.history))
-            if loss > mean + self.cfg.threshold_std * max(std, 1e-3 * abs(mean), 1e-6):
-                return "spike"
-        return None
+        return "spike" if loss > self.limit() else None
+
+    def reject(self, loss: torch.Tensor) -> Optional[torch.Tensor]:
+        """judge() on the device, without waiting for the loss: a bool tensor, True where the step must be
+        skipped (None when the guard is off)."""
+        if not self.cfg.enabled:
+            return None
+        return ~torch.isfinite(loss) | (loss > self.limit())
+
+    @staticmethod
+    def reason(loss: float) -> str:
+        """Why a rejected step was skipped."""
+        return "spike" if math.isfinite(loss) else "non_finite"
 
     def record(self, step: int, loss: float, skipped: bool) -> bool:
         """Note the step's outcome; True when skipped steps within bad_window reached max_bad_steps (roll back)."""

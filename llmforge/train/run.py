@@ -43,7 +43,8 @@ def resolve_model_config(recipe: Recipe, vocab_size: int, origin: str) -> Recipe
     m = recipe.model
     if m.vocab_size is not None and m.vocab_size < vocab_size:
         raise RecipeError(origin, "model.vocab_size", f"{m.vocab_size} is below the tokenizer's {vocab_size}")
-    model = dataclasses.replace(m, vocab_size=m.vocab_size or vocab_size, max_seq_len=m.max_seq_len or recipe.data.seq_len)
+    model = dataclasses.replace(m, vocab_size=m.vocab_size or vocab_size,
+                                max_seq_len=m.max_seq_len or recipe.data.seq_len)
     return dataclasses.replace(recipe, model=model)
 
 
@@ -267,7 +268,8 @@ def _check_compatible(client: dict, path: str, tok_fp: str, data_fp: str, allow_
                               f"the recipe's is {tok_fp}")
     if client.get("data_fingerprint") not in (None, data_fp):
         if not allow_data_change:
-            raise CheckpointError(f"{path} was trained on data {client['data_fingerprint']}, the recipe's is {data_fp}; "
+            raise CheckpointError(f"{path} was trained on data {client['data_fingerprint']}, "
+                                  f"the recipe's is {data_fp}; "
                                   f"to continue on the new data pass --set data.allow_fingerprint_change=true")
         log.warning("datasets changed since %s (%s -> %s); continuing from the same sample counter as asked",
                     path, client["data_fingerprint"], data_fp)

@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from llmforge.config.recipe import Recipe
 from llmforge.data.loader import micro_batch_indices
+from llmforge.data.prefetch import Prefetcher
 from llmforge.train.guard import FaultInjector, SpikeGuard, StopSignal
 from llmforge.train.metrics import Metrics, memory_gb
 from llmforge.train.schedule import lr_at
@@ -43,7 +44,8 @@ def lm_objective(z_loss: float = 0.0, loss_chunk: int = 0) -> Objective:
 
     def objective(engine: Any, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         inputs, targets = batch
-        _, loss = engine(inputs.to(engine.device), targets.to(engine.device), loss_chunk=loss_chunk, z_loss=z_loss)
+        _, loss = engine(inputs.to(engine.device, non_blocking=True), targets.to(engine.device, non_blocking=True),
+                         loss_chunk=loss_chunk, z_loss=z_loss)
         return loss, {}
 
     return objective
@@ -69,6 +71,9 @@ class Trainer:
         self.objective = objective or lm_objective(t.z_loss, t.loss_chunk)
         self.eval_objective = objective or lm_objective(0.0, t.loss_chunk)
         self.last_val_loss: Optional[float] = None
+        cuda = torch.device(engine.device).type == "cuda"
+        self.batches = Prefetcher(self._read_micro, self._next_micro, recipe.data.prefetch,
+                                  torch.device(engine.device) if cuda else None)
 
     # -- the step -------------------------------------------------------------------------------------------------
     def train_step(self) -> StepResult:
@@ -77,7 +82,9 @@ class Trainer:
         Before the last backward, one all-reduce gives every rank the step's mean loss (and the objective's metrics)
         and any stop signal. A step whose loss is non-finite or a spike is skipped through DeepSpeed's own overflow
         check: the last backward carries NaN, so the whole accumulated gradient is dropped and neither weights nor
-        optimizer state change.
+        optimizer state change. That decision is taken on the device, so the host never waits for the GPU inside the
+        step: the all-reduced values travel to the host behind the forward and are read once the optimizer step is
+        queued (on GPU, the next micro-batch's input copy does not wait either: see data.prefetch).
         """
         t, engine = self.recipe.train, self.engine
         step = self.state.step + 1
@@ -87,44 +94,70 @@ class Trainer:
         total = torch.zeros((), device=engine.device)
         stat_totals: dict[str, torch.Tensor] = {}
         skipped_before = engine.skipped_steps
-        for micro in range(t.grad_accum_steps):
-            indices = micro_batch_indices(self.state.consumed_samples, micro, self.rank, self.world,
-                                          t.micro_batch_size)
-            loss, stats = self.objective(engine, self.train_data.batch(indices))
+        n = t.grad_accum_steps
+        for micro in range(n):
+            loss, stats = self.objective(engine, self.batches.get((self.state.consumed_samples, micro)))
             loss = self.faults.loss(step, loss)
             total += loss.detach().float()
             for k, v in stats.items():
                 stat_totals[k] = stat_totals.get(k, 0.0) + v.detach().float()
-            if micro == t.grad_accum_steps - 1:
-                n = t.grad_accum_steps
-                mean_loss, stop, means = self._agree(total / n, {k: v / n for k, v in stat_totals.items()})
-                verdict = self.guard.judge(mean_loss)
-                if verdict is not None:
-                    loss = loss * float("nan")
+            if micro == n - 1:
+                packed = self._reduce(total / n, {k: v / n for k, v in stat_totals.items()})
+                rejected = self.guard.reject(packed[0])
+                if rejected is not None:
+                    loss = loss * torch.where(rejected, float("nan"), 1.0)
+                    packed = torch.cat([packed, rejected.float().reshape(1)])
+                values = _HostCopy(packed)
             engine.backward(loss)
             engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
-        skipped = verdict
+        host = values.get()
+        mean_loss, stop = host[0], host[1] > 0
+        means = {k: host[2 + i] for i, k in enumerate(stat_totals)}
+        skipped = self.guard.reason(mean_loss) if rejected is not None and host[-1] > 0 else None
         if engine.skipped_steps > skipped_before and skipped is None:
             skipped = "non_finite_grad"  # finite loss, but DeepSpeed found inf/NaN gradients
         self.state.step = step
         self.state.consumed_samples += self.global_batch
         return StepResult(mean_loss, lr, skipped, stop, means)
 
+    def _next_micro(self, key: tuple[int, int]) -> tuple[int, int]:
+        consumed, micro = key
+        return (consumed, micro + 1) if micro + 1 < self.recipe.train.grad_accum_steps else \
+            (consumed + self.global_batch, 0)
+
+    def _read_micro(self, key: tuple[int, int]) -> Any:
+        consumed, micro = key
+        return self.train_data.batch(micro_batch_indices(consumed, micro, self.rank, self.world,
+                                                         self.recipe.train.micro_batch_size))
+
+    def _reduce(self, loss: torch.Tensor, stats: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[mean loss over ranks, number of ranks asked to stop, mean of each objective metric] on the device,
+        all-reduced without waiting for the result."""
+        flag = 1.0 if self.stop.requested else 0.0
+        packed = torch.stack([loss.detach().float(), torch.full((), flag, device=loss.device),
+                              *[v.reshape(()).float().to(loss.device) for v in stats.values()]])
+        if dist.is_initialized() and self.world > 1:
+            dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+        packed[0] /= self.world
+        packed[2:] /= self.world
+        return packed
+
     def _agree(self, loss: torch.Tensor, stats: Optional[dict[str, torch.Tensor]] = None
                ) -> tuple[float, bool, dict[str, float]]:
         """One all-reduce: (mean loss over ranks, any rank asked to stop, mean of each objective metric)."""
         stats = stats or {}
-        flag = 1.0 if self.stop.requested else 0.0
-        packed = torch.stack([loss.detach().float(), torch.tensor(flag, device=loss.device),
-                              *[v.reshape(()).to(loss.device) for v in stats.values()]])
-        if dist.is_initialized() and self.world > 1:
-            dist.all_reduce(packed, op=dist.ReduceOp.SUM)
-        means = {k: float(packed[2 + i]) / self.world for i, k in enumerate(stats)}
-        return float(packed[0]) / self.world, bool(packed[1] > 0), means
+        host = self._reduce(loss, stats).tolist()
+        return host[0], host[1] > 0, {k: host[2 + i] for i, k in enumerate(stats)}
 
     # -- the loop -------------------------------------------------------------------------------------------------
     def train(self) -> str:
         """Train to max_steps; returns 'finished' or 'preempted' (a checkpoint was saved first)."""
+        try:
+            return self._train()
+        finally:
+            self.batches.close()
+
+    def _train(self) -> str:
         r = self.recipe
         if self.state.step == 0 and r.eval.interval and r.eval.at_start:
             self.evaluate()
@@ -216,6 +249,26 @@ class Trainer:
         self.metrics.eval({"step": self.state.step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)),
                            **{f"val_{k}": _json_float(v) for k, v in means.items()}})
         return val_loss
+
+
+class _HostCopy:
+    """A device tensor's values on the host, copied behind the work queued so far: get() waits for that work only
+    (on GPU: a page-locked buffer and an event; on CPU the values are ready)."""
+
+    def __init__(self, t: torch.Tensor):
+        self.event = None
+        if t.device.type == "cuda":
+            self.values = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            self.values.copy_(t, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.values = t
+
+    def get(self) -> list[float]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.values.tolist()
 
 
 def _json_float(x: float) -> Optional[float]:
