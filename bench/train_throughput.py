@@ -272,6 +272,8 @@ def main() -> None:
     lines = [f"# Training-step throughput, {name}, {datetime.date.today()}", "",
              f"Command: `python bench/train_throughput.py --recipe {args.recipe}"
              + "".join(f" --set {o}" for o in args.overrides) + (" --compile" if args.compile else "")
+             + (f" --steps {args.steps}" if args.steps != 30 and not args.quick else "")
+             + (f" --warmup {args.warmup}" if args.warmup != 5 and not args.quick else "")
              + (f" --rounds {args.rounds}" if args.rounds != 6 else "")
              + (" --quick" if args.quick else "") + "`; "
              f"torch {version('torch')}, deepspeed {version('deepspeed')}, transformers {version('transformers')}, "
