@@ -13,6 +13,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 
 from tests.conftest import REPO, run_cli, write_recipe
 from tests.distributed.test_zero_resume import ds_cmd, losses_after_last_start, rows
@@ -26,9 +27,39 @@ def recipe(tmp_path: Path, prepared: Path, name: str, **train) -> Path:
                         checkpoint={"interval": 4, "keep_last": 10})
 
 
+def training_state(checkpoint: Path) -> list[torch.Tensor]:
+    """Every tensor of a DeepSpeed checkpoint's model weights and both ranks' optimizer partitions (fp32 masters,
+    Adam moments), in a fixed order."""
+    tensors: list[torch.Tensor] = []
+
+    def walk(x) -> None:
+        if isinstance(x, torch.Tensor):
+            tensors.append(x)
+        elif isinstance(x, dict):
+            for k in sorted(x, key=str):
+                walk(x[k])
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                walk(v)
+
+    for f in sorted(checkpoint.glob("*model_states.pt")):
+        walk(torch.load(f, map_location="cpu", weights_only=False)["module"])
+    optim = sorted(checkpoint.glob("*optim_states.pt"))
+    assert len(optim) == 2
+    for f in optim:
+        walk(torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"])
+    return tensors
+
+
+def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
 def test_nan_inf_and_spike_steps_are_skipped_and_logged(tmp_path, prepared):
-    r = run_cli(*ds_cmd(recipe(tmp_path, prepared, "faults", spike_guard={"min_history": 5})),
-                env={"LLMFORGE_FAULTS": "nan@5,inf@7,spike@11"})
+    path = write_recipe(tmp_path / "faults.yaml", prepared, tmp_path / "runs", run={"name": "faults"},
+                        train={"max_steps": 14, "warmup_steps": 2, "spike_guard": {"min_history": 5}},
+                        eval={"interval": 0}, checkpoint={"interval": 1, "keep_last": 20})
+    r = run_cli(*ds_cmd(path), env={"LLMFORGE_FAULTS": "nan@5,inf@7,spike@11"})
     assert r.returncode == 0, r.stderr[-3000:]
     all_rows = rows(tmp_path / "runs" / "faults")
     skipped = {x["step"]: x["reason"] for x in all_rows if x.get("event") == "skipped_step"}
@@ -39,6 +70,12 @@ def test_nan_inf_and_spike_steps_are_skipped_and_logged(tmp_path, prepared):
     for step in (6, 8, 9, 10, 12, 13, 14):
         assert losses[step] is not None and losses[step] < losses[1]
     assert losses[14] < losses[4]
+    # a skipped step changed neither the weights nor the optimizer state; the step after it did. The spike's loss is
+    # finite, so only the guard's verdict (taken on the device, before the last backward) keeps it out
+    ckpts = tmp_path / "runs" / "faults" / "checkpoints"
+    state = {s: training_state(ckpts / f"step_{s:08d}") for s in (4, 5, 6, 10, 11, 12)}
+    assert same(state[4], state[5]) and same(state[10], state[11])
+    assert not same(state[5], state[6]) and not same(state[11], state[12])
 
 
 def test_persistent_divergence_rolls_back_and_skips_the_window(tmp_path, prepared):
