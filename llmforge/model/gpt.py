@@ -20,19 +20,20 @@ from llmforge.config.recipe import ModelConfig
 
 def rope_tables(seq_len: int, head_dim: int, theta: float, start: int = 0,
                 device: Optional[torch.device] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of shape (seq_len, head_dim) for positions start..start+seq_len-1, computed in fp32."""
+    """cos and sin of shape (seq_len, head_dim // 2) for positions start..start+seq_len-1, computed in fp32: one
+    angle per pair of dimensions (i, i + head_dim // 2), the rotate-half layout of Llama and HF."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
     pos = torch.arange(start, start + seq_len, device=device, dtype=torch.float32)
     angles = torch.outer(pos, inv_freq)
-    angles = torch.cat((angles, angles), dim=-1)
     return angles.cos(), angles.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x of shape (B, H, T, D) by position; cos/sin are (T, D)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+    """Rotate x of shape (B, H, T, D) by position, in fp32; cos/sin are (T, D/2). Each pair (x1, x2) = (x[i],
+    x[i + D/2]) becomes (x1·cos − x2·sin, x2·cos + x1·sin), i.e. x·cos + rotate_half(x)·sin over full-width tables.
+    x is upcast once, so the gradient is summed in fp32 and rounded to x's dtype once."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
 
 class KVCache:

@@ -72,6 +72,29 @@ def test_rope_depends_only_on_relative_position():
     torch.testing.assert_close(rot(q, 37).norm(), q.norm())  # a rotation keeps the norm
 
 
+def test_rope_equals_hf_llamas_rotate_half_form_in_fp32():
+    """apply_rope is HF Llama's x·cos + rotate_half(x)·sin computed in fp32 (HF computes it in the input dtype),
+    bit for bit, forward and backward (the gradient is rounded to bf16 once, not per branch)."""
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    torch.manual_seed(3)
+    B, H, T, d, start = 2, 3, 40, 32, 5
+    cos, sin = rope_tables(T, d, 10000.0, start=start)
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    angles = torch.outer(torch.arange(start, start + T, dtype=torch.float32), inv_freq)
+    assert torch.equal(cos, angles.cos()) and torch.equal(sin, angles.sin())
+    full_cos, full_sin = torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
+    x = torch.randn(B, H, T, d, dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(B, H, T, d, dtype=torch.bfloat16)
+    ours = apply_rope(x, cos, sin)
+    (g_ours,) = torch.autograd.grad(ours, x, grad)
+    x32 = x.float()
+    ref = (x32 * full_cos + rotate_half(x32) * full_sin).to(x.dtype)
+    (g_ref,) = torch.autograd.grad(ref, x, grad)
+    assert torch.equal(ours, ref) and torch.equal(g_ours, g_ref)
+    assert not torch.equal(ours, x)
+
+
 def test_gqa_shapes():
     model = tiny(n_heads=6, n_kv_heads=2)
     attn = model.blocks[0].attn
