@@ -73,6 +73,9 @@ def compose_ds_config(recipe: Recipe, world_size: int, run_dir: str, origin: str
                           "job_name": "tensorboard"}
     cfg.setdefault("steps_per_print", 10**9)
     cfg.setdefault("wall_clock_breakdown", False)
+    # DeepSpeed's throughput timer (on by default, synchronized) waits for the device at every forward and every
+    # engine.step(): two host waits per micro-batch, for a figure llmforge measures itself. Off unless asked for.
+    cfg.setdefault("timers", {}).setdefault("throughput", {}).setdefault("enabled", False)
     return cfg
 
 

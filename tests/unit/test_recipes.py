@@ -111,6 +111,13 @@ def test_composed_ds_config_derives_only_what_must_agree(tmp_path, prepared):
     assert ds["optimizer"]["params"]["torch_adam"] is True and ds["optimizer"]["params"]["fused"] is True
     on_gpu = compose_ds_config(recipe, 4, str(tmp_path / "run"), str(path), on_cpu=False)["optimizer"]["params"]
     assert "torch_adam" not in on_gpu and "fused" not in on_gpu
+    # DeepSpeed's own throughput timer (a device synchronisation at every forward and step) is off, as DeepSpeed
+    # reads it; a recipe can turn it back on
+    from deepspeed.utils.config import get_timers_config
+
+    assert get_timers_config({}).enabled and not get_timers_config(ds).enabled
+    with_timer = load_recipe(str(path), ["deepspeed.overrides.timers.throughput.enabled=true"])
+    assert get_timers_config(compose_ds_config(with_timer, 4, str(tmp_path / "run"), str(path), True)).enabled
 
 
 def test_resolved_recipe_and_ds_config_saved(tmp_path, prepared):
@@ -125,6 +132,7 @@ def test_resolved_recipe_and_ds_config_saved(tmp_path, prepared):
     assert resolved["train"]["lr"] == 2e-3 and resolved["model"]["vocab_size"] > 0
     ds = json.loads((run / "ds_config.json").read_text())
     assert ds["train_batch_size"] == 4 and ds["optimizer"]["params"]["lr"] == 2e-3
+    assert ds["timers"] == {"throughput": {"enabled": False}}
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train_rows] == [1, 2]
