@@ -4,27 +4,30 @@
 # eager and with compiled blocks (train.compile), no activation checkpointing (each fits one 80 GB GPU, per
 # `llmforge plan`) — then the activation-checkpointing trade-offs at ~340M, with and without train.loss_chunk and
 # train.compile, and the LM head + loss alone at llama-125m's micro-batch (8 x 2048 tokens, d 768, vocabulary
-# 32,000): eager, compiled (fused cross-entropy), chunked; and llama-125m with 4 accumulation steps with data.prefetch
-# 0 and 2 (inputs read and copied inside the step, or ahead into pinned memory). Each throughput table also sets
+# 32,000): eager, compiled (fused cross-entropy), chunked; and llama-125m with 4 accumulation steps three ways: as
+# llmforge runs it, with data.prefetch 0 (inputs read and copied inside the step) and with DeepSpeed's throughput
+# timer on (a device synchronisation at every forward and step; off in llmforge). Each throughput table also sets
 # `llmforge plan`'s per-GPU total against llmforge's measured peak. Results land in bench/results/gpu-*.md.
 #
 #   bash bench/gpu_suite.sh                 # all of it
-#   bash bench/gpu_suite.sh 125m 350m loss  # some of it (parts: 125m 350m 1b ckpt loss prefetch; minutes each)
+#   bash bench/gpu_suite.sh 125m 350m loss  # some of it (parts: 125m 350m 1b ckpt loss host; minutes each)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python}
-sizes=${*:-125m 350m 1b ckpt loss prefetch}
+sizes=${*:-125m 350m 1b ckpt loss host}
 for size in $sizes; do
   if [ "$size" = ckpt ]; then
     $PY bench/activation_ckpt.py --recipe recipes/llama-350m.yaml --set train.grad_accum_steps=1 --loss-chunk 2048 \
       --compile --out bench/results/gpu-llama-350m-activation-ckpt.md
     continue
   fi
-  if [ "$size" = prefetch ]; then  # data.prefetch 0 (read and copy in the step) against the default 2
-    for depth in 0 2; do
+  if [ "$size" = host ]; then  # the host-wait levers: llmforge's defaults, data.prefetch 0, DeepSpeed's timer on
+    for variant in default data.prefetch=0 deepspeed.overrides.timers.throughput.enabled=true; do
+      set_variant=()
+      [ "$variant" = default ] || set_variant=(--set "$variant")
       $PY bench/train_throughput.py --recipe recipes/llama-125m.yaml --set deepspeed.config=ds_configs/zero2.json \
-        --set train.grad_accum_steps=4 --set model.activation_checkpointing.mode=none --set "data.prefetch=$depth" \
-        --steps "${STEPS:-20}" --warmup 5 --out "bench/results/gpu-llama-125m-prefetch$depth-throughput.md"
+        --set train.grad_accum_steps=4 --set model.activation_checkpointing.mode=none "${set_variant[@]}" \
+        --steps "${STEPS:-20}" --warmup 5 --out "bench/results/gpu-llama-125m-host-${variant%%=*}-throughput.md"
     done
     continue
   fi
