@@ -9,9 +9,9 @@
 Each runs `--warmup` steps, then `--steps` timed steps on random tokens, drawn in the step (llmforge's Trainer draws
 the next micro-batch meanwhile on its prefetch thread, as it reads shards in training); the median step time gives
 tokens/s (and MFU on a known GPU). On GPU a step time is the mean over one round's steps, timed whole with no wait
-between them, as training runs (the host queues a step while the GPU finishes the last). On GPU each trainer's peak memory is what it keeps between steps plus the most
-its own steps add, and `llmforge plan`'s per-GPU total for the recipe is set against llmforge's (the planner's
-error). Prints a table with ratios to llmforge and writes it to
+between them, as training runs (the host queues a step while the GPU finishes the last); each trainer's peak memory
+is what it keeps between steps plus the most its own steps add, and `llmforge plan`'s per-GPU total for the recipe
+is set against llmforge's (the planner's error). Prints a table with ratios to llmforge and writes it to
 bench/results/<device>-<date>-throughput.md (or --out).
 
     python bench/train_throughput.py --recipe recipes/tiny-char.yaml
@@ -235,20 +235,18 @@ def main() -> None:
         return step, release
 
     def segment(key, step, n):
-        if gpu:
-            torch.cuda.reset_peak_memory_stats()
-        floor = allocated()
-        if gpu:  # as training runs: no wait between steps, so the host queues a step while the GPU ends the last
-            sync()
-            start = time.perf_counter()
-            for _ in range(n):
-                step()
-            sync()
-            results[key].append((time.perf_counter() - start) / n)
-        else:
+        if not gpu:
             results[key] += timed(step, 0, n, sync)
-        if gpu:
-            transient[key] = max(transient.get(key, 0), torch.cuda.max_memory_allocated() - floor)
+            return
+        torch.cuda.reset_peak_memory_stats()
+        floor = allocated()
+        sync()  # as training runs: no wait between steps, so the host queues a step while the GPU ends the last
+        start = time.perf_counter()
+        for _ in range(n):
+            step()
+        sync()
+        results[key].append((time.perf_counter() - start) / n)
+        transient[key] = max(transient.get(key, 0), torch.cuda.max_memory_allocated() - floor)
 
     if args.rounds == 1:  # one contender in memory at a time
         for key, build, compiled in contenders:

@@ -71,9 +71,9 @@ class Trainer:
         self.objective = objective or lm_objective(t.z_loss, t.loss_chunk)
         self.eval_objective = objective or lm_objective(0.0, t.loss_chunk)
         self.last_val_loss: Optional[float] = None
-        cuda = torch.device(engine.device).type == "cuda"
+        device = torch.device(engine.device)
         self.batches = Prefetcher(self._read_micro, self._next_micro, recipe.data.prefetch,
-                                  torch.device(engine.device) if cuda else None)
+                                  device if device.type == "cuda" else None)
 
     # -- the step -------------------------------------------------------------------------------------------------
     def train_step(self) -> StepResult:
