@@ -111,6 +111,7 @@ def main() -> None:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
+    from llmforge import allocator
     from llmforge.config import load_recipe
     from llmforge.config.deepspeed import compose_ds_config, zero_stage
     from llmforge.model.flops import device_peak_flops, flops_per_token
@@ -275,7 +276,8 @@ def main() -> None:
              + (f" --rounds {args.rounds}" if args.rounds != 6 else "")
              + (" --quick" if args.quick else "") + "`; "
              f"torch {version('torch')}, deepspeed {version('deepspeed')}, transformers {version('transformers')}, "
-             f"{os.cpu_count()} CPU cores visible, torch threads {torch.get_num_threads()}.",
+             f"{os.cpu_count()} CPU cores visible, torch threads {torch.get_num_threads()}, "
+             f"allocator: {allocator.current()}.",
              f"Model: {recipe.model.d_model} d_model, {recipe.model.n_layers} layers, {recipe.model.n_heads} heads "
              f"({recipe.model.n_kv_heads or recipe.model.n_heads} kv), vocab {vocab}, {n_body / 1e6:.2f}M "
              f"non-embedding parameters; {t.micro_batch_size} x {seq} tokens x {t.grad_accum_steps} accumulation "

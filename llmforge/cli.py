@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list[str]] = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command in ("pretrain", "sft", "dpo"):
+        from llmforge.allocator import reexec_with_tcmalloc
+
+        reexec_with_tcmalloc()  # before torch is imported: see llmforge/allocator.py
         from llmforge.train.run import run_training, setup_logging
 
         setup_logging()

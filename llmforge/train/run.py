@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from llmforge import allocator
 from llmforge.config import Recipe, load_recipe, recipe_to_dict, recipe_to_yaml
 from llmforge.config.deepspeed import compose_ds_config, zero_stage
 from llmforge.data.loader import PretrainData
@@ -170,6 +171,7 @@ def run_training(recipe_path: str, overrides: Optional[list[str]] = None, resume
         log.info("model: %.2fM parameters (%.2fM non-embedding), %d ranks, ZeRO stage %d, %s on %s",
                  n_params / 1e6, (n_params - n_embed) / 1e6, world, zero_stage(ds_config), recipe.train.precision,
                  accel.device_name())
+        log.info(allocator.describe())
     metrics = Metrics(run_dir, is_main, getattr(engine, "monitor", None))
 
     state = TrainState()
