@@ -8,15 +8,20 @@ launches (tcmalloc) against HF + DeepSpeed as it launches (glibc): step times fr
 ratio carries the run-to-run spread the per-run rows show.
 
     python bench/allocator.py --recipe recipes/tiny-char.yaml --runs 3
+    python bench/allocator.py --recipe recipes/tiny-char.yaml --runs 3 --pretrain-steps 200  # + the real launch
     python bench/allocator.py --quick          # one quick run each (the test runs this)
 
-Writes bench/results/cpu-<date>-allocator.md (or --out).
+With --pretrain-steps N it also runs the recipe itself as users do, `deepspeed --num_gpus R launch/pretrain.py`
+(R = --ranks, the demo's 2 CPU ranks by default), N steps under each allocator, alternating, and reports the tokens/s
+its metrics.jsonl logs after the first logging interval (the recipe's data must be prepared: `make demo` does it for
+tiny-char). Writes bench/results/cpu-<date>-allocator.md (or --out).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import re
 import statistics
@@ -61,12 +66,45 @@ def one_run(kind: str, lib: str, args, extra: list[str]) -> tuple[dict, str]:
     return steps, line.group(1) if line else "?"
 
 
+def one_launch(kind: str, lib: str, args, tmp: str, i: int) -> tuple[float, float]:
+    """Median tokens/s over the logged intervals after the first (start-up) one, and the last logged loss, of one real
+    `deepspeed launch/pretrain.py` run."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    name = f"{kind}-{i}"
+    cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", str(args.ranks),
+           "--master_port", str(port), "launch/pretrain.py", "--recipe", args.recipe, "--resume", "none",
+           *[x for o in args.overrides for x in ("--set", o)],
+           "--set", f"run.output_dir={tmp}", "--set", f"run.name={name}",
+           "--set", f"train.max_steps={args.pretrain_steps}", "--set", "eval.interval=0",
+           "--set", "checkpoint.interval=0", "--set", "logging.tensorboard=false"]
+    env = environment(kind, lib)
+    env["LLMFORGE_ALLOCATOR"] = kind
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
+    log = r.stdout + r.stderr
+    if r.returncode != 0:
+        sys.exit(f"error: {' '.join(cmd)} failed under {kind}:\n{log[-2000:]}")
+    if ("allocator: tcmalloc (" in log) != (kind == "tcmalloc"):
+        sys.exit(f"error: the launched run did not get the allocator asked for ({kind})")
+    rows = [json.loads(line) for line in open(os.path.join(tmp, name, "metrics.jsonl"), encoding="utf-8")]
+    rows = [r for r in rows if "tokens_per_s" in r and "event" not in r]
+    if len(rows) < 2:
+        sys.exit(f"error: --pretrain-steps {args.pretrain_steps} logs fewer than 2 intervals; raise it")
+    return statistics.median(r["tokens_per_s"] for r in rows[1:]), rows[-1]["loss"]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", default="recipes/tiny-char.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--runs", type=int, default=3, help="bench/train_throughput.py runs per allocator")
     p.add_argument("--steps", type=int, default=30, help="timed steps per run")
+    p.add_argument("--pretrain-steps", type=int, default=0,
+                   help="also run the recipe through deepspeed launch/pretrain.py for this many steps per run")
+    p.add_argument("--ranks", type=int, default=2, help="CPU ranks of that launch")
     p.add_argument("--quick", action="store_true", help="one quick run per allocator (checks the script runs)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -95,11 +133,14 @@ def main() -> None:
     lines = [f"# Memory allocator and CPU training steps, {datetime.date.today()}", "",
              f"Command: `python bench/allocator.py --recipe {args.recipe}"
              + "".join(f" --set {o}" for o in args.overrides)
-             + (" --quick" if args.quick else f" --runs {args.runs} --steps {args.steps}") + "`: "
+             + (" --quick" if args.quick else f" --runs {args.runs} --steps {args.steps}")
+             + (f" --pretrain-steps {args.pretrain_steps}" if args.pretrain_steps else "")
+             + (f" --ranks {args.ranks}" if args.ranks != 2 else "") + "`: "
              f"bench/train_throughput.py {runs} time(s) under each allocator, alternating; glibc = {seen['system']}, "
              f"tcmalloc = {seen['tcmalloc']}; torch {version('torch')}, deepspeed {version('deepspeed')}, "
              f"{os.cpu_count()} CPU cores visible. Step time: median over runs of each run's median step.", "",
-             "| trainer | glibc malloc step s | tcmalloc step s | speed-up from tcmalloc | runs (glibc / tcmalloc, ms) |",
+             "| trainer | glibc malloc step s | tcmalloc step s | speed-up from tcmalloc "
+             "| runs (glibc / tcmalloc, ms) |",
              "|---|---|---|---|---|"]
     for t in TRAINERS:
         per_run = " / ".join(", ".join(f"{r[t] * 1e3:.0f}" for r in steps[k]) for k in kinds)
@@ -111,6 +152,27 @@ def main() -> None:
               f"- same allocator, llmforge against HF Llama + DeepSpeed: "
               f"{med['system']['hf+deepspeed'] / med['system']['llmforge']:.2f}x under glibc, "
               f"{med['tcmalloc']['hf+deepspeed'] / med['tcmalloc']['llmforge']:.2f}x under tcmalloc"]
+    if args.pretrain_steps:
+        tps: dict[str, list[float]] = {k: [] for k in kinds}
+        last: dict[str, set] = {k: set() for k in kinds}
+        with tempfile.TemporaryDirectory() as tmp:
+            for i in range(runs):
+                for kind in (kinds if i % 2 == 0 else kinds[::-1]):
+                    rate, loss = one_launch(kind, lib, args, tmp, i)
+                    tps[kind].append(rate)
+                    last[kind].add(loss)
+                    print(f"launch {i + 1} {kind}: {rate:,.0f} tokens/s, last loss {loss:.4f}", flush=True)
+        rate = {k: statistics.median(tps[k]) for k in kinds}
+        same = "identical" if len(last["system"] | last["tcmalloc"]) == 1 else "NOT identical"
+        lines += ["", f"The recipe as users run it: `deepspeed --num_gpus {args.ranks} launch/pretrain.py --recipe "
+                      f"{args.recipe}`, {args.pretrain_steps} steps, {runs} run(s) per allocator, alternating; "
+                      "tokens/s (all ranks) is the median of the logged intervals after the first, median over runs.",
+                  "", "| allocator | tokens/s | runs |", "|---|---|---|"]
+        for k, label in (("system", "glibc malloc (LLMFORGE_ALLOCATOR=system)"), ("tcmalloc", "tcmalloc")):
+            lines.append(f"| {label} | {rate[k]:,.0f} | {', '.join(f'{x:,.0f}' for x in tps[k])} |")
+        losses = ", ".join(f"{x:.4f}" for x in sorted(last["system"] | last["tcmalloc"]))
+        lines += ["", f"- speed-up from tcmalloc: {rate['tcmalloc'] / rate['system']:.2f}x tokens/s; the last logged "
+                      f"loss of every run is {same} ({losses})"]
     text = "\n".join(lines) + "\n"
     print(text)
     write_result(text, args.out, f"cpu-{datetime.date.today()}-allocator.md")

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from llmforge.allocator import find_tcmalloc
 from tests.conftest import run_cli
 
 
@@ -17,6 +18,8 @@ from tests.conftest import run_cli
     ("bench/lm_loss.py", [],
      ["| eager |", "| train.compile |", "| loss_chunk 96 |", "| loss_chunk 96 + train.compile |"]),
     ("bench/data_loader.py", [], ["| open a dataset of 500 shard files", "tokens/s per rank"]),
+    pytest.param("bench/allocator.py", [], ["| llmforge |", "| hf+deepspeed |", "as it launches (tcmalloc)"],
+                 marks=pytest.mark.skipif(find_tcmalloc() is None, reason="tcmalloc is not installed")),
 ])
 def test_bench_quick_mode_prints_its_table(tmp_path, script, args, rows):
     out = tmp_path / "result.md"
