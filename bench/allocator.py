@@ -33,7 +33,7 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 from results_file import write_result  # noqa: E402
 
-from llmforge.allocator import QUIET, find_tcmalloc  # noqa: E402
+from llmforge.allocator import TCMALLOC_ENV, find_tcmalloc  # noqa: E402
 
 TRAINERS = ("llmforge", "torch", "hf+deepspeed")
 
@@ -43,7 +43,7 @@ def environment(kind: str, lib: str) -> dict:
     kept = [p for p in os.environ.get("LD_PRELOAD", "").replace(":", " ").split() if "tcmalloc" not in p]
     if kind == "tcmalloc":
         kept.insert(0, lib)
-        env.update(QUIET)
+        env.update({k: v for k, v in TCMALLOC_ENV.items() if k not in os.environ})
     if kept:
         env["LD_PRELOAD"] = " ".join(kept)
     return env

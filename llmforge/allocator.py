@@ -21,8 +21,10 @@ from llmforge.errors import UserError
 
 ENV = "LLMFORGE_ALLOCATOR"
 CHOICES = ("tcmalloc", "system")
-# gperftools reports every allocation over 1 GiB on stderr by default; large data and checkpoint buffers are normal here
-QUIET = {"TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(1 << 40)}
+# Set unless the environment sets them: gperftools reports every allocation over 1 GiB on stderr by default, and
+# large data and checkpoint buffers are normal here. (Its page release rate stays at the default: rate 0, which keeps
+# freed pages, measured no clear difference; see bench/results/cpu-2026-11-22-allocator.md.)
+TCMALLOC_ENV = {"TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(1 << 40)}
 
 
 def requested() -> str:
@@ -72,7 +74,7 @@ def reexec_with_tcmalloc() -> None:
     preload = os.environ.get("LD_PRELOAD", "")
     if lib is None or lib in preload.replace(":", " ").split():
         return  # not installed, or the loader already refused it once: never loop
-    env = {**QUIET, **os.environ, "LD_PRELOAD": " ".join(filter(None, (lib, preload)))}
+    env = {**TCMALLOC_ENV, **os.environ, "LD_PRELOAD": " ".join(filter(None, (lib, preload)))}
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
