@@ -71,3 +71,16 @@ def test_a_library_the_loader_refuses_is_tried_once(tmp_path):
     assert out == [f"start  {mine}", f"start {missing} {mine or 1 << 40}",
                    f"allocator glibc malloc [{missing!r}, 'x y']"], out
     assert "cannot be preloaded" in r.stderr
+
+
+@needs_tcmalloc
+def test_allocator_bench_launches_the_recipe_under_both(tmp_path, prepared):
+    recipe = write_recipe(tmp_path / "r.yaml", prepared, tmp_path / "runs")
+    out = tmp_path / "result.md"
+    r = run_cli(sys.executable, "bench/allocator.py", "--quick", "--recipe", str(recipe), "--pretrain-steps", "4",
+                "--ranks", "1", "--set", "logging.interval=1", "--out", str(out), timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    text = out.read_text()
+    for row in ("| glibc malloc (LLMFORGE_ALLOCATOR=system) |", "| tcmalloc |", "- speed-up from tcmalloc: ",
+                "the last logged loss of every run is identical"):
+        assert row in text, row
