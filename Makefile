@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: demo test test-fast lint clean
+.PHONY: demo test test-fast check-install lint clean
 
 $(VENV)/.torch:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ $(VENV)/.dev: $(VENV)/.base
 
 demo: $(VENV)/.base
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash launch/demo.sh
+
+# The runtime install alone (no dev extras) prepares every source type; .ci/run calls it before `make test` adds
+# the extras. Needs Debian's python3.11-doc and cxref-doc for its real inputs.
+check-install: $(VENV)/.base
+	$(PY) tests/install_check.py
 
 test: $(VENV)/.dev
 	$(PY) -m pytest -q -ra tests

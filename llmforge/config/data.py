@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import importlib
 import os
 import re
 from dataclasses import dataclass
@@ -10,6 +12,21 @@ from typing import Literal, Optional
 from llmforge.config.recipe_base import ConfigError, doc, positive
 
 SOURCE_TYPES = ("text", "html", "warc", "code", "latex", "jsonl", "parquet")
+
+
+_EXTRACTOR_MODULES = {"trafilatura": "trafilatura", "resiliparse": "resiliparse.extract.html2text"}
+
+
+@functools.cache
+def extractor_problem(name: str) -> Optional[str]:
+    """Why the HTML extractor cannot run in this environment (its import fails), or None."""
+    try:
+        importlib.import_module(_EXTRACTOR_MODULES[name])
+    except ImportError as e:
+        reason = " ".join(str(e).split())
+        return (f"{name} cannot be imported ({reason}); reinstall llmforge (`pip install -e .`) or pick the other "
+                f"extractor")
+    return None
 
 
 @dataclass
@@ -31,6 +48,10 @@ class SourceSpec:
         if not self.paths:
             raise ConfigError("paths", "must list at least one file, directory or glob")
         positive(self, "weight")
+        if self.type in ("html", "warc"):
+            problem = extractor_problem(self.extractor)
+            if problem:
+                raise ConfigError("extractor", problem)
 
     @property
     def quality_kind(self) -> str:

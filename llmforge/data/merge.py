@@ -14,7 +14,7 @@ from llmforge.config.data import DataConfig, SourceSpec
 from llmforge.data.dedup import near_duplicates
 from llmforge.data.indexed import IndexedDataset, IndexedDatasetWriter
 from llmforge.data.pipeline import SPLITS, part_prefix
-from llmforge.data.sources import WorkUnit
+from llmforge.data.sources import WorkUnit, expand_paths
 from llmforge.errors import DataError
 from llmforge.fileio import sha256_file
 
@@ -84,6 +84,7 @@ def merge_dataset(spec: SourceSpec, units: list[WorkUnit], dataset_dir: str, cfg
     for _, record, _ in parts:
         for k, v in record["stats"].items():
             stats[k] = stats.get(k, 0) + v
+    expand_paths(spec, skipped=stats)  # files the directory walk passed over, by extension
 
     # Global keys: (part number, row) flattened in part order; first occurrence wins.
     offsets = np.cumsum([0] + [len(a["hash"]) for _, _, a in parts])

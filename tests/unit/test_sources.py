@@ -90,7 +90,8 @@ def test_html_files_and_plain_text(tmp_path):
     assert ARTICLE[0] in docs[0].text and "cookies" not in docs[0].text
     (tmp_path / "t.txt").write_bytes("caf\xe9 ok ".encode("latin-1") + "naïve".encode())
     docs, stats = read_all(SourceSpec(name="t", type="text", paths=[str(tmp_path / "t.txt")]))
-    assert docs[0].text.endswith("naïve") and stats["repaired:non_utf8"] == 1
+    assert docs[0].text.endswith("naïve") and stats["repaired:invalid-utf-8"] == 1
+    assert stats["repaired:replacement_chars"] == 1
 
 
 def test_code_tree_language_and_filters(tmp_path):

@@ -14,7 +14,7 @@ import glob
 import hashlib
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 from llmforge.config.data import SourceSpec
 from llmforge.errors import DataError
@@ -44,8 +44,17 @@ EXTENSIONS = {
 }
 
 
-def expand_paths(spec: SourceSpec) -> list[str]:
-    """All input files of a source, sorted; a path or glob that matches nothing is an error."""
+def _extension(name: str) -> str:
+    for double in (".warc.gz", ".jsonl.gz", ".json.gz", ".tar.gz"):
+        if name.lower().endswith(double):
+            return double
+    return os.path.splitext(name)[1].lower() or "(none)"
+
+
+def expand_paths(spec: SourceSpec, skipped: Optional[Stats] = None) -> list[str]:
+    """All input files of a source, sorted; a path or glob that matches nothing is an error. Files a directory walk
+    passes over are counted in `skipped` by extension (`skipped:extension:.xyz`), hidden entries as
+    `skipped:hidden`."""
     from llmforge.data.sources.code import is_code_file
 
     files: set[str] = set()
@@ -58,12 +67,19 @@ def expand_paths(spec: SourceSpec) -> list[str]:
                 files.add(m)
             elif os.path.isdir(m):
                 for root, dirs, names in os.walk(m):
+                    hidden = [d for d in dirs if d.startswith(".")] + [n for n in names if n.startswith(".")]
+                    if hidden and skipped is not None:
+                        count(skipped, "skipped:hidden", len(hidden))
                     dirs[:] = sorted(d for d in dirs if not d.startswith("."))
                     for n in names:
                         p = os.path.join(root, n)
+                        if n.startswith(".") or not os.path.isfile(p):
+                            continue
                         ok = is_code_file(p) if spec.type == "code" else n.endswith(EXTENSIONS.get(spec.type, ("",)))
-                        if ok and os.path.isfile(p):
+                        if ok:
                             files.add(p)
+                        elif skipped is not None:
+                            count(skipped, f"skipped:extension:{_extension(n)}")
     if not files:
         raise DataError(f"data.sources[{spec.name}].paths: no readable {spec.type} files found")
     return sorted(files)

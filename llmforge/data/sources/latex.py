@@ -10,7 +10,7 @@ from typing import Iterator, Optional
 
 from llmforge.config.data import SourceSpec
 from llmforge.data.sources import Document, Stats, count
-from llmforge.data.sources.text import decode
+from llmforge.data.sources.encoding import decode
 
 _COMMENT = re.compile(r"(?<!\\)%.*")
 _NEWCOMMAND = re.compile(r"\\(?:re)?newcommand\*?\s*\{?\s*(\\[A-Za-z]+)\s*\}?\s*\{")
