@@ -3,21 +3,25 @@ bibliography removed, simple argument-free macros (`\\newcommand`, `\\def`) expa
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import tarfile
+import zlib
 from typing import Iterator, Optional
 
 from llmforge.config.data import SourceSpec
 from llmforge.data.sources import Document, Stats, count
 from llmforge.data.sources.encoding import decode
 
+log = logging.getLogger(__name__)
+
 _COMMENT = re.compile(r"(?<!\\)%.*")
 _NEWCOMMAND = re.compile(r"\\(?:re)?newcommand\*?\s*\{?\s*(\\[A-Za-z]+)\s*\}?\s*\{")
 _DEF = re.compile(r"\\def\s*(\\[A-Za-z]+)\s*\{")
 _BIB_ENV = re.compile(r"\\begin\{thebibliography\}.*?\\end\{thebibliography\}", re.S)
-_BIB_CMDS = re.compile(r"\\(?:bibliography|bibliographystyle|printbibliography|addbibresource)(?:\{[^}]*\})?")
-_INPUT = re.compile(r"\\(?:input|include)\{([^}]+)\}")
+_BIB_CMDS = re.compile(r"\\(?:bibliographystyle|bibliography|printbibliography|addbibresource|nocite)(?![A-Za-z])"
+                       r"\*?(?:\[[^\]]*\])?(?:\{[^}]*\})?")
 
 
 def _braced(text: str, start: int) -> Optional[tuple[str, int]]:
@@ -75,14 +79,80 @@ def expand_macros(tex: str, macros: dict[str, str], rounds: int = 3) -> str:
     return tex
 
 
-def clean_latex(tex: str, includes: Optional[dict[str, str]] = None) -> str:
-    """The body of a LaTeX document as LaTeX source, ready for a language model."""
+_INCLUDE = re.compile(
+    r"\\(?:input|include|subfile|subfileinclude)(?![A-Za-z])\s*\{([^{}]+)\}"  # \input{x}, \include{x}, \subfile{x}
+    r"|\\input(?![A-Za-z])[ \t]+([^\s{}\\%]+)"                               # TeX's \input x
+    r"|\\(?:sub)?(?:import|inputfrom|includefrom)\*?\s*\{([^{}]*)\}\s*\{([^{}]+)\}")  # \import{dir/}{x}
+_DOCUMENT = re.compile(r"\\documentclass|\\begin\{document\}")
+MAX_INCLUDE_DEPTH = 20
+TEX_EXTENSIONS = (".tex", ".ltx")
+
+
+class Sources:
+    """The .tex files of one paper (a tarball's members or a directory on disk), looked up as LaTeX does: relative
+    to the root file's directory, with `.tex` appended when the name has no extension."""
+
+    def __init__(self, files: dict[str, str], other: Optional[set[str]] = None):
+        self.files = files  # normalised relative path -> text
+        self.other = other or set()  # members that exist but are not .tex (figures, .bbl, ...)
+
+    def find(self, name: str, base: str) -> Optional[str]:
+        name = name.strip().strip('"')
+        for candidate in (name, name + ".tex"):
+            path = os.path.normpath(os.path.join(base, candidate))
+            if path in self.files or path in self.other:
+                return path
+        return None
+
+
+def resolve_includes(tex: str, sources: Sources, base: str, stats: Stats, stack: tuple[str, ...] = (),
+                     missing: Optional[list[str]] = None) -> str:
+    """`tex` with every include replaced by the included file's text (comments removed first, so commented-out
+    includes stay out), recursively. Missing files, includes of other formats, cycles and nesting deeper than
+    MAX_INCLUDE_DEPTH are counted (`latex:missing_include`, `latex:include_not_tex`, `latex:include_cycle`,
+    `latex:include_too_deep`) and replaced by nothing."""
     tex = strip_comments(tex)
-    if includes:
-        def inline(m: re.Match) -> str:
-            name = m.group(1).strip()
-            return strip_comments(includes.get(name) or includes.get(name + ".tex") or "")
-        tex = _INPUT.sub(inline, tex)
+
+    def inline(m: re.Match) -> str:
+        if m.group(4) is not None:  # \import{dir}{file}: the file's own includes are relative to dir
+            name, sub_base = m.group(4), os.path.normpath(os.path.join(base, m.group(3) or "."))
+            path = sources.find(name, sub_base)
+        else:
+            name, sub_base = m.group(1) or m.group(2), base
+            path = sources.find(name, base)
+        if path is None:
+            count(stats, "latex:missing_include")
+            if missing is not None:
+                missing.append(name.strip())
+            return ""
+        if path not in sources.files:
+            count(stats, "latex:include_not_tex")
+            return ""
+        if path in stack:
+            count(stats, "latex:include_cycle")
+            return ""
+        if len(stack) >= MAX_INCLUDE_DEPTH:
+            count(stats, "latex:include_too_deep")
+            return ""
+        count(stats, "latex:included_files")
+        body = sources.files[path]
+        if "\\begin{document}" in body:  # a subfiles-style chapter: only its body is part of the parent
+            body = body.split("\\begin{document}", 1)[1].split("\\end{document}", 1)[0]
+        return resolve_includes(body, sources, sub_base, stats, stack + (path,), missing)
+
+    return _INCLUDE.sub(inline, tex)
+
+
+def clean_latex(tex: str, includes: Optional[dict[str, str]] = None, stats: Optional[Stats] = None) -> str:
+    """The body of a LaTeX document as LaTeX source, ready for a language model. `includes` maps file names (relative
+    to the document) to their text for \\input/\\include."""
+    stats = {} if stats is None else stats
+    sources = Sources({os.path.normpath(k): v for k, v in (includes or {}).items()})
+    return _clean_body(resolve_includes(tex, sources, "", stats))
+
+
+def _clean_body(tex: str) -> str:
+    """Macros expanded, preamble and bibliography dropped, of a document whose includes are resolved."""
     macros, tex = collect_macros(tex)
     begin = tex.find("\\begin{document}")
     if begin >= 0:
@@ -97,36 +167,125 @@ def clean_latex(tex: str, includes: Optional[dict[str, str]] = None) -> str:
     return tex.strip()
 
 
-def _main_file(files: dict[str, str]) -> Optional[str]:
-    candidates = [n for n, t in files.items() if "\\begin{document}" in t]
-    if not candidates:
-        return None
-    return max(candidates, key=lambda n: len(files[n]))
+def _referenced(sources: Sources, path: str) -> set[str]:
+    """Files `path` includes directly (resolved relative to its own directory and the archive root)."""
+    out = set()
+    for m in _INCLUDE.finditer(strip_comments(sources.files[path])):
+        name = m.group(4) if m.group(4) is not None else m.group(1) or m.group(2)
+        base = os.path.join(m.group(3) or "", "") if m.group(4) is not None else ""
+        for b in (os.path.dirname(path), ""):
+            found = sources.find(os.path.join(base, name), b)
+            if found is not None:
+                out.add(found)
+    return out
+
+
+def documents(sources: Sources, stats: Stats, label: str) -> list[tuple[str, str]]:
+    """(root path, cleaned text) of every document in a paper's sources, the main one first.
+
+    Roots are the files that start a document (\\documentclass or \\begin{document}) and that no other file
+    includes; the main document is the root whose resolved text is longest (not the longest file: a main.tex that
+    \\includes fifteen chapters is short itself). Other roots (a supplement, a response letter) are documents of
+    their own (`latex:extra_documents`); .tex files no root reaches are counted as `skipped:latex_unreferenced`."""
+    included = set().union(*(_referenced(sources, p) for p in sources.files)) if sources.files else set()
+    roots = [p for p in sorted(sources.files) if _DOCUMENT.search(strip_comments(sources.files[p]))
+             and p not in included]
+    if not roots:
+        return []
+    out, reached = [], set()
+    for root in roots:
+        missing: list[str] = []
+        local: Stats = {}
+        text = _clean_body(resolve_includes(sources.files[root], sources, os.path.dirname(root), local,
+                                                     (root,), missing))
+        for k, v in local.items():
+            count(stats, k, v)
+        if missing:
+            log.warning("%s:%s: %d included file(s) not found: %s", label, root, len(missing),
+                        ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))
+        reached |= _closure(sources, root)
+        out.append((root, text))
+    out.sort(key=lambda rt: -len(rt[1]))
+    if len(out) > 1:
+        count(stats, "latex:extra_documents", len(out) - 1)
+    unreferenced = [p for p in sources.files if p not in reached]
+    if unreferenced:
+        count(stats, "skipped:latex_unreferenced", len(unreferenced))
+    return out
+
+
+def _closure(sources: Sources, root: str) -> set[str]:
+    seen, todo = set(), [root]
+    while todo:
+        p = todo.pop()
+        if p in seen or p not in sources.files:
+            continue
+        seen.add(p)
+        todo.extend(_referenced(sources, p))
+    return seen
 
 
 def read_latex(path: str, spec: SourceSpec, stats: Stats) -> Iterator[Document]:
-    if path.endswith(".tex"):
+    """A paper's documents: from a source tarball, or from a .tex file with the files it includes read from its
+    directory. A .tex file that starts no document (a chapter) is left to the root that includes it and counted as
+    `skipped:latex_not_root`."""
+    if path.endswith(TEX_EXTENSIONS):
         with open(path, "rb") as f:
-            yield Document(clean_latex(decode(f.read(), stats)), path, {"path": path})
+            tex = decode(f.read(), stats)
+        if not _DOCUMENT.search(strip_comments(tex)):
+            count(stats, "skipped:latex_not_root")
+            return
+        directory = os.path.dirname(path)
+        sources = _DiskSources(directory)
+        missing: list[str] = []
+        text = _clean_body(resolve_includes(tex, sources, "", stats, (os.path.basename(path),), missing))
+        if missing:
+            log.warning("%s: %d included file(s) not found: %s", path, len(missing), ", ".join(missing[:5]))
+        yield Document(text, path, {"path": path})
         return
     try:
         with tarfile.open(path) as tar:
-            files = {}
+            files, other = {}, set()
             for member in tar.getmembers():
-                if member.isfile() and member.name.endswith(".tex"):
+                if not member.isfile():
+                    continue
+                name = os.path.normpath(member.name)
+                if name.lower().endswith(TEX_EXTENSIONS):
                     data = tar.extractfile(member)
                     if data is not None:
-                        files[os.path.normpath(member.name)] = decode(data.read(), stats)
-    except (tarfile.TarError, EOFError, OSError):
+                        files[name] = decode(data.read(), stats)
+                else:
+                    other.add(name)
+    except (tarfile.TarError, EOFError, OSError, zlib.error):
         count(stats, "skipped:corrupt_tarball")
         return
-    main = _main_file(files)
-    if main is None:
+    docs = documents(Sources(files, other), stats, path)
+    if not docs:
         count(stats, "skipped:no_main_tex")
         return
-    includes = {}
-    for name, text in files.items():
-        rel = os.path.relpath(name, os.path.dirname(main)) if os.path.dirname(main) else name
-        includes[rel] = text
-        includes[rel[:-4]] = text
-    yield Document(clean_latex(files[main], includes), f"{path}:{main}", {"path": path})
+    for root, text in docs:
+        yield Document(text, f"{path}:{root}", {"path": path, "root": root})
+
+
+class _DiskSources(Sources):
+    """Sources read from a directory on demand (for a .tex file named directly or found by a directory walk)."""
+
+    def __init__(self, directory: str):
+        super().__init__({})
+        self.directory = directory
+
+    def find(self, name: str, base: str) -> Optional[str]:
+        name = name.strip().strip('"')
+        for candidate in (name, name + ".tex"):
+            rel = os.path.normpath(os.path.join(base, candidate))
+            full = os.path.join(self.directory, rel)
+            if rel in self.files:
+                return rel
+            if os.path.isfile(full):
+                if not rel.lower().endswith(TEX_EXTENSIONS):
+                    self.other.add(rel)
+                    return rel
+                with open(full, "rb") as f:
+                    self.files[rel] = decode(f.read(), {})
+                return rel
+        return None
