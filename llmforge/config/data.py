@@ -62,23 +62,70 @@ class SourceSpec:
 
 @dataclass
 class WebFilters:
-    """Gopher/C4-style document heuristics (Rae et al. 2021, Raffel et al. 2020); a null threshold is off."""
+    """Document rules for web-like text, after the line rules: Gopher's quality and repetition rules (Rae et al.
+    2021, appendix A, as datatrove implements them), C4's document rules (Raffel et al. 2020) and FineWeb's (Penedo
+    et al. 2024); a null threshold (or false) turns a rule off."""
 
-    min_words: Optional[int] = doc(50, "Fewest words.")
-    max_words: Optional[int] = doc(100_000, "Most words.")
-    min_mean_word_length: Optional[float] = doc(3.0, "Lowest mean word length (characters).")
-    max_mean_word_length: Optional[float] = doc(10.0, "Highest mean word length.")
-    max_symbol_word_ratio: Optional[float] = doc(0.1, "Most '#' and '...' per word.")
-    max_bullet_lines: Optional[float] = doc(0.9, "Largest fraction of lines starting with a bullet.")
-    max_ellipsis_lines: Optional[float] = doc(0.3, "Largest fraction of lines ending with an ellipsis.")
-    min_alpha_words: Optional[float] = doc(0.8, "Smallest fraction of words with an alphabetic character.")
-    max_duplicate_lines: Optional[float] = doc(0.3, "Largest fraction of lines that repeat an earlier line.")
-    max_duplicate_line_chars: Optional[float] = doc(0.2, "Largest fraction of characters in repeated lines.")
-    max_top_ngram_chars: Optional[float] = doc(0.2, "Largest fraction of characters in the most frequent 2-gram.")
-    max_duplicate_ngram_chars: Optional[float] = doc(0.15, "Largest fraction of characters in repeated 5-grams.")
+    min_words: Optional[int] = doc(50, "Gopher: fewest words.")
+    max_words: Optional[int] = doc(100_000, "Gopher: most words.")
+    min_mean_word_length: Optional[float] = doc(3.0, "Gopher: lowest mean word length (characters).")
+    max_mean_word_length: Optional[float] = doc(10.0, "Gopher: highest mean word length.")
+    max_symbol_word_ratio: Optional[float] = doc(0.1, "Gopher: most '#' and '...' per word.")
+    max_bullet_lines: Optional[float] = doc(0.9, "Gopher: largest fraction of lines starting with a bullet.")
+    max_ellipsis_lines: Optional[float] = doc(0.3, "Gopher: largest fraction of lines ending with an ellipsis.")
+    min_alpha_words: Optional[float] = doc(0.8, "Gopher: smallest fraction of words with an alphabetic character.")
+    min_stop_words: Optional[int] = doc(2, "Gopher: fewest of the stop words the, be, to, of, and, that, have, with.")
+    max_duplicate_lines: Optional[float] = doc(0.3, "Gopher: largest fraction of lines equal to an earlier line.")
+    max_duplicate_line_chars: Optional[float] = doc(
+        0.2, "Gopher: largest fraction of characters in lines equal to an earlier line.")
+    max_duplicate_paragraphs: Optional[float] = doc(
+        0.3, "Gopher: largest fraction of paragraphs (split at blank lines) equal to an earlier paragraph.")
+    max_duplicate_paragraph_chars: Optional[float] = doc(
+        0.2, "Gopher: largest fraction of characters in paragraphs equal to an earlier paragraph.")
+    max_top_ngram_chars: Optional[dict[int, float]] = doc(
+        text="Gopher: per n, largest fraction of characters in the most frequent word n-gram (all its occurrences).",
+        factory=lambda: {2: 0.20, 3: 0.18, 4: 0.16})
+    max_duplicate_ngram_chars: Optional[dict[int, float]] = doc(
+        text="Gopher: per n, largest fraction of characters in word n-grams that repeat an earlier n-gram (first "
+             "occurrences and overlaps not counted).",
+        factory=lambda: {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10})
+    lorem_ipsum: bool = doc(True, "C4: drop pages containing 'lorem ipsum'.")
+    curly_bracket: bool = doc(True, "C4: drop pages containing '{' (code and templates in web pages).")
+    min_sentences: Optional[int] = doc(5, "C4: fewest sentences left after the line rules.")
+    min_punct_line_fraction: Optional[float] = doc(
+        0.12, "FineWeb: smallest fraction of lines ending in terminal punctuation.")
+    max_short_line_fraction: Optional[float] = doc(
+        0.67, "FineWeb: largest fraction of lines of 30 characters or fewer.")
+    max_newline_word_ratio: Optional[float] = doc(0.3, "FineWeb: most line breaks per word (list-like pages).")
 
     def __post_init__(self) -> None:
-        positive(self, "min_words", "max_words", "min_mean_word_length", "max_mean_word_length", allow_zero=True)
+        positive(self, "min_words", "max_words", "min_mean_word_length", "max_mean_word_length", "min_stop_words",
+                 "min_sentences", allow_zero=True)
+        for name in ("max_top_ngram_chars", "max_duplicate_ngram_chars"):
+            table = getattr(self, name)
+            for n, frac in (table or {}).items():
+                if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                    raise ConfigError(name, f"keys are n-gram sizes (integers >= 1), got {n!r}")
+                if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 < frac <= 1:
+                    raise ConfigError(f"{name}.{n}", f"must be a fraction in (0, 1], got {frac!r}")
+
+
+@dataclass
+class LineFilters:
+    """C4's line rules (Raffel et al. 2020, as datatrove's C4QualityFilter applies them) for web-like text: lines
+    that fail one are removed before the document rules run, and counted per rule in the manifest
+    (`lines_removed:<rule>`)."""
+
+    min_words: Optional[int] = doc(3, "Remove lines of fewer words ('Share article', 'Advertisement').")
+    terminal_punctuation: bool = doc(
+        True, "Remove lines that do not end in . ! ? or a closing quote, or that end in an ellipsis.")
+    max_word_length: Optional[int] = doc(1000, "Remove lines holding a longer word.")
+    javascript: bool = doc(True, "Remove lines mentioning javascript ('Please enable JavaScript').")
+    policy: bool = doc(True, "Remove lines about cookies, privacy policies and terms of use.")
+    citations: bool = doc(True, "Delete Wikipedia-style citation marks ([1], [edit], [citation needed]) in lines.")
+
+    def __post_init__(self) -> None:
+        positive(self, "min_words", "max_word_length", allow_zero=True)
 
 
 @dataclass
@@ -141,6 +188,7 @@ class DataConfig:
                                            "weighted by its weight.", factory=list)
     seq_len: int = doc(256, "Tokens per training sample (context length).")
     val_fraction: float = doc(0.01, "Fraction of documents (by content hash) held out for validation.")
+    line_filters: LineFilters = doc(text="Line rules for web-like text.", factory=LineFilters)
     web_filters: WebFilters = doc(text="Quality heuristics for web-like text.", factory=WebFilters)
     code_filters: CodeFilters = doc(text="Filters for source code files.", factory=CodeFilters)
     dedup: DedupConfig = doc(text="Exact and near-duplicate removal.", factory=DedupConfig)

@@ -19,21 +19,21 @@ import numpy as np
 from llmforge.config.data import DataConfig, SourceSpec
 from llmforge.data.clean import clean_text
 from llmforge.data.dedup import exact_hash, is_contaminated, minhash_signature
-from llmforge.data.filters import code_quality, web_quality
+from llmforge.data.filters import clean_lines, code_quality, web_quality
 from llmforge.data.indexed import IndexedDatasetWriter, token_dtype
 from llmforge.data.sources import Document, Stats, WorkUnit, count, read_unit
 from llmforge.tokenizer import Tokenizer, encode_batch
 
 SPLITS = ("train", "val")
 BATCH = 64
-PIPELINE_VERSION = 2  # bump when cleaning/filtering semantics change: parts made by another version are redone
+PIPELINE_VERSION = 3  # bump when cleaning/filtering semantics change: parts made by another version are redone
 
 
 def processing_key(spec: SourceSpec, cfg: DataConfig, tokenizer_fingerprint: str) -> str:
     """Everything that decides a part's content; a part made under another key is stale and is processed again."""
     relevant = {"version": PIPELINE_VERSION, "source": dataclasses.asdict(spec), "tokenizer": tokenizer_fingerprint,
                 "val_fraction": cfg.val_fraction, "min_chars": cfg.min_chars, "max_chars": cfg.max_chars,
-                "web": dataclasses.asdict(cfg.web_filters), "code": dataclasses.asdict(cfg.code_filters),
+                "lines": dataclasses.asdict(cfg.line_filters), "web": dataclasses.asdict(cfg.web_filters), "code": dataclasses.asdict(cfg.code_filters),
                 "dedup": dataclasses.asdict(cfg.dedup), "decontaminate": dataclasses.asdict(cfg.decontaminate)}
     relevant["source"].pop("weight")  # blending weight does not change the data
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
@@ -57,15 +57,19 @@ def part_complete(dataset_dir: str, unit: WorkUnit, key: str) -> bool:
     return record.get("files") == unit.files and record.get("key") == key
 
 
-def keep_reason(doc: Document, spec: SourceSpec, cfg: DataConfig, eval_ngrams: set[int]) -> tuple[str, Optional[str]]:
-    """(cleaned text, None) to keep, or (text, reason) to drop."""
+def keep_reason(doc: Document, spec: SourceSpec, cfg: DataConfig, eval_ngrams: set[int],
+                stats: Optional[Stats] = None) -> tuple[str, Optional[str]]:
+    """(cleaned text, None) to keep, or (text, reason) to drop. Web-quality text loses the lines the line rules
+    remove first (counted in `stats`)."""
     mode = "code" if spec.type == "code" else "web" if spec.type in ("html", "warc") else "plain"
     text = clean_text(doc.text, mode)
+    kind = spec.quality_kind
+    if kind == "web":
+        text = clean_lines(text, cfg.line_filters, stats)
     if len(text) < max(cfg.min_chars, 1) or not text.strip():
         return text, "empty"
     if len(text) > cfg.max_chars:
         return text, "too_long"
-    kind = spec.quality_kind
     reason = None
     if kind == "web":
         reason = web_quality(text, cfg.web_filters)
@@ -104,7 +108,7 @@ def process_unit(unit: WorkUnit, spec: SourceSpec, cfg: DataConfig, tok: Tokeniz
     for doc in read_unit(unit, spec, stats):
         count(stats, "read")
         count(stats, "bytes", len(doc.text.encode("utf-8", errors="replace")))
-        text, reason = keep_reason(doc, spec, cfg, eval_ngrams)
+        text, reason = keep_reason(doc, spec, cfg, eval_ngrams, stats)
         if reason is not None:
             count(stats, f"dropped:{reason}")
             continue
