@@ -193,6 +193,10 @@ class DataConfig:
     code_filters: CodeFilters = doc(text="Filters for source code files.", factory=CodeFilters)
     dedup: DedupConfig = doc(text="Exact and near-duplicate removal.", factory=DedupConfig)
     decontaminate: DecontamConfig = doc(text="Evaluation-set n-gram decontamination.", factory=DecontamConfig)
+    chunk_chars: int = doc(65536, "Plain-text documents (text files, LaTeX, JSONL/Parquet records) longer than this "
+                                  "are cut at line breaks into pieces of about this many characters, each assigned "
+                                  "to train or val on its own, so one large file still yields a validation split; "
+                                  "0 = never cut.")
     min_chars: int = doc(1, "Documents shorter than this (after cleaning) are dropped.")
     max_chars: int = doc(5_000_000, "Documents longer than this are dropped (counted as too_long).")
     shard_tokens: int = doc(1 << 30, "Tokens per output shard file before a new one is started.")
@@ -204,7 +208,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         positive(self, "seq_len", "max_chars", "shard_tokens", "unit_files", "unit_bytes")
-        positive(self, "min_chars", "prefetch", allow_zero=True)
+        positive(self, "min_chars", "prefetch", "chunk_chars", allow_zero=True)
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError("val_fraction", f"must be in [0, 1), got {self.val_fraction}")
         names = [s.name for s in self.sources]

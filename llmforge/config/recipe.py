@@ -29,14 +29,13 @@ class TokenizerConfig:
     type: Literal["char", "sentencepiece", "hf"] = doc(
         "char", "char | sentencepiece (BPE, trained by train_tokenizer) | hf (a local Hugging Face tokenizer dir).")
     path: Optional[str] = doc(None, "Tokenizer file (char .json, sentencepiece .model) or HF directory.")
-    vocab_size: Optional[int] = doc(None, "Vocabulary size to train (char: an upper bound; sentencepiece: exact).")
+    vocab_size: Optional[int] = doc(None, "Vocabulary size to train (char: an upper bound; sentencepiece: exact, "
+                                          "required to train one); not needed to use a trained tokenizer.")
     sample_bytes: int = doc(100_000_000, "Cleaned text sampled from the sources to train the tokenizer on.")
     byte_fallback: bool = doc(True, "sentencepiece: unknown characters become UTF-8 byte tokens.")
 
     def __post_init__(self) -> None:
         positive(self, "vocab_size", "sample_bytes")
-        if self.type == "sentencepiece" and self.vocab_size is None:
-            raise ConfigError("vocab_size", "is required for a sentencepiece tokenizer")
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 from typing import Iterator
 
@@ -74,6 +75,23 @@ def _load_parts(dataset_dir: str, units: list[WorkUnit]) -> list[tuple[str, dict
     return parts
 
 
+def _held_out_when_empty(parts: list, drop: np.ndarray, val_fraction: float) -> set[int]:
+    """Keys of kept documents to move to val when the hash split left val empty: ceil(val_fraction x kept) of
+    them (at least one, never all), those whose hashes come nearest the val range, so the choice is the same
+    however the work was sharded. Empty when val already has documents, val_fraction is 0 or fewer than two
+    documents are kept."""
+    if val_fraction <= 0 or not parts:
+        return set()
+    split = np.concatenate([a["split"] for _, _, a in parts])
+    kept = ~drop
+    if (split[kept] == 1).any() or kept.sum() < 2:
+        return set()
+    hashes = np.concatenate([a["hash"] for _, _, a in parts]).view(np.uint64)
+    keys = np.flatnonzero(kept)
+    n = min(max(1, math.ceil(val_fraction * len(keys))), len(keys) - 1)
+    return {int(k) for k in keys[np.argsort(hashes[keys], kind="stable")[:n]]}
+
+
 def merge_dataset(spec: SourceSpec, units: list[WorkUnit], dataset_dir: str, cfg: DataConfig,
                   tokenizer_info: dict) -> dict:
     manifest_path = os.path.join(dataset_dir, MANIFEST)
@@ -107,14 +125,18 @@ def merge_dataset(spec: SourceSpec, units: list[WorkUnit], dataset_dir: str, cfg
         drop[list(near)] = True
         stats["dropped:near_duplicate"] = len(near)
 
+    to_val = _held_out_when_empty(parts, drop, cfg.val_fraction)
+    if len(to_val):
+        stats["val:assigned_when_empty"] = len(to_val)
     dtype = np.dtype(tokenizer_info["dtype"])
     writers = {s: ShardWriter(dataset_dir, s, dtype, cfg.shard_tokens) for s in SPLITS}
     for p, (prefix, _, arrays) in enumerate(parts):
         readers = {s: IndexedDataset(f"{prefix}.{s}") for s in SPLITS}
         for row, (split, index) in enumerate(zip(arrays["split"], arrays["index"])):
-            if not drop[int(offsets[p]) + row]:
-                name = SPLITS[int(split)]
-                writers[name].add(readers[name][int(index)])
+            key = int(offsets[p]) + row
+            if not drop[key]:
+                tokens = readers[SPLITS[int(split)]][int(index)]
+                writers["val" if key in to_val else SPLITS[int(split)]].add(tokens)
     shards = {s: w.close() for s, w in writers.items()}
     keep = {f"{sh['prefix']}{ext}" for s in SPLITS for sh in shards[s] for ext in (".bin", ".idx")}
     for old in glob.glob(os.path.join(dataset_dir, "*-[0-9][0-9][0-9][0-9][0-9].*")):

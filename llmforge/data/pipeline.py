@@ -32,7 +32,7 @@ PIPELINE_VERSION = 3  # bump when cleaning/filtering semantics change: parts mad
 def processing_key(spec: SourceSpec, cfg: DataConfig, tokenizer_fingerprint: str) -> str:
     """Everything that decides a part's content; a part made under another key is stale and is processed again."""
     relevant = {"version": PIPELINE_VERSION, "source": dataclasses.asdict(spec), "tokenizer": tokenizer_fingerprint,
-                "val_fraction": cfg.val_fraction, "min_chars": cfg.min_chars, "max_chars": cfg.max_chars,
+                "val_fraction": cfg.val_fraction, "chunk_chars": cfg.chunk_chars, "min_chars": cfg.min_chars, "max_chars": cfg.max_chars,
                 "lines": dataclasses.asdict(cfg.line_filters), "web": dataclasses.asdict(cfg.web_filters), "code": dataclasses.asdict(cfg.code_filters),
                 "dedup": dataclasses.asdict(cfg.dedup), "decontaminate": dataclasses.asdict(cfg.decontaminate)}
     relevant["source"].pop("weight")  # blending weight does not change the data
@@ -80,6 +80,24 @@ def keep_reason(doc: Document, spec: SourceSpec, cfg: DataConfig, eval_ngrams: s
     return text, reason
 
 
+def chunks(text: str, size: int) -> list[str]:
+    """`text` cut into pieces of about `size` characters, each ending at a line break (at a blank line where one
+    falls in the last quarter of the piece); one piece when it is short enough or size is 0."""
+    if not size or len(text) <= size:
+        return [text]
+    out, start = [], 0
+    while len(text) - start > size:
+        end = start + size
+        cut = text.rfind("\n\n", start + 3 * size // 4, end)
+        if cut < 0:
+            cut = text.rfind("\n", start + size // 2, end)
+        cut = end if cut < 0 else cut + 1
+        out.append(text[start:cut])
+        start = cut
+    out.append(text[start:])
+    return [p for p in out if p.strip()]
+
+
 def process_unit(unit: WorkUnit, spec: SourceSpec, cfg: DataConfig, tok: Tokenizer, dataset_dir: str,
                  eval_ngrams: set[int], key: str) -> dict:
     """Write one part; returns its counters (documents, bytes, tokens and drop reasons)."""
@@ -112,8 +130,13 @@ def process_unit(unit: WorkUnit, spec: SourceSpec, cfg: DataConfig, tok: Tokeniz
         if reason is not None:
             count(stats, f"dropped:{reason}")
             continue
-        sig = minhash_signature(text, cfg.dedup) if cfg.dedup.near else np.zeros(0, dtype=np.uint64)
-        pending.append((text, exact_hash(text), sig))
+        pieces = chunks(text, cfg.chunk_chars) if spec.type not in ("code", "html", "warc") else [text]
+        if len(pieces) > 1:
+            count(stats, "chunked:documents")
+            count(stats, "chunked:pieces", len(pieces))
+        for piece in pieces:
+            sig = minhash_signature(piece, cfg.dedup) if cfg.dedup.near else np.zeros(0, dtype=np.uint64)
+            pending.append((piece, exact_hash(piece), sig))
         if len(pending) >= BATCH:
             flush()
     flush()

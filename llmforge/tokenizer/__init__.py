@@ -58,6 +58,8 @@ def train_tokenizer_from_texts(cfg: TokenizerConfig, texts: Iterable[str], origi
     if cfg.type == "sentencepiece":
         from llmforge.tokenizer.sentencepiece import SentencePieceTokenizer
 
+        if cfg.vocab_size is None:
+            raise RecipeError(origin, "tokenizer.vocab_size", "is required to train a sentencepiece tokenizer")
         try:
             return SentencePieceTokenizer.train(texts, cfg.vocab_size, cfg.path, cfg.byte_fallback)
         except RuntimeError as e:  # sentencepiece reports bad settings (vocab too small for the alphabet) this way

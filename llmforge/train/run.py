@@ -19,7 +19,7 @@ from llmforge import allocator
 from llmforge.config import Recipe, load_recipe, recipe_to_dict, recipe_to_yaml
 from llmforge.config.deepspeed import compose_ds_config, zero_stage
 from llmforge.data.loader import PretrainData
-from llmforge.errors import CheckpointError, RecipeError
+from llmforge.errors import CheckpointError, DataError, RecipeError
 from llmforge.model import GPT, apply_activation_checkpointing, compile_model, compile_unavailable
 from llmforge.model.flops import device_peak_flops, flops_per_token
 from llmforge.tokenizer import fingerprint, load_tokenizer
@@ -116,6 +116,10 @@ def run_training(recipe_path: str, overrides: Optional[list[str]] = None, resume
         specs = recipe.data.dataset_dirs()
         train_data = PretrainData(specs, recipe.data.seq_len, recipe.run.seed, "train", tok_fp)
         val_data = PretrainData(specs, recipe.data.seq_len, recipe.run.seed + 1, "val", tok_fp)
+        if recipe.eval.interval and val_data.num_samples == 0:
+            raise DataError(f"eval.interval is {recipe.eval.interval} but the val split of "
+                            f"{', '.join(s.path for s in specs)} has no sample of seq_len+1={recipe.data.seq_len + 1} "
+                            f"tokens: prepare it with data.val_fraction > 0, or set eval.interval: 0")
     else:
         from llmforge.posttrain import setup as post
 

@@ -43,8 +43,19 @@ def read_html_file(path: str, spec: SourceSpec, stats: Stats) -> Iterator[Docume
     yield Document(html_to_text(data, spec.extractor), path, {"path": path})
 
 
+def _is_html(record) -> bool:
+    """A response whose HTTP Content-Type (or Common Crawl's identified payload type) is HTML, or a resource record
+    (a stored file, no HTTP headers) whose WARC Content-Type is HTML."""
+    if record.rec_type == "resource":
+        types = [record.rec_headers.get_header("Content-Type")]
+    else:
+        types = [record.http_headers.get_header("Content-Type") if record.http_headers else None]
+    types.append(record.rec_headers.get_header("WARC-Identified-Payload-Type"))
+    return any(t and ("html" in t.lower()) for t in types)
+
+
 def read_warc(path: str, spec: SourceSpec, stats: Stats) -> Iterator[Document]:
-    """HTML response records of a .warc / .warc.gz file. A corrupt or truncated record (digest mismatch, bad gzip
+    """HTML response and resource records of a .warc / .warc.gz file. A corrupt or truncated record (digest mismatch, bad gzip
     member) ends the file and is counted; the records before it are kept."""
     from warcio.archiveiterator import ArchiveIterator
     from warcio.exceptions import ArchiveLoadFailed
@@ -62,12 +73,13 @@ def read_warc(path: str, spec: SourceSpec, stats: Stats) -> Iterator[Document]:
                 count(stats, "skipped:corrupt_warc")
                 return
             index += 1
-            if record.rec_type != "response":
-                continue
-            ctype = (record.http_headers.get_header("Content-Type") or "") if record.http_headers else ""
-            if "html" not in ctype.lower():
+            if record.rec_type not in ("response", "resource"):
+                continue  # request, metadata, warcinfo, revisit, conversion: no page body
+            if not _is_html(record):
                 count(stats, "skipped:not_html")
                 continue
+            if record.rec_type == "resource":
+                count(stats, "warc:resource_records")
             try:
                 body = record.content_stream().read()
             except (zlib.error, EOFError, OSError, ValueError):
