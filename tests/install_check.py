@@ -3,7 +3,8 @@ runtime install alone, before the dev extras are added (.ci/run), so a runtime d
 happen to pull cannot hide; tests/unit/test_install.py runs it too.
 
 Each source type gets a small real input (see tests/real_inputs.py), one recipe prepares them all with the default
-settings (trafilatura for web pages), and every dataset must come out with documents in it."""
+settings (resiliparse for the WARC, trafilatura for the HTML files), and every dataset must come out with documents
+in it."""
 
 from __future__ import annotations
 
@@ -41,8 +42,12 @@ def build_inputs(root: Path) -> list[dict]:
 
     (root / "parquet").mkdir()
     pq.write_table(pa.Table.from_pylist(rows), root / "parquet" / "rows.parquet")
-    return [{"name": kind, "type": kind, "paths": [str(root / kind)], **({"quality": "none"} if kind in (
-        "jsonl", "parquet", "text") else {})} for kind in ("warc", "html", "code", "latex", "text", "jsonl", "parquet")]
+    sources = [{"name": kind, "type": kind, "paths": [str(root / kind)]}
+               for kind in ("warc", "html", "code", "latex", "text", "jsonl", "parquet")]
+    sources[1]["extractor"] = "trafilatura"  # WARC with the default extractor (resiliparse), HTML with the other
+    for s in sources:
+        s["quality"] = "none" if s["type"] in ("jsonl", "parquet", "text") else None
+    return sources
 
 
 def main() -> int:

@@ -40,7 +40,9 @@ class SourceSpec:
         None, "Quality filters: web (Gopher/C4 heuristics), code, or none; null picks by type.")
     weight: float = doc(1.0, "Blend weight when data.datasets is not given.")
     extractor: Literal["trafilatura", "resiliparse"] = doc(
-        "trafilatura", "html/warc main-text extractor: trafilatura (cleaner) or resiliparse (~13x faster).")
+        "resiliparse", "html/warc main-text extractor: resiliparse (one paragraph per line, what the line rules "
+        "expect; ~13x faster) or trafilatura (keeps the page's own line breaks inside paragraphs); measured in "
+        "bench/results/html_extraction.md.")
 
     def __post_init__(self) -> None:
         if not self.name or not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
@@ -97,6 +99,8 @@ class WebFilters:
     max_short_line_fraction: Optional[float] = doc(
         0.67, "FineWeb: largest fraction of lines of 30 characters or fewer.")
     max_newline_word_ratio: Optional[float] = doc(0.3, "FineWeb: most line breaks per word (list-like pages).")
+    max_repeated_line_chars: Optional[float] = doc(
+        0.01, "FineWeb: largest fraction of characters (line breaks not counted) in lines equal to an earlier line.")
 
     def __post_init__(self) -> None:
         positive(self, "min_words", "max_words", "min_mean_word_length", "max_mean_word_length", "min_stop_words",
@@ -117,8 +121,9 @@ class LineFilters:
     (`lines_removed:<rule>`)."""
 
     min_words: Optional[int] = doc(3, "Remove lines of fewer words ('Share article', 'Advertisement').")
-    terminal_punctuation: bool = doc(
-        True, "Remove lines that do not end in . ! ? or a closing quote, or that end in an ellipsis.")
+    terminal_punctuation: str = doc(
+        ".!?\"'”’:", "Remove lines that do not end in one of these characters, or that end in an ellipsis (C4's set "
+        "plus ':', which ends the lines that introduce a list or a code block); '' turns the rule off.")
     max_word_length: Optional[int] = doc(1000, "Remove lines holding a longer word.")
     javascript: bool = doc(True, "Remove lines mentioning javascript ('Please enable JavaScript').")
     policy: bool = doc(True, "Remove lines about cookies, privacy policies and terms of use.")

@@ -81,6 +81,7 @@ LINES = [
     ("A line with a " + "x" * 1001 + " word.", "long_word"),
     ('He said it was "the end of an era."', None),
     ("The river floods every spring.[1][citation needed]", None),
+    ("The budget has three parts:", None),  # introduces a list: kept (':' is added to C4's set)
 ]
 
 
@@ -88,16 +89,18 @@ def test_c4_line_rules_remove_and_count_each_line():
     stats: dict = {}
     text = "\n".join(line for line, _ in LINES)
     out = clean_lines(text, LineFilters(), stats)
-    assert out.split("\n") == [LINES[0][0], LINES[10][0], "The river floods every spring."]
+    assert out.split("\n") == [LINES[0][0], LINES[10][0], "The river floods every spring.", LINES[12][0]]
+    c4_exact = clean_lines(text, LineFilters(terminal_punctuation=".!?\"'"), {})
+    assert LINES[12][0] not in c4_exact and LINES[0][0] in c4_exact
     expected: dict = {}
     for _, reason in LINES:
         if reason:
             expected[f"lines_removed:{reason}"] = expected.get(f"lines_removed:{reason}", 0) + 1
     assert stats == expected
     # FineWeb keeps lines without terminal punctuation; every rule can be turned off
-    kept = clean_lines(text, LineFilters(terminal_punctuation=False), {})
+    kept = clean_lines(text, LineFilters(terminal_punctuation=""), {})
     assert "Download PDF Print Share Feedback" in kept and "Share article" not in kept  # 2 words < 3
-    none = LineFilters(min_words=None, terminal_punctuation=False, max_word_length=None, javascript=False,
+    none = LineFilters(min_words=None, terminal_punctuation="", max_word_length=None, javascript=False,
                        policy=False, citations=False)
     assert clean_lines(text, none) == text
 
@@ -119,6 +122,12 @@ def test_c4_and_fineweb_document_rules():
     # 9 line breaks over 9 + 14 + 2 = 25 words = 0.36
     assert web_quality(text, only(max_newline_word_ratio=0.35)) == "newline_word_ratio"
     assert web_quality(text, only(max_newline_word_ratio=0.37)) is None
+    # 6 repeated "menu item" lines (54 characters) and 1 repeated x-line (40), line breaks not counted
+    chars = len(text) - text.count("\n")
+    assert chars == 49 + 7 * 9 + 2 * 40
+    ratio = (6 * 9 + 40) / chars  # 94 / 192 = 0.490
+    assert web_quality(text, only(max_repeated_line_chars=0.48)) == "repeated_line_chars"
+    assert web_quality(text, only(max_repeated_line_chars=0.49)) is None and 0.48 < ratio < 0.49
 
 
 def test_n_gram_tables_are_validated():
