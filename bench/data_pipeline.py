@@ -1,16 +1,21 @@
-"""Data pipeline throughput: tokenization tokens/s per core (llmforge sentencepiece path vs HF `tokenizers` batch
-encoding), end-to-end WARC → shards MB/s per core, and scaling from 1 to 2 workers.
+"""Data pipeline throughput on real pages (bench/real_pages.py: the Python and Node.js documentation, packed into
+two gzipped WARC files): tokenization tokens/s per core (llmforge sentencepiece path vs HF `tokenizers`), WARC →
+shards wall time for 1 and 2 workers, and with --datatrove-python the same WARC through datatrove (see
+bench/datatrove_side.py), both launched as commands, taking turns, one worker each, the same HF tokenizer.
 
-    python bench/data_pipeline.py [--pages 3000]   → bench/results/data_pipeline.md
+    python bench/data_pipeline.py [--runs 3] [--datatrove-python /tmp/dt/bin/python]  → bench/results/data_pipeline.md
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import platform
 import shutil
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -20,27 +25,61 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, os.path.dirname(__file__))
 
 import yaml  # noqa: E402
-from webgen import write_warc  # noqa: E402
+from real_pages import pages  # noqa: E402
+from results_file import write_result  # noqa: E402
 
 from llmforge.config import load_recipe  # noqa: E402
-from llmforge.data.prepare import prepare, sample_texts  # noqa: E402
+from llmforge.data.prepare import sample_texts  # noqa: E402
 from llmforge.tokenizer import train_tokenizer_from_texts  # noqa: E402
 
 VOCAB = 16000
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tokenization(texts: list[str], sp_path: str) -> list[tuple[str, float, int]]:
-    """(name, tokens/s, tokens) for each tokenizer on the same texts, one thread each."""
+def write_warcs(paths: list[str], directory: str, files: int) -> int:
+    """The pages as `files` gzipped WARC files of HTTP responses (Common Crawl's headers); total bytes."""
+    from warcio.statusandheaders import StatusAndHeaders
+    from warcio.warcwriter import WARCWriter
+
+    os.makedirs(directory, exist_ok=True)
+    total = 0
+    for i in range(files):
+        out = os.path.join(directory, f"docs-{i}.warc.gz")
+        with open(out, "wb") as f:
+            writer = WARCWriter(f, gzip=True)
+            for path in paths[i::files]:
+                with open(path, "rb") as page:
+                    body = page.read()
+                http = StatusAndHeaders("200 OK", [("Content-Type", "text/html; charset=utf-8")], protocol="HTTP/1.1")
+                record = writer.create_warc_record("https://docs.example" + path, "response",
+                                                   payload=io.BytesIO(body), http_headers=http)
+                record.rec_headers.add_header("WARC-Identified-Payload-Type", "text/html")
+                writer.write_record(record)
+        total += os.path.getsize(out)
+    return total
+
+
+def hf_tokenizer(texts: list[str], directory: str):
+    """A byte-level BPE trained with `tokenizers`, saved as a Hugging Face tokenizer directory."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from llmforge.tokenizer.sentencepiece import SentencePieceTokenizer
-
-    sp = SentencePieceTokenizer.load(sp_path)
     hf = Tokenizer(models.BPE(unk_token="<unk>"))
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf.decoder = decoders.ByteLevel()
     hf.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<pad>", "<unk>", "</s>"],
                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    os.makedirs(directory, exist_ok=True)
+    hf.save(os.path.join(directory, "tokenizer.json"))
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+        json.dump({"eos_token": "</s>", "pad_token": "<pad>"}, f)
+    return hf
+
+
+def tokenization(texts: list[str], sp_path: str, hf) -> list[tuple[str, float, int]]:
+    """(name, tokens/s, tokens) for each tokenizer on the same texts, one thread each."""
+    from llmforge.tokenizer.sentencepiece import SentencePieceTokenizer
+
+    sp = SentencePieceTokenizer.load(sp_path)
     results = []
     batches = [texts[i:i + 64] for i in range(0, len(texts), 64)]
 
@@ -57,41 +96,86 @@ def tokenization(texts: list[str], sp_path: str) -> list[tuple[str, float, int]]
     return results
 
 
+def recipe(tmp: str, name: str, warc_dir: str, tokenizer: dict, extractor: str, unit_files: int = 1) -> str:
+    path = os.path.join(tmp, f"{name}.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump({"data": {"sources": [{"name": "web", "type": "warc", "paths": [warc_dir],
+                                              "extractor": extractor}],
+                                 "prepared_dir": os.path.join(tmp, f"out-{name}"), "val_fraction": 0.01,
+                                 "unit_files": unit_files}, "tokenizer": tokenizer}, f)
+    return path
+
+
+def timed(cmd: list[str], env: dict | None = None) -> tuple[float, str]:
+    started = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=REPO)
+    elapsed = time.perf_counter() - started
+    if r.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
+    return elapsed, r.stdout
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--pages", type=int, default=3000, help="pages per WARC file (2 files)")
+    ap.add_argument("--runs", type=int, default=3, help="turns of each contender (medians reported)")
+    ap.add_argument("--pages-per-family", type=int, default=0, help="0 = every page")
+    ap.add_argument("--datatrove-python", help="python of an environment with datatrove (see datatrove_side.py)")
+    ap.add_argument("--quick", action="store_true", help="20 pages per family, one run (figures meaningless)")
+    ap.add_argument("--out")
     args = ap.parse_args()
+    limit, runs = (20, 1) if args.quick else (args.pages_per_family, args.runs)
     tmp = tempfile.mkdtemp(prefix="llmforge-bench-")
     try:
-        raw = os.path.join(tmp, "raw")
-        os.makedirs(raw)
-        warc_bytes = sum(write_warc(os.path.join(raw, f"cc-{i}.warc.gz"), args.pages, seed=i) for i in range(2))
-        recipe_path = os.path.join(tmp, "web.yaml")
-        with open(recipe_path, "w") as f:
-            yaml.safe_dump({"data": {"sources": [{"name": "web", "type": "warc", "paths": [raw + "/*.warc.gz"]}],
-                                     "prepared_dir": os.path.join(tmp, "out"), "val_fraction": 0.01,
-                                     "unit_files": 1},  # one work unit per WARC file
-                            "tokenizer": {"type": "sentencepiece", "path": os.path.join(tmp, "sp.model"),
-                                          "vocab_size": VOCAB, "sample_bytes": 20_000_000}}, f)
-        recipe = load_recipe(recipe_path)
-        texts = list(sample_texts(recipe, recipe_path))
-        train_tokenizer_from_texts(recipe.tokenizer, texts, recipe_path)
-        tok_rows = tokenization(texts, recipe.tokenizer.path)
-        runs = []
+        real = pages(limit)
+        warc_dir = os.path.join(tmp, "raw")
+        warc_bytes = write_warcs([p.path for p in real], warc_dir, files=2)
+        sp = {"type": "sentencepiece", "path": os.path.join(tmp, "sp.model"), "vocab_size": VOCAB,
+              "sample_bytes": 50_000_000}
+        sp_recipe = recipe(tmp, "sp", warc_dir, sp, "resiliparse")
+        loaded = load_recipe(sp_recipe)
+        texts = list(sample_texts(loaded, sp_recipe))
+        train_tokenizer_from_texts(loaded.tokenizer, texts, sp_recipe)
+        hf = hf_tokenizer(texts, os.path.join(tmp, "hf-tok"))
+        tok_rows = tokenization(texts, sp["path"], hf)
+        hf_tok = {"type": "hf", "path": os.path.join(tmp, "hf-tok")}
+        contenders = {
+            "llmforge, trafilatura (the stages datatrove runs)": [
+                sys.executable, "launch/prepare_data.py", "--workers", "1", "--recipe",
+                recipe(tmp, "traf", warc_dir, hf_tok, "trafilatura", unit_files=2)],
+            "llmforge, resiliparse (its default)": [
+                sys.executable, "launch/prepare_data.py", "--workers", "1", "--recipe",
+                recipe(tmp, "resi", warc_dir, hf_tok, "resiliparse", unit_files=2)],
+        }
+        if args.datatrove_python:
+            contenders["datatrove 0.10.1"] = [args.datatrove_python, "bench/datatrove_side.py", "pipeline",
+                                              warc_dir, os.path.join(tmp, "dt"), hf_tok["path"]]
+        outputs = dict(zip(contenders, ("out-traf", "out-resi", "dt")))
+        walls: dict = {k: [] for k in contenders}
+        for _ in range(runs):
+            for name, cmd in contenders.items():
+                shutil.rmtree(os.path.join(tmp, outputs[name]), ignore_errors=True)  # every run starts from nothing
+                walls[name].append(timed(cmd)[0])
+        manifests = {}
+        for name, key in (("trafilatura", "traf"), ("resiliparse", "resi")):
+            with open(os.path.join(tmp, f"out-{key}", "web", "manifest.json")) as f:
+                manifests[name] = json.load(f)
+        scale = []
         for workers in (1, 2):
-            shutil.rmtree(os.path.join(tmp, "out"), ignore_errors=True)
-            started = time.perf_counter()
-            m = prepare(recipe, recipe_path, workers=workers, progress=False)["web"]
-            elapsed = time.perf_counter() - started
-            runs.append((workers, elapsed, m))
-        html_mb = runs[0][2]["stats"]["bytes"] / 1e6
+            cmd = [sys.executable, "launch/prepare_data.py", "--workers", str(workers), "--recipe",
+                   recipe(tmp, f"w{workers}", warc_dir, hf_tok, "resiliparse")]
+            scale.append((workers, statistics.median(timed(cmd)[0] for _ in range(runs))))
+            shutil.rmtree(os.path.join(tmp, f"out-w{workers}"), ignore_errors=True)
+        n_pages = len(real)
         lines = [
-            "# Data pipeline throughput",
+            "# Data pipeline throughput on real pages",
             "",
-            f"Command: `python bench/data_pipeline.py --pages {args.pages}` on {os.cpu_count()} cores "
-            f"({platform.machine()}), Python {platform.python_version()}. Input: 2 gzipped WARC files, "
-            f"{2 * args.pages} HTML pages from bench/webgen.py, {warc_bytes / 1e6:.1f} MB compressed; sentencepiece "
-            f"BPE vocab {VOCAB} trained on the cleaned pages (not timed).",
+            f"Command: `python bench/data_pipeline.py --runs {runs}"
+            + (f" --pages-per-family {limit}" if limit else "")
+            + (" --datatrove-python PY" if args.datatrove_python else "") + f"` on {os.cpu_count()} cores "
+            f"({platform.machine()}), Python {platform.python_version()}. Input: {n_pages} real HTML pages "
+            f"(bench/real_pages.py: Python and Node.js documentation) in 2 gzipped WARC files, "
+            f"{warc_bytes / 1e6:.1f} MB compressed. Tokenizers trained on the cleaned pages (not timed): "
+            f"sentencepiece BPE and a `tokenizers` byte-level BPE, vocabulary {VOCAB}.",
             "",
             "## Tokenization, one core, same texts (the cleaned pages)",
             "",
@@ -99,25 +183,30 @@ def main() -> None:
             "|---|---|---|",
             *[f"| {name} | {rate:,.0f} | {n:,} |" for name, rate, n in tok_rows],
             "",
-            "The HF tokenizer is a byte-level BPE trained with `tokenizers` on the same sample to the same vocabulary "
-            "size; its merges are not identical to sentencepiece's, so token counts differ slightly.",
+            "## WARC → cleaned, filtered, deduplicated, tokenized shards, one worker, launched as a command",
             "",
-            "## WARC → cleaned, filtered, deduplicated, tokenized shards (prepare + merge, wall time)",
+            "Both write shards with the HF tokenizer above. llmforge runs `launch/prepare_data.py --workers 1` "
+            "(extraction, line and document rules, exact + MinHash dedup, tokenization, merge); datatrove runs the "
+            "stages of bench/datatrove_side.py (extraction, Gopher filters, MinHash in 3 stages, tokenization). "
+            f"Contenders take turns, {runs} run(s) each; wall time from start to exit, median.",
             "",
-            "| workers | wall s | WARC MB/s | extracted-text MB/s | pages/s | MB/s per core (WARC) |",
-            "|---|---|---|---|---|---|",
+            "| pipeline | wall s (runs) | pages/s | WARC MB/s | vs datatrove |",
+            "|---|---|---|---|---|",
         ]
-        for workers, elapsed, m in runs:
-            pages = m["stats"]["read"]
-            lines.append(f"| {workers} | {elapsed:.1f} | {warc_bytes / 1e6 / elapsed:.2f} | {html_mb / elapsed:.2f} | "
-                         f"{pages / elapsed:.0f} | {warc_bytes / 1e6 / elapsed / workers:.2f} |")
-        lines += ["", f"Scaling 1 → 2 workers: {runs[0][1] / runs[1][1]:.2f}x (2 work units, one per WARC file, on 2 cores). "
-                      f"Kept {runs[0][2]['stats']['kept']} of {runs[0][2]['stats']['read']} pages; stats: "
-                      f"`{json.dumps(runs[0][2]['stats'])}`."]
-        out = os.path.join(os.path.dirname(__file__), "results", "data_pipeline.md")
-        with open(out, "w", encoding="utf-8") as f:
-            f.write("\n".join(lines) + "\n")
-        print("\n".join(lines))
+        base = statistics.median(walls["datatrove 0.10.1"]) if args.datatrove_python else None
+        for name, ws in walls.items():
+            med = statistics.median(ws)
+            ratio = f"{base / med:.2f}x" if base else "n/a"
+            lines.append(f"| {name} | {med:.1f} ({', '.join(f'{w:.1f}' for w in ws)}) | {n_pages / med:.1f} | "
+                         f"{warc_bytes / 1e6 / med:.2f} | {ratio} |")
+        lines += ["", "## Scaling (resiliparse, 2 work units)", "", "| workers | wall s |", "|---|---|"]
+        lines += [f"| {w} | {s:.1f} |" for w, s in scale]
+        for name, m in manifests.items():
+            lines += ["", f"llmforge with {name}: kept {m['stats']['kept']} of {m['stats']['read']} pages; stats: "
+                          f"`{json.dumps(m['stats'])}`."]
+        text = "\n".join(lines) + "\n"
+        write_result(text, args.out, "data_pipeline.md")
+        print(text)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -5,10 +5,17 @@
         orjson warcio lxml_html_clean
     python bench/html_extraction.py --datatrove-python /tmp/dt/bin/python
 
-Reads a JSON list of HTML file paths on stdin and writes one JSON line per page: datatrove's default web pipeline
-as FineWeb runs it — Trafilatura(favour_precision=True) → GopherRepetitionFilter → GopherQualityFilter →
-C4QualityFilter(filter_no_terminal_punct=False) → FineWebQualityFilter, all with their defaults — the extracted
-text, the final text (null when a filter drops the page), the filter that dropped it and the extraction time.
+Two modes:
+- `datatrove_side.py` (pages): reads a JSON list of HTML file paths on stdin and writes one JSON line per page:
+  datatrove's default web pipeline as FineWeb runs it — Trafilatura(favour_precision=True) → GopherRepetitionFilter
+  → GopherQualityFilter → C4QualityFilter(filter_no_terminal_punct=False) → FineWebQualityFilter, all with their
+  defaults — the extracted text, the final text (null when a filter drops the page), the filter that dropped it and
+  the extraction time.
+- `datatrove_side.py pipeline WARC_DIR WORK_DIR TOKENIZER_DIR` (bench/data_pipeline.py): WARC → shards with the
+  stages llmforge's prepare runs, laid out as datatrove's MinHash example does, one task and one worker each:
+  WarcReader → Trafilatura → GopherRepetitionFilter → GopherQualityFilter → JsonlWriter; MinhashDedupSignature
+  (sha1: datatrove's xxhash default breaks with xxhash 4), Buckets, Cluster; JsonlReader → MinhashDedupFilter →
+  DocumentTokenizer (the same HF tokenizer.json). Prints one JSON line: wall seconds per stage and in all.
 """
 
 from __future__ import annotations
@@ -47,5 +54,43 @@ def main() -> None:
                           "dropped": dropped, "ms": ms}))
 
 
+def pipeline(warc_dir: str, work: str, tokenizer_dir: str) -> None:
+    import os
+
+    from datatrove.executor import LocalPipelineExecutor
+    from datatrove.pipeline.dedup.minhash import (MinhashConfig, MinhashDedupBuckets, MinhashDedupCluster,
+                                                  MinhashDedupFilter, MinhashDedupSignature)
+    from datatrove.pipeline.extractors import Trafilatura
+    from datatrove.pipeline.filters import GopherQualityFilter, GopherRepetitionFilter
+    from datatrove.pipeline.readers import JsonlReader, WarcReader
+    from datatrove.pipeline.tokens import DocumentTokenizer
+    from datatrove.pipeline.writers import JsonlWriter
+    from datatrove.utils.hashing import HashConfig
+
+    config = MinhashConfig(hash_config=HashConfig(hash_fc="sha1", precision=64))
+    stages = {
+        "extract+filter": [WarcReader(warc_dir, glob_pattern="*.warc.gz"), Trafilatura(favour_precision=True),
+                           GopherRepetitionFilter(), GopherQualityFilter(), JsonlWriter(f"{work}/filtered")],
+        "minhash signatures": [JsonlReader(f"{work}/filtered"), MinhashDedupSignature(f"{work}/sigs", config=config)],
+        "minhash buckets": [MinhashDedupBuckets(f"{work}/sigs", f"{work}/buckets", config=config)],
+        "minhash cluster": [MinhashDedupCluster(f"{work}/buckets", f"{work}/remove", config=config)],
+        "dedup+tokenize": [JsonlReader(f"{work}/filtered"), MinhashDedupFilter(f"{work}/remove"),
+                           DocumentTokenizer(f"{work}/tokens", tokenizer_name_or_path=os.path.join(
+                               tokenizer_dir, "tokenizer.json"), eos_token="</s>", shuffle_documents=False)],
+    }
+    times = {}
+    started = time.perf_counter()
+    for name, steps in stages.items():
+        t = time.perf_counter()
+        tasks = config.num_buckets if name == "minhash buckets" else 1  # one task per bucket, run one at a time
+        LocalPipelineExecutor(pipeline=steps, tasks=tasks, workers=1, logging_dir=f"{work}/logs/{name}",
+                              skip_completed=False).run()
+        times[name] = round(time.perf_counter() - t, 2)
+    print(json.dumps({"seconds": round(time.perf_counter() - started, 2), "stages": times}))
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["pipeline"]:
+        pipeline(*sys.argv[2:5])
+    else:
+        main()

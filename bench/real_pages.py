@@ -17,6 +17,7 @@ from __future__ import annotations
 import glob
 import os
 import re
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -49,7 +50,8 @@ def pages(limit: int = 0, min_sentences: int = 5, families: tuple[str, ...] = tu
     for family in families:
         root, package, main_xpath, boiler_xpaths = FAMILIES[family]
         if not os.path.isdir(root):
-            raise SystemExit(f"{root} is missing: apt-get install {package}")
+            print(f"real_pages: {family} skipped, {root} is missing (apt-get install {package})", file=sys.stderr)
+            continue
         n = 0
         for path in sorted(glob.glob(os.path.join(root, "**", "*.html"), recursive=True)):
             rel = path[len(root):]
@@ -63,6 +65,8 @@ def pages(limit: int = 0, min_sentences: int = 5, families: tuple[str, ...] = tu
                 n += 1
             if limit and n >= limit:
                 break
+    if not out:
+        raise SystemExit("real_pages: no pages found (apt-get install python3.11-doc)")
     return out
 
 

@@ -18,6 +18,10 @@ from tests.conftest import run_cli
     ("bench/lm_loss.py", [],
      ["| eager |", "| train.compile |", "| loss_chunk 96 |", "| loss_chunk 96 + train.compile |"]),
     ("bench/data_loader.py", [], ["| open a dataset of 500 shard files", "tokens/s per rank"]),
+    ("bench/html_extraction.py", [], ["## python-docs (5 pages)", "## nodejs-docs (5 pages)",
+                                      "| resiliparse + line rules |", "| trafilatura |"]),
+    ("bench/data_pipeline.py", [], ["| llmforge, trafilatura (the stages datatrove runs) |",
+                                    "| llmforge, resiliparse (its default) |", "| 2 |"]),
     pytest.param("bench/allocator.py", [], ["| llmforge |", "| hf+deepspeed |", "as it launches (tcmalloc)"],
                  marks=pytest.mark.skipif(find_tcmalloc() is None, reason="tcmalloc is not installed")),
 ])

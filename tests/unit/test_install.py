@@ -70,7 +70,8 @@ def test_an_extractor_that_cannot_be_imported_stops_the_recipe_in_one_line(tmp_p
     (tmp_path / "raw").mkdir()
     (tmp_path / "raw" / "a.warc.gz").write_bytes(b"")
     recipe = write_recipe(tmp_path / "r.yaml", tmp_path, tmp_path / "runs",
-                          data={"sources": [{"name": "web", "type": "warc", "paths": [str(tmp_path / "raw")]}],
+                          data={"sources": [{"name": "web", "type": "warc", "paths": [str(tmp_path / "raw")],
+                                             "extractor": "trafilatura"}],
                                 "prepared_dir": str(tmp_path / "out")})
     # The failure a user's environment had: lxml >= 5.2 without the lxml_html_clean distribution.
     blocked = ("import sys, runpy; sys.modules['lxml.html.clean'] = None; sys.argv = sys.argv[1:]; "
@@ -81,7 +82,7 @@ def test_an_extractor_that_cannot_be_imported_stops_the_recipe_in_one_line(tmp_p
     assert len(lines) == 1 and "data.sources[0].extractor: trafilatura cannot be imported" in lines[0], lines
     assert not (tmp_path / "out").exists()
     other = tmp_path / "r2.yaml"
-    other.write_text(recipe.read_text().replace("type: warc", "type: warc\n    extractor: resiliparse"))
+    other.write_text(recipe.read_text().replace("extractor: trafilatura", "extractor: resiliparse"))
     load = ("import sys; sys.modules['lxml.html.clean'] = None; from llmforge.config import load_recipe; "
             f"print(load_recipe({str(other)!r}).data.sources[0].extractor)")
     r = run_cli(sys.executable, "-c", load)
