@@ -63,7 +63,9 @@ def python_doc_pages(n: int, offset: int = 0) -> list[Path]:
 
 
 def page_url(page: Path) -> str:
-    return "https://docs.python.org/3.11/" + str(page.relative_to(PYTHON_DOC))
+    if page.is_relative_to(PYTHON_DOC):
+        return "https://docs.python.org/3.11/" + str(page.relative_to(PYTHON_DOC))
+    return "https://docs.example" + str(page.resolve())  # an http(s) URI: warcio parses the HTTP headers
 
 
 def write_warc(path: Path, pages: Iterable[Path], resource: bool = False) -> Path:

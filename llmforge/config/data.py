@@ -41,7 +41,7 @@ class SourceSpec:
     weight: float = doc(1.0, "Blend weight when data.datasets is not given.")
     extractor: Literal["trafilatura", "resiliparse"] = doc(
         "resiliparse", "html/warc main-text extractor: resiliparse (one paragraph per line, what the line rules "
-        "expect; ~13x faster) or trafilatura (keeps the page's own line breaks inside paragraphs); measured in "
+        "expect; 12-17x faster) or trafilatura (keeps the page's own line breaks inside paragraphs); measured in "
         "bench/results/html_extraction.md.")
 
     def __post_init__(self) -> None:
