@@ -42,6 +42,15 @@ def test_binary_files_with_source_names_are_skipped_and_counted(tmp_path):
     assert binary_kind(header.read_bytes()) is None
 
 
+def test_text_starting_like_a_signature_is_still_text(tmp_path):
+    for name, text in (("id3.txt", "ID3 tags hold the title and artist of an MP3 file.\n"),
+                       ("mz.txt", "MZ is how DOS executables begin.\n"), ("pdf.md", "%PDF-1.7 is the version line.\n")):
+        (tmp_path / name).write_text(text)
+        assert binary_kind(text.encode()) is None
+    pdf = installed("matplotlib/mpl-data/images/*.pdf", 1)[0]  # a real PDF: binary whatever follows %PDF-
+    assert binary_kind(pdf.read_bytes()) == "pdf"
+
+
 def test_text_that_decodes_to_mostly_replacement_characters_is_binary(tmp_path):
     # high bytes with no NUL and no signature: charset-normalizer finds no encoding, UTF-8 leaves U+FFFD everywhere
     data = bytes((i * 97 + 13) % 128 + 128 for i in range(4000))

@@ -46,15 +46,24 @@ MAX_REPLACEMENT_FRACTION = 0.01  # more U+FFFD than this in decoded text: not te
 
 def binary_kind(data: bytes) -> Optional[str]:
     """The format of content that is not text (by signature, or 'nul' for NUL bytes near the top), else None."""
+    head = data[:SNIFF_BYTES]
     for magic, kind in MAGIC.items():
         if data.startswith(magic):
-            if kind == "pe" and b"\x00" not in data[:SNIFF_BYTES]:
-                continue  # "MZ" also starts plain words; a real PE header has NULs
+            if magic.isascii() and b"\x00" not in head and _utf8_text(head):
+                continue  # "MZ", "ID3", "BZh", "RIFF", "%PDF-" ... can also start a line of text
             return kind
-    head = data[:SNIFF_BYTES]
     if b"\x00" in head and not head.startswith(tuple(b for b, _ in _BOMS)):
         return "nul"
     return None
+
+
+def _utf8_text(head: bytes) -> bool:
+    """Valid UTF-8 (a multi-byte character cut at the end of the sample allowed)."""
+    try:
+        head.decode("utf-8")
+        return True
+    except UnicodeDecodeError as e:
+        return e.start >= len(head) - 3 and e.reason == "unexpected end of data"
 
 
 def declared_encoding(data: bytes) -> Optional[str]:
