@@ -4,6 +4,8 @@ through the default extractor."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from llmforge.config.data import LineFilters, WebFilters
@@ -11,6 +13,8 @@ from llmforge.data.filters import (clean_lines, duplicate_ngram_chars, duplicate
                                    web_quality)
 from llmforge.data.sources.web import html_to_text
 from tests.real_inputs import python_doc_pages
+
+REPO = Path(__file__).resolve().parents[2]
 
 OFF = WebFilters(**{k: None for k in WebFilters.__dataclass_fields__})
 
@@ -182,3 +186,27 @@ def test_real_pages_repetition_matches_the_reference_and_no_longer_counts_first_
         assert now <= before
         rescued += before > 0.15 >= now
     assert rescued >= 3  # real documentation pages the old rule dropped and Gopher's definition keeps
+
+
+def test_line_rules_on_real_pages_remove_leaked_navigation_and_keep_the_sentences():
+    """Node.js API pages through trafilatura leak navigation links ('View on single page', module names); the
+    line rules remove them, and on resiliparse's text they keep >= 90% of the main-text sentences."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from real_pages import FAMILIES, pages, score
+
+    from llmforge.data.clean import clean_text
+
+    if not (Path(FAMILIES["nodejs-docs"][0])).is_dir():
+        pytest.skip("the Node.js documentation is not installed (/usr/share/doc/nodejs/api)")
+    node = pages(12, families=("nodejs-docs",))
+    leaked_before = leaked_after = 0.0
+    for page in node:
+        text = clean_text(html_to_text(page.html, "trafilatura"), "web")
+        leaked_before += score(text, page)[1]
+        leaked_after += score(clean_lines(text, LineFilters()), page)[1]
+    assert leaked_before / len(node) > 0.03 and leaked_after == 0.0
+    docs = pages(20, families=("python-docs",)) + node
+    recall = [score(clean_lines(clean_text(html_to_text(p.html), "web"), LineFilters()), p)[0] for p in docs]
+    assert sum(recall) / len(recall) >= 0.9
