@@ -32,8 +32,9 @@ PIPELINE_VERSION = 3  # bump when cleaning/filtering semantics change: parts mad
 def processing_key(spec: SourceSpec, cfg: DataConfig, tokenizer_fingerprint: str) -> str:
     """Everything that decides a part's content; a part made under another key is stale and is processed again."""
     relevant = {"version": PIPELINE_VERSION, "source": dataclasses.asdict(spec), "tokenizer": tokenizer_fingerprint,
-                "val_fraction": cfg.val_fraction, "chunk_chars": cfg.chunk_chars, "min_chars": cfg.min_chars, "max_chars": cfg.max_chars,
-                "lines": dataclasses.asdict(cfg.line_filters), "web": dataclasses.asdict(cfg.web_filters), "code": dataclasses.asdict(cfg.code_filters),
+                "val_fraction": cfg.val_fraction, "chunk_chars": cfg.chunk_chars, "min_chars": cfg.min_chars,
+                "max_chars": cfg.max_chars, "lines": dataclasses.asdict(cfg.line_filters),
+                "web": dataclasses.asdict(cfg.web_filters), "code": dataclasses.asdict(cfg.code_filters),
                 "dedup": dataclasses.asdict(cfg.dedup), "decontaminate": dataclasses.asdict(cfg.decontaminate)}
     relevant["source"].pop("weight")  # blending weight does not change the data
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,6 +1,7 @@
 """LaTeX on a real multi-file document: cxref's example (Debian's cxref-doc), a `cxref.tex` that \\input-s 27
-generated files (26 chapters and an appendix), packed as an arXiv-style tarball or read from its directory; the include graph resolved
-recursively, roots chosen by the graph, every missing include and every other document counted."""
+generated files (26 chapters and an appendix), packed as an arXiv-style tarball or read from its directory; the
+include graph resolved recursively, roots chosen by the graph, every missing include and every other document
+counted."""
 
 from __future__ import annotations
 

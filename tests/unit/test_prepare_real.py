@@ -106,7 +106,8 @@ def test_prepare_uses_a_trained_sentencepiece_tokenizer_without_vocab_size(tmp_p
     for name in ("textwrap.py", "shlex.py", "argparse.py"):
         (tmp_path / "corpus" / f"{name}.txt").write_bytes((STDLIB / name).read_bytes())
     tok = {"type": "sentencepiece", "path": str(tmp_path / "sp.model")}
-    train_path = write_recipe(tmp_path / "train.yaml", tmp_path, tmp_path / "runs", tokenizer={**tok, "vocab_size": 400})
+    train_path = write_recipe(tmp_path / "train.yaml", tmp_path, tmp_path / "runs",
+                              tokenizer={**tok, "vocab_size": 400})
     no_vocab = write_recipe(tmp_path / "use.yaml", tmp_path, tmp_path / "runs", tokenizer=tok)
     r = run_cli(sys.executable, str(REPO / "launch" / "train_tokenizer.py"), "--recipe", str(no_vocab))
     assert r.returncode == 2 and "tokenizer.vocab_size: is required to train a sentencepiece tokenizer" in r.stderr

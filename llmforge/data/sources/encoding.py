@@ -26,8 +26,8 @@ from llmforge.data.sources import Stats, count
 MAGIC = {
     b"\x89PNG\r\n\x1a\n": "png", b"\xff\xd8\xff": "jpeg", b"GIF87a": "gif", b"GIF89a": "gif", b"\x7fELF": "elf",
     b"\x1f\x8b": "gzip", b"PK\x03\x04": "zip", b"%PDF-": "pdf", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz",
-    b"7z\xbc\xaf\x27\x1c": "7z", b"\x28\xb5\x2f\xfd": "zstd", b"\xca\xfe\xba\xbe": "mach-o", b"\xcf\xfa\xed\xfe": "mach-o",
-    b"MZ": "pe", b"\x00asm": "wasm", b"RIFF": "riff", b"OggS": "ogg", b"ID3": "mp3", b"fLaC": "flac",
+    b"7z\xbc\xaf\x27\x1c": "7z", b"\x28\xb5\x2f\xfd": "zstd", b"\xca\xfe\xba\xbe": "mach-o",
+    b"\xcf\xfa\xed\xfe": "mach-o", b"MZ": "pe", b"\x00asm": "wasm", b"RIFF": "riff", b"OggS": "ogg", b"ID3": "mp3", b"fLaC": "flac",
     b"\x00\x00\x01\x00": "ico", b"wOFF": "woff", b"wOF2": "woff2", b"SQLite format 3\x00": "sqlite",
     b"\x93NUMPY": "npy", b"!<arch>\n": "ar",
 }

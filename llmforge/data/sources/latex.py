@@ -195,11 +195,8 @@ def documents(sources: Sources, stats: Stats, label: str) -> list[tuple[str, str
     out, reached = [], set()
     for root in roots:
         missing: list[str] = []
-        local: Stats = {}
-        text = _clean_body(resolve_includes(sources.files[root], sources, os.path.dirname(root), local,
-                                                     (root,), missing))
-        for k, v in local.items():
-            count(stats, k, v)
+        text = _clean_body(resolve_includes(sources.files[root], sources, os.path.dirname(root), stats, (root,),
+                                            missing))
         if missing:
             log.warning("%s:%s: %d included file(s) not found: %s", label, root, len(missing),
                         ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))

@@ -57,8 +57,8 @@ def _is_html(record) -> bool:
 
 
 def read_warc(path: str, spec: SourceSpec, stats: Stats) -> Iterator[Document]:
-    """HTML response and resource records of a .warc / .warc.gz file. A corrupt or truncated record (digest mismatch, bad gzip
-    member) ends the file and is counted; the records before it are kept."""
+    """HTML response and resource records of a .warc / .warc.gz file. A corrupt or truncated record (digest
+    mismatch, bad gzip member) ends the file and is counted; the records before it are kept."""
     from warcio.archiveiterator import ArchiveIterator
     from warcio.exceptions import ArchiveLoadFailed
 
