@@ -9,7 +9,6 @@ bench/datatrove_side.py), both launched as commands, taking turns, one worker ea
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import platform
@@ -19,14 +18,18 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 os.environ.setdefault("RAYON_NUM_THREADS", "1")  # HF tokenizers: one core, like the sentencepiece path below
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import yaml  # noqa: E402
 from real_pages import pages  # noqa: E402
 from results_file import write_result  # noqa: E402
+
+from tests.real_inputs import write_warc  # noqa: E402
 
 from llmforge.config import load_recipe  # noqa: E402
 from llmforge.data.prepare import sample_texts  # noqa: E402
@@ -38,25 +41,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def write_warcs(paths: list[str], directory: str, files: int) -> int:
     """The pages as `files` gzipped WARC files of HTTP responses (Common Crawl's headers); total bytes."""
-    from warcio.statusandheaders import StatusAndHeaders
-    from warcio.warcwriter import WARCWriter
-
     os.makedirs(directory, exist_ok=True)
-    total = 0
-    for i in range(files):
-        out = os.path.join(directory, f"docs-{i}.warc.gz")
-        with open(out, "wb") as f:
-            writer = WARCWriter(f, gzip=True)
-            for path in paths[i::files]:
-                with open(path, "rb") as page:
-                    body = page.read()
-                http = StatusAndHeaders("200 OK", [("Content-Type", "text/html; charset=utf-8")], protocol="HTTP/1.1")
-                record = writer.create_warc_record("https://docs.example" + path, "response",
-                                                   payload=io.BytesIO(body), http_headers=http)
-                record.rec_headers.add_header("WARC-Identified-Payload-Type", "text/html")
-                writer.write_record(record)
-        total += os.path.getsize(out)
-    return total
+    outs = [write_warc(Path(directory) / f"docs-{i}.warc.gz", [Path(p) for p in paths[i::files]])
+            for i in range(files)]
+    return sum(os.path.getsize(o) for o in outs)
 
 
 def hf_tokenizer(texts: list[str], directory: str):

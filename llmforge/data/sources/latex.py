@@ -233,7 +233,7 @@ def read_latex(path: str, spec: SourceSpec, stats: Stats) -> Iterator[Document]:
             count(stats, "skipped:latex_not_root")
             return
         directory = os.path.dirname(path)
-        sources = _DiskSources(directory)
+        sources = _DiskSources(directory, stats)
         missing: list[str] = []
         text = _clean_body(resolve_includes(tex, sources, "", stats, (os.path.basename(path),), missing))
         if missing:
@@ -265,24 +265,23 @@ def read_latex(path: str, spec: SourceSpec, stats: Stats) -> Iterator[Document]:
 
 
 class _DiskSources(Sources):
-    """Sources read from a directory on demand (for a .tex file named directly or found by a directory walk)."""
+    """Sources read from a directory on demand (for a .tex file named directly or found by a directory walk); a
+    file's decoding is counted in the source's stats like any other."""
 
-    def __init__(self, directory: str):
+    def __init__(self, directory: str, stats: Stats):
         super().__init__({})
-        self.directory = directory
+        self.directory, self.stats = directory, stats
 
     def find(self, name: str, base: str) -> Optional[str]:
-        name = name.strip().strip('"')
-        for candidate in (name, name + ".tex"):
+        clean = name.strip().strip('"')
+        for candidate in (clean, clean + ".tex"):
             rel = os.path.normpath(os.path.join(base, candidate))
             full = os.path.join(self.directory, rel)
-            if rel in self.files:
-                return rel
-            if os.path.isfile(full):
-                if not rel.lower().endswith(TEX_EXTENSIONS):
-                    self.other.add(rel)
-                    return rel
+            if rel in self.files or rel in self.other or not os.path.isfile(full):
+                continue
+            if rel.lower().endswith(TEX_EXTENSIONS):
                 with open(full, "rb") as f:
-                    self.files[rel] = decode(f.read(), {})
-                return rel
-        return None
+                    self.files[rel] = decode(f.read(), self.stats)
+            else:
+                self.other.add(rel)
+        return super().find(name, base)
