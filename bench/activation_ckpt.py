@@ -44,8 +44,10 @@ def one_mode(args: argparse.Namespace) -> None:
     from llmforge.model.gpt import GPT
     from llmforge.train.distributed import release_shm_segment, setup_env
     from llmforge.train.metrics import Metrics
-    from llmforge.train.run import param_groups, resolve_model_config, seed_everything
-    from llmforge.train.trainer import Trainer, TrainState
+    from llmforge.train.guard import FaultInjector
+    from llmforge.train.run import param_groups, seed_everything
+    from llmforge.train.task import resolve_model_config
+    from llmforge.train.trainer import Objective, TaskData, Trainer, TrainerConfig
 
     recipe = load_recipe(args.recipe, args.overrides + [f"model.activation_checkpointing.mode={args.mode}",
                                                         f"model.activation_checkpointing.every={args.every}"])
@@ -65,8 +67,9 @@ def one_mode(args: argparse.Namespace) -> None:
         compile_model(model)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, recipe.train.weight_decay),
                                       config=ds_config)
-    trainer = Trainer(engine, recipe, RandomTokens(recipe.model.vocab_size, recipe.data.seq_len), None,
-                      Metrics("/tmp", False), TrainState(), lambda s: None, 0.0, None)
+    trainer = Trainer(engine, TrainerConfig.from_recipe(recipe, 1, 0.0, None, FaultInjector()),
+                      TaskData(RandomTokens(recipe.model.vocab_size, recipe.data.seq_len), None),
+                      Objective.language_modeling(recipe.train), None, Metrics("/tmp", False))
     sync = (lambda: None) if on_cpu else accel.synchronize
     trainer.train_step()  # warm-up: optimizer states exist before the peak is reset
     sync()

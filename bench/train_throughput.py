@@ -51,6 +51,10 @@ class RandomTokens:
         block = torch.randint(0, self.vocab, (len(indices), self.seq_len + 1), generator=g)
         return block[:, :-1], block[:, 1:]
 
+    @staticmethod
+    def tokens(batch: tuple[torch.Tensor, torch.Tensor]) -> int:
+        return batch[0].numel()
+
 
 def vocab_size(recipe, origin: str) -> int:
     """The model's vocabulary: the recipe's, else its tokenizer's when it exists, else 256 (char) or 32000 (BPE)."""
@@ -119,8 +123,10 @@ def main() -> None:
     from llmforge.model.hf import llama_config
     from llmforge.train.distributed import release_shm_segment, setup_env
     from llmforge.train.metrics import Metrics
-    from llmforge.train.run import param_groups, resolve_model_config, seed_everything
-    from llmforge.train.trainer import Trainer, TrainState
+    from llmforge.train.guard import FaultInjector
+    from llmforge.train.run import param_groups, seed_everything
+    from llmforge.train.task import resolve_model_config
+    from llmforge.train.trainer import Objective, TaskData, Trainer, TrainerConfig
 
     overrides = list(args.overrides)
     if args.quick:
@@ -160,8 +166,8 @@ def main() -> None:
             compile_model(model)
         engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, t.weight_decay),
                                           config=copy.deepcopy(ds_config))
-        trainer = Trainer(engine, recipe, data, None, Metrics("/tmp", False), TrainState(), lambda s: None,
-                          0.0, None)
+        trainer = Trainer(engine, TrainerConfig.from_recipe(recipe, 1, 0.0, None, FaultInjector()),
+                          TaskData(data, None), Objective.language_modeling(t), None, Metrics("/tmp", False))
 
         def release() -> None:
             trainer.batches.close()

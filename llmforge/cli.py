@@ -7,7 +7,22 @@ import contextlib
 import sys
 from typing import Optional
 
-from llmforge.errors import exit_on_user_error, exit_process
+from llmforge.allocator import reexec_with_tcmalloc
+from llmforge.config import load_recipe
+from llmforge.data.prepare import prepare, train_tokenizer
+from llmforge.demo.stdlib_corpus import build_stdlib_corpus
+from llmforge.demo.toy_chat import write_toy_sets
+from llmforge.errors import UserError, exit_on_user_error, exit_process
+from llmforge.eval.harness import run_lm_eval
+from llmforge.eval.perplexity import evaluate_checkpoint
+from llmforge.plan import count_params, format_plan, loss_chunk_hint, plan, planned_model
+from llmforge.plots import plot_run
+from llmforge.posttrain.task import TASKS
+from llmforge.tokenizer import load_tokenizer
+from llmforge.train.hf_runs import export_hf, import_hf
+from llmforge.train.loading import generate_text
+from llmforge.train.metrics import summarize
+from llmforge.train.run import run_training, setup_logging
 
 PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after saving a checkpoint; rerun with --resume auto to continue
 
@@ -106,22 +121,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _fmt(value: Optional[float], spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
 @exit_on_user_error
 def main(argv: Optional[list[str]] = None) -> None:
     args = build_parser().parse_args(argv)
-    if args.command in ("pretrain", "sft", "dpo"):
-        from llmforge.allocator import reexec_with_tcmalloc
-
-        reexec_with_tcmalloc()  # before torch is imported: see llmforge/allocator.py
-        from llmforge.train.run import run_training, setup_logging
-
+    if args.command in TASKS:
+        reexec_with_tcmalloc()  # launch/{pretrain,sft,dpo}.py do this before torch is imported: see allocator.py
         setup_logging()
-        status = run_training(args.recipe, args.overrides, args.resume, args.command)["status"]
+        status = run_training(args.recipe, args.overrides, args.resume, TASKS[args.command]())["status"]
         exit_process(PREEMPTED if status == "preempted" else 0, synchronize=True)
     elif args.command in ("train-tokenizer", "prepare"):
-        from llmforge.config import load_recipe
-        from llmforge.data.prepare import prepare, train_tokenizer
-
         recipe = load_recipe(args.recipe, args.overrides)
         if args.command == "train-tokenizer":
             tok = train_tokenizer(recipe, args.recipe)
@@ -137,15 +149,9 @@ def main(argv: Optional[list[str]] = None) -> None:
                       f"train {m['splits']['train']['tokens']} tokens, val {m['splits']['val']['tokens']} tokens "
                       f"-> {recipe.data.prepared_dir}/{name}")
     elif args.command == "corpus":
-        from llmforge.data.stdlib_corpus import build_stdlib_corpus
-
         files, size = build_stdlib_corpus(args.out, args.max_bytes)
         print(f"corpus: {files} files, {size / 1e6:.1f} MB -> {args.out}")
     elif args.command == "plan":
-        from llmforge.config import load_recipe
-        from llmforge.errors import UserError
-        from llmforge.plan import count_params, format_plan, loss_chunk_hint, plan, planned_model
-
         text = args.gpu_memory.strip().upper().removesuffix("B").removesuffix("G")
         try:
             memory = float(text)
@@ -156,8 +162,6 @@ def main(argv: Optional[list[str]] = None) -> None:
         recipe = load_recipe(args.recipe, args.overrides)
         vocab = recipe.model.vocab_size
         if vocab is None and recipe.tokenizer.path:
-            from llmforge.tokenizer import load_tokenizer
-
             with contextlib.suppress(UserError):
                 vocab = load_tokenizer(recipe.tokenizer, args.recipe).vocab_size
         rows = plan(recipe, args.recipe, args.gpus, memory, args.peak_tflops, args.mfu, vocab)
@@ -166,44 +170,31 @@ def main(argv: Optional[list[str]] = None) -> None:
         if hint:
             print(hint)
     elif args.command == "toy-chat":
-        from llmforge.posttrain.toy import write_toy_sets
-
         for path in write_toy_sets(args.out, args.n, args.seed):
             print(path)
     elif args.command == "summary":
-        from llmforge.train.metrics import summarize
-
         s = summarize(args.run)
-        f = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
-        print(f"steps {s['steps']} | val loss first {f(s['first_val_loss'], '.4f')} -> last "
-              f"{f(s['last_val_loss'], '.4f')} | train loss last {f(s['last_train_loss'], '.4f')} | "
-              f"median {f(s['median_tokens_per_s'], '.0f')} tokens/s")
+        print(f"steps {s['steps']} | val loss first {_fmt(s['first_val_loss'], '.4f')} -> last "
+              f"{_fmt(s['last_val_loss'], '.4f')} | train loss last {_fmt(s['last_train_loss'], '.4f')} | "
+              f"median {_fmt(s['median_tokens_per_s'], '.0f')} tokens/s")
         if s["first_val_loss"] is not None and not s["last_val_loss"] < s["first_val_loss"]:
             sys.exit(1)
     elif args.command == "export-hf":
-        from llmforge.model.hf import export_hf
-
         with contextlib.redirect_stdout(sys.stderr):
             out = export_hf(args.checkpoint, args.out)
         print(f"exported {args.checkpoint} -> {out}")
     elif args.command == "import-hf":
-        from llmforge.model.hf import import_hf
-
         with contextlib.redirect_stdout(sys.stderr):
             path = import_hf(args.hf, args.out)
         print(f"imported {args.hf} -> {path}")
         exit_process(0)
     elif args.command == "evaluate":
-        from llmforge.eval.perplexity import evaluate_checkpoint
-
         with contextlib.redirect_stdout(sys.stderr):
             out, report = evaluate_checkpoint(args.checkpoint, args.dataset, args.max_samples, args.out)
         for name, r in report["datasets"].items():
             print(f"{name}: val loss {r['loss']:.4f}, perplexity {r['ppl']:.3f} over {r['tokens']} tokens")
         print(f"-> {out}")
     elif args.command == "lm-eval":
-        from llmforge.eval.harness import run_lm_eval
-
         with contextlib.redirect_stdout(sys.stderr):
             out, report = run_lm_eval(args.checkpoint, args.tasks.split(","), args.include_path, args.limit,
                                       args.num_fewshot, args.batch_size, args.out)
@@ -212,13 +203,9 @@ def main(argv: Optional[list[str]] = None) -> None:
             print(f"{task}: {shown}")
         print(f"-> {out}")
     elif args.command == "plot":
-        from llmforge.plots import plot_run
-
         for path in plot_run(args.run):
             print(path)
     elif args.command == "generate":
-        from llmforge.model.loading import generate_text
-
         text = generate_text(args.checkpoint, args.prompt, max_new_tokens=args.max_new_tokens,
                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                              use_cache=not args.no_cache)

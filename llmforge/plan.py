@@ -175,7 +175,7 @@ def plan(recipe: Recipe, origin: str, gpus: int, gpu_memory_gb: float, peak_tflo
     cfg = planned_model(recipe, vocab_size)
     n_total, n_body = count_params(cfg)
     t = recipe.train
-    tokens_per_step = t.micro_batch_size * t.grad_accum_steps * gpus * recipe.data.seq_len
+    tokens_per_step = t.global_batch(gpus) * recipe.data.seq_len
     budget = tokens_per_step * t.max_steps
     rows = []
     for stage in (0, 1, 2, 3):

@@ -40,7 +40,7 @@ def prepared(tmp_path_factory) -> Path:
     prepared/stdlib/."""
     from llmforge.config import load_recipe
     from llmforge.data.prepare import prepare, train_tokenizer
-    from llmforge.data.stdlib_corpus import build_stdlib_corpus
+    from llmforge.demo.stdlib_corpus import build_stdlib_corpus
 
     root = tmp_path_factory.mktemp("data")
     build_stdlib_corpus(str(root / "corpus"), max_bytes=400_000, max_file_bytes=20_000)

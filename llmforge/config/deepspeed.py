@@ -46,7 +46,7 @@ def compose_ds_config(recipe: Recipe, world_size: int, run_dir: str, origin: str
 
     _agree(cfg, "train_micro_batch_size_per_gpu", t.micro_batch_size, origin, source)
     _agree(cfg, "gradient_accumulation_steps", t.grad_accum_steps, origin, source)
-    _agree(cfg, "train_batch_size", t.micro_batch_size * t.grad_accum_steps * world_size, origin, source)
+    _agree(cfg, "train_batch_size", t.global_batch(world_size), origin, source)
     _agree(cfg, "gradient_clipping", t.grad_clip, origin, source)
 
     cfg["bf16"] = deep_merge(cfg.get("bf16", {}), {"enabled": t.precision == "bf16"})

@@ -153,6 +153,10 @@ class TrainConfig:
         if not 0.0 <= self.decay_fraction <= 1.0:
             raise ConfigError("decay_fraction", f"must be in [0, 1], got {self.decay_fraction}")
 
+    def global_batch(self, data_parallel: int) -> int:
+        """Samples per optimizer step over `data_parallel` ranks (DeepSpeed's train_batch_size)."""
+        return self.micro_batch_size * self.grad_accum_steps * data_parallel
+
 
 @dataclass
 class DeepSpeedSection:

@@ -191,3 +191,8 @@ class PretrainData:
             rows.append(self.windows[d][i])
         block = torch.from_numpy(np.stack(rows))
         return block[:, :-1], block[:, 1:]
+
+    @staticmethod
+    def tokens(batch: tuple[torch.Tensor, torch.Tensor]) -> int:
+        """Input tokens of a batch (windows are never padded)."""
+        return batch[0].numel()

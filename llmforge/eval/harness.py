@@ -14,6 +14,11 @@ from typing import Any, Optional
 
 import torch
 
+from llmforge.errors import UserError
+from llmforge.model.generate import generate
+from llmforge.train.checkpoint import find_checkpoint, read_state
+from llmforge.train.loading import load_model
+
 try:
     from lm_eval.api.model import LM
     from lm_eval.api.registry import register_model
@@ -26,8 +31,6 @@ class LLMForgeLM(LM):  # type: ignore[misc, valid-type]
 
     def __init__(self, checkpoint: str, batch_size: int = 8, max_length: Optional[int] = None, **_: Any):
         super().__init__()
-        from llmforge.model.loading import load_model
-
         self.model, self.tok, self.recipe = load_model(checkpoint)
         self.checkpoint = checkpoint
         self.batch_size = int(batch_size)
@@ -87,8 +90,6 @@ class LLMForgeLM(LM):  # type: ignore[misc, valid-type]
 
     @torch.no_grad()
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
-        from llmforge.model.generate import generate
-
         out = []
         for r in requests:
             context, kwargs = r.args
@@ -120,16 +121,12 @@ def run_lm_eval(checkpoint: str, tasks: list[str], include_path: Optional[str] =
         import lm_eval
         from lm_eval.tasks import TaskManager
     except ImportError:
-        from llmforge.errors import UserError
-
         raise UserError("lm-eval is not installed: pip install 'llmforge[eval]' (or pip install lm-eval)") from None
-    from llmforge.train.checkpoint import read_state, resolve_resume
-
+    path = find_checkpoint(checkpoint, "--checkpoint")
     model = LLMForgeLM(checkpoint, batch_size=batch_size)
     manager = TaskManager(include_path=include_path) if include_path else TaskManager()
     results = lm_eval.simple_evaluate(model=model, tasks=tasks, task_manager=manager, limit=limit,
                                       num_fewshot=num_fewshot, log_samples=False)
-    path = resolve_resume(checkpoint, checkpoint)
     step = read_state(path).get("step", 0)
     report = {"checkpoint": path, "step": step, "tasks": tasks, "results": results["results"],
               "versions": {k: str(v) for k, v in results.get("versions", {}).items()},

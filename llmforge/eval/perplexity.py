@@ -13,14 +13,16 @@ import numpy as np
 import torch
 
 from llmforge.config.data import DatasetSpec
+from llmforge.data.loader import PretrainData
 from llmforge.errors import DataError
+from llmforge.tokenizer import fingerprint
+from llmforge.train.checkpoint import find_checkpoint, read_state
+from llmforge.train.loading import load_model
 
 
 @torch.no_grad()
 def dataset_perplexity(model: torch.nn.Module, directory: str, seq_len: int, tokenizer_fingerprint: str,
                        max_samples: Optional[int] = None, batch_size: int = 8) -> dict:
-    from llmforge.data.loader import PretrainData
-
     data = PretrainData([DatasetSpec(directory, 1.0)], seq_len, 0, "val", tokenizer_fingerprint)
     windows = data.windows[0] if data.windows else None
     n = 0 if windows is None else windows.num_samples
@@ -44,12 +46,8 @@ def evaluate_checkpoint(checkpoint: str, datasets: Optional[list[str]] = None, m
                         out: Optional[str] = None, batch_size: int = 8) -> tuple[str, dict]:
     """Perplexity on each dataset's val split (default: the datasets the checkpoint was trained on); the results
     are written as JSON to `out` (default <run dir>/eval/perplexity_step_<N>.json). Returns (path, results)."""
-    from llmforge.model.loading import load_model
-    from llmforge.tokenizer import fingerprint
-    from llmforge.train.checkpoint import read_state, resolve_resume
-
-    path = resolve_resume(checkpoint, checkpoint)
-    model, tok, recipe = load_model(checkpoint)
+    path = find_checkpoint(checkpoint, "--checkpoint")
+    model, tok, recipe = load_model(path)
     dirs = datasets or [s.path for s in recipe.data.dataset_dirs()]
     if not dirs:
         raise DataError(f"{checkpoint}: the checkpoint's recipe names no datasets; pass --dataset DIR")

@@ -17,6 +17,8 @@ from torch.utils.checkpoint import checkpoint
 
 from llmforge.config.recipe import ModelConfig
 
+IGNORE_INDEX = -100  # a target that carries no loss (prompt and padding positions; PyTorch's default ignore_index)
+
 
 def rope_tables(seq_len: int, head_dim: int, theta: float, start: int = 0,
                 device: Optional[torch.device] = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,14 +146,14 @@ class Block(nn.Module):
 
 
 class TokenLoss(nn.Module):
-    """Summed fp32 cross-entropy over the targets that are not -100, and the summed squared log-partition (for
+    """Summed fp32 cross-entropy over the targets that are not IGNORE_INDEX, and the summed squared log-partition (for
     PaLM's z-loss), of (N, vocab) logits. A module of its own so that `train.compile` can compile it: compiled, the
     fp32 upcast, log-sum-exp and gather fuse into one pass and backward keeps only the 16-bit logits and one fp32
     log-sum-exp per token, where eager keeps the fp32 log-softmax (N × vocab × 4 bytes)."""
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor, with_z: bool) -> tuple[torch.Tensor, torch.Tensor]:
         logits = logits.float()
-        ce = F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
+        ce = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
         z = torch.logsumexp(logits, dim=-1).pow(2).sum() if with_z else logits.new_zeros(())
         return ce, z
 
@@ -189,7 +191,7 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None,
                 loss_chunk: int = 0, z_loss: float = 0.0) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """Logits (B, T, vocab) and, given targets, the loss: mean next-token cross-entropy in fp32 over targets that
-        are not -100, plus z_loss × the mean squared log-partition (PaLM's z-loss) when z_loss > 0.
+        are not IGNORE_INDEX, plus z_loss × the mean squared log-partition (PaLM's z-loss) when z_loss > 0.
 
         loss_chunk > 0 (with targets): the LM head and loss run over that many tokens at a time, each chunk's logits
         recomputed in the backward pass, so the (tokens × vocab) logits are never held whole; logits come back None.
@@ -232,7 +234,7 @@ class GPT(nn.Module):
                 ce, z = ce + chunk_ce, z + chunk_z
         else:
             ce, z = self.loss(logits.view(n, -1), targets, bool(z_loss))
-        loss = ce / (targets != -100).sum()
+        loss = ce / (targets != IGNORE_INDEX).sum()
         return logits, loss + z_loss * z / n if z_loss else loss
 
     def _chunk_loss(self, h: torch.Tensor, targets: torch.Tensor, with_z: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,6 +23,7 @@ import torch
 
 from llmforge.data.loader import FeistelPermutation
 from llmforge.errors import DataError
+from llmforge.model.gpt import IGNORE_INDEX
 
 ROLES = ("system", "user", "assistant")
 
@@ -134,7 +135,7 @@ def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
 
 def _shifted(ex: Example, seq_len: int) -> tuple[list[int], list[int]]:
     ids, mask = ex.ids[: seq_len + 1], ex.mask[: seq_len + 1]
-    targets = [t if m else -100 for t, m in zip(ids[1:], mask[1:])]
+    targets = [t if m else IGNORE_INDEX for t, m in zip(ids[1:], mask[1:])]
     return ids[:-1], targets
 
 
@@ -155,9 +156,16 @@ class SFTData(_Indexed):
         digest = hashlib.sha256(json.dumps([[e.ids, e.mask] for e in self.examples]).encode()).hexdigest()[:16]
         super().__init__(len(self.examples), seed, digest)
 
-    def batch(self, indices: range) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, indices: range) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(inputs, targets, row lengths before padding)."""
         pairs = [_shifted(self.examples[self.example_index(i)], self.seq_len) for i in indices]
-        return _pad([p[0] for p in pairs], self.tok.pad_id), _pad([p[1] for p in pairs], -100)
+        return (_pad([p[0] for p in pairs], self.tok.pad_id), _pad([p[1] for p in pairs], IGNORE_INDEX),
+                torch.tensor([len(p[0]) for p in pairs]))
+
+    @staticmethod
+    def tokens(batch: tuple[torch.Tensor, ...]) -> int:
+        """Non-pad input tokens of a batch."""
+        return int(batch[2].sum())
 
 
 class PreferenceData(_Indexed):
@@ -183,8 +191,14 @@ class PreferenceData(_Indexed):
         chosen = [_shifted(self.pairs[k][0], self.seq_len) for k in examples]
         rejected = [_shifted(self.pairs[k][1], self.seq_len) for k in examples]
         both = chosen + rejected  # one forward over chosen and rejected rows together
-        return {"inputs": _pad([p[0] for p in both], self.tok.pad_id), "targets": _pad([p[1] for p in both], -100),
+        return {"inputs": _pad([p[0] for p in both], self.tok.pad_id),
+                "targets": _pad([p[1] for p in both], IGNORE_INDEX), "lengths": torch.tensor([len(p[0]) for p in both]),
                 "examples": torch.tensor(examples, dtype=torch.long), "split": self.split}
+
+    @staticmethod
+    def tokens(batch: dict) -> int:
+        """Non-pad input tokens of a batch (chosen and rejected rows)."""
+        return int(batch["lengths"].sum())
 
     def batch(self, indices: range) -> dict[str, torch.Tensor]:
         return self.rows([self.example_index(i) for i in indices])

@@ -7,20 +7,30 @@ commit. DeepSpeed's own `latest` is never written (save_latest=False) and never 
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import random
 import re
 import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
+from llmforge.config import Recipe, recipe_to_dict, recipe_to_yaml
 from llmforge.errors import CheckpointError
 from llmforge.fileio import sha256_file
+from llmforge.tokenizer import Tokenizer, fingerprint
 from llmforge.train.distributed import barrier, rank
+from llmforge.train.guard import FaultInjector
+from llmforge.train.metrics import Metrics
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -42,16 +52,51 @@ def _write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+@dataclass
+class TrainState:
+    """Where training stands: what a checkpoint restores besides the engine's weights and optimizer."""
+
+    step: int = 0  # optimizer steps completed (skipped steps included)
+    consumed_samples: int = 0  # global samples consumed (the data position)
+    consumed_tokens: int = 0  # their non-pad input tokens
+    guard: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_client(cls, client: dict) -> TrainState:
+        return cls(step=client["step"], consumed_samples=client["consumed_samples"],
+                   consumed_tokens=client.get("consumed_tokens", 0), guard=client.get("guard", {}))
+
+
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's RNG states in types `torch.load(weights_only=True)` reads (no pickled numpy objects)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    state = {"python": random.getstate(), "numpy": (kind, keys.tolist(), pos, has_gauss, gauss),
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
+def _load_rng(path: str) -> dict:
+    """An rng_rank*.pt file without unpickling code: plain types only, plus the numpy array and dtype classes that
+    checkpoints written before this format hold."""
+    ndarray_types = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), np.core.multiarray._reconstruct]
+    with torch.serialization.safe_globals(ndarray_types):
+        return torch.load(path, weights_only=True)
+
+
+def load_model_states(path: str) -> dict:
+    """DeepSpeed's `mp_rank_*_model_states.pt` (module weights, client state, ds_config) read with
+    `weights_only=True`: tensors and plain containers only, so a checkpoint from elsewhere cannot run code through
+    this load. (DeepSpeed's own `engine.load_checkpoint` still unpickles its files in full: resume only from
+    checkpoints you trust.)"""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -120,8 +165,6 @@ def save_checkpoint(engine: Any, ckpt_dir: str, step: int, client_state: dict, k
 
 def _any_rank(flag: bool) -> bool:
     """A tiny control signal: True on every rank if it is True on any."""
-    import torch.distributed as dist
-
     t = torch.tensor([1.0 if flag else 0.0])
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -130,15 +173,11 @@ def _any_rank(flag: bool) -> bool:
 
 def _inject(fault: Optional[str]) -> None:
     """Test hook for checkpoint faults on the last rank: 'die' (process killed mid-save) or 'enospc'."""
-    import torch.distributed as dist
-
     if not fault or rank() != (dist.get_world_size() - 1 if dist.is_initialized() else 0):
         return
     if fault == "die":
         os._exit(137)
     if fault == "enospc":
-        import errno
-
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
@@ -186,11 +225,14 @@ def verify(path: str, checksums: bool = True) -> Optional[str]:
     return None
 
 
-def newest_complete(ckpt_dir: str, checksums: bool = True) -> Optional[str]:
+def newest_complete(ckpt_dir: str, checksums: bool = True, damaged: Optional[list[tuple[str, str]]] = None
+                    ) -> Optional[str]:
     """The newest committed checkpoint, verified; None if there is none.
 
     Uncommitted ones (no manifest: killed while saving) are passed over. A committed checkpoint whose files no
-    longer match its manifest is an error naming the file, not a silent fall-back to older weights.
+    longer match its manifest is an error naming the file, not a silent fall-back to older weights — unless a
+    `damaged` list is given: then each damaged checkpoint's (path, problem) is appended to it and older ones are
+    looked at.
     """
     for _, tag in reversed(_steps_in(ckpt_dir)):
         path = os.path.join(ckpt_dir, tag)
@@ -198,36 +240,57 @@ def newest_complete(ckpt_dir: str, checksums: bool = True) -> Optional[str]:
             log.warning("%s was never committed (killed while saving?); looking at older checkpoints", path)
             continue
         problem = verify(path, checksums)
-        if problem:
+        if problem and damaged is None:
             raise CheckpointError(f"{problem}; delete {path} to resume from an older checkpoint")
+        if problem:
+            log.warning("%s; looking at older checkpoints", problem)
+            damaged.append((path, problem))
+            continue
         return path
     return None
 
 
-def resolve_resume(resume: str, ckpt_dir: str) -> Optional[str]:
-    """`none` → None; `auto` → newest complete checkpoint in ckpt_dir or None; a path → that checkpoint or an error.
+@dataclass
+class ResumePoint:
+    path: Optional[str]  # the checkpoint to load, or None (a fresh start)
+    damaged: list[tuple[str, str]] = field(default_factory=list)  # (path, problem): newer ones `auto` passed over
+
+
+def resolve_resume(resume: str, ckpt_dir: str) -> ResumePoint:
+    """`none` → no checkpoint; `auto` → the newest intact checkpoint in ckpt_dir (damaged newer ones are passed over
+    and listed: an unattended, requeued job must not die on one bad file); a path → that checkpoint or an error.
 
     A path may name a checkpoint (`.../step_00000100`), a checkpoints directory, or a run directory.
     """
     if resume == "none":
-        return None
+        return ResumePoint(None)
     if resume == "auto":
-        return newest_complete(ckpt_dir)
-    path = resume.rstrip("/")
+        damaged: list[tuple[str, str]] = []
+        path = newest_complete(ckpt_dir, damaged=damaged)
+        if path is None and damaged:  # never a silent fresh start over damaged progress
+            raise CheckpointError(f"{damaged[0][1]}; no intact older checkpoint in {ckpt_dir} to fall back to")
+        return ResumePoint(path, damaged)
+    return ResumePoint(find_checkpoint(resume, "--resume"))
+
+
+def find_checkpoint(arg: str, flag: str) -> str:
+    """The checkpoint a path names: a checkpoint (`.../step_00000100`, verified), or the newest complete one of a
+    checkpoints directory or run directory. `flag` is the option the path came from, for the error."""
+    path = arg.rstrip("/")
     if not os.path.exists(path):
-        raise CheckpointError(f"--resume {resume}: no such checkpoint")
+        raise CheckpointError(f"{flag} {arg}: no such checkpoint")
     if os.path.isfile(os.path.join(path, MANIFEST)) or TAG_RE.match(os.path.basename(path)):
         problem = verify(path)
         if problem:
-            raise CheckpointError(f"--resume {resume}: {problem}")
+            raise CheckpointError(f"{flag} {arg}: {problem}")
         return path
     for candidate in (path, os.path.join(path, "checkpoints")):
         if os.path.isdir(candidate) and _steps_in(candidate):
             found = newest_complete(candidate)
             if found is None:
-                raise CheckpointError(f"--resume {resume}: no complete checkpoint in {candidate}")
+                raise CheckpointError(f"{flag} {arg}: no complete checkpoint in {candidate}")
             return found
-    raise CheckpointError(f"--resume {resume}: not a checkpoint, checkpoints directory or run directory")
+    raise CheckpointError(f"{flag} {arg}: not a checkpoint, checkpoints directory or run directory")
 
 
 UNIVERSAL_INFO = "universal_checkpoint_info"
@@ -244,9 +307,6 @@ def universal_info() -> dict:
 def ensure_universal(path: str) -> str:
     """Convert the checkpoint at `path` to DeepSpeed's universal format once (rank 0; every rank waits) and return
     the directory to load from. Used to resume at another world size or ZeRO stage."""
-    import subprocess
-    import sys
-
     out = os.path.join(path, UNIVERSAL)
     if rank() == 0 and not os.path.isdir(out):
         tmp = out + ".tmp"
@@ -280,5 +340,139 @@ def load_checkpoint(engine: Any, path: str) -> dict:
     source = os.path.dirname(path.rstrip("/")) if os.path.basename(path.rstrip("/")) == UNIVERSAL else path
     rng_path = os.path.join(source, f"rng_rank{rank():05d}.pt")
     if os.path.isfile(rng_path):  # after a world-size change, new ranks start with their seeded RNG
-        set_rng_state(torch.load(rng_path, weights_only=False))
+        set_rng_state(_load_rng(rng_path))
     return client_state or {}
+
+
+def check_resume(point: ResumePoint, tok_fp: str, data_fp: Optional[str], allow_data_change: bool, world: int,
+                 stage: int) -> bool:
+    """Refuse a checkpoint trained with another tokenizer or (unless allowed) other data; True when it was saved at
+    another world size or ZeRO stage, so it must be loaded through DeepSpeed's universal form. Before the engine."""
+    if point.path is None:
+        return False
+    saved = read_state(point.path)
+    _check_compatible(saved, point.path, tok_fp, data_fp, allow_data_change)
+    return _needs_universal(saved, point.path, world, stage)
+
+
+def _needs_universal(saved: dict, path: str, world: int, stage: int) -> bool:
+    """True when the checkpoint was saved at another world size or ZeRO stage: DeepSpeed's sharded files do not fit,
+    so it is loaded through a universal checkpoint. Moves DeepSpeed's universal loader cannot make are refused."""
+    before_world, before_stage = saved.get("world_size", world), saved.get("zero_stage", stage)
+    if before_world == world and before_stage == stage:
+        return False
+    if (before_stage == 3) != (stage == 3):
+        raise CheckpointError(f"{path} was saved under ZeRO-{before_stage}; DeepSpeed's universal loader cannot move "
+                              f"it to ZeRO-{stage} (stage 3 <-> 0/1/2). Resume under "
+                              f"{'ZeRO-3' if before_stage == 3 else 'ZeRO-1 or 2'}: any world size works there")
+    return True
+
+
+def _check_compatible(client: dict, path: str, tok_fp: str, data_fp: Optional[str], allow_data_change: bool) -> None:
+    if client.get("tokenizer_fingerprint") not in (None, tok_fp):
+        raise CheckpointError(f"{path} was trained with tokenizer {client['tokenizer_fingerprint']}, "
+                              f"the recipe's is {tok_fp}")
+    if client.get("data_fingerprint") not in (None, data_fp):
+        if not allow_data_change:
+            raise CheckpointError(f"{path} was trained on data {client['data_fingerprint']}, "
+                                  f"the recipe's is {data_fp}; "
+                                  f"to continue on the new data pass --set data.allow_fingerprint_change=true")
+        log.warning("datasets changed since %s (%s -> %s); continuing from the same sample counter as asked",
+                    path, client["data_fingerprint"], data_fp)
+
+
+@dataclass
+class RunIdentity:
+    """What every checkpoint of a run records besides its step: how to rebuild the model and check a resume."""
+
+    recipe: Recipe
+    tokenizer: Tokenizer
+    data_fingerprint: Optional[str]
+    world_size: int
+    zero_stage: int
+    extra: dict = field(default_factory=dict)  # e.g. imported_from
+
+
+def _set_aside(path: str) -> str:
+    """Rename a damaged checkpoint out of the run's step sequence (rank 0; every rank waits), so that training on
+    past its step does not overwrite it: it stays for inspection. Returns the new name."""
+    target = f"{path}.damaged"
+    n = 1
+    while os.path.exists(target):
+        n += 1
+        target = f"{path}.damaged{n}"
+    if rank() == 0:
+        os.replace(path, target)
+    barrier()
+    return target
+
+
+class Checkpointer:
+    """Owns a run's checkpoints: the client state written with every save, resume and rollback.
+
+    `save()` commits a checkpoint (manifest + pointer, see the module docstring) with the recipe, tokenizer and
+    fingerprints beside DeepSpeed's shards; `resume()` loads one into the engine and returns where training stands;
+    `rollback()` goes back to the newest complete one after a persistent divergence.
+    """
+
+    def __init__(self, ckpt_dir: str, keep_last: int, identity: RunIdentity, metrics: Optional[Metrics] = None,
+                 faults: Optional[FaultInjector] = None):
+        self.ckpt_dir, self.keep_last, self.identity = ckpt_dir, keep_last, identity
+        self.metrics, self.faults = metrics, faults or FaultInjector("")
+        recipe, tok = identity.recipe, identity.tokenizer
+        self._recipe_dict, self._recipe_yaml = recipe_to_dict(recipe), recipe_to_yaml(recipe)
+        self._tokenizer_json = json.dumps(tok.to_json(), ensure_ascii=False)
+        self._tokenizer_fp = fingerprint(tok)
+
+    def client_state(self, state: TrainState) -> dict:
+        """The fields written to llmforge_state.json (readable without loading a shard); the recipe travels in
+        DeepSpeed's client state too."""
+        ident = self.identity
+        return {"step": state.step, "consumed_samples": state.consumed_samples,
+                "consumed_tokens": state.consumed_tokens, "guard": state.guard,
+                "world_size": ident.world_size, "zero_stage": ident.zero_stage,
+                "global_batch": ident.recipe.train.global_batch(ident.world_size),
+                "tokenizer_fingerprint": self._tokenizer_fp, "data_fingerprint": ident.data_fingerprint,
+                UNIVERSAL_INFO: universal_info(), **ident.extra}
+
+    def save(self, engine: Any, state: TrainState) -> Optional[str]:
+        """Commit a checkpoint of `state` (every rank calls it). None when the disk could not hold it."""
+        started = time.time()
+        client = self.client_state(state)
+        files = {"tokenizer.json": self._tokenizer_json, STATE: json.dumps(client, indent=1),
+                 "recipe.yaml": self._recipe_yaml}
+        path = save_checkpoint(engine, self.ckpt_dir, state.step, {**client, "recipe": self._recipe_dict},
+                               self.keep_last, fault=self.faults.save_fault(state.step), extra_files=files)
+        if path is None:
+            log.warning("checkpoint at step %d skipped: not enough disk space; the previous one is intact", state.step)
+            self._event("checkpoint_skipped", step=state.step, reason="disk space")
+        else:
+            self._event("checkpoint", step=state.step, path=path, save_s=round(time.time() - started, 3))
+        return path
+
+    def resume(self, engine: Any, point: ResumePoint, universal: bool) -> TrainState:
+        """Load `point` into the engine (through DeepSpeed's universal form when the layout changed); a fresh
+        TrainState when there is nothing to resume."""
+        for path, problem in point.damaged:
+            kept = _set_aside(path)
+            self._event("resume_fallback", damaged=problem, moved_to=kept, checkpoint=point.path)
+        if point.path is None:
+            return TrainState()
+        started = time.time()
+        state = TrainState.from_client(load_checkpoint(engine, ensure_universal(point.path) if universal
+                                                       else point.path))
+        if universal:
+            saved = read_state(point.path)
+            self._event("elastic_resume", from_world=saved.get("world_size"), to_world=self.identity.world_size,
+                        from_stage=saved.get("zero_stage"), to_stage=self.identity.zero_stage)
+        self._event("resumed", step=state.step, checkpoint=point.path, resume_s=round(time.time() - started, 3))
+        return state
+
+    def rollback(self, engine: Any) -> Optional[TrainState]:
+        """Reload the newest complete checkpoint; None when there is none."""
+        path = newest_complete(self.ckpt_dir)
+        return None if path is None else TrainState.from_client(load_checkpoint(engine, path))
+
+    def _event(self, name: str, **fields: Any) -> None:
+        if self.metrics is not None:
+            self.metrics.event(name, **fields)

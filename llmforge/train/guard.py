@@ -81,10 +81,10 @@ class StopSignal:
 
     SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
-    def __init__(self) -> None:
+    def __init__(self, install: bool = True) -> None:
         self.signum: Optional[int] = None
         self.received_at: Optional[float] = None
-        for sig in self.SIGNALS:
+        for sig in self.SIGNALS if install else ():
             signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: object) -> None:
@@ -100,12 +100,18 @@ class FaultInjector:
     """Test hook: LLMFORGE_FAULTS="nan@5,inf@7,spike@9" corrupts the loss of those steps (1-based) on every rank;
     "die_in_save@8" / "enospc_in_save@8" make the last rank die or hit ENOSPC while saving that step."""
 
-    def __init__(self, spec: Optional[str] = None):
-        spec = os.environ.get("LLMFORGE_FAULTS", "") if spec is None else spec
+    ENV = "LLMFORGE_FAULTS"
+
+    def __init__(self, spec: str = ""):
         self.faults: dict[int, str] = {}
         for item in filter(None, (x.strip() for x in spec.split(","))):
             kind, _, step = item.partition("@")
             self.faults[int(step)] = kind
+
+    @classmethod
+    def from_env(cls) -> FaultInjector:
+        """The faults $LLMFORGE_FAULTS asks for (none when unset): read once per run."""
+        return cls(os.environ.get(cls.ENV, ""))
 
     def save_fault(self, step: int) -> Optional[str]:
         kind = self.faults.get(step)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmforge.posttrain.toy import preference_records, sft_records, toy_word, write_jsonl
+from llmforge.demo.toy_chat import preference_records, sft_records, toy_word, write_jsonl
 from tests.conftest import REPO, run_cli, write_recipe
 from tests.distributed.test_zero_resume import free_port, losses_after_last_start, rows
 
@@ -83,17 +83,20 @@ def test_continued_pretraining_starts_from_init_weights(tmp_path, prepared, base
 def test_prompt_tokens_carry_no_loss(tmp_path, base):
     """Targets are -100 exactly off the assistant turns; the loss has zero gradient through prompt positions, and
     replacing what the prompt positions would predict leaves the loss unchanged."""
-    from llmforge.model.loading import load_pretrained
+    from llmforge.train.loading import load_pretrained
     from llmforge.posttrain.data import SFTData, read_jsonl
     from llmforge.tokenizer.added import with_chat_tokens
 
     model, tok = load_pretrained(str(base))
     tok = with_chat_tokens(tok)
-    from llmforge.model.loading import resize_vocab
+    from llmforge.train.loading import resize_vocab
 
     model = resize_vocab(model, tok.vocab_size)
     data = SFTData(read_jsonl(str(write_sft(tmp_path / "s.jsonl", 8, 0))), tok, 48, seed=0)
-    inputs, targets = data.batch(range(4))
+    inputs, targets, lengths = data.batch(range(4))
+    real = [min(len(data.examples[data.example_index(i)].ids), 49) - 1 for i in range(4)]
+    assert lengths.tolist() == real and inputs.shape[1] == max(real)  # padded to the longest row only
+    assert SFTData.tokens((inputs, targets, lengths)) == sum(real) < inputs.numel()  # throughput counts no padding
     assistant = tok.token_id("<|assistant|>")
     for row_in, row_tg in zip(inputs.tolist(), targets.tolist()):
         start = row_in.index(assistant)  # the target at this position is the first response token
@@ -119,7 +122,7 @@ def test_sft_learns_a_toy_format_and_resumes_exactly(tmp_path, prepared, base):
     assert val[-1] < 0.5 * val[0], val
     # greedy answers to held-out prompts follow the format and stop at <|end|>
     from llmforge.model.generate import generate
-    from llmforge.model.loading import load_model
+    from llmforge.train.loading import load_model
     from llmforge.posttrain.data import render
 
     model, tok, _ = load_model(str(run))
@@ -155,7 +158,7 @@ def test_lora_trains_adapters_only_and_merges_for_export(tmp_path, prepared, bas
     run = tmp_path / "runs" / "lora"
     val = [x["val_loss"] for x in rows(run) if "val_loss" in x]
     assert val[-1] < val[0]
-    from llmforge.model.loading import _state_dict, load_model
+    from llmforge.train.loading import _state_dict, load_model
     from llmforge.train.checkpoint import newest_complete
 
     state = _state_dict(newest_complete(str(run / "checkpoints")))
@@ -199,7 +202,7 @@ def test_bad_sft_input_is_one_line(tmp_path, prepared, base):
 # -- DPO ------------------------------------------------------------------------------------------------------------
 
 def test_dpo_loss_matches_hand_computation():
-    from llmforge.posttrain.setup import dpo_loss, sequence_logps
+    from llmforge.posttrain.dpo import dpo_loss, sequence_logps
 
     pc, pr = torch.tensor([-1.0, -3.0]), torch.tensor([-2.0, -1.0])
     rc, rr = torch.tensor([-1.5, -2.0]), torch.tensor([-1.5, -2.0])

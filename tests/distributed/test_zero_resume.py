@@ -101,8 +101,8 @@ def test_loss_falls_and_kill_resume_is_bit_exact(tmp_path, prepared, stage):
         import torch
         from transformers import AutoModelForCausalLM
 
-        from llmforge.model.hf import export_hf
-        from llmforge.model.loading import load_model
+        from llmforge.train.hf_runs import export_hf
+        from llmforge.train.loading import load_model
 
         out = export_hf(str(base_dir), str(tmp_path / "hf"))
         model, tok, _ = load_model(str(base_dir))

@@ -10,6 +10,7 @@ import pytest
 
 from llmforge.errors import CheckpointError
 from llmforge.train.checkpoint import newest_complete, resolve_resume, verify
+from llmforge.train.metrics import read_metrics
 from tests.conftest import REPO, run_cli, write_recipe
 
 
@@ -57,7 +58,7 @@ def test_incomplete_checkpoint_is_skipped_by_auto_and_refused_by_path(finished_r
     shutil.copytree(finished_run / "runs" / "t" / "checkpoints", ckpts)
     (ckpts / "step_00000012" / "manifest.json").unlink()  # as if killed mid-save
     assert newest_complete(str(ckpts)) == str(ckpts / "step_00000008")
-    assert resolve_resume("auto", str(ckpts)) == str(ckpts / "step_00000008")
+    assert resolve_resume("auto", str(ckpts)).path == str(ckpts / "step_00000008")
     with pytest.raises(CheckpointError, match="incomplete"):
         resolve_resume(str(ckpts / "step_00000012"), str(ckpts))
     shard = next((ckpts / "step_00000008").glob("*model_states.pt"))
@@ -67,12 +68,42 @@ def test_incomplete_checkpoint_is_skipped_by_auto_and_refused_by_path(finished_r
     assert "is corrupted (sha256" in verify(str(ckpts / "step_00000008"))
     with pytest.raises(CheckpointError, match=f"{shard}.*corrupted"):
         newest_complete(str(ckpts))  # committed but damaged: an error naming the file, not older weights
+    with pytest.raises(CheckpointError, match="no intact older checkpoint"):
+        resolve_resume("auto", str(ckpts))  # damaged and nothing older: never a silent fresh start
     shard.write_bytes(bytes(data[:-10]))
     assert "manifest says" in verify(str(ckpts / "step_00000008"))
     shard.write_bytes(bytes(data))
     (ckpts / "step_00000008" / "rng_rank00000.pt").unlink()
     assert verify(str(ckpts / "step_00000008"), checksums=False).endswith("rng_rank00000.pt is missing")
-    assert resolve_resume("none", str(ckpts)) is None
+    assert resolve_resume("none", str(ckpts)).path is None
+
+
+def test_auto_resume_falls_back_past_a_damaged_checkpoint(finished_run, tmp_path):
+    """A requeued job under --resume auto goes on from the newest intact checkpoint and logs resume_fallback; the
+    damaged one is set aside for inspection (training past its step does not overwrite it); an explicit --resume
+    PATH to it is still an error."""
+    run = tmp_path / "runs" / "t"
+    shutil.copytree(finished_run / "runs" / "t", run)
+    ckpts = run / "checkpoints"
+    newest = ckpts / "step_00000012"
+    shard = next(newest.glob("*model_states.pt"))
+    damaged_bytes = shard.read_bytes()[:-10]
+    shard.write_bytes(damaged_bytes)  # shorter than its manifest says
+    point = resolve_resume("auto", str(ckpts))
+    assert point.path == str(ckpts / "step_00000008")
+    assert point.damaged == [(str(newest), point.damaged[0][1])] and "manifest says" in point.damaged[0][1]
+    base = ["python", "launch/pretrain.py", "--recipe", str(finished_run / "r.yaml"),
+            "--set", f"run.output_dir={tmp_path / 'runs'}"]
+    r = run_cli(*base, "--resume", str(newest))
+    assert r.returncode == 2 and "manifest says" in r.stderr.strip().splitlines()[-1]
+    r = run_cli(*base, "--resume", "auto", "--set", "train.max_steps=14")
+    assert r.returncode == 0, r.stderr[-2000:]
+    events = [row for row in read_metrics(str(run)) if row.get("event") in ("resume_fallback", "resumed")]
+    assert events[-2]["event"] == "resume_fallback" and "manifest says" in events[-2]["damaged"]
+    assert events[-2]["moved_to"] == f"{newest}.damaged" and events[-1]["event"] == "resumed"
+    assert events[-1]["step"] == 8
+    assert next((ckpts / "step_00000012.damaged").glob("*model_states.pt")).read_bytes() == damaged_bytes
+    assert verify(str(newest)) is None and verify(str(ckpts / "step_00000014")) is None
 
 
 def test_resume_path_errors_are_one_line(finished_run, tmp_path):

@@ -1,5 +1,6 @@
-"""How blocks run, applied to a built model in one place (blocks selected by class, not by name): activation
-checkpointing and torch.compile."""
+"""The one place where cross-cutting wraps are applied to a built model, in order (torchtitan's `parallelize_llama`
+is the picture): LoRA adapters, activation checkpointing, then torch.compile. Blocks are selected by class, never by
+name; gpt.py knows nothing of any of them. Parallelism wraps belong here too."""
 
 from __future__ import annotations
 
@@ -8,8 +9,20 @@ from typing import Optional
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 
-from llmforge.config.recipe import ActivationCheckpointingConfig
+from llmforge.config.recipe import ActivationCheckpointingConfig, LoraConfig
 from llmforge.model.gpt import GPT, Attention, Block
+from llmforge.model.lora import apply_lora
+
+
+def apply_wraps(model: GPT, lora: LoraConfig, activation_checkpointing: ActivationCheckpointingConfig,
+                compile: bool) -> int:
+    """LoRA (when lora.rank > 0), activation checkpointing, compile — in that order, in place. Returns the number
+    of trainable LoRA parameters (0 without LoRA)."""
+    adapters = apply_lora(model, lora) if lora.rank else 0
+    apply_activation_checkpointing(model, activation_checkpointing)
+    if compile:
+        compile_model(model)
+    return adapters
 
 
 def _wrap(module: nn.Module) -> nn.Module:
@@ -46,13 +59,14 @@ def compile_model(model: GPT) -> GPT:
 def compile_unavailable(on_cpu: bool) -> Optional[str]:
     """Why torch.compile could not build kernels here, or None: Inductor needs a C++ compiler on CPU (found the way
     Inductor itself searches: $CXX, else g++ / clang++) and Triton on GPU."""
+    # Inductor's modules are imported only here: importing them costs ~1.5 s, and only compile users need them.
     if on_cpu:
-        from torch._inductor import exc
+        from torch._inductor import exc as inductor_exc
         from torch._inductor.cpp_builder import get_cpp_compiler
 
         try:
             get_cpp_compiler()
-        except exc.InvalidCxxCompiler:
+        except inductor_exc.InvalidCxxCompiler:
             return "torch.compile on CPU needs a C++ compiler (g++, clang++ or the one $CXX names); none was found"
         return None
     from torch.utils._triton import has_triton

@@ -1,21 +1,27 @@
-"""Rebuild a GPT (weights, tokenizer, recipe) from an llmforge checkpoint, without a DeepSpeed engine."""
+"""Models from runs: rebuild a GPT (weights, tokenizer, recipe) from an llmforge checkpoint without a DeepSpeed
+engine, the starting point of a run with train.init_from, and sampling from a checkpoint."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import sys
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import yaml
 
 from llmforge.config import Recipe, recipe_from_dict
-from llmforge.errors import CheckpointError
+from llmforge.errors import CheckpointError, RecipeError
 from llmforge.model.generate import generate
 from llmforge.model.gpt import GPT
+from llmforge.model.hf import from_llama
+from llmforge.model.lora import apply_lora, merge_lora
 from llmforge.tokenizer import Tokenizer, tokenizer_from_json
+from llmforge.tokenizer.hf import HFTokenizer
+from llmforge.train.checkpoint import find_checkpoint
 
 WRAPPER_PREFIX = "_checkpoint_wrapped_module."
 
@@ -24,7 +30,7 @@ def _state_dict(path: str) -> dict[str, torch.Tensor]:
     load_dir, tag = os.path.split(path.rstrip("/"))
     dense = os.path.join(path, "mp_rank_00_model_states.pt")
     if os.path.isfile(dense):  # ZeRO 0-2: rank 0 holds the full (training-precision) module state
-        state = torch.load(dense, map_location="cpu", weights_only=False)["module"]
+        state = load_model_states(dense)["module"]
     else:  # ZeRO-3: gather the fp32 partitions
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -32,13 +38,11 @@ def _state_dict(path: str) -> dict[str, torch.Tensor]:
     return {k.replace(WRAPPER_PREFIX, ""): v for k, v in state.items()}
 
 
-def load_model(checkpoint: str, dtype: torch.dtype = torch.float32) -> tuple[GPT, Tokenizer, Recipe]:
-    """Model in eval mode, its tokenizer and resolved recipe, from a run dir, checkpoints dir or checkpoint."""
-    from llmforge.train.checkpoint import resolve_resume
-
-    path = resolve_resume(checkpoint, checkpoint)
-    if path is None:
-        raise CheckpointError(f"{checkpoint}: no complete checkpoint found")
+def load_model(checkpoint: str, dtype: torch.dtype = torch.float32, flag: str = "--checkpoint"
+               ) -> tuple[GPT, Tokenizer, Recipe]:
+    """Model in eval mode, its tokenizer and resolved recipe, from a run dir, checkpoints dir or checkpoint (`flag`
+    names the option it came from, for errors)."""
+    path = find_checkpoint(checkpoint, flag)
     with open(os.path.join(path, "recipe.yaml"), encoding="utf-8") as f:
         recipe = recipe_from_dict(yaml.safe_load(f), os.path.join(path, "recipe.yaml"))
     with open(os.path.join(path, "tokenizer.json"), encoding="utf-8") as f:
@@ -46,8 +50,6 @@ def load_model(checkpoint: str, dtype: torch.dtype = torch.float32) -> tuple[GPT
     model = GPT(recipe.model)
     lora = recipe.posttrain.lora
     if lora.rank:
-        from llmforge.posttrain.lora import apply_lora
-
         apply_lora(model, lora)
     state = _state_dict(path)
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -55,8 +57,6 @@ def load_model(checkpoint: str, dtype: torch.dtype = torch.float32) -> tuple[GPT
     if missing or unexpected:
         raise CheckpointError(f"{path}: weights do not match the model (missing {missing}, unexpected {unexpected})")
     if lora.rank:
-        from llmforge.posttrain.lora import merge_lora
-
         merge_lora(model)
     return model.to(dtype).eval(), tok, recipe
 
@@ -65,28 +65,22 @@ def load_pretrained(path: str) -> tuple[GPT, Tokenizer]:
     """Starting weights and tokenizer for fine-tuning or continued training: an llmforge run dir / checkpoint (LoRA
     adapters merged), or a local Hugging Face Llama directory (config.json + weights + tokenizer files)."""
     if os.path.isfile(os.path.join(path, "config.json")):
-        from llmforge.model.hf import from_llama
-        from llmforge.tokenizer.hf import HFTokenizer
-
         if not os.path.isfile(os.path.join(path, "tokenizer.json")):
             raise CheckpointError(f"{path}: a Hugging Face model directory needs its tokenizer.json")
         return from_llama(path), HFTokenizer.load(path)
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: not found (expected an llmforge run dir / checkpoint or a Hugging Face dir)")
-    model, tok, _ = load_model(path)
+    model, tok, _ = load_model(path, flag="train.init_from")
     return model, tok
 
 
-def starting_point(recipe: Recipe, origin: str, resume_from: Optional[str], extend_tokenizer=None
+def starting_point(recipe: Recipe, origin: str, resume_from: Optional[str],
+                   extend_tokenizer: Optional[Callable[[Tokenizer], Tokenizer]] = None
                    ) -> tuple[Recipe, Optional[GPT], Tokenizer]:
     """What a run with train.init_from starts from: (recipe with the starting model's architecture, its weights or
     None when resuming, its tokenizer). A resumed run takes architecture and tokenizer from its own checkpoint; a
     fresh one from init_from, with `extend_tokenizer(tok)` applied (the vocabulary grows to match). Training-time
     choices (activation checkpointing, dropout) stay the recipe's."""
-    import dataclasses
-
-    from llmforge.errors import RecipeError
-
     path = recipe.train.init_from
     model = None
     if resume_from is not None:
@@ -113,8 +107,6 @@ def starting_point(recipe: Recipe, origin: str, resume_from: Optional[str], exte
 def resize_vocab(model: GPT, vocab_size: int, seed: int = 0) -> GPT:
     """The same model with `vocab_size` rows of embedding (and LM head): existing rows kept, new rows the mean of the
     old ones plus N(0, init_std) noise, so new tokens start distinct and in distribution."""
-    import dataclasses
-
     old = model.cfg.vocab_size
     if vocab_size <= old:
         return model
@@ -131,6 +123,20 @@ def resize_vocab(model: GPT, vocab_size: int, seed: int = 0) -> GPT:
         state["lm_head.weight"] = state["tok_emb.weight"]
     new.load_state_dict(state)
     return new
+
+
+def load_weights(model: GPT, source: GPT, zero3: bool) -> None:
+    """Copy `source`'s weights into the (possibly ZeRO-3 partitioned) freshly built model."""
+    state = source.state_dict()
+    if not zero3:
+        model.load_state_dict(state)
+        return
+    import deepspeed
+
+    params = dict(model.named_parameters())
+    with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0), torch.no_grad():
+        for name, p in params.items():
+            p.copy_(state[name])
 
 
 def generate_text(checkpoint: str, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8,
