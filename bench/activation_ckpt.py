@@ -43,8 +43,8 @@ def one_mode(args: argparse.Namespace) -> None:
     from llmforge.model import apply_activation_checkpointing, compile_model
     from llmforge.model.gpt import GPT
     from llmforge.train.distributed import release_shm_segment, setup_env
-    from llmforge.train.metrics import Metrics
     from llmforge.train.guard import FaultInjector
+    from llmforge.train.metrics import Metrics
     from llmforge.train.run import param_groups, seed_everything
     from llmforge.train.task import resolve_model_config
     from llmforge.train.trainer import Objective, TaskData, Trainer, TrainerConfig

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import re
 import statistics
@@ -34,6 +33,7 @@ sys.path.insert(0, ROOT)
 from results_file import write_result  # noqa: E402
 
 from llmforge.allocator import TCMALLOC_ENV, find_tcmalloc  # noqa: E402
+from llmforge.train.metrics import read_metrics  # noqa: E402
 
 TRAINERS = ("llmforge", "torch", "hf+deepspeed")
 
@@ -58,7 +58,8 @@ def one_run(kind: str, lib: str, args, extra: list[str]) -> tuple[dict, str]:
         r = subprocess.run(cmd, env=environment(kind, lib), capture_output=True, text=True, cwd=ROOT)
         if r.returncode != 0:
             sys.exit(f"error: {' '.join(cmd)} failed under {kind}:\n{r.stderr[-2000:]}")
-        text = open(out, encoding="utf-8").read()
+        with open(out, encoding="utf-8") as f:
+            text = f.read()
     steps = {m.group(1): float(m.group(2)) for m in re.finditer(r"^\| ([\w+]+) \| ([\d.]+) \|", text, re.M)}
     if set(steps) != set(TRAINERS):
         sys.exit(f"error: unexpected table from bench/train_throughput.py under {kind}:\n{text}")
@@ -89,8 +90,7 @@ def one_launch(kind: str, lib: str, args, tmp: str, i: int) -> tuple[float, floa
         sys.exit(f"error: {' '.join(cmd)} failed under {kind}:\n{log[-2000:]}")
     if ("allocator: tcmalloc (" in log) != (kind == "tcmalloc"):
         sys.exit(f"error: the launched run did not get the allocator asked for ({kind})")
-    rows = [json.loads(line) for line in open(os.path.join(tmp, name, "metrics.jsonl"), encoding="utf-8")]
-    rows = [r for r in rows if "tokens_per_s" in r and "event" not in r]
+    rows = [r for r in read_metrics(os.path.join(tmp, name)) if "tokens_per_s" in r and "event" not in r]
     if len(rows) < 2:
         sys.exit(f"error: --pretrain-steps {args.pretrain_steps} logs fewer than 2 intervals; raise it")
     return statistics.median(r["tokens_per_s"] for r in rows[1:]), rows[-1]["loss"]

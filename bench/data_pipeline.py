@@ -29,11 +29,10 @@ import yaml  # noqa: E402
 from real_pages import pages  # noqa: E402
 from results_file import write_result  # noqa: E402
 
-from tests.real_inputs import write_warc  # noqa: E402
-
 from llmforge.config import load_recipe  # noqa: E402
 from llmforge.data.prepare import sample_texts  # noqa: E402
 from llmforge.tokenizer import train_tokenizer_from_texts  # noqa: E402
+from tests.real_inputs import write_warc  # noqa: E402
 
 VOCAB = 16000
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -83,7 +83,7 @@ def main() -> None:
     lines = [
         "# HTML main-text extraction on real pages",
         "",
-        f"Command: `python bench/html_extraction.py" + (f" --pages-per-family {limit}" if limit else "")
+        "Command: `python bench/html_extraction.py" + (f" --pages-per-family {limit}" if limit else "")
         + (" --datatrove-python PY" if args.datatrove_python else "") + f"`; {platform.machine()}, one core, "
         f"Python {platform.python_version()}. Pages: bench/real_pages.py — "
         + ", ".join(f"{fam} ({sum(p.path.startswith(FAMILIES[fam][0]) for p in every)} pages)" for fam in FAMILIES)

@@ -21,7 +21,6 @@ import sys
 import time
 
 import torch
-
 from results_file import write_result
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))

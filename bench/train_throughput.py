@@ -27,8 +27,8 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import gc
 import datetime
+import gc
 import os
 import statistics
 import sys
@@ -118,12 +118,12 @@ def main() -> None:
     from llmforge import allocator
     from llmforge.config import load_recipe
     from llmforge.config.deepspeed import compose_ds_config, zero_stage
-    from llmforge.model.flops import device_peak_flops, flops_per_token
     from llmforge.model import GPT, apply_activation_checkpointing, compile_model
+    from llmforge.model.flops import device_peak_flops, flops_per_token
     from llmforge.model.hf import llama_config
     from llmforge.train.distributed import release_shm_segment, setup_env
-    from llmforge.train.metrics import Metrics
     from llmforge.train.guard import FaultInjector
+    from llmforge.train.metrics import Metrics
     from llmforge.train.run import param_groups, seed_everything
     from llmforge.train.task import resolve_model_config
     from llmforge.train.trainer import Objective, TaskData, Trainer, TrainerConfig
@@ -184,7 +184,7 @@ def main() -> None:
         position = iter(range(0, 1 << 62, t.micro_batch_size))
 
         def step() -> None:
-            for micro in range(t.grad_accum_steps):
+            for _ in range(t.grad_accum_steps):
                 i = next(position)
                 x, y = data.batch(range(i, i + t.micro_batch_size))
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
@@ -213,7 +213,7 @@ def main() -> None:
         loss_fn = torch.compile(cross_entropy) if compiled else cross_entropy
 
         def step() -> None:
-            for micro in range(t.grad_accum_steps):
+            for _ in range(t.grad_accum_steps):
                 i = next(position)
                 x, y = data.batch(range(i, i + t.micro_batch_size))
                 out = engine(input_ids=x.to(engine.device), labels=None)

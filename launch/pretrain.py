@@ -3,8 +3,10 @@
 import sys
 
 from llmforge.allocator import reexec_with_tcmalloc
+from llmforge.errors import exit_on_user_error
 
-reexec_with_tcmalloc()  # before torch is imported (see llmforge/allocator.py): a training process's allocator
+# before torch is imported (see llmforge/allocator.py): the allocator of a training process
+exit_on_user_error(reexec_with_tcmalloc)()
 
 from llmforge.cli import main  # noqa: E402
 

@@ -255,9 +255,11 @@ class Recipe:
 
     def __post_init__(self) -> None:
         if self.model.max_seq_len is not None and self.model.max_seq_len < self.data.seq_len:
-            raise ConfigError("model.max_seq_len", f"{self.model.max_seq_len} is below data.seq_len={self.data.seq_len}")
+            raise ConfigError("model.max_seq_len",
+                              f"{self.model.max_seq_len} is below data.seq_len={self.data.seq_len}")
         if self.train.warmup_steps > self.train.max_steps:
-            raise ConfigError("train.warmup_steps", f"{self.train.warmup_steps} exceeds train.max_steps={self.train.max_steps}")
+            raise ConfigError("train.warmup_steps",
+                              f"{self.train.warmup_steps} exceeds train.max_steps={self.train.max_steps}")
 
     @property
     def run_dir(self) -> str:

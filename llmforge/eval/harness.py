@@ -37,7 +37,7 @@ class LLMForgeLM(LM):  # type: ignore[misc, valid-type]
         self.max_length = int(max_length or self.model.cfg.max_seq_len)
 
     @classmethod
-    def create_from_arg_string(cls, arg_string: str, additional_config: Optional[dict] = None) -> "LLMForgeLM":
+    def create_from_arg_string(cls, arg_string: str, additional_config: Optional[dict] = None) -> LLMForgeLM:
         args = dict(kv.split("=", 1) for kv in arg_string.split(",") if kv)
         extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k == "batch_size"}
         return cls(**{**args, **extra})

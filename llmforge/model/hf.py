@@ -3,7 +3,6 @@ grouped-query attention, optional tied embeddings). Architectures Llama cannot e
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch

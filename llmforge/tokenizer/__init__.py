@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Iterable
+from collections.abc import Iterable
 
 from llmforge.config.recipe import TokenizerConfig
 from llmforge.errors import RecipeError

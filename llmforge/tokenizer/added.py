@@ -53,7 +53,7 @@ class AddedTokensTokenizer:
         return {"type": "added", "base": self.base.to_json(), "tokens": self.tokens}
 
     @classmethod
-    def from_json(cls, data: dict) -> "AddedTokensTokenizer":
+    def from_json(cls, data: dict) -> AddedTokensTokenizer:
         from llmforge.tokenizer import tokenizer_from_json
 
         return cls(tokenizer_from_json(data["base"]), data["tokens"])

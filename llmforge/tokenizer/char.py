@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import collections
-from typing import Iterable, Optional
+from collections.abc import Iterable
+from typing import Optional
 
 SPECIALS = ["<pad>", "<eos>", "<unk>"]
 
@@ -16,7 +17,7 @@ class CharTokenizer:
         self.vocab_size = len(SPECIALS) + len(self.chars)
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: Optional[int] = None) -> "CharTokenizer":
+    def train(cls, texts: Iterable[str], vocab_size: Optional[int] = None) -> CharTokenizer:
         """Keep the most frequent characters (all of them when vocab_size is None), ordered by code point."""
         counts: collections.Counter[str] = collections.Counter()
         for text in texts:
@@ -44,5 +45,5 @@ class CharTokenizer:
         return {"type": "char", "specials": SPECIALS, "chars": self.chars}
 
     @classmethod
-    def from_json(cls, data: dict) -> "CharTokenizer":
+    def from_json(cls, data: dict) -> CharTokenizer:
         return cls(data["chars"])

@@ -22,7 +22,7 @@ class HFTokenizer:
         self.pad_id = eos_id if pad_id is None else pad_id
 
     @classmethod
-    def load(cls, directory: str) -> "HFTokenizer":
+    def load(cls, directory: str) -> HFTokenizer:
         with open(os.path.join(directory, "tokenizer.json"), encoding="utf-8") as f:
             tokenizer_json = f.read()
         eos = pad = None
@@ -46,7 +46,7 @@ class HFTokenizer:
         return {"type": "hf", "tokenizer_json": self._json, "eos_token": self._eos, "pad_token": self._pad}
 
     @classmethod
-    def from_json(cls, data: dict) -> "HFTokenizer":
+    def from_json(cls, data: dict) -> HFTokenizer:
         return cls(data["tokenizer_json"], data.get("eos_token"), data.get("pad_token"))
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import os
 import tempfile
-from typing import Iterable
+from collections.abc import Iterable
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 
@@ -21,7 +21,7 @@ class SentencePieceTokenizer:
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int, path: str, byte_fallback: bool = True
-              ) -> "SentencePieceTokenizer":
+              ) -> SentencePieceTokenizer:
         """Train BPE on `texts` (one document per item) and save the model to `path`."""
         import sentencepiece as spm
 
@@ -49,7 +49,7 @@ class SentencePieceTokenizer:
         return cls(proto)
 
     @classmethod
-    def load(cls, path: str) -> "SentencePieceTokenizer":
+    def load(cls, path: str) -> SentencePieceTokenizer:
         with open(path, "rb") as f:
             return cls(f.read())
 
@@ -66,5 +66,5 @@ class SentencePieceTokenizer:
         return {"type": "sentencepiece", "model": base64.b64encode(self._proto).decode("ascii")}
 
     @classmethod
-    def from_json(cls, data: dict) -> "SentencePieceTokenizer":
+    def from_json(cls, data: dict) -> SentencePieceTokenizer:
         return cls(base64.b64decode(data["model"]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
@@ -59,10 +60,8 @@ def release_shm_segment() -> None:
     dist.barrier()  # every rank has opened every peer's buffer
     name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
             f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
-    try:
+    with contextlib.suppress(FileNotFoundError):  # not a CPU run, or no shm op
         os.unlink(name)
-    except FileNotFoundError:
-        pass  # not a CPU run, or no shm op
 
 
 def world_size() -> int:

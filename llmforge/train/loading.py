@@ -8,7 +8,8 @@ import dataclasses
 import json
 import os
 import sys
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 import yaml
@@ -21,7 +22,7 @@ from llmforge.model.hf import from_llama
 from llmforge.model.lora import apply_lora, merge_lora
 from llmforge.tokenizer import Tokenizer, tokenizer_from_json
 from llmforge.tokenizer.hf import HFTokenizer
-from llmforge.train.checkpoint import find_checkpoint
+from llmforge.train.checkpoint import find_checkpoint, load_model_states
 
 WRAPPER_PREFIX = "_checkpoint_wrapped_module."
 

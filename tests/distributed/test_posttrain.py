@@ -15,6 +15,7 @@ from llmforge.demo.toy_chat import preference_records, sft_records, toy_word, wr
 from tests.conftest import REPO, run_cli, write_recipe
 from tests.distributed.test_zero_resume import free_port, losses_after_last_start, rows
 
+
 def post_cmd(task: str, recipe: Path, *extra: str) -> list[str]:
     bindir = Path(sys.executable).parent
     return [str(bindir / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
@@ -83,9 +84,9 @@ def test_continued_pretraining_starts_from_init_weights(tmp_path, prepared, base
 def test_prompt_tokens_carry_no_loss(tmp_path, base):
     """Targets are -100 exactly off the assistant turns; the loss has zero gradient through prompt positions, and
     replacing what the prompt positions would predict leaves the loss unchanged."""
-    from llmforge.train.loading import load_pretrained
     from llmforge.posttrain.data import SFTData, read_jsonl
     from llmforge.tokenizer.added import with_chat_tokens
+    from llmforge.train.loading import load_pretrained
 
     model, tok = load_pretrained(str(base))
     tok = with_chat_tokens(tok)
@@ -122,8 +123,8 @@ def test_sft_learns_a_toy_format_and_resumes_exactly(tmp_path, prepared, base):
     assert val[-1] < 0.5 * val[0], val
     # greedy answers to held-out prompts follow the format and stop at <|end|>
     from llmforge.model.generate import generate
-    from llmforge.train.loading import load_model
     from llmforge.posttrain.data import render
+    from llmforge.train.loading import load_model
 
     model, tok, _ = load_model(str(run))
     rng, good = random.Random(99), 0
@@ -158,8 +159,8 @@ def test_lora_trains_adapters_only_and_merges_for_export(tmp_path, prepared, bas
     run = tmp_path / "runs" / "lora"
     val = [x["val_loss"] for x in rows(run) if "val_loss" in x]
     assert val[-1] < val[0]
-    from llmforge.train.loading import _state_dict, load_model
     from llmforge.train.checkpoint import newest_complete
+    from llmforge.train.loading import _state_dict, load_model
 
     state = _state_dict(newest_complete(str(run / "checkpoints")))
     adapters = [k for k in state if "lora_" in k]

@@ -45,7 +45,7 @@ class SlurmCluster:
             return "a test slurm cluster needs root (slurmd runs jobs as root here)"
         return None
 
-    def start(self) -> "SlurmCluster":
+    def start(self) -> SlurmCluster:
         for d in ("state", "spool", "log"):
             (self.root / d).mkdir(parents=True, exist_ok=True)
         node = subprocess.run(["slurmd", "-C"], capture_output=True, text=True, check=True).stdout.splitlines()[0]
@@ -106,7 +106,7 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         return ""
 
     def stop(self) -> None:
-        for name, pid in reversed(self.started):
+        for _name, pid in reversed(self.started):
             try:
                 os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:

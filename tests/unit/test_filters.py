@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 
 from llmforge.config.data import LineFilters, WebFilters
-from llmforge.data.filters import (clean_lines, duplicate_ngram_chars, duplicates, top_ngram_chars,
-                                   web_quality)
+from llmforge.data.filters import clean_lines, duplicate_ngram_chars, duplicates, top_ngram_chars, web_quality
 from llmforge.data.sources.web import html_to_text
 from tests.real_inputs import python_doc_pages
 
@@ -29,7 +28,7 @@ def test_duplicate_elements_count_from_the_second_occurrence():
 
 
 def test_duplicate_ngram_chars_by_hand():
-    words = "one two three four five one two three four five six".split()
+    words = ["one", "two", "three", "four", "five", "one", "two", "three", "four", "five", "six"]
     # the second "one two three four five" repeats the first: 3+3+5+4+4 = 19 characters (words without spaces);
     # the first occurrence is not a duplicate (the old rule counted it too: 38)
     assert duplicate_ngram_chars(words, 5) == 19
@@ -43,7 +42,7 @@ def test_duplicate_ngram_chars_by_hand():
 
 
 def test_top_ngram_chars_by_hand():
-    words = "a b a b a b c".split()
+    words = ["a", "b", "a", "b", "a", "b", "c"]
     assert top_ngram_chars(words, 2) == 9  # "a b" (3 characters with its space) occurs 3 times
     assert top_ngram_chars(words, 3) == 10  # "a b a" and "b a b" twice each: the first seen wins, 5 x 2
     assert top_ngram_chars(["a"], 2) == 0

@@ -192,8 +192,8 @@ def test_chunked_loss_equals_whole_and_never_holds_the_logits(z_loss):
     for chunk in (0, 50):  # 50 does not divide 120 tokens: the last chunk is short
         model.zero_grad()
         out = {}
-        total, largest = saved_bytes(lambda: out.update(zip(("logits", "loss"), model(x, y, loss_chunk=chunk,
-                                                                                    z_loss=z_loss))))
+        total, largest = saved_bytes(lambda out=out, chunk=chunk: out.update(
+            zip(("logits", "loss"), model(x, y, loss_chunk=chunk, z_loss=z_loss))))
         out["loss"].backward()
         grads[chunk] = (out["loss"].detach(), {n: p.grad.clone() for n, p in model.named_parameters()},
                         total, largest)
@@ -227,7 +227,7 @@ def test_compiled_loss_matches_eager_and_keeps_no_fp32_logits(with_z):
     for name, loss in (("eager", TokenLoss()), ("compiled", compiled_loss)):
         x = logits.clone().requires_grad_()
         out = {}
-        kept, _ = saved_bytes(lambda: out.update(sums=loss(x, targets, with_z)))
+        kept, _ = saved_bytes(lambda out=out, loss=loss, x=x: out.update(sums=loss(x, targets, with_z)))
         ce, z = out["sums"]
         (ce + 0.1 * z).backward()
         results[name] = (ce.detach(), z.detach(), x.grad, kept)

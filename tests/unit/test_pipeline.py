@@ -18,8 +18,7 @@ from llmforge.data.prepare import prepare, train_tokenizer
 from llmforge.tokenizer import load_tokenizer
 from tests.conftest import write_recipe
 
-WORDS = ("river market winter council garden engine signal harbor pattern lantern meadow summit orchard compass "
-         "timber canyon beacon glacier harvest village station journey mirror thunder silver forest the and of to with").split()
+WORDS = ["river", "market", "winter", "council", "garden", "engine", "signal", "harbor", "pattern", "lantern", "meadow", "summit", "orchard", "compass", "timber", "canyon", "beacon", "glacier", "harvest", "village", "station", "journey", "mirror", "thunder", "silver", "forest", "the", "and", "of", "to", "with"]
 
 
 def essay(rng: random.Random, n: int = 120) -> str:
