@@ -49,8 +49,11 @@ def one_mode(args: argparse.Namespace) -> None:
     from llmforge.train.task import resolve_model_config
     from llmforge.train.trainer import Objective, TaskData, Trainer, TrainerConfig
 
-    recipe = load_recipe(args.recipe, args.overrides + [f"model.activation_checkpointing.mode={args.mode}",
-                                                        f"model.activation_checkpointing.every={args.every}"])
+    recipe = load_recipe(
+        args.recipe,
+        args.overrides
+        + [f"model.activation_checkpointing.mode={args.mode}", f"model.activation_checkpointing.every={args.every}"],
+    )
     recipe = dataclasses.replace(recipe, eval=dataclasses.replace(recipe.eval, interval=0))
     setup_env()
     accel = get_accelerator()
@@ -65,11 +68,17 @@ def one_mode(args: argparse.Namespace) -> None:
     apply_activation_checkpointing(model, recipe.model.activation_checkpointing)
     if recipe.train.compile:
         compile_model(model)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, recipe.train.weight_decay),
-                                      config=ds_config)
-    trainer = Trainer(engine, TrainerConfig.from_recipe(recipe, 1, 0.0, None, FaultInjector()),
-                      TaskData(RandomTokens(recipe.model.vocab_size, recipe.data.seq_len), None),
-                      Objective.language_modeling(recipe.train), None, Metrics("/tmp", False))
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, recipe.train.weight_decay), config=ds_config
+    )
+    trainer = Trainer(
+        engine,
+        TrainerConfig.from_recipe(recipe, 1, 0.0, None, FaultInjector()),
+        TaskData(RandomTokens(recipe.model.vocab_size, recipe.data.seq_len), None),
+        Objective.language_modeling(recipe.train),
+        None,
+        Metrics("/tmp", False),
+    )
     sync = (lambda: None) if on_cpu else accel.synchronize
     trainer.train_step()  # warm-up: optimizer states exist before the peak is reset
     sync()
@@ -83,9 +92,19 @@ def one_mode(args: argparse.Namespace) -> None:
     times = timed(trainer.train_step, 0, args.steps, sync)
     peak = (rss_bytes("VmHWM") if on_cpu else torch.cuda.max_memory_allocated()) - before
     tokens = recipe.train.micro_batch_size * recipe.train.grad_accum_steps * recipe.data.seq_len
-    print(json.dumps({"mode": args.mode, "every": args.every, "step_s": statistics.median(times),
-                      "tokens_per_s": tokens / statistics.median(times), "peak_bytes": peak,
-                      "device": "cpu" if on_cpu else accel.get_device_name()}), flush=True)
+    print(
+        json.dumps(
+            {
+                "mode": args.mode,
+                "every": args.every,
+                "step_s": statistics.median(times),
+                "tokens_per_s": tokens / statistics.median(times),
+                "peak_bytes": peak,
+                "device": "cpu" if on_cpu else accel.get_device_name(),
+            }
+        ),
+        flush=True,
+    )
     os._exit(0)
 
 
@@ -94,18 +113,32 @@ def main() -> None:
     p.add_argument("--recipe", default="recipes/tiny-char.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--loss-chunk", type=int, default=0,
-                   help="also run none and full with train.loss_chunk set to this (the LM head over chunks of tokens)")
-    p.add_argument("--compile", action="store_true",
-                   help="also run none (and none with --loss-chunk) with train.compile: compiled blocks and loss")
+    p.add_argument(
+        "--loss-chunk",
+        type=int,
+        default=0,
+        help="also run none and full with train.loss_chunk set to this (the LM head over chunks of tokens)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="also run none (and none with --loss-chunk) with train.compile: compiled blocks and loss",
+    )
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=None)
     p.add_argument("--mode", default=None, help=argparse.SUPPRESS)
     p.add_argument("--every", type=int, default=1, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.quick:
-        args.overrides += ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
-                           "data.seq_len=64", "train.micro_batch_size=4", "train.warmup_steps=1"]
+        args.overrides += [
+            "model.d_model=64",
+            "model.n_layers=2",
+            "model.n_heads=4",
+            "model.n_kv_heads=2",
+            "data.seq_len=64",
+            "train.micro_batch_size=4",
+            "train.warmup_steps=1",
+        ]
         args.steps = 2
     if args.mode:
         one_mode(args)
@@ -117,10 +150,23 @@ def main() -> None:
     if args.compile:
         runs_to_do += [("none", 1, 0, True)] + ([("none", 1, args.loss_chunk, True)] if args.loss_chunk else [])
     for mode, every, chunk, compiled in runs_to_do:
-        overrides = (args.overrides + ([f"train.loss_chunk={chunk}"] if chunk else [])
-                     + (["train.compile=true"] if compiled else []))
-        cmd = [sys.executable, os.path.abspath(__file__), "--recipe", args.recipe, "--steps", str(args.steps),
-               "--mode", mode, "--every", str(every)] + [x for o in overrides for x in ("--set", o)]
+        overrides = (
+            args.overrides
+            + ([f"train.loss_chunk={chunk}"] if chunk else [])
+            + (["train.compile=true"] if compiled else [])
+        )
+        cmd = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--recipe",
+            args.recipe,
+            "--steps",
+            str(args.steps),
+            "--mode",
+            mode,
+            "--every",
+            str(every),
+        ] + [x for o in overrides for x in ("--set", o)]
         runs = []
         # memory with every large allocation mmapped (freed memory leaves RSS), time without (that costs page faults)
         for env in ({**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}, dict(os.environ)):
@@ -134,21 +180,29 @@ def main() -> None:
 
     device = rows[0]["device"]
     ref = rows[0]
-    lines = [f"# Activation checkpointing, {device}, {datetime.date.today()}", "",
-             f"Command: `python bench/activation_ckpt.py --recipe {args.recipe}"
-             + "".join(f" --set {o}" for o in (args.overrides if not args.quick else []))
-             + (f" --loss-chunk {args.loss_chunk}" if args.loss_chunk else "") + (" --compile" if args.compile else "")
-             + (" --quick" if args.quick else "")
-             + "`; "
-             f"torch {version('torch')}, deepspeed {version('deepspeed')}. Median step time of {args.steps} steps; "
-             "peak memory of those steps over the memory before them (activations and gradients; CPU: peak RSS).", "",
-             "| mode | step s | tokens/s | peak MB | time vs none | memory vs none |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"# Activation checkpointing, {device}, {datetime.date.today()}",
+        "",
+        f"Command: `python bench/activation_ckpt.py --recipe {args.recipe}"
+        + "".join(f" --set {o}" for o in (args.overrides if not args.quick else []))
+        + (f" --loss-chunk {args.loss_chunk}" if args.loss_chunk else "")
+        + (" --compile" if args.compile else "")
+        + (" --quick" if args.quick else "")
+        + "`; "
+        f"torch {version('torch')}, deepspeed {version('deepspeed')}. Median step time of {args.steps} steps; "
+        "peak memory of those steps over the memory before them (activations and gradients; CPU: peak RSS).",
+        "",
+        "| mode | step s | tokens/s | peak MB | time vs none | memory vs none |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         name = r["mode"] if r["mode"] != "every_k" else f"every_k (k={r['every']})"
         name += f" + loss_chunk {r['loss_chunk']}" if r["loss_chunk"] else ""
         name += " + train.compile" if r["compiled"] else ""
-        lines.append(f"| {name} | {r['step_s']:.4f} | {r['tokens_per_s']:,.0f} | {r['peak_bytes'] / 2**20:.1f} | "
-                     f"{r['step_s'] / ref['step_s']:.2f}x | {r['peak_bytes'] / max(ref['peak_bytes'], 1):.2f}x |")
+        lines.append(
+            f"| {name} | {r['step_s']:.4f} | {r['tokens_per_s']:,.0f} | {r['peak_bytes'] / 2**20:.1f} | "
+            f"{r['step_s'] / ref['step_s']:.2f}x | {r['peak_bytes'] / max(ref['peak_bytes'], 1):.2f}x |"
+        )
     text = "\n".join(lines) + "\n"
     print(text)
     write_result(text, args.out, f"{device.replace(' ', '-')}-{datetime.date.today()}-activation-ckpt.md")

@@ -40,9 +40,15 @@ def write_dataset(root: str, shard_tokens: list[int], vocab: int = 32000, seed: 
         shards.append({"prefix": prefix, "documents": 1, "tokens": n})
     for name in os.listdir(root):
         files[name] = {"size": os.path.getsize(os.path.join(root, name)), "sha256": "-"}
-    manifest = {"tokenizer": {"fingerprint": "bench"}, "dtype": "uint16", "files": files,
-                "splits": {"train": {"documents": len(shards), "tokens": sum(shard_tokens), "shards": shards},
-                           "val": {"documents": 0, "tokens": 0, "shards": []}}}
+    manifest = {
+        "tokenizer": {"fingerprint": "bench"},
+        "dtype": "uint16",
+        "files": files,
+        "splits": {
+            "train": {"documents": len(shards), "tokens": sum(shard_tokens), "shards": shards},
+            "val": {"documents": 0, "tokens": 0, "shards": []},
+        },
+    }
     with open(os.path.join(root, "manifest.json"), "w") as f:
         json.dump(manifest, f)
     return root
@@ -84,15 +90,20 @@ def main() -> None:
         load_s = time.perf_counter() - started
         tokens_per_s = args.batches * micro * seq / load_s
 
-    lines = [f"# Data loader, {datetime.date.today()}", "",
-             f"Command: `python bench/data_loader.py{' --quick' if args.quick else ''}` on {os.cpu_count()} cores "
-             "(page cache warm: the shards were just written).", "",
-             "| what | result |", "|---|---|",
-             f"| open a dataset of {args.shards:,} shard files (`PretrainData(...)`) | {open_s:.3f} s "
-             f"(writing them: {write_s:.1f} s) |",
-             f"| first batch of 32 from the middle of it | {first_batch_s * 1000:.1f} ms |",
-             f"| loader, rank 0 of 8, micro-batch {micro} x {seq}, 0.7/0.3 blend of 2 datasets, {args.batches} "
-             f"batches | {tokens_per_s:,.0f} tokens/s per rank ({load_s / args.batches * 1000:.2f} ms per batch) |"]
+    lines = [
+        f"# Data loader, {datetime.date.today()}",
+        "",
+        f"Command: `python bench/data_loader.py{' --quick' if args.quick else ''}` on {os.cpu_count()} cores "
+        "(page cache warm: the shards were just written).",
+        "",
+        "| what | result |",
+        "|---|---|",
+        f"| open a dataset of {args.shards:,} shard files (`PretrainData(...)`) | {open_s:.3f} s "
+        f"(writing them: {write_s:.1f} s) |",
+        f"| first batch of 32 from the middle of it | {first_batch_s * 1000:.1f} ms |",
+        f"| loader, rank 0 of 8, micro-batch {micro} x {seq}, 0.7/0.3 blend of 2 datasets, {args.batches} "
+        f"batches | {tokens_per_s:,.0f} tokens/s per rank ({load_s / args.batches * 1000:.2f} ms per batch) |",
+    ]
     text = "\n".join(lines) + "\n"
     print(text)
     write_result(text, args.out, f"cpu-{datetime.date.today()}-data-loader.md")

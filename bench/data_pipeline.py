@@ -41,8 +41,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def write_warcs(paths: list[str], directory: str, files: int) -> int:
     """The pages as `files` gzipped WARC files of HTTP responses (Common Crawl's headers); total bytes."""
     os.makedirs(directory, exist_ok=True)
-    outs = [write_warc(Path(directory) / f"docs-{i}.warc.gz", [Path(p) for p in paths[i::files]])
-            for i in range(files)]
+    outs = [write_warc(Path(directory) / f"docs-{i}.warc.gz", [Path(p) for p in paths[i::files]]) for i in range(files)]
     return sum(os.path.getsize(o) for o in outs)
 
 
@@ -53,8 +52,14 @@ def hf_tokenizer(texts: list[str], directory: str):
     hf = Tokenizer(models.BPE(unk_token="<unk>"))
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf.decoder = decoders.ByteLevel()
-    hf.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<pad>", "<unk>", "</s>"],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=VOCAB,
+            special_tokens=["<pad>", "<unk>", "</s>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     os.makedirs(directory, exist_ok=True)
     hf.save(os.path.join(directory, "tokenizer.json"))
     with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
@@ -68,7 +73,7 @@ def tokenization(texts: list[str], sp_path: str, hf) -> list[tuple[str, float, i
 
     sp = SentencePieceTokenizer.load(sp_path)
     results = []
-    batches = [texts[i:i + 64] for i in range(0, len(texts), 64)]
+    batches = [texts[i : i + 64] for i in range(0, len(texts), 64)]
 
     def run(name, fn):
         fn(batches[0])
@@ -78,18 +83,28 @@ def tokenization(texts: list[str], sp_path: str, hf) -> list[tuple[str, float, i
         results.append((name, n / (time.perf_counter() - started), n))
 
     run("llmforge SentencePieceTokenizer.encode_batch (the prepare path, 1 thread)", sp.encode_batch)
-    run("HF tokenizers BPE, same vocab size and sample (encode_batch, RAYON_NUM_THREADS=1)",
-        lambda b: [e.ids for e in hf.encode_batch(b, add_special_tokens=False)])
+    run(
+        "HF tokenizers BPE, same vocab size and sample (encode_batch, RAYON_NUM_THREADS=1)",
+        lambda b: [e.ids for e in hf.encode_batch(b, add_special_tokens=False)],
+    )
     return results
 
 
 def recipe(tmp: str, name: str, warc_dir: str, tokenizer: dict, extractor: str, unit_files: int = 1) -> str:
     path = os.path.join(tmp, f"{name}.yaml")
     with open(path, "w") as f:
-        yaml.safe_dump({"data": {"sources": [{"name": "web", "type": "warc", "paths": [warc_dir],
-                                              "extractor": extractor}],
-                                 "prepared_dir": os.path.join(tmp, f"out-{name}"), "val_fraction": 0.01,
-                                 "unit_files": unit_files}, "tokenizer": tokenizer}, f)
+        yaml.safe_dump(
+            {
+                "data": {
+                    "sources": [{"name": "web", "type": "warc", "paths": [warc_dir], "extractor": extractor}],
+                    "prepared_dir": os.path.join(tmp, f"out-{name}"),
+                    "val_fraction": 0.01,
+                    "unit_files": unit_files,
+                },
+                "tokenizer": tokenizer,
+            },
+            f,
+        )
     return path
 
 
@@ -116,8 +131,12 @@ def main() -> None:
         real = pages(limit)
         warc_dir = os.path.join(tmp, "raw")
         warc_bytes = write_warcs([p.path for p in real], warc_dir, files=2)
-        sp = {"type": "sentencepiece", "path": os.path.join(tmp, "sp.model"), "vocab_size": VOCAB,
-              "sample_bytes": 50_000_000}
+        sp = {
+            "type": "sentencepiece",
+            "path": os.path.join(tmp, "sp.model"),
+            "vocab_size": VOCAB,
+            "sample_bytes": 50_000_000,
+        }
         sp_recipe = recipe(tmp, "sp", warc_dir, sp, "resiliparse")
         loaded = load_recipe(sp_recipe)
         texts = list(sample_texts(loaded, sp_recipe))
@@ -127,15 +146,31 @@ def main() -> None:
         hf_tok = {"type": "hf", "path": os.path.join(tmp, "hf-tok")}
         contenders = {
             "llmforge, trafilatura (the stages datatrove runs)": [
-                sys.executable, "launch/prepare_data.py", "--workers", "1", "--recipe",
-                recipe(tmp, "traf", warc_dir, hf_tok, "trafilatura", unit_files=2)],
+                sys.executable,
+                "launch/prepare_data.py",
+                "--workers",
+                "1",
+                "--recipe",
+                recipe(tmp, "traf", warc_dir, hf_tok, "trafilatura", unit_files=2),
+            ],
             "llmforge, resiliparse (its default)": [
-                sys.executable, "launch/prepare_data.py", "--workers", "1", "--recipe",
-                recipe(tmp, "resi", warc_dir, hf_tok, "resiliparse", unit_files=2)],
+                sys.executable,
+                "launch/prepare_data.py",
+                "--workers",
+                "1",
+                "--recipe",
+                recipe(tmp, "resi", warc_dir, hf_tok, "resiliparse", unit_files=2),
+            ],
         }
         if args.datatrove_python:
-            contenders["datatrove 0.10.1"] = [args.datatrove_python, "bench/datatrove_side.py", "pipeline",
-                                              warc_dir, os.path.join(tmp, "dt"), hf_tok["path"]]
+            contenders["datatrove 0.10.1"] = [
+                args.datatrove_python,
+                "bench/datatrove_side.py",
+                "pipeline",
+                warc_dir,
+                os.path.join(tmp, "dt"),
+                hf_tok["path"],
+            ]
         outputs = dict(zip(contenders, ("out-traf", "out-resi", "dt")))
         walls: dict = {k: [] for k in contenders}
         for _ in range(runs):
@@ -149,8 +184,14 @@ def main() -> None:
         scale: dict = {1: [], 2: []}
         for _ in range(runs):
             for workers in scale:
-                cmd = [sys.executable, "launch/prepare_data.py", "--workers", str(workers), "--recipe",
-                       recipe(tmp, f"w{workers}", warc_dir, hf_tok, "resiliparse")]
+                cmd = [
+                    sys.executable,
+                    "launch/prepare_data.py",
+                    "--workers",
+                    str(workers),
+                    "--recipe",
+                    recipe(tmp, f"w{workers}", warc_dir, hf_tok, "resiliparse"),
+                ]
                 shutil.rmtree(os.path.join(tmp, f"out-w{workers}"), ignore_errors=True)  # nothing to skip
                 scale[workers].append(timed(cmd)[0])
         n_pages = len(real)
@@ -159,7 +200,8 @@ def main() -> None:
             "",
             f"Command: `python bench/data_pipeline.py --runs {runs}"
             + (f" --pages-per-family {limit}" if limit else "")
-            + (" --datatrove-python PY" if args.datatrove_python else "") + f"` on {os.cpu_count()} cores "
+            + (" --datatrove-python PY" if args.datatrove_python else "")
+            + f"` on {os.cpu_count()} cores "
             f"({platform.machine()}), Python {platform.python_version()}. Input: {n_pages} real HTML pages "
             f"(bench/real_pages.py: Python and Node.js documentation) in 2 gzipped WARC files, "
             f"{warc_bytes / 1e6:.1f} MB compressed. Tokenizers trained on the cleaned pages (not timed): "
@@ -185,15 +227,26 @@ def main() -> None:
         for name, ws in walls.items():
             med = statistics.median(ws)
             ratio = f"{base / med:.2f}x" if base else "n/a"
-            lines.append(f"| {name} | {med:.1f} ({', '.join(f'{w:.1f}' for w in ws)}) | {n_pages / med:.1f} | "
-                         f"{warc_bytes / 1e6 / med:.2f} | {ratio} |")
-        lines += ["", "## Scaling (resiliparse, 2 work units: one per WARC file)", "", "| workers | wall s (runs) |",
-                  "|---|---|"]
-        lines += [f"| {w} | {statistics.median(ws):.1f} ({', '.join(f'{x:.1f}' for x in ws)}) |"
-                  for w, ws in scale.items()]
+            lines.append(
+                f"| {name} | {med:.1f} ({', '.join(f'{w:.1f}' for w in ws)}) | {n_pages / med:.1f} | "
+                f"{warc_bytes / 1e6 / med:.2f} | {ratio} |"
+            )
+        lines += [
+            "",
+            "## Scaling (resiliparse, 2 work units: one per WARC file)",
+            "",
+            "| workers | wall s (runs) |",
+            "|---|---|",
+        ]
+        lines += [
+            f"| {w} | {statistics.median(ws):.1f} ({', '.join(f'{x:.1f}' for x in ws)}) |" for w, ws in scale.items()
+        ]
         for name, m in manifests.items():
-            lines += ["", f"llmforge with {name}: kept {m['stats']['kept']} of {m['stats']['read']} pages; stats: "
-                          f"`{json.dumps(m['stats'])}`."]
+            lines += [
+                "",
+                f"llmforge with {name}: kept {m['stats']['kept']} of {m['stats']['read']} pages; stats: "
+                f"`{json.dumps(m['stats'])}`.",
+            ]
         text = "\n".join(lines) + "\n"
         write_result(text, args.out, "data_pipeline.md")
         print(text)

@@ -36,8 +36,12 @@ def main() -> None:
     )
 
     extractor = Trafilatura(favour_precision=True)
-    filters = [GopherRepetitionFilter(), GopherQualityFilter(), C4QualityFilter(filter_no_terminal_punct=False),
-               FineWebQualityFilter()]
+    filters = [
+        GopherRepetitionFilter(),
+        GopherQualityFilter(),
+        C4QualityFilter(filter_no_terminal_punct=False),
+        FineWebQualityFilter(),
+    ]
     paths = json.load(sys.stdin)
     extractor.extract("<html><body><p>warm-up</p></body></html>")
     for path in paths:
@@ -54,8 +58,11 @@ def main() -> None:
             if not keep:
                 dropped = f"{type(flt).__name__}:{reason}"
                 break
-        print(json.dumps({"path": path, "extracted": text, "final": None if dropped else doc.text,
-                          "dropped": dropped, "ms": ms}))
+        print(
+            json.dumps(
+                {"path": path, "extracted": text, "final": None if dropped else doc.text, "dropped": dropped, "ms": ms}
+            )
+        )
 
 
 def pipeline(warc_dir: str, work: str, tokenizer_dir: str) -> None:
@@ -78,22 +85,35 @@ def pipeline(warc_dir: str, work: str, tokenizer_dir: str) -> None:
 
     config = MinhashConfig(hash_config=HashConfig(hash_fc="sha1", precision=64))
     stages = {
-        "extract+filter": [WarcReader(warc_dir, glob_pattern="*.warc.gz"), Trafilatura(favour_precision=True),
-                           GopherRepetitionFilter(), GopherQualityFilter(), JsonlWriter(f"{work}/filtered")],
+        "extract+filter": [
+            WarcReader(warc_dir, glob_pattern="*.warc.gz"),
+            Trafilatura(favour_precision=True),
+            GopherRepetitionFilter(),
+            GopherQualityFilter(),
+            JsonlWriter(f"{work}/filtered"),
+        ],
         "minhash signatures": [JsonlReader(f"{work}/filtered"), MinhashDedupSignature(f"{work}/sigs", config=config)],
         "minhash buckets": [MinhashDedupBuckets(f"{work}/sigs", f"{work}/buckets", config=config)],
         "minhash cluster": [MinhashDedupCluster(f"{work}/buckets", f"{work}/remove", config=config)],
-        "dedup+tokenize": [JsonlReader(f"{work}/filtered"), MinhashDedupFilter(f"{work}/remove"),
-                           DocumentTokenizer(f"{work}/tokens", tokenizer_name_or_path=os.path.join(
-                               tokenizer_dir, "tokenizer.json"), eos_token="</s>", shuffle_documents=False)],
+        "dedup+tokenize": [
+            JsonlReader(f"{work}/filtered"),
+            MinhashDedupFilter(f"{work}/remove"),
+            DocumentTokenizer(
+                f"{work}/tokens",
+                tokenizer_name_or_path=os.path.join(tokenizer_dir, "tokenizer.json"),
+                eos_token="</s>",
+                shuffle_documents=False,
+            ),
+        ],
     }
     times = {}
     started = time.perf_counter()
     for name, steps in stages.items():
         t = time.perf_counter()
         tasks = config.num_buckets if name == "minhash buckets" else 1  # one task per bucket, run one at a time
-        LocalPipelineExecutor(pipeline=steps, tasks=tasks, workers=1, logging_dir=f"{work}/logs/{name}",
-                              skip_completed=False).run()
+        LocalPipelineExecutor(
+            pipeline=steps, tasks=tasks, workers=1, logging_dir=f"{work}/logs/{name}", skip_completed=False
+        ).run()
         times[name] = round(time.perf_counter() - t, 2)
     print(json.dumps({"seconds": round(time.perf_counter() - started, 2), "stages": times}))
 

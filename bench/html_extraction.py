@@ -37,10 +37,17 @@ def row(name: str, sel: list[Page], texts: list[str], ms: float, finals: list) -
     raw = [score(t, p) for t, p in zip(texts, sel)]
     kept = [(f, p) for f, p in zip(finals, sel) if f is not None]
     fin = [score(f, p) for f, p in kept]
-    return [name, f"{ms:.1f}", str(sum(not t.strip() for t in texts)), f"{_mean([r for r, _ in raw]):.1%}",
-            f"{_mean([leak for _, leak in raw]):.1%}", f"{len(kept)}/{len(sel)}",
-            f"{_mean([r for r, _ in fin]):.1%}", f"{_mean([leak for _, leak in fin]):.1%}",
-            f"{sum(r for r, _ in fin) / len(sel):.1%}"]
+    return [
+        name,
+        f"{ms:.1f}",
+        str(sum(not t.strip() for t in texts)),
+        f"{_mean([r for r, _ in raw]):.1%}",
+        f"{_mean([leak for _, leak in raw]):.1%}",
+        f"{len(kept)}/{len(sel)}",
+        f"{_mean([r for r, _ in fin]):.1%}",
+        f"{_mean([leak for _, leak in fin]):.1%}",
+        f"{sum(r for r, _ in fin) / len(sel):.1%}",
+    ]
 
 
 def llmforge_pipeline(sel: list[Page], extractor: str, line_rules: bool) -> tuple[list[str], float, list]:
@@ -58,15 +65,24 @@ def llmforge_pipeline(sel: list[Page], extractor: str, line_rules: bool) -> tupl
 
 
 def datatrove_pipeline(sel: list[Page], python: str) -> tuple[list[str], float, list, dict]:
-    out = subprocess.run([python, os.path.join(os.path.dirname(__file__), "datatrove_side.py")],
-                         input=json.dumps([p.path for p in sel]), capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [python, os.path.join(os.path.dirname(__file__), "datatrove_side.py")],
+        input=json.dumps([p.path for p in sel]),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     rows = {r["path"]: r for r in map(json.loads, out.stdout.strip().splitlines())}
     reasons: dict = {}
     for r in rows.values():
         if r["dropped"]:
             reasons[r["dropped"]] = reasons.get(r["dropped"], 0) + 1
-    return ([rows[p.path]["extracted"] for p in sel], _mean([rows[p.path]["ms"] for p in sel]),
-            [rows[p.path]["final"] for p in sel], reasons)
+    return (
+        [rows[p.path]["extracted"] for p in sel],
+        _mean([rows[p.path]["ms"] for p in sel]),
+        [rows[p.path]["final"] for p in sel],
+        reasons,
+    )
 
 
 def main() -> None:
@@ -78,13 +94,24 @@ def main() -> None:
     args = ap.parse_args()
     limit = 5 if args.quick else args.pages_per_family
     every = pages(limit)
-    header = ["pipeline", "ms / page (extraction)", "empty", "recall (extracted)", "leak (extracted)",
-              "pages kept", "recall (kept pages)", "leak (kept pages)", "recall (all pages, dropped = 0)"]
+    header = [
+        "pipeline",
+        "ms / page (extraction)",
+        "empty",
+        "recall (extracted)",
+        "leak (extracted)",
+        "pages kept",
+        "recall (kept pages)",
+        "leak (kept pages)",
+        "recall (all pages, dropped = 0)",
+    ]
     lines = [
         "# HTML main-text extraction on real pages",
         "",
-        "Command: `python bench/html_extraction.py" + (f" --pages-per-family {limit}" if limit else "")
-        + (" --datatrove-python PY" if args.datatrove_python else "") + f"`; {platform.machine()}, one core, "
+        "Command: `python bench/html_extraction.py"
+        + (f" --pages-per-family {limit}" if limit else "")
+        + (" --datatrove-python PY" if args.datatrove_python else "")
+        + f"`; {platform.machine()}, one core, "
         f"Python {platform.python_version()}. Pages: bench/real_pages.py — "
         + ", ".join(f"{fam} ({sum(p.path.startswith(FAMILIES[fam][0]) for p in every)} pages)" for fam in FAMILIES)
         + ". Recall: share of the main block's sentences (6+ words) found in the text; leak: share of the page's "
@@ -101,8 +128,7 @@ def main() -> None:
         sel = [p for p in every if p.path.startswith(FAMILIES[fam][0])]
         if not sel:
             continue
-        lines += ["", f"## {fam} ({len(sel)} pages)", "", "| " + " | ".join(header) + " |",
-                  "|" + "---|" * len(header)]
+        lines += ["", f"## {fam} ({len(sel)} pages)", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for extractor in ("trafilatura", "resiliparse"):
             for rules in (False, True):
                 texts, ms, finals = llmforge_pipeline(sel, extractor, rules)
@@ -113,9 +139,14 @@ def main() -> None:
             drops_all[fam] = drops
             lines.append("| " + " | ".join(row("datatrove (FineWeb pipeline)", sel, texts, ms, finals)) + " |")
     if drops_all:
-        lines += ["", "datatrove's drop reasons: " + "; ".join(
-            f"{fam}: " + ", ".join(f"{k} {v}" for k, v in sorted(d.items(), key=lambda kv: -kv[1]))
-            for fam, d in drops_all.items())]
+        lines += [
+            "",
+            "datatrove's drop reasons: "
+            + "; ".join(
+                f"{fam}: " + ", ".join(f"{k} {v}" for k, v in sorted(d.items(), key=lambda kv: -kv[1]))
+                for fam, d in drops_all.items()
+            ),
+        ]
     text = "\n".join(lines) + "\n"
     write_result(text, args.out, "html_extraction.md")
     print(text)

@@ -56,8 +56,12 @@ def main() -> None:
     compiled = GPT(cfg).to(device, torch.bfloat16)
     compiled.load_state_dict(base.state_dict())
     compiled.loss.compile()
-    variants = {"eager": (base, 0), "train.compile": (compiled, 0), f"loss_chunk {args.chunk}": (base, args.chunk),
-                f"loss_chunk {args.chunk} + train.compile": (compiled, args.chunk)}
+    variants = {
+        "eager": (base, 0),
+        "train.compile": (compiled, 0),
+        f"loss_chunk {args.chunk}": (base, args.chunk),
+        f"loss_chunk {args.chunk} + train.compile": (compiled, args.chunk),
+    }
 
     def step(model: GPT, chunk: int) -> tuple[torch.Tensor, int]:
         """One forward + backward; the bytes kept for backward."""
@@ -104,25 +108,32 @@ def main() -> None:
     from importlib.metadata import version
 
     dev_name = torch.cuda.get_device_name().replace(" ", "-") if gpu else "cpu"
-    mb = 2 ** 20
-    lines = [f"# LM head + loss, {dev_name}, {datetime.date.today()}", "",
-             f"Command: `python bench/lm_loss.py --tokens {n} --d-model {d} --vocab {vocab} --chunk {args.chunk}"
-             + (" --quick" if args.quick else "") + f"`; torch {version('torch')}, {os.cpu_count()} CPU cores "
-             f"visible, torch threads {torch.get_num_threads()}. Forward + backward of the bf16 head and the fp32 "
-             f"loss over {n} tokens; median of {len(times['eager'])} steps after 2 warm-up steps, the variants "
-             f"taking turns in {args.rounds} rounds. Kept: bytes autograd keeps for backward (the weight and the "
-             "input excluded); planned: `llmforge plan`'s count for the logits (kept part; with its transients "
-             "against the GPU peak).", "",
-             "| variant | step ms | vs eager | loss | kept MB | planned kept MB | GPU peak MB | planned peak MB |",
-             "|---|---|---|---|---|---|---|---|"]
+    mb = 2**20
+    lines = [
+        f"# LM head + loss, {dev_name}, {datetime.date.today()}",
+        "",
+        f"Command: `python bench/lm_loss.py --tokens {n} --d-model {d} --vocab {vocab} --chunk {args.chunk}"
+        + (" --quick" if args.quick else "")
+        + f"`; torch {version('torch')}, {os.cpu_count()} CPU cores "
+        f"visible, torch threads {torch.get_num_threads()}. Forward + backward of the bf16 head and the fp32 "
+        f"loss over {n} tokens; median of {len(times['eager'])} steps after 2 warm-up steps, the variants "
+        f"taking turns in {args.rounds} rounds. Kept: bytes autograd keeps for backward (the weight and the "
+        "input excluded); planned: `llmforge plan`'s count for the logits (kept part; with its transients "
+        "against the GPU peak).",
+        "",
+        "| variant | step ms | vs eager | loss | kept MB | planned kept MB | GPU peak MB | planned peak MB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     ref = statistics.median(times["eager"])
     for name, (model, chunk) in variants.items():
         med = statistics.median(times[name])
         comp = model is compiled
         planned_peak = logits_bytes(n, vocab, 2, chunk, comp, True)
         gpu_cols = f"{peak[name] / mb:.1f} | {planned_peak / mb:.1f}" if gpu else "n/a | n/a"
-        lines.append(f"| {name} | {med * 1e3:.1f} | {med / ref:.2f}x | {losses[name]:.4f} | {kept[name] / mb:.1f} | "
-                     f"{logits_bytes(n, vocab, 2, chunk, comp, False) / mb:.1f} | {gpu_cols} |")
+        lines.append(
+            f"| {name} | {med * 1e3:.1f} | {med / ref:.2f}x | {losses[name]:.4f} | {kept[name] / mb:.1f} | "
+            f"{logits_bytes(n, vocab, 2, chunk, comp, False) / mb:.1f} | {gpu_cols} |"
+        )
     text = "\n".join(lines) + "\n"
     print(text)
     write_result(text, args.out, f"{dev_name}-{datetime.date.today()}-lm-loss.md")

@@ -29,10 +29,21 @@ RUN = "loss-identity"
 def demo_losses(steps: int, ranks: int) -> list[float]:
     run_dir = os.path.join("runs", RUN)
     shutil.rmtree(run_dir, ignore_errors=True)
-    cmd = ["deepspeed", "--num_gpus", str(ranks), "launch/pretrain.py", "--recipe", RECIPE, "--resume", "none",
-           "--set", f"run.name={RUN}", "--set", "logging.interval=1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    cmd = [
+        "deepspeed",
+        "--num_gpus",
+        str(ranks),
+        "launch/pretrain.py",
+        "--recipe",
+        RECIPE,
+        "--resume",
+        "none",
+        "--set",
+        f"run.name={RUN}",
+        "--set",
+        "logging.interval=1",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         while proc.poll() is None:
             time.sleep(1)
@@ -40,7 +51,9 @@ def demo_losses(steps: int, ranks: int) -> list[float]:
                 break
         else:
             if proc.returncode != 0:
-                sys.exit(f"training failed (exit {proc.returncode}): {proc.stderr.read()[-2000:] if proc.stderr else ''}")
+                sys.exit(
+                    f"training failed (exit {proc.returncode}): {proc.stderr.read()[-2000:] if proc.stderr else ''}"
+                )
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -69,8 +82,11 @@ def main() -> None:
     losses = demo_losses(args.steps, args.ranks)
     if args.record:
         with open(args.record, "w", encoding="utf-8") as f:
-            json.dump({"recipe": RECIPE, "ranks": args.ranks, "steps": args.steps,
-                       "losses": [float.hex(x) for x in losses]}, f, indent=0)
+            json.dump(
+                {"recipe": RECIPE, "ranks": args.ranks, "steps": args.steps, "losses": [float.hex(x) for x in losses]},
+                f,
+                indent=0,
+            )
         print(f"recorded {len(losses)} losses to {args.record}: first {losses[0]!r}, last {losses[-1]!r}")
         return
     with open(args.check, encoding="utf-8") as f:
@@ -78,8 +94,10 @@ def main() -> None:
     diff = [i + 1 for i, (a, b) in enumerate(zip(losses, ref)) if float.hex(a) != float.hex(b)]
     if diff:
         first = diff[0] - 1
-        sys.exit(f"{len(diff)} of {len(ref)} steps differ; first at step {diff[0]}: {losses[first]!r} "
-                 f"vs recorded {ref[first]!r}")
+        sys.exit(
+            f"{len(diff)} of {len(ref)} steps differ; first at step {diff[0]}: {losses[first]!r} "
+            f"vs recorded {ref[first]!r}"
+        )
     print(f"all {len(ref)} losses bit-identical to {args.check} (last {losses[-1]!r})")
 
 

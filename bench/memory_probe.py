@@ -1,8 +1,8 @@
 """Measure what a training rank holds after one step, to check the planner's model-state formula.
 
 Run under a launcher: `deepspeed --num_gpus 2 bench/memory_probe.py --stage 2 --d-model 512 --layers 8`. Rank 0
-prints one JSON line: parameters, ZeRO stage, world size, for every rank the peak memory of the second optimizer step over the
-memory just after process-group start-up (CPU: peak RSS, reset before the step; run with MALLOC_MMAP_THRESHOLD_=65536
+prints one JSON line: parameters, ZeRO stage, world size, for every rank the peak memory of the second optimizer
+step over the memory just after process-group start-up (CPU: peak RSS, reset before the step; run with MALLOC_MMAP_THRESHOLD_=65536
 so that freed tensors leave RSS; GPU: peak allocated), and the planner's prediction. A micro-batch of
 one 16-token sequence keeps activations negligible next to the model states.
 """
@@ -46,13 +46,24 @@ def main() -> None:
     deepspeed.init_distributed(dist_backend=accel.communication_backend_name())
     release_shm_segment()
     world = torch.distributed.get_world_size()
-    cfg = ModelConfig(vocab_size=args.vocab, max_seq_len=16, d_model=args.d_model, n_layers=args.layers,
-                      n_heads=8, n_kv_heads=8)
-    ds = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "bf16": {"enabled": True},
-          "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
-          "zero_optimization": {"stage": args.stage, "reduce_bucket_size": 1e6, "allgather_bucket_size": 1e6,
-                                "stage3_prefetch_bucket_size": 1e6, "stage3_max_live_parameters": 1e6,
-                                "stage3_param_persistence_threshold": 1e4, "overlap_comm": False}}
+    cfg = ModelConfig(
+        vocab_size=args.vocab, max_seq_len=16, d_model=args.d_model, n_layers=args.layers, n_heads=8, n_kv_heads=8
+    )
+    ds = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "bf16": {"enabled": True},
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
+        "zero_optimization": {
+            "stage": args.stage,
+            "reduce_bucket_size": 1e6,
+            "allgather_bucket_size": 1e6,
+            "stage3_prefetch_bucket_size": 1e6,
+            "stage3_max_live_parameters": 1e6,
+            "stage3_param_persistence_threshold": 1e4,
+            "overlap_comm": False,
+        },
+    }
     on_gpu = accel.device_name() != "cpu"
     before = torch.cuda.memory_allocated() if on_gpu else rss_bytes()
     if args.stage == 3:
@@ -78,8 +89,18 @@ def main() -> None:
     measured = [None] * world
     torch.distributed.all_gather_object(measured, after - before)
     if engine.global_rank == 0:
-        print(json.dumps({"stage": args.stage, "world": world, "params": n, "measured_bytes": measured,
-                          "predicted_bytes": predicted}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "stage": args.stage,
+                    "world": world,
+                    "params": n,
+                    "measured_bytes": measured,
+                    "predicted_bytes": predicted,
+                }
+            ),
+            flush=True,
+        )
     torch.distributed.barrier()
     os._exit(0)
 

@@ -24,11 +24,23 @@ from typing import Optional
 _SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z(\"'])")
 # family: (root, Debian package, main block, boilerplate blocks)
 FAMILIES = {
-    "python-docs": ("/usr/share/doc/python3.11/html", "python3.11-doc", "//div[@role='main']",
-                    ("//div[contains(@class,'sphinxsidebar')]", "//div[contains(@class,'related')]",
-                     "//div[contains(@class,'footer')]", "//div[contains(@class,'mobile-nav')]")),
-    "nodejs-docs": ("/usr/share/doc/nodejs/api", "nodejs", "//div[@id='apicontent']",
-                    ("//div[@id='column2']", "//header")),
+    "python-docs": (
+        "/usr/share/doc/python3.11/html",
+        "python3.11-doc",
+        "//div[@role='main']",
+        (
+            "//div[contains(@class,'sphinxsidebar')]",
+            "//div[contains(@class,'related')]",
+            "//div[contains(@class,'footer')]",
+            "//div[contains(@class,'mobile-nav')]",
+        ),
+    ),
+    "nodejs-docs": (
+        "/usr/share/doc/nodejs/api",
+        "nodejs",
+        "//div[@id='apicontent']",
+        ("//div[@id='column2']", "//header"),
+    ),
 }
 
 
@@ -54,9 +66,13 @@ def pages(limit: int = 0, min_sentences: int = 5, families: tuple[str, ...] = tu
             continue
         n = 0
         for path in sorted(glob.glob(os.path.join(root, "**", "*.html"), recursive=True)):
-            rel = path[len(root):]
-            if "/_" in rel or rel.endswith(("genindex.html", "search.html", "/all.html", "/index.html")) \
-                    or "genindex-" in rel or "py-modindex" in rel:
+            rel = path[len(root) :]
+            if (
+                "/_" in rel
+                or rel.endswith(("genindex.html", "search.html", "/all.html", "/index.html"))
+                or "genindex-" in rel
+                or "py-modindex" in rel
+            ):
                 continue
             with open(path, "rb") as f:
                 page = _page(path, f.read(), main_xpath, boiler_xpaths, min_sentences)
@@ -70,8 +86,9 @@ def pages(limit: int = 0, min_sentences: int = 5, families: tuple[str, ...] = tu
     return out
 
 
-def _page(path: str, html: bytes, main_xpath: str, boiler_xpaths: tuple[str, ...], min_sentences: int) -> \
-        Optional[Page]:
+def _page(
+    path: str, html: bytes, main_xpath: str, boiler_xpaths: tuple[str, ...], min_sentences: int
+) -> Optional[Page]:
     import lxml.html
 
     tree = lxml.html.fromstring(html)
@@ -79,8 +96,7 @@ def _page(path: str, html: bytes, main_xpath: str, boiler_xpaths: tuple[str, ...
     if not main:
         return None
     main_text = norm(main[0].text_content())
-    sentences = [s for p in main[0].iter("p") for s in _SENTENCE.split(norm(p.text_content()))
-                 if len(s.split()) >= 6]
+    sentences = [s for p in main[0].iter("p") for s in _SENTENCE.split(norm(p.text_content())) if len(s.split()) >= 6]
     boiler = set()
     for xp in boiler_xpaths:
         for block in tree.xpath(xp):

@@ -93,8 +93,10 @@ def planner_line(recipe, origin: str, vocab: int, stage: int, measured_gb) -> st
     what = f"llmforge{' with train.compile' if recipe.train.compile else ''} (ZeRO-{stage}, {mode})"
     if measured_gb is None:
         return f"- planner: {predicted:.3g} GB per GPU predicted for {what}; no GPU to measure"
-    return (f"- planner: {predicted:.2f} GB per GPU predicted for {what}, "
-            f"{measured_gb:.2f} GB measured (max_memory_allocated): error {predicted / measured_gb - 1:+.1%}")
+    return (
+        f"- planner: {predicted:.2f} GB per GPU predicted for {what}, "
+        f"{measured_gb:.2f} GB measured (max_memory_allocated): error {predicted / measured_gb - 1:+.1%}"
+    )
 
 
 def main() -> None:
@@ -103,9 +105,13 @@ def main() -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--rounds", type=int, default=6,
-                   help="timed steps split into this many rounds, the contenders taking turns in each (all in memory "
-                        "at once); 1 = one contender at a time, for models too big to hold three")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=6,
+        help="timed steps split into this many rounds, the contenders taking turns in each (all in memory "
+        "at once); 1 = one contender at a time, for models too big to hold three",
+    )
     p.add_argument("--compile", action="store_true", help="also time each trainer with compiled blocks and loss")
     p.add_argument("--quick", action="store_true", help="tiny model, 3 timed steps (checks the script runs)")
     p.add_argument("--out", default=None)
@@ -130,8 +136,15 @@ def main() -> None:
 
     overrides = list(args.overrides)
     if args.quick:
-        overrides += ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
-                      "data.seq_len=64", "train.micro_batch_size=4", "train.warmup_steps=1"]
+        overrides += [
+            "model.d_model=64",
+            "model.n_layers=2",
+            "model.n_heads=4",
+            "model.n_kv_heads=2",
+            "data.seq_len=64",
+            "train.micro_batch_size=4",
+            "train.warmup_steps=1",
+        ]
         args.steps, args.warmup, args.rounds = 3, 1, min(args.rounds, 3)
     recipe = load_recipe(args.recipe, overrides)
     recipe = dataclasses.replace(recipe, eval=dataclasses.replace(recipe.eval, interval=0))
@@ -151,8 +164,10 @@ def main() -> None:
     data = RandomTokens(vocab, seq)
     ckpt = recipe.model.activation_checkpointing
     if ckpt.mode not in ("none", "full"):
-        sys.exit(f"error: activation checkpointing {ckpt.mode!r}: HF Llama has only none or full; pass "
-                 f"--set model.activation_checkpointing.mode=none (or full)")
+        sys.exit(
+            f"error: activation checkpointing {ckpt.mode!r}: HF Llama has only none or full; pass "
+            f"--set model.activation_checkpointing.mode=none (or full)"
+        )
     seed_everything(0)
     base = GPT(recipe.model)
     n_body = base.num_params(non_embedding=True)
@@ -164,10 +179,17 @@ def main() -> None:
         model = apply_activation_checkpointing(copy.deepcopy(base), ckpt)
         if compiled:
             compile_model(model)
-        engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, t.weight_decay),
-                                          config=copy.deepcopy(ds_config))
-        trainer = Trainer(engine, TrainerConfig.from_recipe(recipe, 1, 0.0, None, FaultInjector()),
-                          TaskData(data, None), Objective.language_modeling(t), None, Metrics("/tmp", False))
+        engine, *_ = deepspeed.initialize(
+            model=model, model_parameters=param_groups(model, t.weight_decay), config=copy.deepcopy(ds_config)
+        )
+        trainer = Trainer(
+            engine,
+            TrainerConfig.from_recipe(recipe, 1, 0.0, None, FaultInjector()),
+            TaskData(data, None),
+            Objective.language_modeling(t),
+            None,
+            Metrics("/tmp", False),
+        )
 
         def release() -> None:
             trainer.batches.close()
@@ -203,8 +225,9 @@ def main() -> None:
         if compiled:
             for layer in hf.model.layers:
                 layer.compile()
-        engine, *_ = deepspeed.initialize(model=hf, model_parameters=param_groups(hf, t.weight_decay),
-                                          config=copy.deepcopy(ds_config))
+        engine, *_ = deepspeed.initialize(
+            model=hf, model_parameters=param_groups(hf, t.weight_decay), config=copy.deepcopy(ds_config)
+        )
         position = iter(range(0, 1 << 62, t.micro_batch_size))
 
         def cross_entropy(logits, targets):
@@ -223,9 +246,11 @@ def main() -> None:
 
         return step, engine.destroy  # DeepSpeed's hooks keep an engine alive until it is destroyed
 
-    contenders = [(key + (" (compiled)" if compiled else ""), fn, compiled)
-                  for compiled in ([False, True] if args.compile else [False])
-                  for key, fn in (("llmforge", run_llmforge), ("torch", run_torch), ("hf+deepspeed", run_hf))]
+    contenders = [
+        (key + (" (compiled)" if compiled else ""), fn, compiled)
+        for compiled in ([False, True] if args.compile else [False])
+        for key, fn in (("llmforge", run_llmforge), ("torch", run_torch), ("hf+deepspeed", run_hf))
+    ]
     # GPU memory of each trainer: what it keeps between steps (weights, gradients, optimizer states, measured across
     # its build and warm-up) plus the most its own timed steps add on top of everything resident then
     gpu = not on_cpu and torch.cuda.is_available()
@@ -274,28 +299,33 @@ def main() -> None:
     fpt = flops_per_token(n_body, recipe.model, seq)
     from importlib.metadata import version
 
-    lines = [f"# Training-step throughput, {name}, {datetime.date.today()}", "",
-             f"Command: `python bench/train_throughput.py --recipe {args.recipe}"
-             + "".join(f" --set {o}" for o in args.overrides) + (" --compile" if args.compile else "")
-             + (f" --steps {args.steps}" if args.steps != 30 and not args.quick else "")
-             + (f" --warmup {args.warmup}" if args.warmup != 5 and not args.quick else "")
-             + (f" --rounds {args.rounds}" if args.rounds != 6 else "")
-             + (" --quick" if args.quick else "") + "`; "
-             f"torch {version('torch')}, deepspeed {version('deepspeed')}, transformers {version('transformers')}, "
-             f"{os.cpu_count()} CPU cores visible, torch threads {torch.get_num_threads()}, "
-             f"allocator: {allocator.current()}.",
-             f"Model: {recipe.model.d_model} d_model, {recipe.model.n_layers} layers, {recipe.model.n_heads} heads "
-             f"({recipe.model.n_kv_heads or recipe.model.n_heads} kv), vocab {vocab}, {n_body / 1e6:.2f}M "
-             f"non-embedding parameters; {t.micro_batch_size} x {seq} tokens x {t.grad_accum_steps} accumulation "
-             f"per step; ZeRO-{zero_stage(ds_config)}, {t.precision}, activation checkpointing {ckpt.mode}, "
-             f"1 process. Median of {len(results['llmforge'])} "
-             + ("steps" if not gpu else "rounds' mean step times (each round timed whole: no wait between its steps)")
-             + f" after {args.warmup} warm-up steps"
-             + (f", the contenders taking turns in {args.rounds} rounds." if args.rounds > 1
-                else ", one after the other."), "",
-             "| trainer | median step s | tokens/s | MFU | peak GB | llmforge speed-up over it (same mode) |",
-             "|---|---|---|---|---|---|"]
-    peak_gb = {key: (resident[key] + transient[key]) / 1024 ** 3 for key in transient}
+    lines = [
+        f"# Training-step throughput, {name}, {datetime.date.today()}",
+        "",
+        f"Command: `python bench/train_throughput.py --recipe {args.recipe}"
+        + "".join(f" --set {o}" for o in args.overrides)
+        + (" --compile" if args.compile else "")
+        + (f" --steps {args.steps}" if args.steps != 30 and not args.quick else "")
+        + (f" --warmup {args.warmup}" if args.warmup != 5 and not args.quick else "")
+        + (f" --rounds {args.rounds}" if args.rounds != 6 else "")
+        + (" --quick" if args.quick else "")
+        + "`; "
+        f"torch {version('torch')}, deepspeed {version('deepspeed')}, transformers {version('transformers')}, "
+        f"{os.cpu_count()} CPU cores visible, torch threads {torch.get_num_threads()}, "
+        f"allocator: {allocator.current()}.",
+        f"Model: {recipe.model.d_model} d_model, {recipe.model.n_layers} layers, {recipe.model.n_heads} heads "
+        f"({recipe.model.n_kv_heads or recipe.model.n_heads} kv), vocab {vocab}, {n_body / 1e6:.2f}M "
+        f"non-embedding parameters; {t.micro_batch_size} x {seq} tokens x {t.grad_accum_steps} accumulation "
+        f"per step; ZeRO-{zero_stage(ds_config)}, {t.precision}, activation checkpointing {ckpt.mode}, "
+        f"1 process. Median of {len(results['llmforge'])} "
+        + ("steps" if not gpu else "rounds' mean step times (each round timed whole: no wait between its steps)")
+        + f" after {args.warmup} warm-up steps"
+        + (f", the contenders taking turns in {args.rounds} rounds." if args.rounds > 1 else ", one after the other."),
+        "",
+        "| trainer | median step s | tokens/s | MFU | peak GB | llmforge speed-up over it (same mode) |",
+        "|---|---|---|---|---|---|",
+    ]
+    peak_gb = {key: (resident[key] + transient[key]) / 1024**3 for key in transient}
     for key, times in results.items():
         med = statistics.median(times)
         tps = tokens_per_step / med
@@ -304,15 +334,27 @@ def main() -> None:
         ref = statistics.median(results["llmforge (compiled)" if "compiled" in key else "llmforge"])
         lines.append(f"| {key} | {med:.4f} | {tps:,.0f} | {mfu} | {mem} | {med / ref:.2f}x |")
     med = {key: statistics.median(times) for key, times in results.items()}
-    lines += ["", f"- framework overhead against the plain PyTorch loop (eager): "
-                  f"{med['llmforge'] / med['torch'] - 1:+.1%} step time"]
+    lines += [
+        "",
+        f"- framework overhead against the plain PyTorch loop (eager): "
+        f"{med['llmforge'] / med['torch'] - 1:+.1%} step time",
+    ]
     if args.compile:
-        lines.append(f"- llmforge with train.compile against HF Llama + DeepSpeed as it ships (eager): "
-                     f"{med['hf+deepspeed'] / med['llmforge (compiled)']:.2f}x tokens/s")
-    for compiled in ([False, True] if args.compile else [False]):  # the plan of each llmforge contender
+        lines.append(
+            f"- llmforge with train.compile against HF Llama + DeepSpeed as it ships (eager): "
+            f"{med['hf+deepspeed'] / med['llmforge (compiled)']:.2f}x tokens/s"
+        )
+    for compiled in [False, True] if args.compile else [False]:  # the plan of each llmforge contender
         planned = dataclasses.replace(recipe, train=dataclasses.replace(t, compile=compiled))
-        lines.append(planner_line(planned, args.recipe, vocab, zero_stage(ds_config),
-                                  peak_gb.get("llmforge (compiled)" if compiled else "llmforge")))
+        lines.append(
+            planner_line(
+                planned,
+                args.recipe,
+                vocab,
+                zero_stage(ds_config),
+                peak_gb.get("llmforge (compiled)" if compiled else "llmforge"),
+            )
+        )
     text = "\n".join(lines) + "\n"
     print(text)
     write_result(text, args.out, f"{name}-{datetime.date.today()}-throughput.md")

@@ -91,5 +91,7 @@ def describe() -> str:
         return f"allocator: tcmalloc ({lib}); {ENV}=system for glibc's malloc"
     if requested() == "system":
         return f"allocator: glibc malloc ({ENV}=system)"
-    return ("allocator: glibc malloc (tcmalloc not found; on Debian/Ubuntu `apt-get install libtcmalloc-minimal4` "
-            "makes CPU training faster, see bench/allocator.py)")
+    return (
+        "allocator: glibc malloc (tcmalloc not found; on Debian/Ubuntu `apt-get install libtcmalloc-minimal4` "
+        "makes CPU training faster, see bench/allocator.py)"
+    )

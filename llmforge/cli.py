@@ -29,21 +29,32 @@ PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after saving a checkpoint; re
 
 def _recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", required=True, help="YAML recipe file")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe key, e.g. --set train.lr=3e-4 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe key, e.g. --set train.lr=3e-4 (repeatable)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmforge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    for name, text in (("pretrain", "pre-train a model from a recipe (run under deepspeed, torchrun or python)"),
-                       ("sft", "supervised fine-tuning on chat JSONL, starting from train.init_from"),
-                       ("dpo", "direct preference optimisation on {prompt, chosen, rejected} JSONL")):
+    for name, text in (
+        ("pretrain", "pre-train a model from a recipe (run under deepspeed, torchrun or python)"),
+        ("sft", "supervised fine-tuning on chat JSONL, starting from train.init_from"),
+        ("dpo", "direct preference optimisation on {prompt, chosen, rejected} JSONL"),
+    ):
         p = sub.add_parser(name, help=text)
         _recipe_args(p)
-        p.add_argument("--resume", default="auto",
-                       help="auto (newest complete checkpoint, else fresh) | none | PATH (checkpoint or run dir)")
+        p.add_argument(
+            "--resume",
+            default="auto",
+            help="auto (newest complete checkpoint, else fresh) | none | PATH (checkpoint or run dir)",
+        )
         p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
     p = sub.add_parser("train-tokenizer", help="train the recipe's tokenizer on data.sources")
@@ -51,16 +62,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prepare", help="clean, filter, dedup and tokenize data.sources into data.prepared_dir")
     _recipe_args(p)
-    p.add_argument("--shard-index", type=int, default=None,
-                   help="this job's slice of the inputs (default: SLURM_ARRAY_TASK_ID, else 0)")
-    p.add_argument("--num-shards", type=int, default=None,
-                   help="number of slices (default: SLURM_ARRAY_TASK_COUNT, else 1)")
+    p.add_argument(
+        "--shard-index",
+        type=int,
+        default=None,
+        help="this job's slice of the inputs (default: SLURM_ARRAY_TASK_ID, else 0)",
+    )
+    p.add_argument(
+        "--num-shards", type=int, default=None, help="number of slices (default: SLURM_ARRAY_TASK_COUNT, else 1)"
+    )
     p.add_argument("--workers", type=int, default=1, help="worker processes on this node")
     merge = p.add_mutually_exclusive_group()
-    merge.add_argument("--merge", dest="merge", action="store_true", default=None,
-                       help="after processing, merge every dataset (global dedup, final shards, manifest)")
-    merge.add_argument("--no-merge", dest="merge", action="store_false",
-                       help="only process this shard (default when --num-shards > 1)")
+    merge.add_argument(
+        "--merge",
+        dest="merge",
+        action="store_true",
+        default=None,
+        help="after processing, merge every dataset (global dedup, final shards, manifest)",
+    )
+    merge.add_argument(
+        "--no-merge", dest="merge", action="store_false", help="only process this shard (default when --num-shards > 1)"
+    )
     merge.add_argument("--merge-only", action="store_true", help="only merge (all shards must be complete)")
 
     p = sub.add_parser("corpus", help="write the demo corpus (Python standard-library sources) to a directory")
@@ -95,8 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="perplexity of a checkpoint on the val split of each dataset (JSON)")
     p.add_argument("--checkpoint", required=True, help="run directory, checkpoints directory or checkpoint")
-    p.add_argument("--dataset", action="append", default=None, metavar="DIR",
-                   help="prepared dataset directory (repeatable; default: the checkpoint's training datasets)")
+    p.add_argument(
+        "--dataset",
+        action="append",
+        default=None,
+        metavar="DIR",
+        help="prepared dataset directory (repeatable; default: the checkpoint's training datasets)",
+    )
     p.add_argument("--max-samples", type=int, default=None, help="score at most this many val windows per dataset")
     p.add_argument("--out", default=None, help="JSON path (default: <run dir>/eval/perplexity_step_<N>.json)")
 
@@ -145,9 +172,11 @@ def main(argv: Optional[list[str]] = None) -> None:
                 manifests = prepare(recipe, args.recipe, args.shard_index, args.num_shards, args.workers, args.merge)
             for name, m in manifests.items():
                 st = m["stats"]
-                print(f"{name}: read {st.get('read', 0)}, kept {st['kept']} documents; "
-                      f"train {m['splits']['train']['tokens']} tokens, val {m['splits']['val']['tokens']} tokens "
-                      f"-> {recipe.data.prepared_dir}/{name}")
+                print(
+                    f"{name}: read {st.get('read', 0)}, kept {st['kept']} documents; "
+                    f"train {m['splits']['train']['tokens']} tokens, val {m['splits']['val']['tokens']} tokens "
+                    f"-> {recipe.data.prepared_dir}/{name}"
+                )
     elif args.command == "corpus":
         files, size = build_stdlib_corpus(args.out, args.max_bytes)
         print(f"corpus: {files} files, {size / 1e6:.1f} MB -> {args.out}")
@@ -174,9 +203,11 @@ def main(argv: Optional[list[str]] = None) -> None:
             print(path)
     elif args.command == "summary":
         s = summarize(args.run)
-        print(f"steps {s['steps']} | val loss first {_fmt(s['first_val_loss'], '.4f')} -> last "
-              f"{_fmt(s['last_val_loss'], '.4f')} | train loss last {_fmt(s['last_train_loss'], '.4f')} | "
-              f"median {_fmt(s['median_tokens_per_s'], '.0f')} tokens/s")
+        print(
+            f"steps {s['steps']} | val loss first {_fmt(s['first_val_loss'], '.4f')} -> last "
+            f"{_fmt(s['last_val_loss'], '.4f')} | train loss last {_fmt(s['last_train_loss'], '.4f')} | "
+            f"median {_fmt(s['median_tokens_per_s'], '.0f')} tokens/s"
+        )
         if s["first_val_loss"] is not None and not s["last_val_loss"] < s["first_val_loss"]:
             sys.exit(1)
     elif args.command == "export-hf":
@@ -196,8 +227,15 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(f"-> {out}")
     elif args.command == "lm-eval":
         with contextlib.redirect_stdout(sys.stderr):
-            out, report = run_lm_eval(args.checkpoint, args.tasks.split(","), args.include_path, args.limit,
-                                      args.num_fewshot, args.batch_size, args.out)
+            out, report = run_lm_eval(
+                args.checkpoint,
+                args.tasks.split(","),
+                args.include_path,
+                args.limit,
+                args.num_fewshot,
+                args.batch_size,
+                args.out,
+            )
         for task, metrics in report["results"].items():
             shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
             print(f"{task}: {shown}")
@@ -206,9 +244,16 @@ def main(argv: Optional[list[str]] = None) -> None:
         for path in plot_run(args.run):
             print(path)
     elif args.command == "generate":
-        text = generate_text(args.checkpoint, args.prompt, max_new_tokens=args.max_new_tokens,
-                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                             use_cache=not args.no_cache)
+        text = generate_text(
+            args.checkpoint,
+            args.prompt,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+            use_cache=not args.no_cache,
+        )
         sys.stdout.write(text + "\n")
 
 

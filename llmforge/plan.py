@@ -42,7 +42,7 @@ from llmforge.config.deepspeed import compose_ds_config
 from llmforge.config.recipe import ModelConfig
 from llmforge.model.flops import flops_per_token
 
-GB = 1024 ** 3
+GB = 1024**3
 
 
 def count_params(cfg: ModelConfig) -> tuple[int, int]:
@@ -78,9 +78,19 @@ def model_state_bytes(n_params: int, stage: int, dp: int, precision: str = "bf16
     return {"params": params, "grads": grads, "optimizer": optim}
 
 
-def activation_bytes(cfg: ModelConfig, seq_len: int, micro_batch: int, mode: str, every: int = 1,
-                     fused_attention: bool = True, fused_norm: bool = True, elem: int = 2, loss_chunk: int = 0,
-                     compiled: bool = False, transients: bool = True) -> float:
+def activation_bytes(
+    cfg: ModelConfig,
+    seq_len: int,
+    micro_batch: int,
+    mode: str,
+    every: int = 1,
+    fused_attention: bool = True,
+    fused_norm: bool = True,
+    elem: int = 2,
+    loss_chunk: int = 0,
+    compiled: bool = False,
+    transients: bool = True,
+) -> float:
     """Activations of one micro-batch for an activation-checkpointing mode: what is kept for backward plus, with
     `transients`, what backward briefly adds on top (one block's recomputation, the logits' gradients).
     `compiled`: blocks and loss as train.compile builds them — block norms keep what a fused kernel keeps whatever
@@ -120,8 +130,9 @@ def activation_bytes(cfg: ModelConfig, seq_len: int, micro_batch: int, mode: str
     return float(body + head + logits_bytes(T, V, elem, loss_chunk, compiled, transients))
 
 
-def logits_bytes(tokens: int, vocab: int, elem: int = 2, loss_chunk: int = 0, compiled: bool = False,
-                 transients: bool = True) -> float:
+def logits_bytes(
+    tokens: int, vocab: int, elem: int = 2, loss_chunk: int = 0, compiled: bool = False, transients: bool = True
+) -> float:
     """The logits' share of activation_bytes: what the loss keeps for backward, plus with `transients` the logits'
     gradients. Eager, the loss keeps the fp32 log-softmax and backward adds fp32 and 16-bit gradients; compiled, it
     keeps the 16-bit logits and their fp32 log-sum-exp, and backward writes the 16-bit gradient directly. Chunked,
@@ -164,12 +175,21 @@ class PlanRow:
 def planned_model(recipe: Recipe, vocab_size: Optional[int] = None) -> ModelConfig:
     """The recipe's model with its vocabulary (the recipe's, else the tokenizer's, else 32,000) and length resolved."""
     m = recipe.model
-    return dataclasses.replace(m, vocab_size=m.vocab_size or vocab_size or 32000,
-                               max_seq_len=m.max_seq_len or recipe.data.seq_len)
+    return dataclasses.replace(
+        m, vocab_size=m.vocab_size or vocab_size or 32000, max_seq_len=m.max_seq_len or recipe.data.seq_len
+    )
 
 
-def plan(recipe: Recipe, origin: str, gpus: int, gpu_memory_gb: float, peak_tflops: float = 989.0,
-         mfu: float = 0.45, vocab_size: Optional[int] = None, fused_attention: bool = True) -> list[PlanRow]:
+def plan(
+    recipe: Recipe,
+    origin: str,
+    gpus: int,
+    gpu_memory_gb: float,
+    peak_tflops: float = 989.0,
+    mfu: float = 0.45,
+    vocab_size: Optional[int] = None,
+    fused_attention: bool = True,
+) -> list[PlanRow]:
     """One row per ZeRO stage (0-3) × activation checkpointing (none, selective, full) for `gpus` data-parallel
     GPUs of `gpu_memory_gb` each."""
     cfg = planned_model(recipe, vocab_size)
@@ -184,22 +204,46 @@ def plan(recipe: Recipe, origin: str, gpus: int, gpu_memory_gb: float, peak_tflo
         states = model_state_bytes(n_total, stage, gpus, t.precision)
         buffers = buffer_bytes(ds, n_total)
         for mode in ("none", "selective", "full"):
-            acts = activation_bytes(cfg, recipe.data.seq_len, t.micro_batch_size, mode,
-                                    fused_attention=fused_attention, elem=4 if t.precision == "fp32" else 2,
-                                    loss_chunk=t.loss_chunk, compiled=t.compile)
+            acts = activation_bytes(
+                cfg,
+                recipe.data.seq_len,
+                t.micro_batch_size,
+                mode,
+                fused_attention=fused_attention,
+                elem=4 if t.precision == "fp32" else 2,
+                loss_chunk=t.loss_chunk,
+                compiled=t.compile,
+            )
             total = sum(states.values()) + acts + buffers
             fpt = flops_per_token(n_body, cfg, recipe.data.seq_len)
-            recompute = {"none": 0.0, "selective": 12.0 * cfg.n_layers * cfg.d_model * recipe.data.seq_len / 3,
-                         "full": fpt / 3}[mode]
+            recompute = {
+                "none": 0.0,
+                "selective": 12.0 * cfg.n_layers * cfg.d_model * recipe.data.seq_len / 3,
+                "full": fpt / 3,
+            }[mode]
             tps = mfu * peak_tflops * 1e12 * gpus / (fpt + recompute)
-            rows.append(PlanRow(stage, mode, states["params"] / GB, states["grads"] / GB, states["optimizer"] / GB,
-                                acts / GB, buffers / GB, total / GB, total <= gpu_memory_gb * GB * 0.95, tps,
-                                tokens_per_step / tps, budget / tps / 3600))
+            rows.append(
+                PlanRow(
+                    stage,
+                    mode,
+                    states["params"] / GB,
+                    states["grads"] / GB,
+                    states["optimizer"] / GB,
+                    acts / GB,
+                    buffers / GB,
+                    total / GB,
+                    total <= gpu_memory_gb * GB * 0.95,
+                    tps,
+                    tokens_per_step / tps,
+                    budget / tps / 3600,
+                )
+            )
     return rows
 
 
-def loss_chunk_hint(recipe: Recipe, vocab_size: Optional[int] = None, chunk: int = 2048,
-                    min_share: float = 0.2) -> Optional[str]:
+def loss_chunk_hint(
+    recipe: Recipe, vocab_size: Optional[int] = None, chunk: int = 2048, min_share: float = 0.2
+) -> Optional[str]:
     """A line for the plan when train.loss_chunk is off and the logits are at least `min_share` of the activations
     (no checkpointing): how much a chunked LM head would save per GPU, and the compiled loss where it is off."""
     t = recipe.train
@@ -207,27 +251,33 @@ def loss_chunk_hint(recipe: Recipe, vocab_size: Optional[int] = None, chunk: int
         return None
     cfg = planned_model(recipe, vocab_size)
     elem = 4 if t.precision == "fp32" else 2
-    whole = activation_bytes(cfg, recipe.data.seq_len, t.micro_batch_size, "none", elem=elem,
-                             compiled=t.compile)
-    saved = whole - activation_bytes(cfg, recipe.data.seq_len, t.micro_batch_size, "none", elem=elem,
-                                     loss_chunk=chunk, compiled=t.compile)
+    whole = activation_bytes(cfg, recipe.data.seq_len, t.micro_batch_size, "none", elem=elem, compiled=t.compile)
+    saved = whole - activation_bytes(
+        cfg, recipe.data.seq_len, t.micro_batch_size, "none", elem=elem, loss_chunk=chunk, compiled=t.compile
+    )
     if saved < min_share * whole:
         return None
-    line = (f"hint: train.loss_chunk: {chunk} would hold {saved / GB:.2f} GB less per GPU ({saved / whole:.0%} of the "
-            f"activations without checkpointing: the logits and their gradients; each chunk's LM head is recomputed "
-            f"in backward)")
+    line = (
+        f"hint: train.loss_chunk: {chunk} would hold {saved / GB:.2f} GB less per GPU ({saved / whole:.0%} of the "
+        f"activations without checkpointing: the logits and their gradients; each chunk's LM head is recomputed "
+        f"in backward)"
+    )
     if not t.compile:
-        fused = whole - activation_bytes(cfg, recipe.data.seq_len, t.micro_batch_size, "none", elem=elem,
-                                         compiled=True)
+        fused = whole - activation_bytes(cfg, recipe.data.seq_len, t.micro_batch_size, "none", elem=elem, compiled=True)
         line += f"; train.compile (fused loss, compiled blocks) {fused / GB:.2f} GB less"
     return line
 
 
 def format_plan(rows: list[PlanRow], n_params: int, gpus: int, gpu_memory_gb: float) -> str:
-    head = (f"{n_params / 1e6:.1f}M parameters, {gpus} GPUs x {gpu_memory_gb:g} GB (fits: total <= 95% of memory)\n"
-            "| ZeRO | ckpt | params GB | grads GB | optim GB | activ. GB | buffers GB | total GB | fits | tokens/s "
-            "| step s | hours to budget |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
-    lines = [f"| {r.stage} | {r.checkpointing} | {r.params_gb:.2f} | {r.grads_gb:.2f} | {r.optimizer_gb:.2f} | "
-             f"{r.activations_gb:.2f} | {r.buffers_gb:.2f} | {r.total_gb:.2f} | {'yes' if r.fits else 'NO'} | "
-             f"{r.tokens_per_s:,.0f} | {r.step_s:.3f} | {r.hours_to_budget:.1f} |" for r in rows]
+    head = (
+        f"{n_params / 1e6:.1f}M parameters, {gpus} GPUs x {gpu_memory_gb:g} GB (fits: total <= 95% of memory)\n"
+        "| ZeRO | ckpt | params GB | grads GB | optim GB | activ. GB | buffers GB | total GB | fits | tokens/s "
+        "| step s | hours to budget |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = [
+        f"| {r.stage} | {r.checkpointing} | {r.params_gb:.2f} | {r.grads_gb:.2f} | {r.optimizer_gb:.2f} | "
+        f"{r.activations_gb:.2f} | {r.buffers_gb:.2f} | {r.total_gb:.2f} | {'yes' if r.fits else 'NO'} | "
+        f"{r.tokens_per_s:,.0f} | {r.step_s:.3f} | {r.hours_to_budget:.1f} |"
+        for r in rows
+    ]
     return head + "\n".join(lines)

@@ -6,10 +6,12 @@ import os
 
 from llmforge.train.metrics import read_metrics
 
-CHARTS = (("loss", "loss", [("loss", "train loss"), ("val_loss", "val loss")]),
-          ("lr", "learning rate", [("lr", "lr")]),
-          ("grad_norm", "gradient norm", [("grad_norm", "grad norm")]),
-          ("tokens_per_s", "tokens/s", [("tokens_per_s", "tokens/s")]))
+CHARTS = (
+    ("loss", "loss", [("loss", "train loss"), ("val_loss", "val loss")]),
+    ("lr", "learning rate", [("lr", "lr")]),
+    ("grad_norm", "gradient norm", [("grad_norm", "grad norm")]),
+    ("tokens_per_s", "tokens/s", [("tokens_per_s", "tokens/s")]),
+)
 
 
 def plot_run(run_dir: str) -> list[str]:

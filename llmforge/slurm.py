@@ -11,15 +11,22 @@ from typing import Optional
 
 from llmforge.errors import UserError, exit_on_user_error
 
-TEMPLATE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch", "slurm",
-                        "pretrain.sbatch")
+TEMPLATE = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch", "slurm", "pretrain.sbatch"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="submit.py", description=__doc__)
     p.add_argument("--recipe", required=True, help="YAML recipe")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="recipe override passed to every (re)start, repeatable")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="recipe override passed to every (re)start, repeatable",
+    )
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=8, help="ranks per node (GPUs; CPU ranks when 0 GPUs)")
     p.add_argument("--cpu", action="store_true", help="CPU ranks: do not request GPUs")
@@ -54,10 +61,18 @@ def render(args: argparse.Namespace, workdir: str) -> str:
     with open(TEMPLATE, encoding="utf-8") as f:
         template = f.read()
     return template.format(
-        job_name=q(name), nodes=args.nodes, tasks_per_node=args.gpus_per_node,
-        cpus_per_task=args.cpus_per_task or (1 if args.cpu else 8), grace=args.grace, output=q(args.output),
-        extra_directives="\n".join(directives), workdir=q(workdir), python=q(args.python), recipe=q(args.recipe),
-        overrides=" ".join(f"--set {q(o)}" for o in args.overrides))
+        job_name=q(name),
+        nodes=args.nodes,
+        tasks_per_node=args.gpus_per_node,
+        cpus_per_task=args.cpus_per_task or (1 if args.cpu else 8),
+        grace=args.grace,
+        output=q(args.output),
+        extra_directives="\n".join(directives),
+        workdir=q(workdir),
+        python=q(args.python),
+        recipe=q(args.recipe),
+        overrides=" ".join(f"--set {q(o)}" for o in args.overrides),
+    )
 
 
 @exit_on_user_error
@@ -68,8 +83,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         sys.stdout.write(script)
         return 0
     try:
-        done = subprocess.run(["sbatch", "--parsable", *args.sbatch_args], input=script, text=True,
-                              capture_output=True)
+        done = subprocess.run(["sbatch", "--parsable", *args.sbatch_args], input=script, text=True, capture_output=True)
     except FileNotFoundError:
         raise UserError("sbatch not found: run this on a slurm login node (or use --dry-run)") from None
     if done.returncode != 0:

@@ -17,12 +17,23 @@ def write_recipe(path: Path, data_dir: Path, run_dir: Path, **sections) -> Path:
     """A tiny recipe (fast on CPU) pointing at data_dir; keyword sections are merged over the defaults."""
     recipe = {
         "run": {"name": "t", "output_dir": str(run_dir), "seed": 7},
-        "data": {"sources": [{"name": "stdlib", "type": "text", "paths": [str(data_dir / "corpus" / "*.txt")]}],
-                 "prepared_dir": str(data_dir / "prepared"), "seq_len": 64, "val_fraction": 0.1},
+        "data": {
+            "sources": [{"name": "stdlib", "type": "text", "paths": [str(data_dir / "corpus" / "*.txt")]}],
+            "prepared_dir": str(data_dir / "prepared"),
+            "seq_len": 64,
+            "val_fraction": 0.1,
+        },
         "tokenizer": {"type": "char", "path": str(data_dir / "prepared" / "tokenizer.json")},
         "model": {"d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2},
-        "train": {"max_steps": 12, "micro_batch_size": 4, "grad_accum_steps": 1, "lr": 3e-3, "min_lr": 3e-4,
-                  "warmup_steps": 2, "precision": "bf16"},
+        "train": {
+            "max_steps": 12,
+            "micro_batch_size": 4,
+            "grad_accum_steps": 1,
+            "lr": 3e-3,
+            "min_lr": 3e-4,
+            "warmup_steps": 2,
+            "precision": "bf16",
+        },
         "deepspeed": {"config": str(REPO / "ds_configs" / "zero2.json")},
         "checkpoint": {"interval": 4, "keep_last": 5},
         "eval": {"interval": 6, "batches": 2},

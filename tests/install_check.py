@@ -42,8 +42,10 @@ def build_inputs(root: Path) -> list[dict]:
 
     (root / "parquet").mkdir()
     pq.write_table(pa.Table.from_pylist(rows), root / "parquet" / "rows.parquet")
-    sources = [{"name": kind, "type": kind, "paths": [str(root / kind)]}
-               for kind in ("warc", "html", "code", "latex", "text", "jsonl", "parquet")]
+    sources = [
+        {"name": kind, "type": kind, "paths": [str(root / kind)]}
+        for kind in ("warc", "html", "code", "latex", "text", "jsonl", "parquet")
+    ]
     sources[1]["extractor"] = "trafilatura"  # WARC with the default extractor (resiliparse), HTML with the other
     for s in sources:
         s["quality"] = "none" if s["type"] in ("jsonl", "parquet", "text") else None
@@ -60,9 +62,14 @@ def main() -> int:
         root = Path(tmp)
         sources = build_inputs(root / "raw")
         recipe_path = root / "recipe.yaml"
-        recipe_path.write_text(yaml.safe_dump({
-            "data": {"sources": sources, "prepared_dir": str(root / "prepared"), "val_fraction": 0.0},
-            "tokenizer": {"type": "char", "path": str(root / "prepared" / "tok.json")}}))
+        recipe_path.write_text(
+            yaml.safe_dump(
+                {
+                    "data": {"sources": sources, "prepared_dir": str(root / "prepared"), "val_fraction": 0.0},
+                    "tokenizer": {"type": "char", "path": str(root / "prepared" / "tok.json")},
+                }
+            )
+        )
         recipe = load_recipe(str(recipe_path))
         train_tokenizer(recipe, str(recipe_path))
         manifests = prepare(recipe, str(recipe_path), progress=False)

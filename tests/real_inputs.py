@@ -60,7 +60,7 @@ def python_doc_pages(n: int, offset: int = 0) -> list[Path]:
     footer around the article), larger ones first in name order."""
     root = require(PYTHON_DOC, "python3.11-doc")
     pages = [p for p in sorted((root / "library").glob("*.html")) if p.stat().st_size > 20_000]
-    return pages[offset:offset + n]
+    return pages[offset : offset + n]
 
 
 def page_url(page: Path) -> str:
@@ -80,13 +80,18 @@ def write_warc(path: Path, pages: Iterable[Path], resource: bool = False) -> Pat
         for page in pages:
             body = page.read_bytes()
             if resource:
-                record = writer.create_warc_record(page_url(page), "resource", payload=io.BytesIO(body),
-                                                   warc_content_type="text/html")
+                record = writer.create_warc_record(
+                    page_url(page), "resource", payload=io.BytesIO(body), warc_content_type="text/html"
+                )
             else:
-                http = StatusAndHeaders("200 OK", [("Content-Type", "text/html; charset=utf-8"),
-                                                   ("Content-Length", str(len(body)))], protocol="HTTP/1.1")
-                record = writer.create_warc_record(page_url(page), "response", payload=io.BytesIO(body),
-                                                   http_headers=http)
+                http = StatusAndHeaders(
+                    "200 OK",
+                    [("Content-Type", "text/html; charset=utf-8"), ("Content-Length", str(len(body)))],
+                    protocol="HTTP/1.1",
+                )
+                record = writer.create_warc_record(
+                    page_url(page), "response", payload=io.BytesIO(body), http_headers=http
+                )
                 record.rec_headers.add_header("WARC-Identified-Payload-Type", "text/html")
             writer.write_record(record)
     return path

@@ -24,8 +24,9 @@ def extractor_problem(name: str) -> Optional[str]:
         importlib.import_module(_EXTRACTOR_MODULES[name])
     except ImportError as e:
         reason = " ".join(str(e).split())
-        return (f"{name} cannot be imported ({reason}); reinstall llmforge (`pip install -e .`) or pick the other "
-                f"extractor")
+        return (
+            f"{name} cannot be imported ({reason}); reinstall llmforge (`pip install -e .`) or pick the other extractor"
+        )
     return None
 
 
@@ -33,16 +34,20 @@ def extractor_problem(name: str) -> Optional[str]:
 class SourceSpec:
     name: str = doc(None, "Dataset name; its shards go to <prepared_dir>/<name>/.")
     type: Literal["text", "html", "warc", "code", "latex", "jsonl", "parquet"] = doc(
-        "text", "Reader: text | html | warc | code (tree or JSONL) | latex (.tex or tarballs) | jsonl | parquet.")
+        "text", "Reader: text | html | warc | code (tree or JSONL) | latex (.tex or tarballs) | jsonl | parquet."
+    )
     paths: list[str] = doc(text="Local files, directories or globs (** recursive).", factory=list)
     text_field: str = doc("text", "jsonl/parquet (and code JSONL): field holding the document text.")
     quality: Optional[Literal["web", "code", "none"]] = doc(
-        None, "Quality filters: web (Gopher/C4 heuristics), code, or none; null picks by type.")
+        None, "Quality filters: web (Gopher/C4 heuristics), code, or none; null picks by type."
+    )
     weight: float = doc(1.0, "Blend weight when data.datasets is not given.")
     extractor: Literal["trafilatura", "resiliparse"] = doc(
-        "resiliparse", "html/warc main-text extractor: resiliparse (one paragraph per line, what the line rules "
+        "resiliparse",
+        "html/warc main-text extractor: resiliparse (one paragraph per line, what the line rules "
         "expect; 12-17x faster) or trafilatura (keeps the page's own line breaks inside paragraphs); measured in "
-        "bench/results/html_extraction.md.")
+        "bench/results/html_extraction.md.",
+    )
 
     def __post_init__(self) -> None:
         if not self.name or not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
@@ -79,32 +84,48 @@ class WebFilters:
     min_stop_words: Optional[int] = doc(2, "Gopher: fewest of the stop words the, be, to, of, and, that, have, with.")
     max_duplicate_lines: Optional[float] = doc(0.3, "Gopher: largest fraction of lines equal to an earlier line.")
     max_duplicate_line_chars: Optional[float] = doc(
-        0.2, "Gopher: largest fraction of characters in lines equal to an earlier line.")
+        0.2, "Gopher: largest fraction of characters in lines equal to an earlier line."
+    )
     max_duplicate_paragraphs: Optional[float] = doc(
-        0.3, "Gopher: largest fraction of paragraphs (split at blank lines) equal to an earlier paragraph.")
+        0.3, "Gopher: largest fraction of paragraphs (split at blank lines) equal to an earlier paragraph."
+    )
     max_duplicate_paragraph_chars: Optional[float] = doc(
-        0.2, "Gopher: largest fraction of characters in paragraphs equal to an earlier paragraph.")
+        0.2, "Gopher: largest fraction of characters in paragraphs equal to an earlier paragraph."
+    )
     max_top_ngram_chars: Optional[dict[int, float]] = doc(
         text="Gopher: per n, largest fraction of characters in the most frequent word n-gram (all its occurrences).",
-        factory=lambda: {2: 0.20, 3: 0.18, 4: 0.16})
+        factory=lambda: {2: 0.20, 3: 0.18, 4: 0.16},
+    )
     max_duplicate_ngram_chars: Optional[dict[int, float]] = doc(
         text="Gopher: per n, largest fraction of characters in word n-grams that repeat an earlier n-gram (first "
-             "occurrences and overlaps not counted).",
-        factory=lambda: {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10})
+        "occurrences and overlaps not counted).",
+        factory=lambda: {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10},
+    )
     lorem_ipsum: bool = doc(True, "C4: drop pages containing 'lorem ipsum'.")
     curly_bracket: bool = doc(True, "C4: drop pages containing '{' (code and templates in web pages).")
     min_sentences: Optional[int] = doc(5, "C4: fewest sentences left after the line rules.")
     min_punct_line_fraction: Optional[float] = doc(
-        0.12, "FineWeb: smallest fraction of lines ending in terminal punctuation.")
+        0.12, "FineWeb: smallest fraction of lines ending in terminal punctuation."
+    )
     max_short_line_fraction: Optional[float] = doc(
-        0.67, "FineWeb: largest fraction of lines of 30 characters or fewer.")
+        0.67, "FineWeb: largest fraction of lines of 30 characters or fewer."
+    )
     max_newline_word_ratio: Optional[float] = doc(0.3, "FineWeb: most line breaks per word (list-like pages).")
     max_repeated_line_chars: Optional[float] = doc(
-        0.01, "FineWeb: largest fraction of characters (line breaks not counted) in lines equal to an earlier line.")
+        0.01, "FineWeb: largest fraction of characters (line breaks not counted) in lines equal to an earlier line."
+    )
 
     def __post_init__(self) -> None:
-        positive(self, "min_words", "max_words", "min_mean_word_length", "max_mean_word_length", "min_stop_words",
-                 "min_sentences", allow_zero=True)
+        positive(
+            self,
+            "min_words",
+            "max_words",
+            "min_mean_word_length",
+            "max_mean_word_length",
+            "min_stop_words",
+            "min_sentences",
+            allow_zero=True,
+        )
         for name in ("max_top_ngram_chars", "max_duplicate_ngram_chars"):
             table = getattr(self, name)
             for n, frac in (table or {}).items():
@@ -122,8 +143,10 @@ class LineFilters:
 
     min_words: Optional[int] = doc(3, "Remove lines of fewer words ('Share article', 'Advertisement').")
     terminal_punctuation: str = doc(
-        ".!?\"'”’:", "Remove lines that do not end in one of these characters, or that end in an ellipsis (C4's set "
-        "plus ':', which ends the lines that introduce a list or a code block); '' turns the rule off.")
+        ".!?\"'”’:",
+        "Remove lines that do not end in one of these characters, or that end in an ellipsis (C4's set "
+        "plus ':', which ends the lines that introduce a list or a code block); '' turns the rule off.",
+    )
     max_word_length: Optional[int] = doc(1000, "Remove lines holding a longer word.")
     javascript: bool = doc(True, "Remove lines mentioning javascript ('Please enable JavaScript').")
     policy: bool = doc(True, "Remove lines about cookies, privacy policies and terms of use.")
@@ -141,7 +164,7 @@ class CodeFilters:
     max_line_length: int = doc(1000, "Longest line.")
     max_mean_line_length: float = doc(100.0, "Highest mean line length.")
     min_alnum_fraction: float = doc(0.25, "Smallest fraction of alphanumeric characters.")
-    drop_generated: bool = doc(True, "Drop files marked auto-generated (\"generated by\", \"do not edit\", ...).")
+    drop_generated: bool = doc(True, 'Drop files marked auto-generated ("generated by", "do not edit", ...).')
 
     def __post_init__(self) -> None:
         positive(self, "max_bytes", "max_line_length", "max_mean_line_length")
@@ -163,11 +186,14 @@ class DedupConfig:
 
 @dataclass
 class DecontamConfig:
-    paths: list[str] = doc(text="Evaluation files (text or JSONL) whose long n-grams must not appear in training.",
-                           factory=list)
+    paths: list[str] = doc(
+        text="Evaluation files (text or JSONL) whose long n-grams must not appear in training.", factory=list
+    )
     ngram: int = doc(13, "Word n-gram length that counts as contamination.")
-    text_fields: list[str] = doc(text="JSONL fields read from evaluation files.",
-                                 factory=lambda: ["text", "question", "answer", "prompt", "completion"])
+    text_fields: list[str] = doc(
+        text="JSONL fields read from evaluation files.",
+        factory=lambda: ["text", "question", "answer", "prompt", "completion"],
+    )
 
     def __post_init__(self) -> None:
         positive(self, "ngram")
@@ -186,11 +212,11 @@ class DatasetSpec:
 
 @dataclass
 class DataConfig:
-    sources: list[SourceSpec] = doc(text="Raw corpora read by `prepare_data`, one prepared dataset each.",
-                                    factory=list)
+    sources: list[SourceSpec] = doc(text="Raw corpora read by `prepare_data`, one prepared dataset each.", factory=list)
     prepared_dir: Optional[str] = doc(None, "Where `prepare_data` writes <name>/ datasets.")
-    datasets: list[DatasetSpec] = doc(text="Prepared datasets to train on; empty = every source's dataset, "
-                                           "weighted by its weight.", factory=list)
+    datasets: list[DatasetSpec] = doc(
+        text="Prepared datasets to train on; empty = every source's dataset, weighted by its weight.", factory=list
+    )
     seq_len: int = doc(256, "Tokens per training sample (context length).")
     val_fraction: float = doc(0.01, "Fraction of documents (by content hash) held out for validation.")
     line_filters: LineFilters = doc(text="Line rules for web-like text.", factory=LineFilters)
@@ -198,18 +224,24 @@ class DataConfig:
     code_filters: CodeFilters = doc(text="Filters for source code files.", factory=CodeFilters)
     dedup: DedupConfig = doc(text="Exact and near-duplicate removal.", factory=DedupConfig)
     decontaminate: DecontamConfig = doc(text="Evaluation-set n-gram decontamination.", factory=DecontamConfig)
-    chunk_chars: int = doc(65536, "Plain-text documents (text files, LaTeX, JSONL/Parquet records) longer than this "
-                                  "are cut at line breaks into pieces of about this many characters, each assigned "
-                                  "to train or val on its own, so one large file still yields a validation split; "
-                                  "0 = never cut.")
+    chunk_chars: int = doc(
+        65536,
+        "Plain-text documents (text files, LaTeX, JSONL/Parquet records) longer than this "
+        "are cut at line breaks into pieces of about this many characters, each assigned "
+        "to train or val on its own, so one large file still yields a validation split; "
+        "0 = never cut.",
+    )
     min_chars: int = doc(1, "Documents shorter than this (after cleaning) are dropped.")
     max_chars: int = doc(5_000_000, "Documents longer than this are dropped (counted as too_long).")
     shard_tokens: int = doc(1 << 30, "Tokens per output shard file before a new one is started.")
     unit_files: int = doc(2000, "Small input files grouped into one work unit (the unit of sharding and restart).")
     unit_bytes: int = doc(64 << 20, "Input bytes per work unit; a larger file is a unit of its own.")
     allow_fingerprint_change: bool = doc(False, "Resume even if the datasets' fingerprint changed.")
-    prefetch: int = doc(2, "Training micro-batches read ahead on a background thread (pinned for an asynchronous "
-                           "copy on GPU); 0 reads each one inside the step.")
+    prefetch: int = doc(
+        2,
+        "Training micro-batches read ahead on a background thread (pinned for an asynchronous "
+        "copy on GPU); 0 reads each one inside the step.",
+    )
 
     def __post_init__(self) -> None:
         positive(self, "seq_len", "max_chars", "shard_tokens", "unit_files", "unit_bytes")

@@ -32,8 +32,11 @@ def _agree(cfg: dict, key: str, value: Any, origin: str, source: str) -> None:
     """Set cfg[key] = value, refusing a conflicting explicit value from the JSON or overrides."""
     given = cfg.get(key, "auto")
     if given not in ("auto", None) and given != value:
-        raise RecipeError(origin, source, f"{key}={given} disagrees with the recipe, which gives {value}; "
-                                          f"remove it or make them agree")
+        raise RecipeError(
+            origin,
+            source,
+            f"{key}={given} disagrees with the recipe, which gives {value}; remove it or make them agree",
+        )
     cfg[key] = value
 
 
@@ -52,8 +55,14 @@ def compose_ds_config(recipe: Recipe, world_size: int, run_dir: str, origin: str
     cfg["bf16"] = deep_merge(cfg.get("bf16", {}), {"enabled": t.precision == "bf16"})
     fp16 = {"enabled": t.precision == "fp16"}
     if t.precision == "fp16":
-        fp16 = {"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2,
-                "min_loss_scale": 1, **fp16}
+        fp16 = {
+            "loss_scale": 0,
+            "initial_scale_power": 16,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+            **fp16,
+        }
     cfg["fp16"] = deep_merge(cfg.get("fp16", {}), fp16)
 
     if "scheduler" in cfg:
@@ -69,8 +78,11 @@ def compose_ds_config(recipe: Recipe, world_size: int, run_dir: str, origin: str
         params.setdefault("torch_adam", True)
         params.setdefault("fused", True)
 
-    cfg["tensorboard"] = {"enabled": bool(recipe.logging.tensorboard), "output_path": os.path.abspath(run_dir),
-                          "job_name": "tensorboard"}
+    cfg["tensorboard"] = {
+        "enabled": bool(recipe.logging.tensorboard),
+        "output_path": os.path.abspath(run_dir),
+        "job_name": "tensorboard",
+    }
     cfg.setdefault("steps_per_print", 10**9)
     cfg.setdefault("wall_clock_breakdown", False)
     # DeepSpeed's throughput timer (on by default, synchronized) waits for the device at every forward and every

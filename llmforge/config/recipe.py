@@ -27,10 +27,14 @@ class RunConfig:
 @dataclass
 class TokenizerConfig:
     type: Literal["char", "sentencepiece", "hf"] = doc(
-        "char", "char | sentencepiece (BPE, trained by train_tokenizer) | hf (a local Hugging Face tokenizer dir).")
+        "char", "char | sentencepiece (BPE, trained by train_tokenizer) | hf (a local Hugging Face tokenizer dir)."
+    )
     path: Optional[str] = doc(None, "Tokenizer file (char .json, sentencepiece .model) or HF directory.")
-    vocab_size: Optional[int] = doc(None, "Vocabulary size to train (char: an upper bound; sentencepiece: exact, "
-                                          "required to train one); not needed to use a trained tokenizer.")
+    vocab_size: Optional[int] = doc(
+        None,
+        "Vocabulary size to train (char: an upper bound; sentencepiece: exact, "
+        "required to train one); not needed to use a trained tokenizer.",
+    )
     sample_bytes: int = doc(100_000_000, "Cleaned text sampled from the sources to train the tokenizer on.")
     byte_fallback: bool = doc(True, "sentencepiece: unknown characters become UTF-8 byte tokens.")
 
@@ -41,7 +45,8 @@ class TokenizerConfig:
 @dataclass
 class ActivationCheckpointingConfig:
     mode: Literal["none", "full", "every_k", "selective"] = doc(
-        "none", "none, full (every block), every_k (every `every`-th block) or selective (attention only).")
+        "none", "none, full (every block), every_k (every `every`-th block) or selective (attention only)."
+    )
     every: int = doc(1, "For every_k: checkpoint blocks 0, k, 2k, ...")
 
     def __post_init__(self) -> None:
@@ -66,13 +71,26 @@ class ModelConfig:
     dropout: float = doc(0.0, "Dropout on attention weights and residual branches.")
     init_std: float = doc(0.02, "Init std; residual output projections use init_std / sqrt(2·n_layers).")
     attn_impl: Literal["sdpa", "reference"] = doc(
-        "sdpa", "sdpa (torch scaled_dot_product_attention) or reference (explicit mask + softmax).")
+        "sdpa", "sdpa (torch scaled_dot_product_attention) or reference (explicit mask + softmax)."
+    )
     activation_checkpointing: ActivationCheckpointingConfig = doc(
-        text="Recompute activations in the backward pass to save memory.", factory=ActivationCheckpointingConfig)
+        text="Recompute activations in the backward pass to save memory.", factory=ActivationCheckpointingConfig
+    )
 
     def __post_init__(self) -> None:
-        positive(self, "vocab_size", "max_seq_len", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff",
-                  "norm_eps", "rope_theta", "init_std")
+        positive(
+            self,
+            "vocab_size",
+            "max_seq_len",
+            "d_model",
+            "n_layers",
+            "n_heads",
+            "n_kv_heads",
+            "d_ff",
+            "norm_eps",
+            "rope_theta",
+            "init_std",
+        )
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError("dropout", f"must be in [0, 1), got {self.dropout}")
         if self.d_model % self.n_heads:
@@ -129,23 +147,31 @@ class TrainConfig:
     eps: float = doc(1e-8, "AdamW epsilon.")
     grad_clip: float = doc(1.0, "Clip the global gradient norm to this; 0 disables.")
     precision: Literal["bf16", "fp16", "fp32"] = doc("bf16", "Training precision.")
-    compile: bool = doc(False, "torch.compile each transformer block (one shared graph) and the loss (a fused fp32 "
-                                "cross-entropy that keeps no fp32 copy of the logits); compiled on the first step, "
-                                "tens of seconds; needs a C++ compiler on CPU, Triton on GPU. Checkpoints do not "
-                                "depend on it.")
-    loss_chunk: int = doc(0, "Compute the LM head and loss over this many tokens at a time, recomputing each chunk's "
-                             "logits in backward, so the (tokens x vocab) fp32 logits are never held whole; 0 = all "
-                             "at once.")
+    compile: bool = doc(
+        False,
+        "torch.compile each transformer block (one shared graph) and the loss (a fused fp32 "
+        "cross-entropy that keeps no fp32 copy of the logits); compiled on the first step, "
+        "tens of seconds; needs a C++ compiler on CPU, Triton on GPU. Checkpoints do not "
+        "depend on it.",
+    )
+    loss_chunk: int = doc(
+        0,
+        "Compute the LM head and loss over this many tokens at a time, recomputing each chunk's "
+        "logits in backward, so the (tokens x vocab) fp32 logits are never held whole; 0 = all "
+        "at once.",
+    )
     z_loss: float = doc(0.0, "Weight of the z-loss (mean squared log-partition of the logits, PaLM); 0 disables.")
     spike_guard: SpikeGuardConfig = doc(text="Loss-spike and NaN guard.", factory=SpikeGuardConfig)
-    init_from: Optional[str] = doc(None, "Start from these weights instead of a random init: an llmforge run dir / "
-                                         "checkpoint or a local Hugging Face Llama dir. The architecture comes from "
-                                         "them; step, optimizer and data position start fresh. Required by SFT/DPO.")
+    init_from: Optional[str] = doc(
+        None,
+        "Start from these weights instead of a random init: an llmforge run dir / "
+        "checkpoint or a local Hugging Face Llama dir. The architecture comes from "
+        "them; step, optimizer and data position start fresh. Required by SFT/DPO.",
+    )
 
     def __post_init__(self) -> None:
         positive(self, "max_steps", "micro_batch_size", "grad_accum_steps", "lr", "eps")
-        positive(self, "min_lr", "warmup_steps", "weight_decay", "grad_clip", "z_loss", "loss_chunk",
-                 allow_zero=True)
+        positive(self, "min_lr", "warmup_steps", "weight_decay", "grad_clip", "z_loss", "loss_chunk", allow_zero=True)
         if self.min_lr > self.lr:
             raise ConfigError("min_lr", f"{self.min_lr} is above lr={self.lr}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
@@ -200,8 +226,10 @@ class LoraConfig:
     rank: int = doc(0, "LoRA rank; 0 = full fine-tuning. Base weights are frozen, adapters merge back on export.")
     alpha: float = doc(16.0, "LoRA scale numerator: the update is (alpha / rank) · B·A.")
     dropout: float = doc(0.0, "Dropout on the adapter input.")
-    targets: list[str] = doc(text="Linear layers that get adapters (names inside a block).",
-                             factory=lambda: ["wq", "wk", "wv", "wo", "gate", "up", "down"])
+    targets: list[str] = doc(
+        text="Linear layers that get adapters (names inside a block).",
+        factory=lambda: ["wq", "wk", "wv", "wo", "gate", "up", "down"],
+    )
 
     def __post_init__(self) -> None:
         positive(self, "rank", allow_zero=True)
@@ -228,8 +256,9 @@ class DPOConfig:
 
 @dataclass
 class PostTrainConfig:
-    train_file: Optional[str] = doc(None, "JSONL: SFT {prompt, response} or {messages: [{role, content}]}; DPO "
-                                          "{prompt, chosen, rejected}.")
+    train_file: Optional[str] = doc(
+        None, "JSONL: SFT {prompt, response} or {messages: [{role, content}]}; DPO {prompt, chosen, rejected}."
+    )
     val_file: Optional[str] = doc(None, "Held-out JSONL of the same form; null = val_fraction of train_file.")
     val_fraction: float = doc(0.05, "Examples (by content hash) held out when there is no val_file.")
     lora: LoraConfig = doc(text="Low-rank adapters instead of full fine-tuning.", factory=LoraConfig)
@@ -255,11 +284,13 @@ class Recipe:
 
     def __post_init__(self) -> None:
         if self.model.max_seq_len is not None and self.model.max_seq_len < self.data.seq_len:
-            raise ConfigError("model.max_seq_len",
-                              f"{self.model.max_seq_len} is below data.seq_len={self.data.seq_len}")
+            raise ConfigError(
+                "model.max_seq_len", f"{self.model.max_seq_len} is below data.seq_len={self.data.seq_len}"
+            )
         if self.train.warmup_steps > self.train.max_steps:
-            raise ConfigError("train.warmup_steps",
-                              f"{self.train.warmup_steps} exceeds train.max_steps={self.train.max_steps}")
+            raise ConfigError(
+                "train.warmup_steps", f"{self.train.warmup_steps} exceeds train.max_steps={self.train.max_steps}"
+            )
 
     @property
     def run_dir(self) -> str:

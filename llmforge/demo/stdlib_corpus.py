@@ -9,8 +9,9 @@ from typing import Optional
 SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "__pycache__", "lib2to3", "turtledemo", "ensurepip"}
 
 
-def build_stdlib_corpus(out_dir: str, max_bytes: int = 8_000_000, max_file_bytes: Optional[int] = None
-                        ) -> tuple[int, int]:
+def build_stdlib_corpus(
+    out_dir: str, max_bytes: int = 8_000_000, max_file_bytes: Optional[int] = None
+) -> tuple[int, int]:
     """Copy stdlib *.py files (sorted, skipping tests and files over max_file_bytes) into out_dir until max_bytes;
     returns (files, bytes)."""
     root = sysconfig.get_paths()["stdlib"]

@@ -22,16 +22,24 @@ def sft_records(n: int, seed: int) -> list[dict]:
         if i % 2:
             out.append({"prompt": f"say {w}", "response": f"ANSWER: {w}"})
         else:
-            out.append({"messages": [{"role": "system", "content": "be brief"},
-                                     {"role": "user", "content": f"word {w}"},
-                                     {"role": "assistant", "content": f"ANSWER: {w}"}]})
+            out.append(
+                {
+                    "messages": [
+                        {"role": "system", "content": "be brief"},
+                        {"role": "user", "content": f"word {w}"},
+                        {"role": "assistant", "content": f"ANSWER: {w}"},
+                    ]
+                }
+            )
     return out
 
 
 def preference_records(n: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
-    return [{"prompt": f"say {w}", "chosen": f"ANSWER: {w.upper()}", "rejected": f"ANSWER: {w}"}
-            for w in (toy_word(rng) for _ in range(n))]
+    return [
+        {"prompt": f"say {w}", "chosen": f"ANSWER: {w.upper()}", "rejected": f"ANSWER: {w}"}
+        for w in (toy_word(rng) for _ in range(n))
+    ]
 
 
 def write_jsonl(path: str, records: list[dict]) -> str:
@@ -44,5 +52,7 @@ def write_jsonl(path: str, records: list[dict]) -> str:
 
 
 def write_toy_sets(out: str, n: int = 400, seed: int = 0) -> tuple[str, str]:
-    return (write_jsonl(os.path.join(out, "sft.jsonl"), sft_records(n, seed)),
-            write_jsonl(os.path.join(out, "prefs.jsonl"), preference_records(n, seed + 1)))
+    return (
+        write_jsonl(os.path.join(out, "sft.jsonl"), sft_records(n, seed)),
+        write_jsonl(os.path.join(out, "prefs.jsonl"), preference_records(n, seed + 1)),
+    )

@@ -52,10 +52,10 @@ class LLMForgeLM(LM):  # type: ignore[misc, valid-type]
         the context cut from the left to fit max_length."""
         out = []
         for start in range(0, len(pairs), self.batch_size):
-            chunk = pairs[start:start + self.batch_size]
+            chunk = pairs[start : start + self.batch_size]
             rows, spans = [], []
             for ctx, cont in chunk:
-                ids = (ctx + cont)[-(self.max_length + 1):]
+                ids = (ctx + cont)[-(self.max_length + 1) :]
                 n = min(len(cont), len(ids) - 1)
                 rows.append(ids[:-1])
                 spans.append((len(ids) - 1 - n, n, cont[-n:] if n else []))
@@ -63,7 +63,7 @@ class LLMForgeLM(LM):  # type: ignore[misc, valid-type]
             batch = torch.tensor([r + [self.tok.pad_id] * (width - len(r)) for r in rows])
             logp = torch.log_softmax(self.model(batch)[0].float(), dim=-1)
             for b, (first, n, target) in enumerate(spans):
-                sl = logp[b, first:first + n]
+                sl = logp[b, first : first + n]
                 t = torch.tensor(target, dtype=torch.long)
                 total = float(sl.gather(1, t[:, None]).sum()) if n else 0.0
                 greedy = bool((sl.argmax(-1) == t).all()) if n else True
@@ -81,8 +81,8 @@ class LLMForgeLM(LM):  # type: ignore[misc, valid-type]
             ids = self.tok.encode(r.args[0])
             pairs, pos = [], 0
             while pos < len(ids):
-                cont = ids[pos:pos + self.max_length]
-                ctx = ([self.tok.eos_id] + ids[:pos])[-(self.max_length + 1 - len(cont)):]
+                cont = ids[pos : pos + self.max_length]
+                ctx = ([self.tok.eos_id] + ids[:pos])[-(self.max_length + 1 - len(cont)) :]
                 pairs.append((ctx, cont))
                 pos += len(cont)
             results.append(sum(score for score, _ in self._score(pairs)))
@@ -96,16 +96,16 @@ class LLMForgeLM(LM):  # type: ignore[misc, valid-type]
             until = kwargs.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
             max_new = int(kwargs.get("max_gen_toks", 256))
-            ids = self._context_ids(context)[-(self.max_length - 1):]
+            ids = self._context_ids(context)[-(self.max_length - 1) :]
             max_new = min(max_new, self.max_length - len(ids))
             temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0
-            new = generate(self.model, torch.tensor([ids]), max_new, temperature=temperature)[0, len(ids):].tolist()
+            new = generate(self.model, torch.tensor([ids]), max_new, temperature=temperature)[0, len(ids) :].tolist()
             if self.tok.eos_id in new:
-                new = new[:new.index(self.tok.eos_id)]
+                new = new[: new.index(self.tok.eos_id)]
             text = self.tok.decode(new)
             for stop in until:
                 if stop and stop in text:
-                    text = text[:text.index(stop)]
+                    text = text[: text.index(stop)]
             out.append(text)
         return out
 
@@ -114,8 +114,15 @@ if register_model is not None:
     register_model("llmforge")(LLMForgeLM)
 
 
-def run_lm_eval(checkpoint: str, tasks: list[str], include_path: Optional[str] = None, limit: Optional[float] = None,
-                num_fewshot: Optional[int] = None, batch_size: int = 8, out: Optional[str] = None) -> tuple[str, dict]:
+def run_lm_eval(
+    checkpoint: str,
+    tasks: list[str],
+    include_path: Optional[str] = None,
+    limit: Optional[float] = None,
+    num_fewshot: Optional[int] = None,
+    batch_size: int = 8,
+    out: Optional[str] = None,
+) -> tuple[str, dict]:
     """Run lm-eval tasks on a checkpoint; results JSON to `out` (default <run dir>/eval/lm_eval_step_<N>.json)."""
     try:
         import lm_eval
@@ -125,12 +132,18 @@ def run_lm_eval(checkpoint: str, tasks: list[str], include_path: Optional[str] =
     path = find_checkpoint(checkpoint, "--checkpoint")
     model = LLMForgeLM(checkpoint, batch_size=batch_size)
     manager = TaskManager(include_path=include_path) if include_path else TaskManager()
-    results = lm_eval.simple_evaluate(model=model, tasks=tasks, task_manager=manager, limit=limit,
-                                      num_fewshot=num_fewshot, log_samples=False)
+    results = lm_eval.simple_evaluate(
+        model=model, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=num_fewshot, log_samples=False
+    )
     step = read_state(path).get("step", 0)
-    report = {"checkpoint": path, "step": step, "tasks": tasks, "results": results["results"],
-              "versions": {k: str(v) for k, v in results.get("versions", {}).items()},
-              "n_samples": results.get("n-samples", {})}
+    report = {
+        "checkpoint": path,
+        "step": step,
+        "tasks": tasks,
+        "results": results["results"],
+        "versions": {k: str(v) for k, v in results.get("versions", {}).items()},
+        "n_samples": results.get("n-samples", {}),
+    }
     if out is None:
         out = os.path.join(model.recipe.run_dir, "eval", f"lm_eval_step_{step:08d}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

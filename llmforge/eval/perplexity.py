@@ -21,8 +21,14 @@ from llmforge.train.loading import load_model
 
 
 @torch.no_grad()
-def dataset_perplexity(model: torch.nn.Module, directory: str, seq_len: int, tokenizer_fingerprint: str,
-                       max_samples: Optional[int] = None, batch_size: int = 8) -> dict:
+def dataset_perplexity(
+    model: torch.nn.Module,
+    directory: str,
+    seq_len: int,
+    tokenizer_fingerprint: str,
+    max_samples: Optional[int] = None,
+    batch_size: int = 8,
+) -> dict:
     data = PretrainData([DatasetSpec(directory, 1.0)], seq_len, 0, "val", tokenizer_fingerprint)
     windows = data.windows[0] if data.windows else None
     n = 0 if windows is None else windows.num_samples
@@ -34,16 +40,22 @@ def dataset_perplexity(model: torch.nn.Module, directory: str, seq_len: int, tok
     for start in range(0, n, batch_size):
         block = torch.from_numpy(np.stack([windows[i] for i in range(start, min(n, start + batch_size))]))
         logits, _ = model(block[:, :-1])
-        losses = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), block[:, 1:].flatten(),
-                                                   reduction="sum")
+        losses = torch.nn.functional.cross_entropy(
+            logits.float().flatten(0, 1), block[:, 1:].flatten(), reduction="sum"
+        )
         nll += float(losses)
         tokens += block[:, 1:].numel()
     loss = nll / tokens
     return {"samples": n, "tokens": tokens, "loss": loss, "ppl": math.exp(min(loss, 50.0))}
 
 
-def evaluate_checkpoint(checkpoint: str, datasets: Optional[list[str]] = None, max_samples: Optional[int] = None,
-                        out: Optional[str] = None, batch_size: int = 8) -> tuple[str, dict]:
+def evaluate_checkpoint(
+    checkpoint: str,
+    datasets: Optional[list[str]] = None,
+    max_samples: Optional[int] = None,
+    out: Optional[str] = None,
+    batch_size: int = 8,
+) -> tuple[str, dict]:
     """Perplexity on each dataset's val split (default: the datasets the checkpoint was trained on); the results
     are written as JSON to `out` (default <run dir>/eval/perplexity_step_<N>.json). Returns (path, results)."""
     path = find_checkpoint(checkpoint, "--checkpoint")
@@ -52,12 +64,20 @@ def evaluate_checkpoint(checkpoint: str, datasets: Optional[list[str]] = None, m
     if not dirs:
         raise DataError(f"{checkpoint}: the checkpoint's recipe names no datasets; pass --dataset DIR")
     started = time.time()
-    results = {os.path.basename(os.path.normpath(d)): dataset_perplexity(model, d, recipe.data.seq_len,
-                                                                         fingerprint(tok), max_samples, batch_size)
-               for d in dirs}
+    results = {
+        os.path.basename(os.path.normpath(d)): dataset_perplexity(
+            model, d, recipe.data.seq_len, fingerprint(tok), max_samples, batch_size
+        )
+        for d in dirs
+    }
     state = read_state(path)
-    report = {"checkpoint": path, "step": state.get("step"), "seq_len": recipe.data.seq_len, "datasets": results,
-              "seconds": round(time.time() - started, 2)}
+    report = {
+        "checkpoint": path,
+        "step": state.get("step"),
+        "seq_len": recipe.data.seq_len,
+        "datasets": results,
+        "seconds": round(time.time() - started, 2),
+    }
     if out is None:
         out = os.path.join(recipe.run_dir, "eval", f"perplexity_step_{state.get('step', 0):08d}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

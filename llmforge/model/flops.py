@@ -7,8 +7,20 @@ from typing import Optional
 from llmforge.config.recipe import ModelConfig
 
 # Dense bf16/fp16 tensor-core peak, FLOP/s, by substring of the device name.
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12, "L40S": 362e12, "L4": 121e12,
-              "V100": 125e12, "A6000": 155e12, "4090": 165e12, "3090": 71e12, "MI300": 1307e12, "MI250": 362e12}
+PEAK_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "A10G": 125e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "V100": 125e12,
+    "A6000": 155e12,
+    "4090": 165e12,
+    "3090": 71e12,
+    "MI300": 1307e12,
+    "MI250": 362e12,
+}
 
 
 def flops_per_token(n_params_non_embedding: int, cfg: ModelConfig, seq_len: int) -> float:

@@ -9,8 +9,13 @@ import torch
 from llmforge.model.gpt import GPT, KVCache
 
 
-def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
-                top_p: Optional[float] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
     """Pick next tokens (B,) from last-position logits (B, V). temperature 0 is greedy."""
     logits = logits.float()
     if temperature <= 0:
@@ -30,9 +35,17 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[
 
 
 @torch.no_grad()
-def generate(model: GPT, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-             top_k: Optional[int] = None, top_p: Optional[float] = None, use_cache: bool = True,
-             generator: Optional[torch.Generator] = None, stop_token: Optional[int] = None) -> torch.Tensor:
+def generate(
+    model: GPT,
+    prompt: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    use_cache: bool = True,
+    generator: Optional[torch.Generator] = None,
+    stop_token: Optional[int] = None,
+) -> torch.Tensor:
     """Extend `prompt` (B, T) by up to max_new_tokens. Past max_seq_len the context window slides (no cache)."""
     model.eval()
     limit = model.cfg.max_seq_len

@@ -20,8 +20,9 @@ from llmforge.config.recipe import ModelConfig
 IGNORE_INDEX = -100  # a target that carries no loss (prompt and padding positions; PyTorch's default ignore_index)
 
 
-def rope_tables(seq_len: int, head_dim: int, theta: float, start: int = 0,
-                device: Optional[torch.device] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(
+    seq_len: int, head_dim: int, theta: float, start: int = 0, device: Optional[torch.device] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of shape (seq_len, head_dim // 2) for positions start..start+seq_len-1, computed in fp32: one
     angle per pair of dimensions (i, i + head_dim // 2), the rotate-half layout of Llama and HF."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
@@ -67,8 +68,9 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-                cache: Optional[KVCache] = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None, cache: Optional[KVCache] = None
+    ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -82,9 +84,15 @@ class Attention(nn.Module):
         if self.impl == "sdpa":
             # With a cache and several new tokens the causal mask is offset by `past`; otherwise is_causal does it.
             mask = _causal_mask(T, past, x.device) if past and T > 1 else None
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
-                                               is_causal=mask is None and T > 1,
-                                               enable_gqa=self.n_kv_heads != self.n_heads)
+            y = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                dropout_p=dropout,
+                is_causal=mask is None and T > 1,
+                enable_gqa=self.n_kv_heads != self.n_heads,
+            )
         else:
             y = reference_attention(q, k, v, past, dropout)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
@@ -95,8 +103,9 @@ def _causal_mask(T: int, past: int, device: torch.device) -> torch.Tensor:
     return torch.ones(T, past + T, dtype=torch.bool, device=device).tril(diagonal=past)
 
 
-def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int = 0,
-                        dropout: float = 0.0) -> torch.Tensor:
+def reference_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int = 0, dropout: float = 0.0
+) -> torch.Tensor:
     """Plain causal attention (explicit mask + softmax) with grouped-query heads; the spec the SDPA path must meet."""
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
@@ -139,8 +148,9 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-                cache: Optional[KVCache] = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None, cache: Optional[KVCache] = None
+    ) -> torch.Tensor:
         x = x + self.dropout(self.attn(self.attn_norm(x), rope, cache))
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
@@ -188,8 +198,14 @@ class GPT(nn.Module):
             nn.init.normal_(block.attn.wo.weight, mean=0.0, std=residual_std)
             nn.init.normal_(block.mlp.down.weight, mean=0.0, std=residual_std)
 
-    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None,
-                loss_chunk: int = 0, z_loss: float = 0.0) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: Optional[torch.Tensor] = None,
+        cache: Optional[KVCache] = None,
+        loss_chunk: int = 0,
+        z_loss: float = 0.0,
+    ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """Logits (B, T, vocab) and, given targets, the loss: mean next-token cross-entropy in fp32 over targets that
         are not IGNORE_INDEX, plus z_loss × the mean squared log-partition (PaLM's z-loss) when z_loss > 0.
 
@@ -214,8 +230,9 @@ class GPT(nn.Module):
             return self.lm_head(h), None
         return self.head_loss(h, targets, loss_chunk, z_loss)
 
-    def head_loss(self, h: torch.Tensor, targets: torch.Tensor, loss_chunk: int = 0, z_loss: float = 0.0
-                  ) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+    def head_loss(
+        self, h: torch.Tensor, targets: torch.Tensor, loss_chunk: int = 0, z_loss: float = 0.0
+    ) -> tuple[Optional[torch.Tensor], torch.Tensor]:
         """The LM head and loss over final hidden states h (..., d_model) and their targets (...): (logits or None
         when chunked, loss), as GPT.forward returns them."""
         chunked = 0 < loss_chunk < targets.numel()
@@ -225,7 +242,7 @@ class GPT(nn.Module):
         if chunked:
             ce = z = 0.0
             for s in range(0, n, loss_chunk):
-                args = (h[s:s + loss_chunk], targets[s:s + loss_chunk], bool(z_loss))
+                args = (h[s : s + loss_chunk], targets[s : s + loss_chunk], bool(z_loss))
                 if torch.is_grad_enabled():
                     # Non-reentrant: the recomputation calls lm_head as a module again (ZeRO-3 gathers its weight).
                     chunk_ce, chunk_z = checkpoint(self._chunk_loss, *args, use_reentrant=False)

@@ -14,8 +14,9 @@ from llmforge.model.gpt import GPT, Attention, Block
 from llmforge.model.lora import apply_lora
 
 
-def apply_wraps(model: GPT, lora: LoraConfig, activation_checkpointing: ActivationCheckpointingConfig,
-                compile: bool) -> int:
+def apply_wraps(
+    model: GPT, lora: LoraConfig, activation_checkpointing: ActivationCheckpointingConfig, compile: bool
+) -> int:
     """LoRA (when lora.rank > 0), activation checkpointing, compile — in that order, in place. Returns the number
     of trainable LoRA parameters (0 without LoRA)."""
     adapters = apply_lora(model, lora) if lora.rank else 0

@@ -31,7 +31,7 @@ ROLES = ("system", "user", "assistant")
 @dataclass
 class Example:
     ids: list[int]
-    mask: list[bool]   # mask[j]: token j is a target (assistant content or its <|end|>)
+    mask: list[bool]  # mask[j]: token j is a target (assistant content or its <|end|>)
 
 
 def render(tok: Any, messages: list[dict], add_generation_prompt: bool = False) -> Example:
@@ -74,8 +74,11 @@ def _messages(rec: Any, where: str) -> list[dict]:
 def _prompt_messages(value: Any, where: str) -> list[dict]:
     if isinstance(value, str):
         return [{"role": "user", "content": value}]
-    if isinstance(value, list) and value and all(isinstance(m, dict) and m.get("role") in ROLES
-                                                  and isinstance(m.get("content"), str) for m in value):
+    if (
+        isinstance(value, list)
+        and value
+        and all(isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in value)
+    ):
         return [{"role": m["role"], "content": m["content"]} for m in value]
     raise DataError(f"{where}: 'prompt' must be a string or a list of {{role, content}} messages")
 
@@ -98,8 +101,9 @@ def read_jsonl(path: str) -> list[tuple[str, Any]]:
     return out
 
 
-def split_records(train_file: str, val_file: Optional[str], val_fraction: float
-                  ) -> tuple[list[tuple[str, Any]], list[tuple[str, Any]]]:
+def split_records(
+    train_file: str, val_file: Optional[str], val_fraction: float
+) -> tuple[list[tuple[str, Any]], list[tuple[str, Any]]]:
     """Train and val records: val_file, or a content-hash split of train_file."""
     records = read_jsonl(train_file)
     if val_file:
@@ -147,9 +151,14 @@ class SFTData(_Indexed):
         self.examples = [render(tok, _messages(rec, where)) for where, rec in records]
         cut = sum(len(e.ids) > seq_len + 1 for e in self.examples)
         if cut:
-            logging.getLogger("llmforge").warning("%d of %d %s conversations are longer than data.seq_len=%d and "
-                                                  "are cut", cut, len(self.examples), split, seq_len)
-        usable = [e for e in self.examples if any(e.mask[1: seq_len + 1])]
+            logging.getLogger("llmforge").warning(
+                "%d of %d %s conversations are longer than data.seq_len=%d and are cut",
+                cut,
+                len(self.examples),
+                split,
+                seq_len,
+            )
+        usable = [e for e in self.examples if any(e.mask[1 : seq_len + 1])]
         if records and not usable:
             raise DataError(f"{records[0][0].rsplit(':', 1)[0]}: every response starts beyond data.seq_len={seq_len}")
         self.examples = usable
@@ -159,8 +168,11 @@ class SFTData(_Indexed):
     def batch(self, indices: range) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(inputs, targets, row lengths before padding)."""
         pairs = [_shifted(self.examples[self.example_index(i)], self.seq_len) for i in indices]
-        return (_pad([p[0] for p in pairs], self.tok.pad_id), _pad([p[1] for p in pairs], IGNORE_INDEX),
-                torch.tensor([len(p[0]) for p in pairs]))
+        return (
+            _pad([p[0] for p in pairs], self.tok.pad_id),
+            _pad([p[1] for p in pairs], IGNORE_INDEX),
+            torch.tensor([len(p[0]) for p in pairs]),
+        )
 
     @staticmethod
     def tokens(batch: tuple[torch.Tensor, ...]) -> int:
@@ -182,8 +194,12 @@ class PreferenceData(_Indexed):
             chosen, rejected = rec.get("chosen"), rec.get("rejected")
             if not isinstance(chosen, str) or not isinstance(rejected, str):
                 raise DataError(f"{where}: needs string fields 'chosen' and 'rejected'")
-            self.pairs.append(tuple(render(tok, prompt + [{"role": "assistant", "content": c}])  # type: ignore
-                                    for c in (chosen, rejected)))
+            self.pairs.append(
+                tuple(
+                    render(tok, prompt + [{"role": "assistant", "content": c}])  # type: ignore
+                    for c in (chosen, rejected)
+                )
+            )
         digest = hashlib.sha256(json.dumps([[p.ids for p in pair] for pair in self.pairs]).encode()).hexdigest()[:16]
         super().__init__(len(self.pairs), seed, digest)
 
@@ -191,9 +207,13 @@ class PreferenceData(_Indexed):
         chosen = [_shifted(self.pairs[k][0], self.seq_len) for k in examples]
         rejected = [_shifted(self.pairs[k][1], self.seq_len) for k in examples]
         both = chosen + rejected  # one forward over chosen and rejected rows together
-        return {"inputs": _pad([p[0] for p in both], self.tok.pad_id),
-                "targets": _pad([p[1] for p in both], IGNORE_INDEX), "lengths": torch.tensor([len(p[0]) for p in both]),
-                "examples": torch.tensor(examples, dtype=torch.long), "split": self.split}
+        return {
+            "inputs": _pad([p[0] for p in both], self.tok.pad_id),
+            "targets": _pad([p[1] for p in both], IGNORE_INDEX),
+            "lengths": torch.tensor([len(p[0]) for p in both]),
+            "examples": torch.tensor(examples, dtype=torch.long),
+            "split": self.split,
+        }
 
     @staticmethod
     def tokens(batch: dict) -> int:

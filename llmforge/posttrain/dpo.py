@@ -16,14 +16,21 @@ from llmforge.posttrain.data import PreferenceData
 
 def sequence_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Sum of log p(target) over the positions whose target is not IGNORE_INDEX, per row (fp32)."""
-    nll = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
-                                            reduction="none")
+    nll = torch.nn.functional.cross_entropy(
+        logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+    )
     return -nll.view(targets.shape).sum(-1)
 
 
-def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-             ref_rejected: torch.Tensor, beta: float, loss: str = "sigmoid", label_smoothing: float = 0.0
-             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+    loss: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DPO (Rafailov et al., 2023) with optional label smoothing (cDPO), or IPO (Azar et al., 2023), on per-sequence
     log-probabilities. Rewards are beta·(log pi - log ref)."""
     h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
@@ -33,8 +40,12 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
         logsig = torch.nn.functional.logsigmoid
         losses = -(1.0 - label_smoothing) * logsig(beta * h) - label_smoothing * logsig(-beta * h)
     chosen, rejected = beta * (policy_chosen - ref_chosen), beta * (policy_rejected - ref_rejected)
-    stats = {"rewards_chosen": chosen.mean(), "rewards_rejected": rejected.mean(),
-             "reward_margin": (chosen - rejected).mean(), "accuracy": (chosen > rejected).float().mean()}
+    stats = {
+        "rewards_chosen": chosen.mean(),
+        "rewards_rejected": rejected.mean(),
+        "reward_margin": (chosen - rejected).mean(),
+        "accuracy": (chosen > rejected).float().mean(),
+    }
     return losses.mean(), {k: v.detach() for k, v in stats.items()}
 
 
@@ -70,12 +81,12 @@ def reference_logps(engine: Any, data: PreferenceData, micro_batch: int) -> torc
     # every rank runs the same number of forwards (ZeRO-3 gathers parameters collectively)
     rounds = -(-data.num_samples // (world * micro_batch))
     for r in range(rounds):
-        chunk = mine[r * micro_batch:(r + 1) * micro_batch] or [0]
+        chunk = mine[r * micro_batch : (r + 1) * micro_batch] or [0]
         batch = data.rows(chunk)
         logits, _ = engine(batch["inputs"].to(engine.device))
         logps = sequence_logps(logits, batch["targets"].to(engine.device)).float().cpu()
         n = len(chunk)
-        if mine[r * micro_batch:(r + 1) * micro_batch]:
+        if mine[r * micro_batch : (r + 1) * micro_batch]:
             table[chunk, 0], table[chunk, 1] = logps[:n], logps[n:]
     if was_training:
         engine.train()
@@ -86,15 +97,20 @@ def reference_logps(engine: Any, data: PreferenceData, micro_batch: int) -> torc
     return table
 
 
-def reference_table(engine: Any, train: PreferenceData, val: Optional[PreferenceData], path: str, micro_batch: int,
-                    fresh: bool) -> dict[str, Any]:
+def reference_table(
+    engine: Any, train: PreferenceData, val: Optional[PreferenceData], path: str, micro_batch: int, fresh: bool
+) -> dict[str, Any]:
     """Reference log-probs for the train and val pairs: computed once, from the starting weights, before the first
     step, and kept in the run directory; a resumed run reads them back (its policy is no longer the reference)."""
     key = {"train": train.fingerprint, "val": val.fingerprint if val else None}
     if not fresh:
         if not os.path.isfile(path):
-            raise RecipeError("", "posttrain", f"{path} is missing: the reference log-probs of this DPO run cannot "
-                                               f"be recomputed from a trained policy; start a new run")
+            raise RecipeError(
+                "",
+                "posttrain",
+                f"{path} is missing: the reference log-probs of this DPO run cannot "
+                f"be recomputed from a trained policy; start a new run",
+            )
         cached = torch.load(path, map_location="cpu", weights_only=True)
         if cached.get("key") != key:
             raise RecipeError("", "posttrain.train_file", f"the preference data changed since {path} was computed")

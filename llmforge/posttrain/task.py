@@ -28,8 +28,11 @@ class SFT(Task):
     def setup(self, recipe: Recipe, origin: str, resume: ResumePoint, zero_stage: int) -> TaskSetup:
         pt = recipe.posttrain
         if pt.lora.rank and zero_stage == 3:
-            raise RecipeError(origin, "posttrain.lora.rank", "LoRA runs under ZeRO stage 0-2 (the adapters are "
-                                                             "small); use ds_configs/zero2.json")
+            raise RecipeError(
+                origin,
+                "posttrain.lora.rank",
+                "LoRA runs under ZeRO stage 0-2 (the adapters are small); use ds_configs/zero2.json",
+            )
         if not recipe.train.init_from:
             raise RecipeError(origin, "train.init_from", f"is required for {self.name}: the model to fine-tune")
         if not pt.train_file:
@@ -55,8 +58,14 @@ class DPO(SFT):
     def objective(self, engine: Any, setup: TaskSetup, run_dir: str, fresh: bool) -> Objective:
         recipe = setup.recipe
         d = recipe.posttrain.dpo
-        table = reference_table(engine, setup.data.train, setup.data.val, os.path.join(run_dir, "dpo_reference.pt"),
-                                recipe.train.micro_batch_size, fresh=fresh)
+        table = reference_table(
+            engine,
+            setup.data.train,
+            setup.data.val,
+            os.path.join(run_dir, "dpo_reference.pt"),
+            recipe.train.micro_batch_size,
+            fresh=fresh,
+        )
         loss = DPOLoss(table, d.beta, d.loss, d.label_smoothing)
         return Objective(loss, loss)
 

@@ -11,8 +11,16 @@ from llmforge.errors import RecipeError
 from llmforge.tokenizer.base import Tokenizer, fingerprint
 from llmforge.tokenizer.char import CharTokenizer
 
-__all__ = ["Tokenizer", "CharTokenizer", "fingerprint", "load_tokenizer", "tokenizer_from_json", "save_tokenizer",
-           "train_tokenizer_from_texts", "encode_batch"]
+__all__ = [
+    "Tokenizer",
+    "CharTokenizer",
+    "fingerprint",
+    "load_tokenizer",
+    "tokenizer_from_json",
+    "save_tokenizer",
+    "train_tokenizer_from_texts",
+    "encode_batch",
+]
 
 
 def tokenizer_from_json(data: dict) -> Tokenizer:

@@ -84,24 +84,37 @@ def _sentencepiece(tok: Any) -> tuple[Any, dict[str, str]]:
     pieces = list(proto.pieces)
     vocab = {p.piece: i for i, p in enumerate(pieces)}
     unk = pieces[proto.trainer_spec.unk_id].piece
-    backend = HFTok(models.BPE(vocab=vocab, merges=generate_merges(vocab), unk_token=unk, fuse_unk=True,
-                               byte_fallback=proto.trainer_spec.byte_fallback))
+    backend = HFTok(
+        models.BPE(
+            vocab=vocab,
+            merges=generate_merges(vocab),
+            unk_token=unk,
+            fuse_unk=True,
+            byte_fallback=proto.trainer_spec.byte_fallback,
+        )
+    )
     dummy = proto.normalizer_spec.add_dummy_prefix
     # sentencepiece puts the dummy "▁" before the whole text only; Metaspace "first" does the same except before a
     # leading added token or a leading space. llmforge trains without a dummy prefix, so its models map exactly.
-    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first" if dummy else "never",
-                                                     split=False)
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement="▁", prepend_scheme="first" if dummy else "never", split=False
+    )
     steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
     if dummy:
         steps.append(decoders.Strip(" ", 1, 0))
     backend.decoder = decoders.Sequence(steps)
-    backend.add_tokens([AddedToken(p.piece, normalized=False, special=False) for p in pieces
-                        if p.type == _USER_DEFINED])
-    backend.add_special_tokens([AddedToken(p.piece, normalized=False, special=True) for p in pieces
-                                if p.type in (_UNKNOWN, _CONTROL)])
+    backend.add_tokens(
+        [AddedToken(p.piece, normalized=False, special=False) for p in pieces if p.type == _USER_DEFINED]
+    )
+    backend.add_special_tokens(
+        [AddedToken(p.piece, normalized=False, special=True) for p in pieces if p.type in (_UNKNOWN, _CONTROL)]
+    )
     roles = {"unk_token": unk}
-    for role, idx in (("bos_token", proto.trainer_spec.bos_id), ("eos_token", proto.trainer_spec.eos_id),
-                      ("pad_token", proto.trainer_spec.pad_id)):
+    for role, idx in (
+        ("bos_token", proto.trainer_spec.bos_id),
+        ("eos_token", proto.trainer_spec.eos_id),
+        ("pad_token", proto.trainer_spec.pad_id),
+    ):
         if idx >= 0:
             roles[role] = pieces[idx].piece
     return backend, roles

@@ -20,8 +20,9 @@ class SentencePieceTokenizer:
         self.pad_id, self.eos_id, self.bos_id = self.sp.pad_id(), self.sp.eos_id(), self.sp.bos_id()
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int, path: str, byte_fallback: bool = True
-              ) -> SentencePieceTokenizer:
+    def train(
+        cls, texts: Iterable[str], vocab_size: int, path: str, byte_fallback: bool = True
+    ) -> SentencePieceTokenizer:
         """Train BPE on `texts` (one document per item) and save the model to `path`."""
         import sentencepiece as spm
 
@@ -34,12 +35,27 @@ class SentencePieceTokenizer:
                             f.write(line + "\n")
             prefix = os.path.join(tmp, "spm")
             spm.SentencePieceTrainer.train(
-                input=sample, model_prefix=prefix, model_type="bpe", vocab_size=vocab_size,
-                byte_fallback=byte_fallback, pad_id=PAD, unk_id=UNK, bos_id=BOS, eos_id=EOS,
-                user_defined_symbols=["\n", "\t"], normalization_rule_name="identity",
-                remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, split_digits=True,
-                character_coverage=0.9995, max_sentence_length=1 << 16, num_threads=os.cpu_count() or 1,
-                add_dummy_prefix=False, minloglevel=2, hard_vocab_limit=False)
+                input=sample,
+                model_prefix=prefix,
+                model_type="bpe",
+                vocab_size=vocab_size,
+                byte_fallback=byte_fallback,
+                pad_id=PAD,
+                unk_id=UNK,
+                bos_id=BOS,
+                eos_id=EOS,
+                user_defined_symbols=["\n", "\t"],
+                normalization_rule_name="identity",
+                remove_extra_whitespaces=False,
+                allow_whitespace_only_pieces=True,
+                split_digits=True,
+                character_coverage=0.9995,
+                max_sentence_length=1 << 16,
+                num_threads=os.cpu_count() or 1,
+                add_dummy_prefix=False,
+                minloglevel=2,
+                hard_vocab_limit=False,
+            )
             with open(prefix + ".model", "rb") as f:
                 proto = f.read()
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

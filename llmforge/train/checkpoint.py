@@ -63,15 +63,22 @@ class TrainState:
 
     @classmethod
     def from_client(cls, client: dict) -> TrainState:
-        return cls(step=client["step"], consumed_samples=client["consumed_samples"],
-                   consumed_tokens=client.get("consumed_tokens", 0), guard=client.get("guard", {}))
+        return cls(
+            step=client["step"],
+            consumed_samples=client["consumed_samples"],
+            consumed_tokens=client.get("consumed_tokens", 0),
+            guard=client.get("guard", {}),
+        )
 
 
 def rng_state() -> dict:
     """This process's RNG states in types `torch.load(weights_only=True)` reads (no pickled numpy objects)."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
-    state = {"python": random.getstate(), "numpy": (kind, keys.tolist(), pos, has_gauss, gauss),
-             "torch": torch.get_rng_state()}
+    state = {
+        "python": random.getstate(),
+        "numpy": (kind, keys.tolist(), pos, has_gauss, gauss),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -115,8 +122,15 @@ def _enough_space(ckpt_dir: str) -> Optional[str]:
     return None
 
 
-def save_checkpoint(engine: Any, ckpt_dir: str, step: int, client_state: dict, keep_last: int,
-                    extra_files: Optional[dict[str, str]] = None, fault: Optional[str] = None) -> Optional[str]:
+def save_checkpoint(
+    engine: Any,
+    ckpt_dir: str,
+    step: int,
+    client_state: dict,
+    keep_last: int,
+    extra_files: Optional[dict[str, str]] = None,
+    fault: Optional[str] = None,
+) -> Optional[str]:
     """Save through DeepSpeed on every rank, then commit (manifest + pointer) on rank 0. Returns the path, or None
     when the disk cannot hold the checkpoint (decided before writing anything; the previous one stays).
 
@@ -155,8 +169,10 @@ def save_checkpoint(engine: Any, ckpt_dir: str, step: int, client_state: dict, k
             _prune(ckpt_dir, keep_last, step)
     except OSError as e:
         kept = os.path.basename(previous) if previous else "none"
-        err = CheckpointError(f"saving {tag} failed on rank {rank()}: {e.strerror or e}; nothing of it was "
-                              f"committed, the last complete checkpoint ({kept}) is intact")
+        err = CheckpointError(
+            f"saving {tag} failed on rank {rank()}: {e.strerror or e}; nothing of it was "
+            f"committed, the last complete checkpoint ({kept}) is intact"
+        )
         err.every_rank = True
         raise err from None
     barrier()
@@ -225,8 +241,9 @@ def verify(path: str, checksums: bool = True) -> Optional[str]:
     return None
 
 
-def newest_complete(ckpt_dir: str, checksums: bool = True, damaged: Optional[list[tuple[str, str]]] = None
-                    ) -> Optional[str]:
+def newest_complete(
+    ckpt_dir: str, checksums: bool = True, damaged: Optional[list[tuple[str, str]]] = None
+) -> Optional[str]:
     """The newest committed checkpoint, verified; None if there is none.
 
     Uncommitted ones (no manifest: killed while saving) are passed over. A committed checkpoint whose files no
@@ -311,8 +328,19 @@ def ensure_universal(path: str) -> str:
     if rank() == 0 and not os.path.isdir(out):
         tmp = out + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", path,
-               "--output_folder", tmp, "--num_extract_workers", "1", "--num_merge_workers", "1"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "deepspeed.checkpoint.ds_to_universal",
+            "--input_folder",
+            path,
+            "--output_folder",
+            tmp,
+            "--num_extract_workers",
+            "1",
+            "--num_merge_workers",
+            "1",
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
@@ -333,8 +361,9 @@ def read_state(path: str) -> dict:
 def load_checkpoint(engine: Any, path: str) -> dict:
     """Load DeepSpeed state and this rank's RNG from a verified checkpoint; returns the client state."""
     load_dir, tag = os.path.split(path.rstrip("/"))
-    loaded, client_state = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
-                                                  load_lr_scheduler_states=False)
+    loaded, client_state = engine.load_checkpoint(
+        load_dir, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
+    )
     if loaded is None:  # DeepSpeed returns (None, None) instead of raising when it finds nothing
         raise CheckpointError(f"{path}: DeepSpeed found no loadable checkpoint there")
     source = os.path.dirname(path.rstrip("/")) if os.path.basename(path.rstrip("/")) == UNIVERSAL else path
@@ -344,8 +373,9 @@ def load_checkpoint(engine: Any, path: str) -> dict:
     return client_state or {}
 
 
-def check_resume(point: ResumePoint, tok_fp: str, data_fp: Optional[str], allow_data_change: bool, world: int,
-                 stage: int) -> bool:
+def check_resume(
+    point: ResumePoint, tok_fp: str, data_fp: Optional[str], allow_data_change: bool, world: int, stage: int
+) -> bool:
     """Refuse a checkpoint trained with another tokenizer or (unless allowed) other data; True when it was saved at
     another world size or ZeRO stage, so it must be loaded through DeepSpeed's universal form. Before the engine."""
     if point.path is None:
@@ -362,23 +392,32 @@ def _needs_universal(saved: dict, path: str, world: int, stage: int) -> bool:
     if before_world == world and before_stage == stage:
         return False
     if (before_stage == 3) != (stage == 3):
-        raise CheckpointError(f"{path} was saved under ZeRO-{before_stage}; DeepSpeed's universal loader cannot move "
-                              f"it to ZeRO-{stage} (stage 3 <-> 0/1/2). Resume under "
-                              f"{'ZeRO-3' if before_stage == 3 else 'ZeRO-1 or 2'}: any world size works there")
+        raise CheckpointError(
+            f"{path} was saved under ZeRO-{before_stage}; DeepSpeed's universal loader cannot move "
+            f"it to ZeRO-{stage} (stage 3 <-> 0/1/2). Resume under "
+            f"{'ZeRO-3' if before_stage == 3 else 'ZeRO-1 or 2'}: any world size works there"
+        )
     return True
 
 
 def _check_compatible(client: dict, path: str, tok_fp: str, data_fp: Optional[str], allow_data_change: bool) -> None:
     if client.get("tokenizer_fingerprint") not in (None, tok_fp):
-        raise CheckpointError(f"{path} was trained with tokenizer {client['tokenizer_fingerprint']}, "
-                              f"the recipe's is {tok_fp}")
+        raise CheckpointError(
+            f"{path} was trained with tokenizer {client['tokenizer_fingerprint']}, the recipe's is {tok_fp}"
+        )
     if client.get("data_fingerprint") not in (None, data_fp):
         if not allow_data_change:
-            raise CheckpointError(f"{path} was trained on data {client['data_fingerprint']}, "
-                                  f"the recipe's is {data_fp}; "
-                                  f"to continue on the new data pass --set data.allow_fingerprint_change=true")
-        log.warning("datasets changed since %s (%s -> %s); continuing from the same sample counter as asked",
-                    path, client["data_fingerprint"], data_fp)
+            raise CheckpointError(
+                f"{path} was trained on data {client['data_fingerprint']}, "
+                f"the recipe's is {data_fp}; "
+                f"to continue on the new data pass --set data.allow_fingerprint_change=true"
+            )
+        log.warning(
+            "datasets changed since %s (%s -> %s); continuing from the same sample counter as asked",
+            path,
+            client["data_fingerprint"],
+            data_fp,
+        )
 
 
 @dataclass
@@ -415,8 +454,14 @@ class Checkpointer:
     `rollback()` goes back to the newest complete one after a persistent divergence.
     """
 
-    def __init__(self, ckpt_dir: str, keep_last: int, identity: RunIdentity, metrics: Optional[Metrics] = None,
-                 faults: Optional[FaultInjector] = None):
+    def __init__(
+        self,
+        ckpt_dir: str,
+        keep_last: int,
+        identity: RunIdentity,
+        metrics: Optional[Metrics] = None,
+        faults: Optional[FaultInjector] = None,
+    ):
         self.ckpt_dir, self.keep_last, self.identity = ckpt_dir, keep_last, identity
         self.metrics, self.faults = metrics, faults or FaultInjector("")
         recipe, tok = identity.recipe, identity.tokenizer
@@ -428,21 +473,38 @@ class Checkpointer:
         """The fields written to llmforge_state.json (readable without loading a shard); the recipe travels in
         DeepSpeed's client state too."""
         ident = self.identity
-        return {"step": state.step, "consumed_samples": state.consumed_samples,
-                "consumed_tokens": state.consumed_tokens, "guard": state.guard,
-                "world_size": ident.world_size, "zero_stage": ident.zero_stage,
-                "global_batch": ident.recipe.train.global_batch(ident.world_size),
-                "tokenizer_fingerprint": self._tokenizer_fp, "data_fingerprint": ident.data_fingerprint,
-                UNIVERSAL_INFO: universal_info(), **ident.extra}
+        return {
+            "step": state.step,
+            "consumed_samples": state.consumed_samples,
+            "consumed_tokens": state.consumed_tokens,
+            "guard": state.guard,
+            "world_size": ident.world_size,
+            "zero_stage": ident.zero_stage,
+            "global_batch": ident.recipe.train.global_batch(ident.world_size),
+            "tokenizer_fingerprint": self._tokenizer_fp,
+            "data_fingerprint": ident.data_fingerprint,
+            UNIVERSAL_INFO: universal_info(),
+            **ident.extra,
+        }
 
     def save(self, engine: Any, state: TrainState) -> Optional[str]:
         """Commit a checkpoint of `state` (every rank calls it). None when the disk could not hold it."""
         started = time.time()
         client = self.client_state(state)
-        files = {"tokenizer.json": self._tokenizer_json, STATE: json.dumps(client, indent=1),
-                 "recipe.yaml": self._recipe_yaml}
-        path = save_checkpoint(engine, self.ckpt_dir, state.step, {**client, "recipe": self._recipe_dict},
-                               self.keep_last, fault=self.faults.save_fault(state.step), extra_files=files)
+        files = {
+            "tokenizer.json": self._tokenizer_json,
+            STATE: json.dumps(client, indent=1),
+            "recipe.yaml": self._recipe_yaml,
+        }
+        path = save_checkpoint(
+            engine,
+            self.ckpt_dir,
+            state.step,
+            {**client, "recipe": self._recipe_dict},
+            self.keep_last,
+            fault=self.faults.save_fault(state.step),
+            extra_files=files,
+        )
         if path is None:
             log.warning("checkpoint at step %d skipped: not enough disk space; the previous one is intact", state.step)
             self._event("checkpoint_skipped", step=state.step, reason="disk space")
@@ -459,12 +521,18 @@ class Checkpointer:
         if point.path is None:
             return TrainState()
         started = time.time()
-        state = TrainState.from_client(load_checkpoint(engine, ensure_universal(point.path) if universal
-                                                       else point.path))
+        state = TrainState.from_client(
+            load_checkpoint(engine, ensure_universal(point.path) if universal else point.path)
+        )
         if universal:
             saved = read_state(point.path)
-            self._event("elastic_resume", from_world=saved.get("world_size"), to_world=self.identity.world_size,
-                        from_stage=saved.get("zero_stage"), to_stage=self.identity.zero_stage)
+            self._event(
+                "elastic_resume",
+                from_world=saved.get("world_size"),
+                to_world=self.identity.world_size,
+                from_stage=saved.get("zero_stage"),
+                to_stage=self.identity.zero_stage,
+            )
         self._event("resumed", step=state.step, checkpoint=point.path, resume_s=round(time.time() - started, 3))
         return state
 

@@ -58,8 +58,10 @@ def release_shm_segment() -> None:
     if not dist.is_initialized():
         return
     dist.barrier()  # every rank has opened every peer's buffer
-    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
-            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    name = (
+        f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+        f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}"
+    )
     with contextlib.suppress(FileNotFoundError):  # not a CPU run, or no shm op
         os.unlink(name)
 

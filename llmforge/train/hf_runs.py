@@ -48,19 +48,30 @@ def import_hf(directory: str, out: str) -> str:
     model = from_llama(directory)
     tok = HFTokenizer.load(directory)
     if tok.vocab_size > model.cfg.vocab_size:
-        raise ExportError(f"{directory}: the tokenizer has {tok.vocab_size} ids, the model only "
-                          f"{model.cfg.vocab_size} embeddings")
+        raise ExportError(
+            f"{directory}: the tokenizer has {tok.vocab_size} ids, the model only {model.cfg.vocab_size} embeddings"
+        )
     out = os.path.abspath(out)
-    recipe = Recipe(run=RunConfig(name=os.path.basename(out), output_dir=os.path.dirname(out)),
-                    data=DataConfig(seq_len=min(256, model.cfg.max_seq_len)),
-                    tokenizer=TokenizerConfig(type="hf", path=os.path.abspath(directory)),
-                    model=model.cfg, train=dataclasses.replace(TrainConfig(), precision="fp32", warmup_steps=0))
+    recipe = Recipe(
+        run=RunConfig(name=os.path.basename(out), output_dir=os.path.dirname(out)),
+        data=DataConfig(seq_len=min(256, model.cfg.max_seq_len)),
+        tokenizer=TokenizerConfig(type="hf", path=os.path.abspath(directory)),
+        model=model.cfg,
+        train=dataclasses.replace(TrainConfig(), precision="fp32", warmup_steps=0),
+    )
     setup_env()
     deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
-    engine, *_ = deepspeed.initialize(model=model, config={"train_micro_batch_size_per_gpu": 1,
-                                                           "zero_optimization": {"stage": 0}})
-    identity = RunIdentity(recipe, tok, data_fingerprint=None, world_size=1, zero_stage=0,
-                           extra={"imported_from": os.path.abspath(directory)})
+    engine, *_ = deepspeed.initialize(
+        model=model, config={"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 0}}
+    )
+    identity = RunIdentity(
+        recipe,
+        tok,
+        data_fingerprint=None,
+        world_size=1,
+        zero_stage=0,
+        extra={"imported_from": os.path.abspath(directory)},
+    )
     path = Checkpointer(os.path.join(out, "checkpoints"), 1, identity).save(engine, TrainState())
     if path is None:
         raise ExportError(f"{out}: not enough disk space for the checkpoint")

@@ -39,8 +39,9 @@ def _state_dict(path: str) -> dict[str, torch.Tensor]:
     return {k.replace(WRAPPER_PREFIX, ""): v for k, v in state.items()}
 
 
-def load_model(checkpoint: str, dtype: torch.dtype = torch.float32, flag: str = "--checkpoint"
-               ) -> tuple[GPT, Tokenizer, Recipe]:
+def load_model(
+    checkpoint: str, dtype: torch.dtype = torch.float32, flag: str = "--checkpoint"
+) -> tuple[GPT, Tokenizer, Recipe]:
     """Model in eval mode, its tokenizer and resolved recipe, from a run dir, checkpoints dir or checkpoint (`flag`
     names the option it came from, for errors)."""
     path = find_checkpoint(checkpoint, flag)
@@ -75,9 +76,12 @@ def load_pretrained(path: str) -> tuple[GPT, Tokenizer]:
     return model, tok
 
 
-def starting_point(recipe: Recipe, origin: str, resume_from: Optional[str],
-                   extend_tokenizer: Optional[Callable[[Tokenizer], Tokenizer]] = None
-                   ) -> tuple[Recipe, Optional[GPT], Tokenizer]:
+def starting_point(
+    recipe: Recipe,
+    origin: str,
+    resume_from: Optional[str],
+    extend_tokenizer: Optional[Callable[[Tokenizer], Tokenizer]] = None,
+) -> tuple[Recipe, Optional[GPT], Tokenizer]:
     """What a run with train.init_from starts from: (recipe with the starting model's architecture, its weights or
     None when resuming, its tokenizer). A resumed run takes architecture and tokenizer from its own checkpoint; a
     fresh one from init_from, with `extend_tokenizer(tok)` applied (the vocabulary grows to match). Training-time
@@ -98,10 +102,14 @@ def starting_point(recipe: Recipe, origin: str, resume_from: Optional[str],
             model = resize_vocab(model, tok.vocab_size, recipe.run.seed)
         cfg = model.cfg
     if recipe.data.seq_len > cfg.max_seq_len:
-        raise RecipeError(origin, "data.seq_len", f"{recipe.data.seq_len} exceeds the model's max_seq_len="
-                                                  f"{cfg.max_seq_len} (from {path})")
-    cfg = dataclasses.replace(cfg, activation_checkpointing=recipe.model.activation_checkpointing,
-                              dropout=recipe.model.dropout)
+        raise RecipeError(
+            origin,
+            "data.seq_len",
+            f"{recipe.data.seq_len} exceeds the model's max_seq_len={cfg.max_seq_len} (from {path})",
+        )
+    cfg = dataclasses.replace(
+        cfg, activation_checkpointing=recipe.model.activation_checkpointing, dropout=recipe.model.dropout
+    )
     return dataclasses.replace(recipe, model=cfg), model, tok
 
 
@@ -117,8 +125,9 @@ def resize_vocab(model: GPT, vocab_size: int, seed: int = 0) -> GPT:
     gen = torch.Generator().manual_seed(seed)
     for key in ("tok_emb.weight",) + (() if cfg.tie_embeddings else ("lm_head.weight",)):
         w = state[key]
-        extra = w.float().mean(0, keepdim=True) + cfg.init_std * torch.randn(vocab_size - old, w.shape[1],
-                                                                             generator=gen)
+        extra = w.float().mean(0, keepdim=True) + cfg.init_std * torch.randn(
+            vocab_size - old, w.shape[1], generator=gen
+        )
         state[key] = torch.cat([w, extra.to(w.dtype)])
     if cfg.tie_embeddings:
         state["lm_head.weight"] = state["tok_emb.weight"]
@@ -140,9 +149,16 @@ def load_weights(model: GPT, source: GPT, zero3: bool) -> None:
             p.copy_(state[name])
 
 
-def generate_text(checkpoint: str, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8,
-                  top_k: Optional[int] = None, top_p: Optional[float] = None, seed: int = 0,
-                  use_cache: bool = True) -> str:
+def generate_text(
+    checkpoint: str,
+    prompt: str,
+    max_new_tokens: int = 200,
+    temperature: float = 0.8,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    seed: int = 0,
+    use_cache: bool = True,
+) -> str:
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's loading chatter must not mix with the text
         model, tok, _ = load_model(checkpoint)
     ids = tok.encode(prompt) or [tok.eos_id]

@@ -44,8 +44,11 @@ class Metrics:
 
     def _tensorboard(self, prefix: str, row: dict) -> None:
         if self.monitor is not None and getattr(self.monitor, "enabled", False):
-            events = [(f"{prefix}/{k}", float(v), row["step"]) for k, v in row.items()
-                      if k != "step" and isinstance(v, (int, float)) and v is not None]
+            events = [
+                (f"{prefix}/{k}", float(v), row["step"])
+                for k, v in row.items()
+                if k != "step" and isinstance(v, (int, float)) and v is not None
+            ]
             self.monitor.write_events(events)
 
     def train(self, row: dict) -> None:
@@ -54,9 +57,17 @@ class Metrics:
             return
         self._write(row)
         mfu = f" mfu {row['mfu']:.1%}" if row.get("mfu") is not None else ""
-        log.info("step %d | loss %s | lr %.3e | grad_norm %s | %.0f tok/s%s | mem %.2f GB | eta %s",
-                 row["step"], _fmt(row["loss"], ".4f"), row["lr"], _fmt(row["grad_norm"], ".3f"),
-                 row["tokens_per_s"], mfu, row["mem_gb"], _fmt_eta(row.get("eta_s")))
+        log.info(
+            "step %d | loss %s | lr %.3e | grad_norm %s | %.0f tok/s%s | mem %.2f GB | eta %s",
+            row["step"],
+            _fmt(row["loss"], ".4f"),
+            row["lr"],
+            _fmt(row["grad_norm"], ".3f"),
+            row["tokens_per_s"],
+            mfu,
+            row["mem_gb"],
+            _fmt_eta(row.get("eta_s")),
+        )
 
     def eval(self, row: dict) -> None:
         self._tensorboard("eval", row)

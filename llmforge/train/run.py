@@ -33,8 +33,9 @@ from llmforge.train.trainer import Trainer, TrainerConfig
 log = logging.getLogger("llmforge")
 
 
-def run_training(recipe_path: str, overrides: Optional[list[str]] = None, resume: str = "auto",
-                 task: Optional[Task] = None) -> dict:
+def run_training(
+    recipe_path: str, overrides: Optional[list[str]] = None, resume: str = "auto", task: Optional[Task] = None
+) -> dict:
     """Train `task` (pre-training by default) from a recipe; returns a summary (run dir, step, last val loss,
     status 'finished' or 'preempted')."""
     import deepspeed
@@ -52,8 +53,9 @@ def run_training(recipe_path: str, overrides: Optional[list[str]] = None, resume
     point = resolve_resume(resume, recipe.checkpoint_dir)
     setup = task.setup(recipe, recipe_path, point, stage)
     recipe, tok, data = setup.recipe, setup.tokenizer, setup.data
-    universal = check_resume(point, fingerprint(tok), data.train.fingerprint, recipe.data.allow_fingerprint_change,
-                             world, stage)
+    universal = check_resume(
+        point, fingerprint(tok), data.train.fingerprint, recipe.data.allow_fingerprint_change, world, stage
+    )
     if universal:
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
 
@@ -68,12 +70,20 @@ def run_training(recipe_path: str, overrides: Optional[list[str]] = None, resume
     if adapters := apply_wraps(model, lora, recipe.model.activation_checkpointing, recipe.train.compile):
         log.info("LoRA rank %d on %s: %d trainable parameters", lora.rank, ",".join(lora.targets), adapters)
     n_params, n_embed = count_parameters(model)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, recipe.train.weight_decay),
-                                      config=ds_config)
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, recipe.train.weight_decay), config=ds_config
+    )
     if engine.global_rank == 0:
         write_run_files(recipe, ds_config)
-        log.info("model: %.2fM parameters (%.2fM non-embedding), %d ranks, ZeRO stage %d, %s on %s",
-                 n_params / 1e6, (n_params - n_embed) / 1e6, world, stage, recipe.train.precision, accel.device_name())
+        log.info(
+            "model: %.2fM parameters (%.2fM non-embedding), %d ranks, ZeRO stage %d, %s on %s",
+            n_params / 1e6,
+            (n_params - n_embed) / 1e6,
+            world,
+            stage,
+            recipe.train.precision,
+            accel.device_name(),
+        )
         log.info(allocator.describe())
     metrics = Metrics(recipe.run_dir, engine.global_rank == 0, getattr(engine, "monitor", None))
 
@@ -82,8 +92,13 @@ def run_training(recipe_path: str, overrides: Optional[list[str]] = None, resume
     checkpointer = Checkpointer(recipe.checkpoint_dir, recipe.checkpoint.keep_last, identity, metrics, faults)
     state = checkpointer.resume(engine, point, universal)
     objective = task.objective(engine, setup, recipe.run_dir, fresh=point.path is None)
-    peak = None if on_cpu else device_peak_flops(accel.get_device_name() if hasattr(accel, "get_device_name")
-                                                  else torch.cuda.get_device_name())
+    peak = (
+        None
+        if on_cpu
+        else device_peak_flops(
+            accel.get_device_name() if hasattr(accel, "get_device_name") else torch.cuda.get_device_name()
+        )
+    )
     fpt = flops_per_token(n_params - n_embed, recipe.model, recipe.data.seq_len)
     cfg = TrainerConfig.from_recipe(recipe, world, fpt, peak, faults)
     trainer = Trainer(engine, cfg, data, objective, checkpointer, metrics)

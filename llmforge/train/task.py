@@ -40,18 +40,24 @@ class Task:
         if recipe.train.init_from:
             recipe, init, init_tok = starting_point(recipe, origin, resume.path)
             if fingerprint(init_tok) != tok_fp:
-                raise RecipeError(origin, "train.init_from", f"{recipe.train.init_from} uses tokenizer "
-                                                             f"{fingerprint(init_tok)}, the recipe's tokenizer is "
-                                                             f"{tok_fp}; point tokenizer.path at the model's tokenizer")
+                raise RecipeError(
+                    origin,
+                    "train.init_from",
+                    f"{recipe.train.init_from} uses tokenizer "
+                    f"{fingerprint(init_tok)}, the recipe's tokenizer is "
+                    f"{tok_fp}; point tokenizer.path at the model's tokenizer",
+                )
         else:
             recipe = resolve_model_config(recipe, tok.vocab_size, origin)
         specs, seq_len, seed = recipe.data.dataset_dirs(), recipe.data.seq_len, recipe.run.seed
         train = PretrainData(specs, seq_len, seed, "train", tok_fp)
         val = PretrainData(specs, seq_len, seed + 1, "val", tok_fp)
         if recipe.eval.interval and val.num_samples == 0:
-            raise DataError(f"eval.interval is {recipe.eval.interval} but the val split of "
-                            f"{', '.join(s.path for s in specs)} has no sample of seq_len+1={seq_len + 1} "
-                            f"tokens: prepare it with data.val_fraction > 0, or set eval.interval: 0")
+            raise DataError(
+                f"eval.interval is {recipe.eval.interval} but the val split of "
+                f"{', '.join(s.path for s in specs)} has no sample of seq_len+1={seq_len + 1} "
+                f"tokens: prepare it with data.val_fraction > 0, or set eval.interval: 0"
+            )
         return TaskSetup(recipe, tok, TaskData(train, val), init)
 
     def objective(self, engine: Any, setup: TaskSetup, run_dir: str, fresh: bool) -> Objective:
@@ -64,6 +70,7 @@ def resolve_model_config(recipe: Recipe, vocab_size: int, origin: str) -> Recipe
     m = recipe.model
     if m.vocab_size is not None and m.vocab_size < vocab_size:
         raise RecipeError(origin, "model.vocab_size", f"{m.vocab_size} is below the tokenizer's {vocab_size}")
-    model = dataclasses.replace(m, vocab_size=m.vocab_size or vocab_size,
-                                max_seq_len=m.max_seq_len or recipe.data.seq_len)
+    model = dataclasses.replace(
+        m, vocab_size=m.vocab_size or vocab_size, max_seq_len=m.max_seq_len or recipe.data.seq_len
+    )
     return dataclasses.replace(recipe, model=model)

@@ -23,11 +23,11 @@ from llmforge.train.schedule import lr_at
 
 @dataclass
 class StepResult:
-    loss: float                 # mean over micro-batches and ranks
+    loss: float  # mean over micro-batches and ranks
     lr: float
-    skipped: Optional[str]      # why the optimizer step was skipped, or None
-    stop: bool                  # a rank received a stop signal
-    tokens: int                 # non-pad input tokens of the step, all ranks
+    skipped: Optional[str]  # why the optimizer step was skipped, or None
+    stop: bool  # a rank received a stop signal
+    tokens: int  # non-pad input tokens of the step, all ranks
     stats: dict = field(default_factory=dict)  # the objective's own metrics (DPO rewards, ...), mean over ranks
 
 
@@ -43,8 +43,12 @@ class LMLoss:
 
     def __call__(self, engine: Any, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         inputs, targets = batch[0], batch[1]
-        _, loss = engine(inputs.to(engine.device, non_blocking=True), targets.to(engine.device, non_blocking=True),
-                         loss_chunk=self.loss_chunk, z_loss=self.z_loss)
+        _, loss = engine(
+            inputs.to(engine.device, non_blocking=True),
+            targets.to(engine.device, non_blocking=True),
+            loss_chunk=self.loss_chunk,
+            z_loss=self.z_loss,
+        )
         return loss, {}
 
 
@@ -64,22 +68,38 @@ class Objective:
 class TrainerConfig:
     """What the loop needs from the recipe, and from the run it belongs to."""
 
-    schedule: TrainConfig       # max_steps, batch sizes, the LR schedule
-    data_parallel: int          # ranks that each read their own micro-batches
+    schedule: TrainConfig  # max_steps, batch sizes, the LR schedule
+    data_parallel: int  # ranks that each read their own micro-batches
     spike_guard: SpikeGuardConfig
     eval: EvalConfig
     log_interval: int
     checkpoint_interval: int
     prefetch: int
-    flops_per_token: float      # training FLOPs per token (6N + attention), for MFU
+    flops_per_token: float  # training FLOPs per token (6N + attention), for MFU
     peak_flops: Optional[float]  # per rank; None on CPU (no MFU)
     faults: FaultInjector = field(default_factory=FaultInjector)
 
     @classmethod
-    def from_recipe(cls, recipe: Recipe, data_parallel: int, flops_per_token: float, peak_flops: Optional[float],
-                    faults: FaultInjector) -> TrainerConfig:
-        return cls(recipe.train, data_parallel, recipe.train.spike_guard, recipe.eval, recipe.logging.interval,
-                   recipe.checkpoint.interval, recipe.data.prefetch, flops_per_token, peak_flops, faults)
+    def from_recipe(
+        cls,
+        recipe: Recipe,
+        data_parallel: int,
+        flops_per_token: float,
+        peak_flops: Optional[float],
+        faults: FaultInjector,
+    ) -> TrainerConfig:
+        return cls(
+            recipe.train,
+            data_parallel,
+            recipe.train.spike_guard,
+            recipe.eval,
+            recipe.logging.interval,
+            recipe.checkpoint.interval,
+            recipe.data.prefetch,
+            flops_per_token,
+            peak_flops,
+            faults,
+        )
 
     @property
     def global_batch(self) -> int:
@@ -95,8 +115,15 @@ class TaskData:
 
 
 class Trainer:
-    def __init__(self, engine: Any, cfg: TrainerConfig, data: TaskData, objective: Objective,
-                 checkpointer: Optional[Checkpointer], metrics: Metrics):
+    def __init__(
+        self,
+        engine: Any,
+        cfg: TrainerConfig,
+        data: TaskData,
+        objective: Objective,
+        checkpointer: Optional[Checkpointer],
+        metrics: Metrics,
+    ):
         """`checkpointer` None: no checkpoints are saved and a divergence cannot roll back (benchmarks)."""
         self.engine, self.cfg, self.data, self.objective = engine, cfg, data, objective
         self.checkpointer, self.metrics = checkpointer, metrics
@@ -106,8 +133,9 @@ class Trainer:
         self.guard = SpikeGuard(cfg.spike_guard)
         self.last_val_loss: Optional[float] = None
         device = torch.device(engine.device)
-        self.batches = Prefetcher(self._read_micro, self._next_micro, cfg.prefetch,
-                                  device if device.type == "cuda" else None)
+        self.batches = Prefetcher(
+            self._read_micro, self._next_micro, cfg.prefetch, device if device.type == "cuda" else None
+        )
 
     # -- the step -------------------------------------------------------------------------------------------------
     def train_step(self) -> StepResult:
@@ -169,16 +197,22 @@ class Trainer:
 
     def _read_micro(self, key: tuple[int, int]) -> Any:
         consumed, micro = key
-        return self.data.train.batch(micro_batch_indices(consumed, micro, self.rank, self.cfg.data_parallel,
-                                                         self.cfg.schedule.micro_batch_size))
+        return self.data.train.batch(
+            micro_batch_indices(consumed, micro, self.rank, self.cfg.data_parallel, self.cfg.schedule.micro_batch_size)
+        )
 
     def _reduce(self, loss: torch.Tensor, tokens: int, stats: dict[str, torch.Tensor]) -> torch.Tensor:
         """[mean loss over ranks, number of ranks asked to stop, tokens of all ranks, mean of each objective metric]
         on the device, all-reduced without waiting for the result."""
         flag = 1.0 if self.stop.requested else 0.0
-        packed = torch.stack([loss.detach().float(), torch.full((), flag, device=loss.device),
-                              torch.full((), float(tokens), device=loss.device),
-                              *[v.reshape(()).float().to(loss.device) for v in stats.values()]])
+        packed = torch.stack(
+            [
+                loss.detach().float(),
+                torch.full((), flag, device=loss.device),
+                torch.full((), float(tokens), device=loss.device),
+                *[v.reshape(()).float().to(loss.device) for v in stats.values()],
+            ]
+        )
         world = self.cfg.data_parallel
         if dist.is_initialized() and world > 1:
             dist.all_reduce(packed, op=dist.ReduceOp.SUM)
@@ -216,8 +250,12 @@ class Trainer:
             self.state.guard = self.guard.state_dict()
             if step % cfg.log_interval == 0 or last:
                 now = time.time()
-                self.log(step, result, window_tokens / max(now - window_start, 1e-9),
-                         (now - run_start) / max(1, step - run_start_step))
+                self.log(
+                    step,
+                    result,
+                    window_tokens / max(now - window_start, 1e-9),
+                    (now - run_start) / max(1, step - run_start_step),
+                )
                 window_start, window_steps, window_tokens = time.time(), 0, 0
             if cfg.eval.interval and (step % cfg.eval.interval == 0 or last):
                 self.evaluate()
@@ -251,9 +289,13 @@ class Trainer:
         started = time.time()
         self._save()
         since = (time.time() - self.stop.received_at) if self.stop.received_at else None
-        self.metrics.event("preempted", step=self.state.step, signal=self.stop.signum,
-                           save_s=round(time.time() - started, 3),
-                           signal_to_saved_s=None if since is None else round(since, 3))
+        self.metrics.event(
+            "preempted",
+            step=self.state.step,
+            signal=self.stop.signum,
+            save_s=round(time.time() - started, 3),
+            signal_to_saved_s=None if since is None else round(since, 3),
+        )
         return "preempted"
 
     def log(self, step: int, result: StepResult, tokens_per_s: float, s_per_step: float) -> None:
@@ -264,14 +306,20 @@ class Trainer:
         mfu = None
         if self.cfg.peak_flops:
             mfu = self.cfg.flops_per_token * tokens_per_s / (self.cfg.peak_flops * self.cfg.data_parallel)
-        self.metrics.train({
-            "step": step, "tokens": self.state.consumed_tokens,
-            "loss": _json_float(result.loss), "lr": result.lr,
-            "grad_norm": None if grad_norm is None else _json_float(float(grad_norm)),
-            "tokens_per_s": tokens_per_s, "mfu": mfu, "mem_gb": memory_gb(),
-            "eta_s": s_per_step * (self.cfg.schedule.max_steps - step),
-            **{k: _json_float(v) for k, v in result.stats.items()},
-        })
+        self.metrics.train(
+            {
+                "step": step,
+                "tokens": self.state.consumed_tokens,
+                "loss": _json_float(result.loss),
+                "lr": result.lr,
+                "grad_norm": None if grad_norm is None else _json_float(float(grad_norm)),
+                "tokens_per_s": tokens_per_s,
+                "mfu": mfu,
+                "mem_gb": memory_gb(),
+                "eta_s": s_per_step * (self.cfg.schedule.max_steps - step),
+                **{k: _json_float(v) for k, v in result.stats.items()},
+            }
+        )
 
     @torch.no_grad()
     def evaluate(self) -> Optional[float]:
@@ -294,8 +342,14 @@ class Trainer:
         host = self._reduce(total / n, 0, {k: v / n for k, v in stat_totals.items()}).tolist()
         val_loss, means = host[0], {k: host[3 + i] for i, k in enumerate(stat_totals)}
         self.last_val_loss = val_loss
-        self.metrics.eval({"step": self.state.step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)),
-                           **{f"val_{k}": _json_float(v) for k, v in means.items()}})
+        self.metrics.eval(
+            {
+                "step": self.state.step,
+                "val_loss": val_loss,
+                "val_ppl": math.exp(min(val_loss, 50.0)),
+                **{f"val_{k}": _json_float(v) for k, v in means.items()},
+            }
+        )
         return val_loss
 
 

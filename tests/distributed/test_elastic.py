@@ -17,7 +17,7 @@ pytestmark = pytest.mark.distributed
 def train_rows(run_dir):
     all_rows = rows(run_dir)
     start = max([i for i, r in enumerate(all_rows) if r.get("event") == "resumed"], default=-1)
-    return {r["step"]: r for r in all_rows[start + 1:] if "loss" in r and "event" not in r}
+    return {r["step"]: r for r in all_rows[start + 1 :] if "loss" in r and "event" not in r}
 
 
 def adam_steps(ckpt) -> set[float]:
@@ -30,19 +30,55 @@ def adam_steps(ckpt) -> set[float]:
 
 
 def test_resume_at_another_world_size_and_stage(tmp_path, prepared):
-    recipe = write_recipe(tmp_path / "r.yaml", prepared, tmp_path / "runs", train={"max_steps": 16, "warmup_steps": 2},
-                          checkpoint={"interval": 8, "keep_last": 5}, eval={"interval": 0})
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        prepared,
+        tmp_path / "runs",
+        train={"max_steps": 16, "warmup_steps": 2},
+        checkpoint={"interval": 8, "keep_last": 5},
+        eval={"interval": 0},
+    )
     runs = tmp_path / "runs"
     # A: 2 ranks, ZeRO-2, micro 4 → global batch 8.   B: resume A's step 8 on 1 rank, micro 4 × accum 2.
     assert run_cli(*ds_cmd(recipe, "--set", "run.name=a")).returncode == 0
-    r = run_cli(sys.executable, "launch/pretrain.py", "--recipe", str(recipe), "--set", "run.name=b",
-                "--set", "train.grad_accum_steps=2", "--resume", str(runs / "a/checkpoints/step_00000008"))
+    r = run_cli(
+        sys.executable,
+        "launch/pretrain.py",
+        "--recipe",
+        str(recipe),
+        "--set",
+        "run.name=b",
+        "--set",
+        "train.grad_accum_steps=2",
+        "--resume",
+        str(runs / "a/checkpoints/step_00000008"),
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     # C: 1 rank from scratch (accum 2).   D: resume C's step 8 on 2 ranks under ZeRO-1.
-    assert run_cli(sys.executable, "launch/pretrain.py", "--recipe", str(recipe), "--set", "run.name=c",
-                   "--set", "train.grad_accum_steps=2").returncode == 0
-    r = run_cli(*ds_cmd(recipe, "--set", "run.name=d", "--set", f"deepspeed.config={REPO}/ds_configs/zero1.json",
-                        "--resume", str(runs / "c/checkpoints/step_00000008")))
+    assert (
+        run_cli(
+            sys.executable,
+            "launch/pretrain.py",
+            "--recipe",
+            str(recipe),
+            "--set",
+            "run.name=c",
+            "--set",
+            "train.grad_accum_steps=2",
+        ).returncode
+        == 0
+    )
+    r = run_cli(
+        *ds_cmd(
+            recipe,
+            "--set",
+            "run.name=d",
+            "--set",
+            f"deepspeed.config={REPO}/ds_configs/zero1.json",
+            "--resume",
+            str(runs / "c/checkpoints/step_00000008"),
+        )
+    )
     assert r.returncode == 0, r.stderr[-3000:]
 
     for base, resumed, worlds in (("a", "b", (2, 1)), ("c", "d", (1, 2))):
@@ -57,12 +93,26 @@ def test_resume_at_another_world_size_and_stage(tmp_path, prepared):
 
 
 def test_stage3_crossing_is_a_one_line_error(tmp_path, prepared):
-    recipe = write_recipe(tmp_path / "r.yaml", prepared, tmp_path / "runs", train={"max_steps": 4, "warmup_steps": 1},
-                          checkpoint={"interval": 4}, eval={"interval": 0},
-                          deepspeed={"config": str(REPO / "ds_configs/zero0.json")})
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        prepared,
+        tmp_path / "runs",
+        train={"max_steps": 4, "warmup_steps": 1},
+        checkpoint={"interval": 4},
+        eval={"interval": 0},
+        deepspeed={"config": str(REPO / "ds_configs/zero0.json")},
+    )
     assert run_cli(sys.executable, "launch/pretrain.py", "--recipe", str(recipe)).returncode == 0
-    r = run_cli(sys.executable, "launch/pretrain.py", "--recipe", str(recipe), "--set", "train.max_steps=8",
-                "--set", f"deepspeed.config={REPO}/ds_configs/zero3.json")
+    r = run_cli(
+        sys.executable,
+        "launch/pretrain.py",
+        "--recipe",
+        str(recipe),
+        "--set",
+        "train.max_steps=8",
+        "--set",
+        f"deepspeed.config={REPO}/ds_configs/zero3.json",
+    )
     assert r.returncode == 2
     (line,) = r.stderr.strip().splitlines()
     assert line.startswith("checkpoint error:") and "ZeRO-0" in line and "ZeRO-3" in line

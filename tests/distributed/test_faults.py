@@ -22,9 +22,15 @@ pytestmark = pytest.mark.distributed
 
 
 def recipe(tmp_path: Path, prepared: Path, name: str, **train) -> Path:
-    return write_recipe(tmp_path / f"{name}.yaml", prepared, tmp_path / "runs", run={"name": name},
-                        train={"max_steps": 14, "warmup_steps": 2, **train}, eval={"interval": 0},
-                        checkpoint={"interval": 4, "keep_last": 10})
+    return write_recipe(
+        tmp_path / f"{name}.yaml",
+        prepared,
+        tmp_path / "runs",
+        run={"name": name},
+        train={"max_steps": 14, "warmup_steps": 2, **train},
+        eval={"interval": 0},
+        checkpoint={"interval": 4, "keep_last": 10},
+    )
 
 
 def training_state(checkpoint: Path) -> list[torch.Tensor]:
@@ -56,9 +62,15 @@ def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
 
 
 def test_nan_inf_and_spike_steps_are_skipped_and_logged(tmp_path, prepared):
-    path = write_recipe(tmp_path / "faults.yaml", prepared, tmp_path / "runs", run={"name": "faults"},
-                        train={"max_steps": 14, "warmup_steps": 2, "spike_guard": {"min_history": 5}},
-                        eval={"interval": 0}, checkpoint={"interval": 1, "keep_last": 20})
+    path = write_recipe(
+        tmp_path / "faults.yaml",
+        prepared,
+        tmp_path / "runs",
+        run={"name": "faults"},
+        train={"max_steps": 14, "warmup_steps": 2, "spike_guard": {"min_history": 5}},
+        eval={"interval": 0},
+        checkpoint={"interval": 1, "keep_last": 20},
+    )
     r = run_cli(*ds_cmd(path), env={"LLMFORGE_FAULTS": "nan@5,inf@7,spike@11"})
     assert r.returncode == 0, r.stderr[-3000:]
     all_rows = rows(tmp_path / "runs" / "faults")
@@ -79,13 +91,15 @@ def test_nan_inf_and_spike_steps_are_skipped_and_logged(tmp_path, prepared):
 
 
 def test_persistent_divergence_rolls_back_and_skips_the_window(tmp_path, prepared):
-    r = run_cli(*ds_cmd(recipe(tmp_path, prepared, "diverge", spike_guard={"max_bad_steps": 3, "bad_window": 10})),
-                env={"LLMFORGE_FAULTS": "nan@9,nan@10,inf@11"})
+    r = run_cli(
+        *ds_cmd(recipe(tmp_path, prepared, "diverge", spike_guard={"max_bad_steps": 3, "bad_window": 10})),
+        env={"LLMFORGE_FAULTS": "nan@9,nan@10,inf@11"},
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     all_rows = rows(tmp_path / "runs" / "diverge")
     (rb,) = [x for x in all_rows if x.get("event") == "rollback"]
     assert rb["step"] == 11 and rb["to_step"] == 8 and rb["skipped_samples"] == 3 * 8
-    after = all_rows[all_rows.index(rb) + 1:]
+    after = all_rows[all_rows.index(rb) + 1 :]
     steps = [x["step"] for x in after if "loss" in x and "event" not in x]
     assert steps == list(range(9, 15))  # steps 9-14 redone on fresh data
     assert all(x["loss"] is not None for x in after if "loss" in x and "event" not in x)
@@ -94,8 +108,11 @@ def test_persistent_divergence_rolls_back_and_skips_the_window(tmp_path, prepare
 
 
 def _rank_pids(launcher: subprocess.Popen) -> list[int]:
-    return [p.pid for p in psutil.Process(launcher.pid).children(recursive=True)
-            if "launch/pretrain.py" in " ".join(p.cmdline()) and "--local_rank" in " ".join(p.cmdline())]
+    return [
+        p.pid
+        for p in psutil.Process(launcher.pid).children(recursive=True)
+        if "launch/pretrain.py" in " ".join(p.cmdline()) and "--local_rank" in " ".join(p.cmdline())
+    ]
 
 
 @pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM])
@@ -109,8 +126,9 @@ def test_signal_saves_exits_75_and_resume_matches_uninterrupted(tmp_path, prepar
     cfg = recipe(tmp_path, prepared, "pre", max_steps=steps)
     metrics = tmp_path / "runs" / "pre" / "metrics.jsonl"
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    proc = subprocess.Popen(ds_cmd(cfg), cwd=REPO, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        ds_cmd(cfg), cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         if metrics.exists() and sum('"loss"' in line for line in metrics.read_text().splitlines()) >= 6:
@@ -155,8 +173,10 @@ def test_enospc_while_saving_is_one_line_and_keeps_previous(tmp_path, prepared):
     r = run_cli(*ds_cmd(cfg), env={"LLMFORGE_FAULTS": "enospc_in_save@8"})
     assert r.returncode == 2
     lines = [x for x in (r.stdout + r.stderr).splitlines() if x.startswith("checkpoint error:")]
-    assert lines == ["checkpoint error: saving step_00000008 failed on rank 1: No space left on device; nothing of "
-                     "it was committed, the last complete checkpoint (step_00000004) is intact"]
+    assert lines == [
+        "checkpoint error: saving step_00000008 failed on rank 1: No space left on device; nothing of "
+        "it was committed, the last complete checkpoint (step_00000004) is intact"
+    ]
     r = run_cli(*ds_cmd(cfg, "--resume", "auto"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert [x["step"] for x in rows(tmp_path / "runs" / "enospc") if x.get("event") == "resumed"] == [4]
@@ -176,9 +196,15 @@ def small_tmpfs(tmp_path):
 
 
 def test_full_disk_skips_the_save_and_keeps_previous(tmp_path, prepared, small_tmpfs):
-    cfg = write_recipe(tmp_path / "full.yaml", prepared, tmp_path / "runs", run={"name": "full"},
-                       train={"max_steps": 12, "warmup_steps": 2}, eval={"interval": 0},
-                       checkpoint={"interval": 4, "keep_last": 10, "dir": str(small_tmpfs)})
+    cfg = write_recipe(
+        tmp_path / "full.yaml",
+        prepared,
+        tmp_path / "runs",
+        run={"name": "full"},
+        train={"max_steps": 12, "warmup_steps": 2},
+        eval={"interval": 0},
+        checkpoint={"interval": 4, "keep_last": 10, "dir": str(small_tmpfs)},
+    )
     r = run_cli(*ds_cmd(cfg))
     assert r.returncode == 0, r.stderr[-3000:]
     all_rows = rows(tmp_path / "runs" / "full")

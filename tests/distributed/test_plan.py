@@ -15,9 +15,21 @@ from tests.distributed.test_zero_resume import free_port
 
 def probe(stage: int, d_model: int) -> tuple[int, float]:
     bindir = Path(sys.executable).parent
-    r = run_cli(str(bindir / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-                "bench/memory_probe.py", "--stage", str(stage), "--d-model", str(d_model), "--layers", "8",
-                env={"MALLOC_MMAP_THRESHOLD_": "65536"})
+    r = run_cli(
+        str(bindir / "deepspeed"),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "bench/memory_probe.py",
+        "--stage",
+        str(stage),
+        "--d-model",
+        str(d_model),
+        "--layers",
+        "8",
+        env={"MALLOC_MMAP_THRESHOLD_": "65536"},
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     (row,) = [json.loads(line) for line in r.stdout.splitlines() if line.startswith('{"stage"')]
     assert len(row["measured_bytes"]) == 2
@@ -35,12 +47,25 @@ def test_model_state_memory_matches_measured_per_parameter(stage):
 
 
 def test_plan_command_marks_what_does_not_fit(tmp_path, prepared):
-    recipe = write_recipe(tmp_path / "big.yaml", prepared, tmp_path / "runs",
-                          model={"d_model": 2048, "n_layers": 22, "n_heads": 32, "n_kv_heads": 4, "d_ff": 5632,
-                                 "vocab_size": 32000, "tie_embeddings": False},
-                          data={"seq_len": 2048}, train={"micro_batch_size": 4, "max_steps": 10000})
-    r = run_cli(sys.executable, "-m", "llmforge.cli", "plan", "--recipe", str(recipe), "--gpus", "8",
-                "--gpu-memory", "24GB")
+    recipe = write_recipe(
+        tmp_path / "big.yaml",
+        prepared,
+        tmp_path / "runs",
+        model={
+            "d_model": 2048,
+            "n_layers": 22,
+            "n_heads": 32,
+            "n_kv_heads": 4,
+            "d_ff": 5632,
+            "vocab_size": 32000,
+            "tie_embeddings": False,
+        },
+        data={"seq_len": 2048},
+        train={"micro_batch_size": 4, "max_steps": 10000},
+    )
+    r = run_cli(
+        sys.executable, "-m", "llmforge.cli", "plan", "--recipe", str(recipe), "--gpus", "8", "--gpu-memory", "24GB"
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     lines = r.stdout.splitlines()
     assert lines[0].startswith("1100.") or lines[0].startswith("110"), lines[0]  # ~1.1B parameters
@@ -50,6 +75,7 @@ def test_plan_command_marks_what_does_not_fit(tmp_path, prepared):
     assert total[("3", "none")] < total[("2", "none")] < total[("0", "none")]
     assert total[("0", "full")] < total[("0", "selective")] < total[("0", "none")]
     assert rows[("0", "none")][9].strip() == "NO" and rows[("3", "full")][9].strip() == "yes"
-    bad = run_cli(sys.executable, "-m", "llmforge.cli", "plan", "--recipe", str(recipe), "--gpus", "8",
-                  "--gpu-memory", "lots")
+    bad = run_cli(
+        sys.executable, "-m", "llmforge.cli", "plan", "--recipe", str(recipe), "--gpus", "8", "--gpu-memory", "lots"
+    )
     assert bad.returncode == 2 and bad.stderr.strip() == "error: --gpu-memory 'lots': expected a size like 80GB"

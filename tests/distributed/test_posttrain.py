@@ -18,28 +18,45 @@ from tests.distributed.test_zero_resume import free_port, losses_after_last_star
 
 def post_cmd(task: str, recipe: Path, *extra: str) -> list[str]:
     bindir = Path(sys.executable).parent
-    return [str(bindir / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-            f"launch/{task}.py", "--recipe", str(recipe), *extra]
+    return [
+        str(bindir / "deepspeed"),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        f"launch/{task}.py",
+        "--recipe",
+        str(recipe),
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory, prepared) -> Path:
     """A small char model pre-trained for 60 steps on the stdlib corpus (one process, ZeRO-0)."""
     tmp = tmp_path_factory.mktemp("base")
-    recipe = write_recipe(tmp / "r.yaml", prepared, tmp / "runs", run={"name": "base"},
-                          model={"d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2},
-                          data={**_data(prepared), "seq_len": 96},
-                          train={"max_steps": 60, "warmup_steps": 5, "micro_batch_size": 8},
-                          eval={"interval": 0}, checkpoint={"interval": 60},
-                          deepspeed={"config": str(REPO / "ds_configs/zero0.json")})
+    recipe = write_recipe(
+        tmp / "r.yaml",
+        prepared,
+        tmp / "runs",
+        run={"name": "base"},
+        model={"d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2},
+        data={**_data(prepared), "seq_len": 96},
+        train={"max_steps": 60, "warmup_steps": 5, "micro_batch_size": 8},
+        eval={"interval": 0},
+        checkpoint={"interval": 60},
+        deepspeed={"config": str(REPO / "ds_configs/zero0.json")},
+    )
     r = run_cli(sys.executable, "launch/pretrain.py", "--recipe", str(recipe))
     assert r.returncode == 0, r.stderr[-3000:]
     return tmp / "runs" / "base"
 
 
 def _data(prepared: Path) -> dict:
-    return {"sources": [{"name": "stdlib", "type": "text", "paths": [str(prepared / "corpus" / "*.txt")]}],
-            "prepared_dir": str(prepared / "prepared")}
+    return {
+        "sources": [{"name": "stdlib", "type": "text", "paths": [str(prepared / "corpus" / "*.txt")]}],
+        "prepared_dir": str(prepared / "prepared"),
+    }
 
 
 def write_sft(path: Path, n: int, seed: int) -> Path:
@@ -49,27 +66,49 @@ def write_sft(path: Path, n: int, seed: int) -> Path:
 
 def post_recipe(tmp: Path, prepared: Path, base_run: Path, name: str, train_file: Path, **sections) -> Path:
     posttrain = {"train_file": str(train_file), "val_fraction": 0.1, **sections.pop("posttrain", {})}
-    train = {"max_steps": 40, "warmup_steps": 4, "lr": 3e-3, "min_lr": 3e-4, "micro_batch_size": 8,
-             "init_from": str(base_run), **sections.pop("train", {})}
-    return write_recipe(tmp / f"{name}.yaml", prepared, tmp / "runs", run={"name": name}, data={"seq_len": 48},
-                        train=train, posttrain=posttrain, eval={"interval": 10, "batches": 2},
-                        checkpoint={"interval": 10}, **sections)
+    train = {
+        "max_steps": 40,
+        "warmup_steps": 4,
+        "lr": 3e-3,
+        "min_lr": 3e-4,
+        "micro_batch_size": 8,
+        "init_from": str(base_run),
+        **sections.pop("train", {}),
+    }
+    return write_recipe(
+        tmp / f"{name}.yaml",
+        prepared,
+        tmp / "runs",
+        run={"name": name},
+        data={"seq_len": 48},
+        train=train,
+        posttrain=posttrain,
+        eval={"interval": 10, "batches": 2},
+        checkpoint={"interval": 10},
+        **sections,
+    )
 
 
 def test_continued_pretraining_starts_from_init_weights(tmp_path, prepared, base):
     """train.init_from on a pre-training recipe: the base's architecture and weights, fresh step and optimizer."""
-    recipe = write_recipe(tmp_path / "c.yaml", prepared, tmp_path / "runs", run={"name": "cont"},
-                          data={**_data(prepared), "seq_len": 96},
-                          train={"max_steps": 4, "warmup_steps": 1, "micro_batch_size": 8, "init_from": str(base)},
-                          eval={"interval": 0})
+    recipe = write_recipe(
+        tmp_path / "c.yaml",
+        prepared,
+        tmp_path / "runs",
+        run={"name": "cont"},
+        data={**_data(prepared), "seq_len": 96},
+        train={"max_steps": 4, "warmup_steps": 1, "micro_batch_size": 8, "init_from": str(base)},
+        eval={"interval": 0},
+    )
     r = run_cli(*post_cmd("pretrain", recipe))
     assert r.returncode == 0, r.stderr[-3000:]
     base_losses = losses_after_last_start(base)
     cont = losses_after_last_start(tmp_path / "runs" / "cont")
     assert sorted(cont) == [1, 2, 3, 4]
     assert abs(cont[1] - base_losses[60]) < 0.3 and cont[1] < base_losses[1] - 1.0, (cont, base_losses)
-    bad = write_recipe(tmp_path / "b.yaml", prepared, tmp_path / "runs", run={"name": "bad"},
-                       train={"init_from": str(base)})  # data.seq_len 64 fits; the tokenizer is another one
+    bad = write_recipe(
+        tmp_path / "b.yaml", prepared, tmp_path / "runs", run={"name": "bad"}, train={"init_from": str(base)}
+    )  # data.seq_len 64 fits; the tokenizer is another one
     bad.write_text(bad.read_text().replace(str(prepared / "prepared" / "tokenizer.json"), str(tmp_path / "t.json")))
     from llmforge.tokenizer import save_tokenizer
     from llmforge.tokenizer.char import CharTokenizer
@@ -80,6 +119,7 @@ def test_continued_pretraining_starts_from_init_weights(tmp_path, prepared, base
 
 
 # -- SFT ------------------------------------------------------------------------------------------------------------
+
 
 def test_prompt_tokens_carry_no_loss(tmp_path, base):
     """Targets are -100 exactly off the assistant turns; the loss has zero gradient through prompt positions, and
@@ -101,7 +141,7 @@ def test_prompt_tokens_carry_no_loss(tmp_path, base):
     assistant = tok.token_id("<|assistant|>")
     for row_in, row_tg in zip(inputs.tolist(), targets.tolist()):
         start = row_in.index(assistant)  # the target at this position is the first response token
-        assert all(t == -100 for t in row_tg[:start]) and all(t != -100 for t in row_tg[start:start + 4])
+        assert all(t == -100 for t in row_tg[:start]) and all(t != -100 for t in row_tg[start : start + 4])
         assert tok.decode([t for t in row_tg if t != -100]).startswith("ANSWER: ")
     logits, loss = model(inputs, targets)
     grads = torch.autograd.grad(loss, logits)[0]
@@ -131,9 +171,9 @@ def test_sft_learns_a_toy_format_and_resumes_exactly(tmp_path, prepared, base):
     for _ in range(10):
         w = toy_word(rng)
         ids = render(tok, [{"role": "user", "content": f"say {w}"}], add_generation_prompt=True).ids
-        out = generate(model, torch.tensor([ids]), 14, temperature=0)[0, len(ids):].tolist()
+        out = generate(model, torch.tensor([ids]), 14, temperature=0)[0, len(ids) :].tolist()
         end = tok.token_id("<|end|>")
-        text = tok.decode(out[:out.index(end)]) if end in out else None
+        text = tok.decode(out[: out.index(end)]) if end in out else None
         good += text is not None and text.startswith("ANSWER: ") and text[8:].isalpha()
     assert good >= 8, good
 
@@ -151,9 +191,15 @@ def test_sft_learns_a_toy_format_and_resumes_exactly(tmp_path, prepared, base):
 
 def test_lora_trains_adapters_only_and_merges_for_export(tmp_path, prepared, base):
     train_file = write_sft(tmp_path / "sft.jsonl", 200, 2)
-    recipe = post_recipe(tmp_path, prepared, base, "lora", train_file,
-                         posttrain={"lora": {"rank": 4, "alpha": 8, "targets": ["wq", "wv", "up", "down"]}},
-                         train={"max_steps": 20, "lr": 1e-2, "min_lr": 1e-3})
+    recipe = post_recipe(
+        tmp_path,
+        prepared,
+        base,
+        "lora",
+        train_file,
+        posttrain={"lora": {"rank": 4, "alpha": 8, "targets": ["wq", "wv", "up", "down"]}},
+        train={"max_steps": 20, "lr": 1e-2, "min_lr": 1e-3},
+    )
     r = run_cli(*post_cmd("sft", recipe))
     assert r.returncode == 0, r.stderr[-3000:]
     run = tmp_path / "runs" / "lora"
@@ -171,8 +217,9 @@ def test_lora_trains_adapters_only_and_merges_for_export(tmp_path, prepared, bas
     assert torch.equal(state["blocks.0.attn.wk.weight"].float(), base_state["blocks.0.attn.wk.weight"].float())
     model, tok, _ = load_model(str(run))  # adapters merged into plain weights
     assert not any("lora_" in k for k in model.state_dict())
-    assert not torch.equal(model.state_dict()["blocks.0.attn.wq.weight"].float(),
-                           base_state["blocks.0.attn.wq.weight"].float())
+    assert not torch.equal(
+        model.state_dict()["blocks.0.attn.wq.weight"].float(), base_state["blocks.0.attn.wq.weight"].float()
+    )
     r = run_cli(sys.executable, "launch/export_hf.py", "--checkpoint", str(run), "--out", str(tmp_path / "hf"))
     assert r.returncode == 0, r.stderr[-2000:]
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -192,8 +239,9 @@ def test_bad_sft_input_is_one_line(tmp_path, prepared, base):
     recipe = post_recipe(tmp_path, prepared, base, "bad", bad)
     r = run_cli(sys.executable, "launch/sft.py", "--recipe", str(recipe))
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines()[-1] == (f"data error: {bad}:2: needs string fields 'prompt' and 'response', "
-                                                 f"or 'messages'")
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"data error: {bad}:2: needs string fields 'prompt' and 'response', or 'messages'"
+    )
     recipe = post_recipe(tmp_path, prepared, base, "bad2", bad, train={"init_from": str(tmp_path / "nope")})
     r = run_cli(sys.executable, "launch/sft.py", "--recipe", str(recipe))
     assert r.returncode == 2 and "train.init_from: not found" in r.stderr.strip().splitlines()[-1]
@@ -201,6 +249,7 @@ def test_bad_sft_input_is_one_line(tmp_path, prepared, base):
 
 
 # -- DPO ------------------------------------------------------------------------------------------------------------
+
 
 def test_dpo_loss_matches_hand_computation():
     from llmforge.posttrain.dpo import dpo_loss, sequence_logps
@@ -234,10 +283,16 @@ def write_prefs(path: Path, n: int, seed: int) -> Path:
 @pytest.mark.parametrize("stage", [2, 3])
 def test_dpo_margin_and_accuracy_rise(tmp_path, prepared, base, stage):
     prefs = write_prefs(tmp_path / "prefs.jsonl", 300, 3)
-    recipe = post_recipe(tmp_path, prepared, base, f"dpo{stage}", prefs,
-                         posttrain={"dpo": {"beta": 0.1}},
-                         train={"max_steps": 30, "lr": 2e-3, "min_lr": 2e-4},
-                         deepspeed={"config": str(REPO / f"ds_configs/zero{stage}.json")})
+    recipe = post_recipe(
+        tmp_path,
+        prepared,
+        base,
+        f"dpo{stage}",
+        prefs,
+        posttrain={"dpo": {"beta": 0.1}},
+        train={"max_steps": 30, "lr": 2e-3, "min_lr": 2e-4},
+        deepspeed={"config": str(REPO / f"ds_configs/zero{stage}.json")},
+    )
     r = run_cli(*post_cmd("dpo", recipe))
     assert r.returncode == 0, r.stderr[-3000:]
     all_rows = rows(tmp_path / "runs" / f"dpo{stage}")

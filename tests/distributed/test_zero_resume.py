@@ -28,8 +28,17 @@ def free_port() -> int:
 
 def ds_cmd(recipe: Path, *extra: str) -> list[str]:
     bindir = Path(sys.executable).parent
-    return [str(bindir / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-            "launch/pretrain.py", "--recipe", str(recipe), *extra]
+    return [
+        str(bindir / "deepspeed"),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "launch/pretrain.py",
+        "--recipe",
+        str(recipe),
+        *extra,
+    ]
 
 
 def rows(run_dir: Path) -> list[dict]:
@@ -39,15 +48,20 @@ def rows(run_dir: Path) -> list[dict]:
 def losses_after_last_start(run_dir: Path) -> dict[int, float]:
     all_rows = rows(run_dir)
     starts = [i for i, r in enumerate(all_rows) if r.get("event") == "resumed"]
-    tail = all_rows[starts[-1] + 1:] if starts else all_rows
+    tail = all_rows[starts[-1] + 1 :] if starts else all_rows
     return {r["step"]: r["loss"] for r in tail if "loss" in r and "event" not in r}
 
 
 def make_recipe(tmp_path: Path, prepared: Path, name: str, stage: int) -> Path:
-    return write_recipe(tmp_path / f"{name}.yaml", prepared, tmp_path / "runs", run={"name": name},
-                        train={"max_steps": STEPS, "warmup_steps": 2},
-                        checkpoint={"interval": INTERVAL, "keep_last": 10},
-                        deepspeed={"config": str(REPO / f"ds_configs/zero{stage}.json")})
+    return write_recipe(
+        tmp_path / f"{name}.yaml",
+        prepared,
+        tmp_path / "runs",
+        run={"name": name},
+        train={"max_steps": STEPS, "warmup_steps": 2},
+        checkpoint={"interval": INTERVAL, "keep_last": 10},
+        deepspeed={"config": str(REPO / f"ds_configs/zero{stage}.json")},
+    )
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
@@ -68,8 +82,9 @@ def test_loss_falls_and_kill_resume_is_bit_exact(tmp_path, prepared, stage):
     run_dir = tmp_path / "runs" / "killed"
     pointer = run_dir / "checkpoints" / "latest"
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    proc = subprocess.Popen(ds_cmd(killed), cwd=REPO, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        ds_cmd(killed), cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 240
     while not pointer.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
@@ -91,8 +106,18 @@ def test_loss_falls_and_kill_resume_is_bit_exact(tmp_path, prepared, stage):
         assert loss == baseline[step], (step, loss, baseline[step])  # bit for bit
 
     # Generation reads the checkpoint back without DeepSpeed (ZeRO-3 through zero_to_fp32).
-    g = run_cli(sys.executable, "launch/generate.py", "--checkpoint", str(base_dir), "--prompt", "def ",
-                "--max-new-tokens", "20", "--temperature", "0")
+    g = run_cli(
+        sys.executable,
+        "launch/generate.py",
+        "--checkpoint",
+        str(base_dir),
+        "--prompt",
+        "def ",
+        "--max-new-tokens",
+        "20",
+        "--temperature",
+        "0",
+    )
     assert g.returncode == 0, g.stderr[-2000:]
     assert g.stdout.startswith("def ") and len(g.stdout.rstrip("\n")) >= 20
 
@@ -116,14 +141,28 @@ def test_torchrun_launch_matches_deepspeed_launcher(tmp_path, prepared):
     """The same recipe under torchrun gives the same per-step losses as under the deepspeed launcher."""
     results = {}
     for launcher in ("deepspeed", "torchrun"):
-        recipe = write_recipe(tmp_path / f"{launcher}.yaml", prepared, tmp_path / "runs", run={"name": launcher},
-                              train={"max_steps": 4, "warmup_steps": 1}, eval={"interval": 0},
-                              checkpoint={"interval": 0})
+        recipe = write_recipe(
+            tmp_path / f"{launcher}.yaml",
+            prepared,
+            tmp_path / "runs",
+            run={"name": launcher},
+            train={"max_steps": 4, "warmup_steps": 1},
+            eval={"interval": 0},
+            checkpoint={"interval": 0},
+        )
         if launcher == "deepspeed":
             cmd = ds_cmd(recipe)
         else:
-            cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2",
-                   "--master_port", str(free_port()), "launch/pretrain.py", "--recipe", str(recipe)]
+            cmd = [
+                str(Path(sys.executable).parent / "torchrun"),
+                "--nproc_per_node",
+                "2",
+                "--master_port",
+                str(free_port()),
+                "launch/pretrain.py",
+                "--recipe",
+                str(recipe),
+            ]
         r = run_cli(*cmd)
         assert r.returncode == 0, r.stderr[-3000:]
         results[launcher] = losses_after_last_start(tmp_path / "runs" / launcher)
@@ -135,10 +174,16 @@ def test_zero3_partitioned_init_matches_unpartitioned(tmp_path, prepared):
     the first steps' losses (before optimizer numerics differ in reduction order) are identical."""
     first = {}
     for stage in (1, 3):
-        recipe = write_recipe(tmp_path / f"s{stage}.yaml", prepared, tmp_path / "runs", run={"name": f"s{stage}"},
-                              train={"max_steps": 2, "warmup_steps": 1}, eval={"interval": 0},
-                              checkpoint={"interval": 0},
-                              deepspeed={"config": str(REPO / f"ds_configs/zero{stage}.json")})
+        recipe = write_recipe(
+            tmp_path / f"s{stage}.yaml",
+            prepared,
+            tmp_path / "runs",
+            run={"name": f"s{stage}"},
+            train={"max_steps": 2, "warmup_steps": 1},
+            eval={"interval": 0},
+            checkpoint={"interval": 0},
+            deepspeed={"config": str(REPO / f"ds_configs/zero{stage}.json")},
+        )
         r = run_cli(*ds_cmd(recipe))
         assert r.returncode == 0, r.stderr[-3000:]
         first[stage] = losses_after_last_start(tmp_path / "runs" / f"s{stage}")
@@ -153,10 +198,16 @@ def test_compiled_chunked_zero3_trains_like_plain_and_shares_checkpoints(tmp_pat
     losses = {}
     options = {"plain": (False, 0, 2), "compiled": (True, 96, 3)}  # 4 x 64 tokens per rank: 3 chunks, one short
     for name, (compiled, chunk, stage) in options.items():
-        recipe = write_recipe(tmp_path / f"{name}.yaml", prepared, tmp_path / "runs", run={"name": name},
-                              train={"max_steps": 8, "warmup_steps": 2, "compile": compiled, "loss_chunk": chunk},
-                              deepspeed={"config": str(REPO / f"ds_configs/zero{stage}.json")},
-                              eval={"interval": 4}, checkpoint={"interval": 4})
+        recipe = write_recipe(
+            tmp_path / f"{name}.yaml",
+            prepared,
+            tmp_path / "runs",
+            run={"name": name},
+            train={"max_steps": 8, "warmup_steps": 2, "compile": compiled, "loss_chunk": chunk},
+            deepspeed={"config": str(REPO / f"ds_configs/zero{stage}.json")},
+            eval={"interval": 4},
+            checkpoint={"interval": 4},
+        )
         r = run_cli(*ds_cmd(recipe))
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         losses[name] = losses_after_last_start(tmp_path / "runs" / name)
@@ -169,8 +220,19 @@ def test_compiled_chunked_zero3_trains_like_plain_and_shares_checkpoints(tmp_pat
 
     step4 = tmp_path / "runs" / "compiled" / "checkpoints" / "step_00000004"
     assert step4.is_dir(), sorted(p.name for p in step4.parent.iterdir())
-    r = run_cli(*ds_cmd(tmp_path / "compiled.yaml", "--resume", str(step4), "--set", "train.compile=false",
-                        "--set", "train.loss_chunk=0", "--set", "run.name=eager_resume"))
+    r = run_cli(
+        *ds_cmd(
+            tmp_path / "compiled.yaml",
+            "--resume",
+            str(step4),
+            "--set",
+            "train.compile=false",
+            "--set",
+            "train.loss_chunk=0",
+            "--set",
+            "run.name=eager_resume",
+        )
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     after = losses_after_last_start(tmp_path / "runs" / "eager_resume")
     assert sorted(after) == [5, 6, 7, 8]

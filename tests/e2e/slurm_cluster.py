@@ -93,7 +93,9 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
             if out == "idle":
                 return self
             time.sleep(0.5)
-        raise RuntimeError(f"slurm node never became idle: {out!r}\n{(self.root / 'log/slurmd.log').read_text()[-2000:]}")
+        raise RuntimeError(
+            f"slurm node never became idle: {out!r}\n{(self.root / 'log/slurmd.log').read_text()[-2000:]}"
+        )
 
     def run(self, *cmd: str) -> subprocess.CompletedProcess:
         return subprocess.run(list(cmd), capture_output=True, text=True, env=self.env)

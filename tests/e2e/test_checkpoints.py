@@ -19,10 +19,15 @@ def finished_run(tmp_path_factory, prepared) -> Path:
     """A 12-step single-process run with checkpoints at 4, 8, 12 (ZeRO-0, bf16). The spike guard's loss window (the
     only state that grows, up to its bounded length) is full by step 4, so later checkpoints have equal sizes."""
     tmp = tmp_path_factory.mktemp("ckpt")
-    recipe = write_recipe(tmp / "r.yaml", prepared, tmp / "runs", eval={"interval": 0},
-                          train={"spike_guard": {"window": 4, "min_history": 2}},
-                          checkpoint={"interval": 4, "keep_last": 2},
-                          deepspeed={"config": str(REPO / "ds_configs/zero0.json")})
+    recipe = write_recipe(
+        tmp / "r.yaml",
+        prepared,
+        tmp / "runs",
+        eval={"interval": 0},
+        train={"spike_guard": {"window": 4, "min_history": 2}},
+        checkpoint={"interval": 4, "keep_last": 2},
+        deepspeed={"config": str(REPO / "ds_configs/zero0.json")},
+    )
     r = run_cli("python", "launch/pretrain.py", "--recipe", str(recipe))
     assert r.returncode == 0, r.stderr[-3000:]
     return tmp
@@ -92,8 +97,14 @@ def test_auto_resume_falls_back_past_a_damaged_checkpoint(finished_run, tmp_path
     point = resolve_resume("auto", str(ckpts))
     assert point.path == str(ckpts / "step_00000008")
     assert point.damaged == [(str(newest), point.damaged[0][1])] and "manifest says" in point.damaged[0][1]
-    base = ["python", "launch/pretrain.py", "--recipe", str(finished_run / "r.yaml"),
-            "--set", f"run.output_dir={tmp_path / 'runs'}"]
+    base = [
+        "python",
+        "launch/pretrain.py",
+        "--recipe",
+        str(finished_run / "r.yaml"),
+        "--set",
+        f"run.output_dir={tmp_path / 'runs'}",
+    ]
     r = run_cli(*base, "--resume", str(newest))
     assert r.returncode == 2 and "manifest says" in r.stderr.strip().splitlines()[-1]
     r = run_cli(*base, "--resume", "auto", "--set", "train.max_steps=14")
@@ -118,13 +129,20 @@ def test_resume_path_errors_are_one_line(finished_run, tmp_path):
 def test_resume_auto_from_finished_run_and_from_explicit_path(finished_run, tmp_path):
     run = finished_run / "runs" / "t"
     before = run.joinpath("metrics.jsonl").read_text().splitlines()
-    r = run_cli("python", "launch/pretrain.py", "--recipe", str(finished_run / "r.yaml"),
-                "--set", "train.max_steps=14", "--resume", str(run / "checkpoints" / "step_00000008"))
+    r = run_cli(
+        "python",
+        "launch/pretrain.py",
+        "--recipe",
+        str(finished_run / "r.yaml"),
+        "--set",
+        "train.max_steps=14",
+        "--resume",
+        str(run / "checkpoints" / "step_00000008"),
+    )
     assert r.returncode == 0, r.stderr[-3000:]
-    new = [json.loads(x) for x in run.joinpath("metrics.jsonl").read_text().splitlines()[len(before):]]
+    new = [json.loads(x) for x in run.joinpath("metrics.jsonl").read_text().splitlines()[len(before) :]]
     assert new[0]["event"] == "resumed" and new[0]["step"] == 8
     assert [x["step"] for x in new if "loss" in x] == list(range(9, 15))
     # the resumed model is the trained one: its first loss is near the first run's step 8-9, not its step 1
     first_run = {r["step"]: r["loss"] for r in map(json.loads, before) if "loss" in r}
     assert abs(new[1]["loss"] - first_run[9]) < abs(new[1]["loss"] - first_run[1]) / 4
-

@@ -38,9 +38,23 @@ def wait_for(predicate, timeout: float, what: str, detail=lambda: ""):
 
 def test_dry_run_quotes_every_value(tmp_path, prepared):
     recipe = write_recipe(tmp_path / "it's.yaml", prepared, tmp_path / "runs")
-    r = run_cli(sys.executable, "launch/slurm/submit.py", "--recipe", str(recipe), "--nodes", "2",
-                "--gpus-per-node", "4", "--partition", "gpu; rm -rf /", "--time", "1:00:00",
-                "--set", "run.name=a b", "--dry-run")
+    r = run_cli(
+        sys.executable,
+        "launch/slurm/submit.py",
+        "--recipe",
+        str(recipe),
+        "--nodes",
+        "2",
+        "--gpus-per-node",
+        "4",
+        "--partition",
+        "gpu; rm -rf /",
+        "--time",
+        "1:00:00",
+        "--set",
+        "run.name=a b",
+        "--dry-run",
+    )
     assert r.returncode == 0, r.stderr
     script = r.stdout
     assert "#SBATCH --partition='gpu; rm -rf /'" in script and "#SBATCH --gpus-per-node=4" in script
@@ -52,17 +66,36 @@ def test_dry_run_quotes_every_value(tmp_path, prepared):
 
 def test_preempt_requeue_resume_matches_uninterrupted(tmp_path, prepared, slurm):
     steps = 200
-    recipe = write_recipe(tmp_path / "r.yaml", prepared, tmp_path / "runs", run={"name": "base"},
-                          train={"max_steps": steps, "warmup_steps": 5}, checkpoint={"interval": 50},
-                          eval={"interval": 0})
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        prepared,
+        tmp_path / "runs",
+        run={"name": "base"},
+        train={"max_steps": steps, "warmup_steps": 5},
+        checkpoint={"interval": 50},
+        eval={"interval": 0},
+    )
     r = run_cli(*ds_cmd(recipe))
     assert r.returncode == 0, r.stderr[-3000:]
     baseline = losses_after_last_start(tmp_path / "runs" / "base")
 
     run_dir = tmp_path / "runs" / "sl"
-    r = run_cli(sys.executable, "launch/slurm/submit.py", "--recipe", str(recipe), "--cpu", "--gpus-per-node", "2",
-                "--cpus-per-task", "1", "--output", str(tmp_path / "slurm-%j.out"), "--set", "run.name=sl",
-                env={"SLURM_CONF": str(slurm.conf)})
+    r = run_cli(
+        sys.executable,
+        "launch/slurm/submit.py",
+        "--recipe",
+        str(recipe),
+        "--cpu",
+        "--gpus-per-node",
+        "2",
+        "--cpus-per-task",
+        "1",
+        "--output",
+        str(tmp_path / "slurm-%j.out"),
+        "--set",
+        "run.name=sl",
+        env={"SLURM_CONF": str(slurm.conf)},
+    )
     assert r.returncode == 0, r.stderr
     job = r.stdout.strip().split()[-1]
     metrics = run_dir / "metrics.jsonl"

@@ -10,21 +10,52 @@ from llmforge.allocator import find_tcmalloc
 from tests.conftest import run_cli
 
 
-@pytest.mark.parametrize("script,args,rows", [
-    ("bench/train_throughput.py", [], ["| llmforge |", "| torch |", "| hf+deepspeed |", "- planner: "]),
-    ("bench/activation_ckpt.py", ["--loss-chunk", "64", "--compile"],
-     ["| none |", "| full |", "| every_k (k=2) |", "| selective |", "| none + loss_chunk 64 |",
-      "| full + loss_chunk 64 |", "| none + train.compile |", "| none + loss_chunk 64 + train.compile |"]),
-    ("bench/lm_loss.py", [],
-     ["| eager |", "| train.compile |", "| loss_chunk 96 |", "| loss_chunk 96 + train.compile |"]),
-    ("bench/data_loader.py", [], ["| open a dataset of 500 shard files", "tokens/s per rank"]),
-    ("bench/html_extraction.py", [], ["## python-docs (5 pages)", "## nodejs-docs (5 pages)",
-                                      "| resiliparse + line rules |", "| trafilatura |"]),
-    ("bench/data_pipeline.py", [], ["| llmforge, trafilatura (the stages datatrove runs) |",
-                                    "| llmforge, resiliparse (its default) |", "| 2 |"]),
-    pytest.param("bench/allocator.py", [], ["| llmforge |", "| hf+deepspeed |", "as it launches (tcmalloc)"],
-                 marks=pytest.mark.skipif(find_tcmalloc() is None, reason="tcmalloc is not installed")),
-])
+@pytest.mark.parametrize(
+    "script,args,rows",
+    [
+        ("bench/train_throughput.py", [], ["| llmforge |", "| torch |", "| hf+deepspeed |", "- planner: "]),
+        (
+            "bench/activation_ckpt.py",
+            ["--loss-chunk", "64", "--compile"],
+            [
+                "| none |",
+                "| full |",
+                "| every_k (k=2) |",
+                "| selective |",
+                "| none + loss_chunk 64 |",
+                "| full + loss_chunk 64 |",
+                "| none + train.compile |",
+                "| none + loss_chunk 64 + train.compile |",
+            ],
+        ),
+        (
+            "bench/lm_loss.py",
+            [],
+            ["| eager |", "| train.compile |", "| loss_chunk 96 |", "| loss_chunk 96 + train.compile |"],
+        ),
+        ("bench/data_loader.py", [], ["| open a dataset of 500 shard files", "tokens/s per rank"]),
+        (
+            "bench/html_extraction.py",
+            [],
+            ["## python-docs (5 pages)", "## nodejs-docs (5 pages)", "| resiliparse + line rules |", "| trafilatura |"],
+        ),
+        (
+            "bench/data_pipeline.py",
+            [],
+            [
+                "| llmforge, trafilatura (the stages datatrove runs) |",
+                "| llmforge, resiliparse (its default) |",
+                "| 2 |",
+            ],
+        ),
+        pytest.param(
+            "bench/allocator.py",
+            [],
+            ["| llmforge |", "| hf+deepspeed |", "as it launches (tcmalloc)"],
+            marks=pytest.mark.skipif(find_tcmalloc() is None, reason="tcmalloc is not installed"),
+        ),
+    ],
+)
 def test_bench_quick_mode_prints_its_table(tmp_path, script, args, rows):
     out = tmp_path / "result.md"
     r = run_cli(sys.executable, script, "--quick", *args, "--out", str(out), timeout=600)

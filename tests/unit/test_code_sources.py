@@ -43,8 +43,11 @@ def test_binary_files_with_source_names_are_skipped_and_counted(tmp_path):
 
 
 def test_text_starting_like_a_signature_is_still_text(tmp_path):
-    for name, text in (("id3.txt", "ID3 tags hold the title and artist of an MP3 file.\n"),
-                       ("mz.txt", "MZ is how DOS executables begin.\n"), ("pdf.md", "%PDF-1.7 is the version line.\n")):
+    for name, text in (
+        ("id3.txt", "ID3 tags hold the title and artist of an MP3 file.\n"),
+        ("mz.txt", "MZ is how DOS executables begin.\n"),
+        ("pdf.md", "%PDF-1.7 is the version line.\n"),
+    ):
         (tmp_path / name).write_text(text)
         assert binary_kind(text.encode()) is None
     pdf = installed("matplotlib/mpl-data/images/*.pdf", 1)[0]  # a real PDF: binary whatever follows %PDF-
@@ -112,12 +115,16 @@ def test_cuda_build_files_and_notebooks_are_read_and_everything_else_counted(tmp
     copy_as(Path(sysconfig.get_makefile_filename()), tree / "Makefile")
     copy_as(REPO / "docker" / "Dockerfile", tree / "Dockerfile")
     code = (STDLIB / "textwrap.py").read_text().split("\n\n\n")
-    notebook = {"nbformat": 4, "nbformat_minor": 5,
-                "metadata": {"kernelspec": {"language": "python", "name": "python3"}},
-                "cells": [{"cell_type": "markdown", "source": ["# Text wrapping\n", "The stdlib's textwrap."]},
-                          {"cell_type": "code", "source": code[1], "outputs": [{"output_type": "stream",
-                                                                                "text": "OUTPUT-NOT-KEPT"}]},
-                          {"cell_type": "raw", "source": "raw cell"}]}
+    notebook = {
+        "nbformat": 4,
+        "nbformat_minor": 5,
+        "metadata": {"kernelspec": {"language": "python", "name": "python3"}},
+        "cells": [
+            {"cell_type": "markdown", "source": ["# Text wrapping\n", "The stdlib's textwrap."]},
+            {"cell_type": "code", "source": code[1], "outputs": [{"output_type": "stream", "text": "OUTPUT-NOT-KEPT"}]},
+            {"cell_type": "raw", "source": "raw cell"},
+        ],
+    }
     (tree / "demo.ipynb").write_text(json.dumps(notebook))
     (tree / "broken.ipynb").write_text("{not json")
     copy_as(installed("matplotlib/mpl-data/images/*.png", 1)[0], tree / "img" / "figure.png")
@@ -130,12 +137,22 @@ def test_cuda_build_files_and_notebooks_are_read_and_everything_else_counted(tmp
     skipped: dict = {}
     spec = SourceSpec(name="c", type="code", paths=[str(tree)])
     expand_paths(spec, skipped)
-    assert skipped == {"skipped:extension:.png": 1, "skipped:extension:.pyc": 1, "skipped:extension:.csv": 1,
-                       "skipped:extension:(none)": 1, "skipped:hidden": 1}
+    assert skipped == {
+        "skipped:extension:.png": 1,
+        "skipped:extension:.pyc": 1,
+        "skipped:extension:.csv": 1,
+        "skipped:extension:(none)": 1,
+        "skipped:hidden": 1,
+    }
     docs, stats = read_all(spec)
     assert {n: d.meta["lang"] for n, d in docs.items()} == {
-        cuh.name: "cuda", cu.name: "cuda", "CMakeLists.txt": "cmake", "Makefile": "makefile",
-        "Dockerfile": "dockerfile", "demo.ipynb": "jupyter-python"}
+        cuh.name: "cuda",
+        cu.name: "cuda",
+        "CMakeLists.txt": "cmake",
+        "Makefile": "makefile",
+        "Dockerfile": "dockerfile",
+        "demo.ipynb": "jupyter-python",
+    }
     assert docs[cu.name].text == cu.read_text()
     nb = docs["demo.ipynb"].text
     assert nb.startswith("# # Text wrapping\n# The stdlib's textwrap.\n\n") and code[1].strip() in nb

@@ -100,7 +100,9 @@ def test_loader_order_is_seeded_and_restorable_in_o1(prepared):
 def test_blend_follows_weights(tmp_path, prepared):
     other = tmp_path / "copy"
     shutil.copytree(prepared / "prepared" / "stdlib", other)
-    data = PretrainData([DatasetSpec(str(prepared / "prepared" / "stdlib"), 3.0), DatasetSpec(str(other), 1.0)], 64, seed=1)
+    data = PretrainData(
+        [DatasetSpec(str(prepared / "prepared" / "stdlib"), 3.0), DatasetSpec(str(other), 1.0)], 64, seed=1
+    )
     picks = [data.order.locate(g)[0] for g in range(4000)]
     assert picks.count(0) == 3000 and picks.count(1) == 1000
     assert max(len(s) for s in "".join(map(str, picks[:400])).split("0")) <= 1  # spread, not in runs
@@ -168,8 +170,12 @@ def test_ten_thousand_shards_and_a_10b_token_blend_in_constant_memory(tmp_path):
         shards.append({"prefix": prefix, "documents": 1, "tokens": 130})
     files = {p.name: {"size": p.stat().st_size, "sha256": "-"} for p in many.iterdir()}
     split = {"documents": 10_000, "tokens": 1_300_000, "shards": shards}
-    manifest = {"tokenizer": {"fingerprint": "x"}, "dtype": "uint16", "files": files,
-                "splits": {"train": split, "val": {"documents": 0, "tokens": 0, "shards": []}}}
+    manifest = {
+        "tokenizer": {"fingerprint": "x"},
+        "dtype": "uint16",
+        "files": files,
+        "splits": {"train": split, "val": {"documents": 0, "tokens": 0, "shards": []}},
+    }
     (many / "manifest.json").write_text(json.dumps(manifest))
     started = time.time()
     data = PretrainData([DatasetSpec(str(many))], 64, seed=0)
@@ -191,7 +197,7 @@ def test_ten_thousand_shards_and_a_10b_token_blend_in_constant_memory(tmp_path):
         files[f"{prefix}.bin"] = {"size": n * 2, "sha256": "-"}
         files[f"{prefix}.idx"] = {"size": 3, "sha256": "-"}
         shards.append({"prefix": prefix, "documents": 1, "tokens": n})
-    manifest["files"], manifest["splits"]["train"] = files, {"documents": 5, "tokens": 10 ** 10, "shards": shards}
+    manifest["files"], manifest["splits"]["train"] = files, {"documents": 5, "tokens": 10**10, "shards": shards}
     (big / "manifest.json").write_text(json.dumps(manifest))
     rss = psutil.Process().memory_info().rss
     blend = PretrainData([DatasetSpec(str(big), 0.7), DatasetSpec(str(many), 0.3)], 64, seed=1)

@@ -17,9 +17,16 @@ from tests.conftest import REPO, run_cli, write_recipe
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, prepared) -> Path:
     tmp = tmp_path_factory.mktemp("evalrun")
-    recipe = write_recipe(tmp / "r.yaml", prepared, tmp / "runs", run={"name": "ev"},
-                          train={"max_steps": 30, "warmup_steps": 3}, eval={"interval": 30, "batches": 200},
-                          checkpoint={"interval": 30}, deepspeed={"config": str(REPO / "ds_configs/zero0.json")})
+    recipe = write_recipe(
+        tmp / "r.yaml",
+        prepared,
+        tmp / "runs",
+        run={"name": "ev"},
+        train={"max_steps": 30, "warmup_steps": 3},
+        eval={"interval": 30, "batches": 200},
+        checkpoint={"interval": 30},
+        deepspeed={"config": str(REPO / "ds_configs/zero0.json")},
+    )
     r = run_cli(sys.executable, "launch/pretrain.py", "--recipe", str(recipe))
     assert r.returncode == 0, r.stderr[-3000:]
     return tmp / "runs" / "ev"
@@ -37,11 +44,18 @@ def test_evaluate_writes_perplexity_json(trained, prepared):
     last_val = [x["val_loss"] for x in in_loop if "val_loss" in x][-1]
     assert abs(res["loss"] - last_val) < 0.05, (res["loss"], last_val)
     assert f"stdlib: val loss {res['loss']:.4f}" in r.stdout
-    r = run_cli(sys.executable, "launch/evaluate.py", "--checkpoint", str(trained), "--max-samples", "3",
-                "--out", str(trained / "small.json"))
+    r = run_cli(
+        sys.executable,
+        "launch/evaluate.py",
+        "--checkpoint",
+        str(trained),
+        "--max-samples",
+        "3",
+        "--out",
+        str(trained / "small.json"),
+    )
     assert json.loads((trained / "small.json").read_text())["datasets"]["stdlib"]["samples"] == 3
-    r = run_cli(sys.executable, "launch/evaluate.py", "--checkpoint", str(trained), "--dataset",
-                str(prepared / "nope"))
+    r = run_cli(sys.executable, "launch/evaluate.py", "--checkpoint", str(trained), "--dataset", str(prepared / "nope"))
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("data error:")
 
 
@@ -64,17 +78,32 @@ metric_list:
 
 def test_lm_eval_runs_a_local_task_on_a_checkpoint(tmp_path, trained):
     pytest.importorskip("lm_eval")
-    docs = [{"context": "import o", "choices": ["s\n", "q#"], "answer": 0},
-            {"context": "def __init__(sel", "choices": ["f", "Z"], "answer": 0},
-            {"context": "    return Non", "choices": ["e", "x"], "answer": 0},
-            {"context": "for i in rang", "choices": ["(", "e("], "answer": 1}] * 3
+    docs = [
+        {"context": "import o", "choices": ["s\n", "q#"], "answer": 0},
+        {"context": "def __init__(sel", "choices": ["f", "Z"], "answer": 0},
+        {"context": "    return Non", "choices": ["e", "x"], "answer": 0},
+        {"context": "for i in rang", "choices": ["(", "e("], "answer": 1},
+    ] * 3
     data = tmp_path / "toy.jsonl"
     data.write_text("".join(json.dumps(d) + "\n" for d in docs))
     (tmp_path / "tasks").mkdir()
     (tmp_path / "tasks" / "toy_syntax.yaml").write_text(TASK.format(data=data))
     out = tmp_path / "lm_eval.json"
-    r = run_cli(sys.executable, "-m", "llmforge.cli", "lm-eval", "--checkpoint", str(trained), "--tasks",
-                "toy_syntax", "--include-path", str(tmp_path / "tasks"), "--out", str(out), timeout=600)
+    r = run_cli(
+        sys.executable,
+        "-m",
+        "llmforge.cli",
+        "lm-eval",
+        "--checkpoint",
+        str(trained),
+        "--tasks",
+        "toy_syntax",
+        "--include-path",
+        str(tmp_path / "tasks"),
+        "--out",
+        str(out),
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads(out.read_text())
     acc = report["results"]["toy_syntax"]["acc,none"]
@@ -88,8 +117,13 @@ def test_lm_eval_runs_a_local_task_on_a_checkpoint(tmp_path, trained):
     from lm_eval.tasks import TaskManager
 
     tasks = TaskManager(include_path=str(tmp_path / "tasks"))
-    via_hf = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={tmp_path / 'hf'},dtype=float32,device=cpu",
-                                     tasks=["toy_syntax"], task_manager=tasks, log_samples=False)
+    via_hf = lm_eval.simple_evaluate(
+        model="hf",
+        model_args=f"pretrained={tmp_path / 'hf'},dtype=float32,device=cpu",
+        tasks=["toy_syntax"],
+        task_manager=tasks,
+        log_samples=False,
+    )
     assert via_hf["results"]["toy_syntax"]["acc,none"] == acc
 
     # the adapter's numbers are the model's: log p(continuation | context) summed over its tokens
@@ -101,7 +135,7 @@ def test_lm_eval_runs_a_local_task_on_a_checkpoint(tmp_path, trained):
 
     lm = LLMForgeLM(str(trained))
     ctx, cont = "    return Non", "e\n"
-    (score, greedy), = lm.loglikelihood([Req(ctx, cont)])
+    ((score, greedy),) = lm.loglikelihood([Req(ctx, cont)])
     ids = lm.tok.encode(ctx + cont)
     with torch.no_grad():
         logp = torch.log_softmax(lm.model(torch.tensor([ids[:-1]]))[0][0].float(), -1)

@@ -103,8 +103,9 @@ def test_c4_line_rules_remove_and_count_each_line():
     # FineWeb keeps lines without terminal punctuation; every rule can be turned off
     kept = clean_lines(text, LineFilters(terminal_punctuation=""), {})
     assert "Download PDF Print Share Feedback" in kept and "Share article" not in kept  # 2 words < 3
-    none = LineFilters(min_words=None, terminal_punctuation="", max_word_length=None, javascript=False,
-                       policy=False, citations=False)
+    none = LineFilters(
+        min_words=None, terminal_punctuation="", max_word_length=None, javascript=False, policy=False, citations=False
+    )
     assert clean_lines(text, none) == text
 
 
@@ -147,7 +148,7 @@ def _reference_duplicate_fraction(text: str, n: int) -> float:
     words = text.split()
     unique, repeated, i = set(), 0, 0
     while i < len(words) - n + 1:
-        gram = "".join(words[i:i + n])
+        gram = "".join(words[i : i + n])
         if gram in unique:
             repeated += len(gram)
             i += n
@@ -160,14 +161,14 @@ def _reference_duplicate_fraction(text: str, n: int) -> float:
 def _first_occurrences_counted(text: str, n: int) -> float:
     """The rule this replaces: every word inside any n-gram that occurs more than once, first occurrence included."""
     words = text.split()
-    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
     seen: dict = {}
     for g in grams:
         seen[g] = seen.get(g, 0) + 1
     covered = [False] * len(words)
     for i, g in enumerate(grams):
         if seen[g] > 1:
-            covered[i:i + n] = [True] * n
+            covered[i : i + n] = [True] * n
     return sum(len(w) for w, c in zip(words, covered) if c) / max(1, sum(len(w) for w in words))
 
 

@@ -46,8 +46,14 @@ def test_llama_logits_generation_and_round_trip(tmp_path, kw):
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
-@pytest.mark.parametrize("kw,key", [(dict(mlp="gelu"), "model.mlp=gelu"), (dict(norm="layernorm"), "model.norm"),
-                                    (dict(position="learned"), "model.position=learned")])
+@pytest.mark.parametrize(
+    "kw,key",
+    [
+        (dict(mlp="gelu"), "model.mlp=gelu"),
+        (dict(norm="layernorm"), "model.norm"),
+        (dict(position="learned"), "model.position=learned"),
+    ],
+)
 def test_unsupported_architectures_are_refused(kw, key):
     model = GPT(ModelConfig(vocab_size=11, max_seq_len=8, d_model=16, n_layers=1, n_heads=2, **kw))
     with pytest.raises(ExportError, match=key):
@@ -55,11 +61,23 @@ def test_unsupported_architectures_are_refused(kw, key):
 
 
 def test_export_cli_from_a_checkpoint(tmp_path, prepared):
-    recipe = write_recipe(tmp_path / "r.yaml", prepared, tmp_path / "runs", train={"max_steps": 3, "warmup_steps": 1},
-                          eval={"interval": 0}, deepspeed={"config": str(REPO / "ds_configs/zero0.json")})
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        prepared,
+        tmp_path / "runs",
+        train={"max_steps": 3, "warmup_steps": 1},
+        eval={"interval": 0},
+        deepspeed={"config": str(REPO / "ds_configs/zero0.json")},
+    )
     assert run_cli(sys.executable, "launch/pretrain.py", "--recipe", str(recipe)).returncode == 0
-    r = run_cli(sys.executable, "launch/export_hf.py", "--checkpoint", str(tmp_path / "runs" / "t"),
-                "--out", str(tmp_path / "hf"))
+    r = run_cli(
+        sys.executable,
+        "launch/export_hf.py",
+        "--checkpoint",
+        str(tmp_path / "runs" / "t"),
+        "--out",
+        str(tmp_path / "hf"),
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "hf" / "config.json").exists() and (tmp_path / "hf" / "model.safetensors").exists()
     from transformers import AutoTokenizer
@@ -71,19 +89,38 @@ def test_export_cli_from_a_checkpoint(tmp_path, prepared):
     text = (prepared / "corpus").glob("*.txt").__next__().read_text()[:3000]
     assert theirs.encode(text, add_special_tokens=False) == ours.encode(text)
     assert theirs.eos_token_id == ours.eos_id and theirs.pad_token_id == ours.pad_id
-    bad = write_recipe(tmp_path / "g.yaml", prepared, tmp_path / "runs", run={"name": "g"}, model={"mlp": "gelu"},
-                       train={"max_steps": 1, "warmup_steps": 1}, eval={"interval": 0},
-                       deepspeed={"config": str(REPO / "ds_configs/zero0.json")})
+    bad = write_recipe(
+        tmp_path / "g.yaml",
+        prepared,
+        tmp_path / "runs",
+        run={"name": "g"},
+        model={"mlp": "gelu"},
+        train={"max_steps": 1, "warmup_steps": 1},
+        eval={"interval": 0},
+        deepspeed={"config": str(REPO / "ds_configs/zero0.json")},
+    )
     assert run_cli(sys.executable, "launch/pretrain.py", "--recipe", str(bad)).returncode == 0
-    r = run_cli(sys.executable, "launch/export_hf.py", "--checkpoint", str(tmp_path / "runs" / "g"),
-                "--out", str(tmp_path / "hf2"))
+    r = run_cli(
+        sys.executable,
+        "launch/export_hf.py",
+        "--checkpoint",
+        str(tmp_path / "runs" / "g"),
+        "--out",
+        str(tmp_path / "hf2"),
+    )
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("export error: model.mlp=gelu")
     assert not (tmp_path / "hf2").exists()
 
 
 def test_plot_writes_pngs(tmp_path, prepared):
-    recipe = write_recipe(tmp_path / "r.yaml", prepared, tmp_path / "runs", train={"max_steps": 4, "warmup_steps": 1},
-                          eval={"interval": 2}, deepspeed={"config": str(REPO / "ds_configs/zero0.json")})
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        prepared,
+        tmp_path / "runs",
+        train={"max_steps": 4, "warmup_steps": 1},
+        eval={"interval": 2},
+        deepspeed={"config": str(REPO / "ds_configs/zero0.json")},
+    )
     assert run_cli(sys.executable, "launch/pretrain.py", "--recipe", str(recipe)).returncode == 0
     r = run_cli("llmforge", "plot", str(tmp_path / "runs" / "t"))
     assert r.returncode == 0, r.stderr[-2000:]
@@ -97,8 +134,15 @@ def _stdlib_texts(start: int, stop: int) -> list[str]:
     return [open(f, encoding="utf-8", errors="replace").read() for f in files]
 
 
-EDGE_CASES = ["h\u00e9llo w\u00f6rld 12345 \u65e5\u672c\u8a9e \U0001f600  two  spaces\n\n\ttab", " leading space",
-              "\nleading newline", "trailing  ", "", "x", "\u0000\u00ad\ufeff odd code points"]
+EDGE_CASES = [
+    "h\u00e9llo w\u00f6rld 12345 \u65e5\u672c\u8a9e \U0001f600  two  spaces\n\n\ttab",
+    " leading space",
+    "\nleading newline",
+    "trailing  ",
+    "",
+    "x",
+    "\u0000\u00ad\ufeff odd code points",
+]
 
 
 @pytest.mark.parametrize("kind", ["sentencepiece", "char"])
@@ -140,25 +184,47 @@ def test_import_hf_then_export_is_identical(tmp_path):
 
     tok = CharTokenizer.train(_stdlib_texts(0, 5))
     torch.manual_seed(1)
-    model = GPT(ModelConfig(vocab_size=tok.vocab_size, max_seq_len=64, d_model=32, n_layers=2, n_heads=4,
-                            n_kv_heads=2, tie_embeddings=False))
+    model = GPT(
+        ModelConfig(
+            vocab_size=tok.vocab_size,
+            max_seq_len=64,
+            d_model=32,
+            n_layers=2,
+            n_heads=4,
+            n_kv_heads=2,
+            tie_embeddings=False,
+        )
+    )
     src = tmp_path / "src"
     to_llama(model).save_pretrained(src)
     save_hf_tokenizer(tok, str(src))
     r = run_cli(sys.executable, "-m", "llmforge.cli", "import-hf", "--hf", str(src), "--out", str(tmp_path / "run"))
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "run" / "checkpoints" / "step_00000000" / "manifest.json").exists()
-    r = run_cli(sys.executable, "launch/export_hf.py", "--checkpoint", str(tmp_path / "run"),
-                "--out", str(tmp_path / "back"))
+    r = run_cli(
+        sys.executable, "launch/export_hf.py", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "back")
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     first, second = load_file(src / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
     text = "def main():\n    return 0\n"
-    assert (AutoTokenizer.from_pretrained(tmp_path / "back").encode(text, add_special_tokens=False)
-            == tok.encode(text))
-    r = run_cli(sys.executable, "-m", "llmforge.cli", "generate", "--checkpoint", str(tmp_path / "run"),
-                "--prompt", "def ", "--max-new-tokens", "10", "--temperature", "0")
+    assert AutoTokenizer.from_pretrained(tmp_path / "back").encode(text, add_special_tokens=False) == tok.encode(text)
+    r = run_cli(
+        sys.executable,
+        "-m",
+        "llmforge.cli",
+        "generate",
+        "--checkpoint",
+        str(tmp_path / "run"),
+        "--prompt",
+        "def ",
+        "--max-new-tokens",
+        "10",
+        "--temperature",
+        "0",
+    )
     assert r.returncode == 0 and r.stdout.startswith("def "), r.stderr[-2000:]
-    bad = run_cli(sys.executable, "-m", "llmforge.cli", "import-hf", "--hf", str(tmp_path), "--out",
-                  str(tmp_path / "x"))
+    bad = run_cli(
+        sys.executable, "-m", "llmforge.cli", "import-hf", "--hf", str(tmp_path), "--out", str(tmp_path / "x")
+    )
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("export error:")

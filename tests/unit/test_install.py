@@ -69,13 +69,20 @@ def test_every_distribution_the_data_path_imports_is_a_runtime_requirement():
 def test_an_extractor_that_cannot_be_imported_stops_the_recipe_in_one_line(tmp_path):
     (tmp_path / "raw").mkdir()
     (tmp_path / "raw" / "a.warc.gz").write_bytes(b"")
-    recipe = write_recipe(tmp_path / "r.yaml", tmp_path, tmp_path / "runs",
-                          data={"sources": [{"name": "web", "type": "warc", "paths": [str(tmp_path / "raw")],
-                                             "extractor": "trafilatura"}],
-                                "prepared_dir": str(tmp_path / "out")})
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        tmp_path,
+        tmp_path / "runs",
+        data={
+            "sources": [{"name": "web", "type": "warc", "paths": [str(tmp_path / "raw")], "extractor": "trafilatura"}],
+            "prepared_dir": str(tmp_path / "out"),
+        },
+    )
     # The failure a user's environment had: lxml >= 5.2 without the lxml_html_clean distribution.
-    blocked = ("import sys, runpy; sys.modules['lxml.html.clean'] = None; sys.argv = sys.argv[1:]; "
-               "runpy.run_path(sys.argv[0], run_name='__main__')")
+    blocked = (
+        "import sys, runpy; sys.modules['lxml.html.clean'] = None; sys.argv = sys.argv[1:]; "
+        "runpy.run_path(sys.argv[0], run_name='__main__')"
+    )
     r = run_cli(sys.executable, "-c", blocked, str(REPO / "launch" / "prepare_data.py"), "--recipe", str(recipe))
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
@@ -83,8 +90,10 @@ def test_an_extractor_that_cannot_be_imported_stops_the_recipe_in_one_line(tmp_p
     assert not (tmp_path / "out").exists()
     other = tmp_path / "r2.yaml"
     other.write_text(recipe.read_text().replace("extractor: trafilatura", "extractor: resiliparse"))
-    load = ("import sys; sys.modules['lxml.html.clean'] = None; from llmforge.config import load_recipe; "
-            f"print(load_recipe({str(other)!r}).data.sources[0].extractor)")
+    load = (
+        "import sys; sys.modules['lxml.html.clean'] = None; from llmforge.config import load_recipe; "
+        f"print(load_recipe({str(other)!r}).data.sources[0].extractor)"
+    )
     r = run_cli(sys.executable, "-c", load)
     assert r.returncode == 0 and r.stdout.strip() == "resiliparse", r.stderr  # the other extractor still loads
 

@@ -76,11 +76,17 @@ def test_nested_includes_and_the_main_file_chosen_by_the_graph(tmp_path):
     inputs = "\n".join(f"\\input{{src/{n}}}" for n in names)
     main = re.sub(r"(\\input\{[^}]+\}\s*)+", "\\\\input{parts/all}\n", main, count=1)
     main = re.sub(r"\\input\{cxref\.[a-z]+\.tex\}", "", main)
-    solutions = ("\\documentclass{article}\n\\begin{document}\n" + (CXREF_EXAMPLES / "parse-lex.c.tex").read_text()
-                 + "\n\\end{document}\n")
+    solutions = (
+        "\\documentclass{article}\n\\begin{document}\n"
+        + (CXREF_EXAMPLES / "parse-lex.c.tex").read_text()
+        + "\n\\end{document}\n"
+    )
     assert len(solutions) > len(main)
-    extra = {"parts/all.tex": inputs.encode(), "solutions.tex": solutions.encode(),
-             "unused-notes.tex": b"\\section{Notes}\nNever included.\n"}
+    extra = {
+        "parts/all.tex": inputs.encode(),
+        "solutions.tex": solutions.encode(),
+        "unused-notes.tex": b"\\section{Notes}\nNever included.\n",
+    }
     cxref_tarball(tmp_path / "nested.tar.gz", extra=extra, prefix="src/")
     with tarfile.open(tmp_path / "nested.tar.gz") as tar:  # the main file moves to the top
         members = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
@@ -125,6 +131,8 @@ def test_cycles_and_depth_are_bounded():
 
 
 def test_bibliography_commands_leave_nothing_behind():
-    tex = ("\\begin{document}Text.\\bibliographystyle{abbrv}\n\\bibliography{refs,more}\n\\nocite{*}"
-           "\\printbibliography[heading=none]\\end{document}")
+    tex = (
+        "\\begin{document}Text.\\bibliographystyle{abbrv}\n\\bibliography{refs,more}\n\\nocite{*}"
+        "\\printbibliography[heading=none]\\end{document}"
+    )
     assert clean_latex(tex) == "Text."

@@ -16,8 +16,12 @@ def tiny(**kw) -> GPT:
     return GPT(ModelConfig(**cfg))
 
 
-VARIANTS = [dict(), dict(position="learned", norm="layernorm", mlp="gelu", n_kv_heads=6),
-            dict(tie_embeddings=False, n_kv_heads=1), dict(attn_impl="reference")]
+VARIANTS = [
+    dict(),
+    dict(position="learned", norm="layernorm", mlp="gelu", n_kv_heads=6),
+    dict(tie_embeddings=False, n_kv_heads=1),
+    dict(attn_impl="reference"),
+]
 
 
 @pytest.mark.parametrize("kw", VARIANTS)
@@ -63,7 +67,7 @@ def test_rope_depends_only_on_relative_position():
     cos, sin = rope_tables(64, d, 10000.0)
 
     def rot(x, pos):
-        return apply_rope(x.view(1, 1, 1, d), cos[pos:pos + 1], sin[pos:pos + 1]).view(d)
+        return apply_rope(x.view(1, 1, 1, d), cos[pos : pos + 1], sin[pos : pos + 1]).view(d)
 
     dots = [float(rot(q, m) @ rot(k, m - 3)) for m in (3, 10, 40, 63)]
     assert max(dots) - min(dots) < 1e-4
@@ -108,13 +112,21 @@ def test_gqa_shapes():
 
 
 def test_init_std_per_layer_type():
-    model = tiny(n_layers=8, d_model=256, n_heads=8, n_kv_heads=8, vocab_size=4000, max_seq_len=64,
-                 tie_embeddings=False)
+    model = tiny(
+        n_layers=8, d_model=256, n_heads=8, n_kv_heads=8, vocab_size=4000, max_seq_len=64, tie_embeddings=False
+    )
     residual = 0.02 / math.sqrt(2 * 8)
     b = model.blocks[3]
-    for w, std in [(model.tok_emb.weight, 0.02), (model.lm_head.weight, 0.02), (b.attn.wq.weight, 0.02),
-                   (b.attn.wk.weight, 0.02), (b.mlp.gate.weight, 0.02), (b.mlp.up.weight, 0.02),
-                   (b.attn.wo.weight, residual), (b.mlp.down.weight, residual)]:
+    for w, std in [
+        (model.tok_emb.weight, 0.02),
+        (model.lm_head.weight, 0.02),
+        (b.attn.wq.weight, 0.02),
+        (b.attn.wk.weight, 0.02),
+        (b.mlp.gate.weight, 0.02),
+        (b.mlp.up.weight, 0.02),
+        (b.attn.wo.weight, residual),
+        (b.mlp.down.weight, residual),
+    ]:
         assert abs(w.std().item() - std) / std < 0.05, (w.shape, w.std().item(), std)
         assert abs(w.mean().item()) < std * 0.05
     assert torch.equal(b.attn_norm.weight, torch.ones(256))
@@ -192,11 +204,13 @@ def test_chunked_loss_equals_whole_and_never_holds_the_logits(z_loss):
     for chunk in (0, 50):  # 50 does not divide 120 tokens: the last chunk is short
         model.zero_grad()
         out = {}
-        total, largest = saved_bytes(lambda out=out, chunk=chunk: out.update(
-            zip(("logits", "loss"), model(x, y, loss_chunk=chunk, z_loss=z_loss))))
+        total, largest = saved_bytes(
+            lambda out=out, chunk=chunk: out.update(
+                zip(("logits", "loss"), model(x, y, loss_chunk=chunk, z_loss=z_loss))
+            )
+        )
         out["loss"].backward()
-        grads[chunk] = (out["loss"].detach(), {n: p.grad.clone() for n, p in model.named_parameters()},
-                        total, largest)
+        grads[chunk] = (out["loss"].detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, total, largest)
         assert (out["logits"] is None) == bool(chunk)
     whole, chunked = grads[0], grads[50]
     torch.testing.assert_close(chunked[0], whole[0], rtol=1e-6, atol=1e-6)
@@ -276,8 +290,17 @@ def test_flops_per_token_counts_every_matmul_weight(tie):
 
     from llmforge.model.flops import flops_per_token
 
-    cfg = ModelConfig(vocab_size=300, max_seq_len=64, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=160,
-                      tie_embeddings=tie, attn_impl="reference")
+    cfg = ModelConfig(
+        vocab_size=300,
+        max_seq_len=64,
+        d_model=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        d_ff=160,
+        tie_embeddings=tie,
+        attn_impl="reference",
+    )
     model, tokens = GPT(cfg), 3 * 64
     x = torch.randint(0, 300, (3, 64))
     with FlopCounterMode(display=False) as counter:

@@ -18,7 +18,39 @@ from llmforge.data.prepare import prepare, train_tokenizer
 from llmforge.tokenizer import load_tokenizer
 from tests.conftest import write_recipe
 
-WORDS = ["river", "market", "winter", "council", "garden", "engine", "signal", "harbor", "pattern", "lantern", "meadow", "summit", "orchard", "compass", "timber", "canyon", "beacon", "glacier", "harvest", "village", "station", "journey", "mirror", "thunder", "silver", "forest", "the", "and", "of", "to", "with"]
+WORDS = [
+    "river",
+    "market",
+    "winter",
+    "council",
+    "garden",
+    "engine",
+    "signal",
+    "harbor",
+    "pattern",
+    "lantern",
+    "meadow",
+    "summit",
+    "orchard",
+    "compass",
+    "timber",
+    "canyon",
+    "beacon",
+    "glacier",
+    "harvest",
+    "village",
+    "station",
+    "journey",
+    "mirror",
+    "thunder",
+    "silver",
+    "forest",
+    "the",
+    "and",
+    "of",
+    "to",
+    "with",
+]
 
 
 def essay(rng: random.Random, n: int = 120) -> str:
@@ -46,12 +78,19 @@ def corpus(root: Path, n_files: int = 6, per_file: int = 12, seed: int = 0) -> d
 
 
 def recipe_for(tmp: Path, data: Path, out: str, **data_kw) -> tuple[object, str]:
-    path = write_recipe(tmp / f"{out}.yaml", tmp, tmp / "runs",
-                        data={"sources": [{"name": "web", "type": "jsonl", "paths": [str(data / "*.jsonl")],
-                                           "quality": "web"}],
-                              "prepared_dir": str(tmp / out), "val_fraction": 0.1,
-                              "unit_files": 1, **data_kw},  # a unit per file: shards and workers get work to split
-                        tokenizer={"type": "char", "path": str(tmp / "tok.json")})
+    path = write_recipe(
+        tmp / f"{out}.yaml",
+        tmp,
+        tmp / "runs",
+        data={
+            "sources": [{"name": "web", "type": "jsonl", "paths": [str(data / "*.jsonl")], "quality": "web"}],
+            "prepared_dir": str(tmp / out),
+            "val_fraction": 0.1,
+            "unit_files": 1,
+            **data_kw,
+        },  # a unit per file: shards and workers get work to split
+        tokenizer={"type": "char", "path": str(tmp / "tok.json")},
+    )
     return load_recipe(str(path)), str(path)
 
 
@@ -118,8 +157,7 @@ def test_decontamination_drops_documents_sharing_long_ngrams(tmp_path):
     words = planted["original"].split()
     bench = tmp_path / "eval.jsonl"
     bench.write_text(json.dumps({"question": "Q: " + " ".join(words[10:30]) + "?", "answer": "B"}) + "\n")
-    recipe, origin = recipe_for(tmp_path, tmp_path / "raw", "out",
-                                decontaminate={"paths": [str(bench)], "ngram": 13})
+    recipe, origin = recipe_for(tmp_path, tmp_path / "raw", "out", decontaminate={"paths": [str(bench)], "ngram": 13})
     train_tokenizer(recipe, origin)
     st = prepare(recipe, origin, progress=False)["web"]["stats"]
     # the original and its exact copy contain the 20-word span; the near-duplicate has a changed word at 17
@@ -133,16 +171,19 @@ def test_sentencepiece_end_to_end_and_megatron_reads_the_shards(tmp_path):
     recipe, origin = recipe_for(tmp_path, tmp_path / "raw", "out")
     from dataclasses import replace
 
-    recipe = replace(recipe, tokenizer=replace(recipe.tokenizer, type="sentencepiece", vocab_size=400,
-                                                 path=str(tmp_path / "sp.model")))
+    recipe = replace(
+        recipe,
+        tokenizer=replace(recipe.tokenizer, type="sentencepiece", vocab_size=400, path=str(tmp_path / "sp.model")),
+    )
     tok = train_tokenizer(recipe, origin)
     assert tok.vocab_size == 400
     sample = "The river market opened. 42 lanterns!\n\tdone"
     assert tok.decode(tok.encode(sample)) == sample  # byte fallback + whitespace kept
     m = prepare(recipe, origin, progress=False)["web"]
     assert m["tokenizer"]["type"] == "sentencepiece" and m["dtype"] == "uint16"
-    data = PretrainData([DatasetSpec(str(tmp_path / "out" / "web"))], 64, seed=0,
-                        tokenizer_fingerprint=m["tokenizer"]["fingerprint"])
+    data = PretrainData(
+        [DatasetSpec(str(tmp_path / "out" / "web"))], 64, seed=0, tokenizer_fingerprint=m["tokenizer"]["fingerprint"]
+    )
     x, y = data.batch(range(4))
     assert x.shape == (4, 64) and int(x.max()) < 400
 
@@ -170,9 +211,20 @@ def test_prepare_sbatch_script_array_then_merge(tmp_path):
     train_tokenizer(recipe, origin)
     env = {"PYTHON": sys.executable}
     for task in ("0", "1"):
-        r = run_cli("bash", "launch/slurm/prepare.sbatch", origin, "--set", "data.val_fraction=0.1",
-                    env={**env, "SLURM_ARRAY_TASK_ID": task, "SLURM_ARRAY_TASK_COUNT": "2",
-                         "SLURM_ARRAY_TASK_MIN": "0", "SLURM_CPUS_PER_TASK": "1"})
+        r = run_cli(
+            "bash",
+            "launch/slurm/prepare.sbatch",
+            origin,
+            "--set",
+            "data.val_fraction=0.1",
+            env={
+                **env,
+                "SLURM_ARRAY_TASK_ID": task,
+                "SLURM_ARRAY_TASK_COUNT": "2",
+                "SLURM_ARRAY_TASK_MIN": "0",
+                "SLURM_CPUS_PER_TASK": "1",
+            },
+        )
         assert r.returncode == 0, r.stderr[-2000:]
         assert not (tmp_path / "out" / "web" / "manifest.json").exists()
     parts = list((tmp_path / "out" / "web" / "parts").glob("*.json"))
@@ -193,9 +245,14 @@ def test_local_hf_tokenizer_directory(tmp_path):
     hf = Tokenizer(models.BPE(unk_token="<unk>"))
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf.decoder = decoders.ByteLevel()
-    hf.train_from_iterator([planted["original"]] * 3 + [" ".join(WORDS)],
-                           trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "</s>", "<pad>"],
-                                               initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf.train_from_iterator(
+        [planted["original"]] * 3 + [" ".join(WORDS)],
+        trainers.BpeTrainer(
+            vocab_size=300,
+            special_tokens=["<unk>", "</s>", "<pad>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     directory = tmp_path / "hf-tok"
     directory.mkdir()
     hf.save(str(directory / "tokenizer.json"))
@@ -218,14 +275,31 @@ def test_prepare_cli_bad_input_is_one_line(tmp_path):
     r = run_cli("python", "launch/prepare_data.py", "--recipe", origin)  # no tokenizer trained yet
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         f"recipe error: {origin}: tokenizer.path: not found: {tmp_path / 'tok.json'} "
-        f"(run launch/train_tokenizer.py --recipe {origin})"]
-    r = run_cli("python", "launch/train_tokenizer.py", "--recipe", origin, "--set",
-                f"data.sources=[{{name: w, type: jsonl, paths: ['{tmp_path}/none/*.jsonl']}}]")
+        f"(run launch/train_tokenizer.py --recipe {origin})"
+    ]
+    r = run_cli(
+        "python",
+        "launch/train_tokenizer.py",
+        "--recipe",
+        origin,
+        "--set",
+        f"data.sources=[{{name: w, type: jsonl, paths: ['{tmp_path}/none/*.jsonl']}}]",
+    )
     assert r.returncode == 2
     (line,) = r.stderr.strip().splitlines()
     assert line.startswith("data error: data.sources[w].paths:") and "matches no files" in line
-    r = run_cli("python", "launch/train_tokenizer.py", "--recipe", origin, "--set", "tokenizer.type=sentencepiece",
-                "--set", "tokenizer.vocab_size=40", "--set", f"tokenizer.path={tmp_path}/sp.model")
+    r = run_cli(
+        "python",
+        "launch/train_tokenizer.py",
+        "--recipe",
+        origin,
+        "--set",
+        "tokenizer.type=sentencepiece",
+        "--set",
+        "tokenizer.vocab_size=40",
+        "--set",
+        f"tokenizer.path={tmp_path}/sp.model",
+    )
     assert r.returncode == 2 and "recipe error:" in r.stderr and "tokenizer.vocab_size" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     r = run_cli("python", "launch/prepare_data.py", "--recipe", origin, "--shard-index", "3", "--num-shards", "2")

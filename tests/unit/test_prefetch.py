@@ -116,8 +116,12 @@ def test_prefetched_training_batches_equal_direct_reads(prepared):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_pinned_batches_copy_to_the_gpu_without_a_host_wait():
-    p = Prefetcher(lambda k: (torch.full((8, 2048), k), torch.full((8, 2048), k + 1)), lambda k: k + 1, depth=2,
-                   pin_device=torch.device("cuda"))
+    p = Prefetcher(
+        lambda k: (torch.full((8, 2048), k), torch.full((8, 2048), k + 1)),
+        lambda k: k + 1,
+        depth=2,
+        pin_device=torch.device("cuda"),
+    )
     try:
         x, y = p.get(0)
         assert x.is_pinned() and y.is_pinned()

@@ -34,11 +34,20 @@ def decoded(dataset: Path, tok, split: str) -> list[str]:
 def one_file_recipe(tmp: Path, **data) -> tuple[object, str]:
     (tmp / "corpus").mkdir(exist_ok=True)
     (tmp / "corpus" / "book.txt").write_bytes(BIG_TEXT.read_bytes())
-    path = write_recipe(tmp / "r.yaml", tmp, tmp / "runs",
-                        data={"sources": [{"name": "book", "type": "text", "paths": [str(tmp / "corpus")]}],
-                              "prepared_dir": str(tmp / "prepared"), "val_fraction": 0.01, "seq_len": 64, **data},
-                        model={"d_model": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1},
-                        train={"max_steps": 2, "micro_batch_size": 2, "warmup_steps": 1})
+    path = write_recipe(
+        tmp / "r.yaml",
+        tmp,
+        tmp / "runs",
+        data={
+            "sources": [{"name": "book", "type": "text", "paths": [str(tmp / "corpus")]}],
+            "prepared_dir": str(tmp / "prepared"),
+            "val_fraction": 0.01,
+            "seq_len": 64,
+            **data,
+        },
+        model={"d_model": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1},
+        train={"max_steps": 2, "micro_batch_size": 2, "warmup_steps": 1},
+    )
     return load_recipe(str(path)), str(path)
 
 
@@ -50,8 +59,10 @@ def test_one_large_text_file_gets_a_validation_split(tmp_path):
     pieces = m["stats"]["chunked:pieces"]
     assert m["stats"]["chunked:documents"] == 1 and pieces >= 10  # 757 KB in pieces of about 64 KiB
     assert m["splits"]["val"]["documents"] >= 1 and m["splits"]["train"]["documents"] >= pieces - 2
-    train, val = decoded(tmp_path / "prepared" / "book", tok, "train"), decoded(tmp_path / "prepared" / "book",
-                                                                                 tok, "val")
+    train, val = (
+        decoded(tmp_path / "prepared" / "book", tok, "train"),
+        decoded(tmp_path / "prepared" / "book", tok, "val"),
+    )
     original = BIG_TEXT.read_text()
     assert len(train) + len(val) == pieces
     assert sum(map(len, train + val)) == len(original.strip())  # every character is in exactly one piece
@@ -86,8 +97,16 @@ def test_training_with_an_empty_val_split_and_eval_on_is_refused(tmp_path):
     (line,) = r.stderr.strip().splitlines()[-1:]
     assert "eval.interval is 6 but the val split of" in line and "data.val_fraction > 0" in line
     assert not (tmp_path / "runs" / "t" / "checkpoints").exists()
-    r = run_cli(sys.executable, str(REPO / "launch" / "pretrain.py"), "--recipe", origin, "--set", "eval.interval=0",
-                "--set", "checkpoint.interval=0")
+    r = run_cli(
+        sys.executable,
+        str(REPO / "launch" / "pretrain.py"),
+        "--recipe",
+        origin,
+        "--set",
+        "eval.interval=0",
+        "--set",
+        "checkpoint.interval=0",
+    )
     assert r.returncode == 0, r.stderr[-2000:]
 
 
@@ -106,8 +125,9 @@ def test_prepare_uses_a_trained_sentencepiece_tokenizer_without_vocab_size(tmp_p
     for name in ("textwrap.py", "shlex.py", "argparse.py"):
         (tmp_path / "corpus" / f"{name}.txt").write_bytes((STDLIB / name).read_bytes())
     tok = {"type": "sentencepiece", "path": str(tmp_path / "sp.model")}
-    train_path = write_recipe(tmp_path / "train.yaml", tmp_path, tmp_path / "runs",
-                              tokenizer={**tok, "vocab_size": 400})
+    train_path = write_recipe(
+        tmp_path / "train.yaml", tmp_path, tmp_path / "runs", tokenizer={**tok, "vocab_size": 400}
+    )
     no_vocab = write_recipe(tmp_path / "use.yaml", tmp_path, tmp_path / "runs", tokenizer=tok)
     r = run_cli(sys.executable, str(REPO / "launch" / "train_tokenizer.py"), "--recipe", str(no_vocab))
     assert r.returncode == 2 and "tokenizer.vocab_size: is required to train a sentencepiece tokenizer" in r.stderr

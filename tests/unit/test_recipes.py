@@ -69,8 +69,10 @@ def test_compile_without_a_compiler_is_one_line(tmp_path, prepared):
     result = run_cli("python", "launch/pretrain.py", "--recipe", str(path), env={"CXX": "no-such-c++-compiler"})
     assert result.returncode == 2, result.stderr[-2000:]
     (line,) = result.stderr.strip().splitlines()
-    assert line == (f"recipe error: {path}: train.compile: torch.compile on CPU needs a C++ compiler (g++, clang++ "
-                    "or the one $CXX names); none was found; or set train.compile: false")
+    assert line == (
+        f"recipe error: {path}: train.compile: torch.compile on CPU needs a C++ compiler (g++, clang++ "
+        "or the one $CXX names); none was found; or set train.compile: false"
+    )
     assert not (tmp_path / "runs").exists()
 
 
@@ -93,19 +95,30 @@ def test_missing_recipe_and_extends(tmp_path):
 
 
 def test_composed_ds_config_derives_only_what_must_agree(tmp_path, prepared):
-    path = write_recipe(tmp_path / "r.yaml", prepared, tmp_path / "runs",
-                        train={"micro_batch_size": 3, "grad_accum_steps": 5, "grad_clip": 0.5, "precision": "fp32"},
-                        deepspeed={"config": str(REPO / "ds_configs/zero3.json"),
-                                   "overrides": {"zero_optimization": {"overlap_comm": True}}})
+    path = write_recipe(
+        tmp_path / "r.yaml",
+        prepared,
+        tmp_path / "runs",
+        train={"micro_batch_size": 3, "grad_accum_steps": 5, "grad_clip": 0.5, "precision": "fp32"},
+        deepspeed={
+            "config": str(REPO / "ds_configs/zero3.json"),
+            "overrides": {"zero_optimization": {"overlap_comm": True}},
+        },
+    )
     recipe = load_recipe(str(path))
     ds = compose_ds_config(recipe, 4, str(tmp_path / "run"), str(path), on_cpu=True)
-    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (3, 5, 60)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (
+        3,
+        5,
+        60,
+    )
     assert ds["gradient_clipping"] == 0.5 and not ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
     assert ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["overlap_comm"] is True
     with open(REPO / "ds_configs/zero3.json") as f:  # everything else stays DeepSpeed's own JSON
         plain = json.load(f)["zero_optimization"]
-    assert {k: v for k, v in ds["zero_optimization"].items() if k != "overlap_comm"} == \
-        {k: v for k, v in plain.items() if k != "overlap_comm"}
+    assert {k: v for k, v in ds["zero_optimization"].items() if k != "overlap_comm"} == {
+        k: v for k, v in plain.items() if k != "overlap_comm"
+    }
     assert ds["optimizer"]["params"]["lr"] == recipe.train.lr
     # on CPU torch's AdamW with its fused kernel; on GPU DeepSpeed's own FusedAdam (nothing added)
     assert ds["optimizer"]["params"]["torch_adam"] is True and ds["optimizer"]["params"]["fused"] is True
@@ -122,9 +135,15 @@ def test_composed_ds_config_derives_only_what_must_agree(tmp_path, prepared):
 
 def test_resolved_recipe_and_ds_config_saved(tmp_path, prepared):
     """The run directory records exactly what ran (checked on a 1-process run of 2 steps)."""
-    path = write_recipe(tmp_path / "r.yaml", prepared, tmp_path / "runs", train={"max_steps": 2, "warmup_steps": 1},
-                        eval={"interval": 0}, deepspeed={"config": str(REPO / "ds_configs/zero0.json")},
-                        logging={"interval": 1, "tensorboard": True})
+    path = write_recipe(
+        tmp_path / "r.yaml",
+        prepared,
+        tmp_path / "runs",
+        train={"max_steps": 2, "warmup_steps": 1},
+        eval={"interval": 0},
+        deepspeed={"config": str(REPO / "ds_configs/zero0.json")},
+        logging={"interval": 1, "tensorboard": True},
+    )
     result = run_cli("python", "launch/pretrain.py", "--recipe", str(path), "--set", "train.lr=2e-3")
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "runs" / "t"

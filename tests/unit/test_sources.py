@@ -49,11 +49,15 @@ def write_warc(path: Path, pages: list[tuple[str, str]], gz: bool = True) -> Non
         writer = WARCWriter(f, gzip=gz)
         for url, html in pages:
             headers = StatusAndHeaders("200 OK", [("Content-Type", "text/html; charset=utf-8")], protocol="HTTP/1.1")
-            writer.write_record(writer.create_warc_record(url, "response", payload=io.BytesIO(html.encode()),
-                                                          http_headers=headers))
+            writer.write_record(
+                writer.create_warc_record(url, "response", payload=io.BytesIO(html.encode()), http_headers=headers)
+            )
         img = StatusAndHeaders("200 OK", [("Content-Type", "image/png")], protocol="HTTP/1.1")
-        writer.write_record(writer.create_warc_record("http://x.test/logo.png", "response",
-                                                      payload=io.BytesIO(b"\x89PNG...."), http_headers=img))
+        writer.write_record(
+            writer.create_warc_record(
+                "http://x.test/logo.png", "response", payload=io.BytesIO(b"\x89PNG...."), http_headers=img
+            )
+        )
 
 
 def read_all(spec: SourceSpec) -> tuple[list, dict]:
@@ -65,8 +69,9 @@ def read_all(spec: SourceSpec) -> tuple[list, dict]:
 def test_warc_extracts_main_text_and_drops_boilerplate(tmp_path):
     write_warc(tmp_path / "a.warc.gz", [("http://news.test/water", page("Council debates water budget", ARTICLE))])
     for extractor in ("resiliparse", "trafilatura"):
-        docs, stats = read_all(SourceSpec(name="web", type="warc", paths=[str(tmp_path / "*.warc.gz")],
-                                          extractor=extractor))
+        docs, stats = read_all(
+            SourceSpec(name="web", type="warc", paths=[str(tmp_path / "*.warc.gz")], extractor=extractor)
+        )
         (doc,) = docs
         assert stats["skipped:not_html"] == 1
         assert doc.meta["url"] == "http://news.test/water" and doc.meta["date"].startswith("20")
@@ -119,8 +124,9 @@ def test_code_tree_language_and_filters(tmp_path):
 def test_code_jsonl_records(tmp_path):
     rows = [{"content": "fn main() {}\n", "path": "src/main.rs"}, {"content": 3}, {"path": "x"}]
     (tmp_path / "stack.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n{broken\n")
-    docs, stats = read_all(SourceSpec(name="c", type="code", paths=[str(tmp_path / "stack.jsonl")],
-                                      text_field="content"))
+    docs, stats = read_all(
+        SourceSpec(name="c", type="code", paths=[str(tmp_path / "stack.jsonl")], text_field="content")
+    )
     assert [d.meta["lang"] for d in docs] == ["rust"]
     assert stats["skipped:no_text_field"] == 2 and stats["skipped:bad_json_line"] == 1
 
@@ -185,8 +191,9 @@ def test_jsonl_gz_and_parquet_text_field(tmp_path):
         assert docs[2].meta["url"] == "http://x/2"
     data = (tmp_path / "a.jsonl.gz").read_bytes()
     (tmp_path / "trunc.jsonl.gz").write_bytes(data[:-12])
-    docs, stats = read_all(SourceSpec(name="j", type="jsonl", paths=[str(tmp_path / "trunc.jsonl.gz")],
-                                      text_field="body"))
+    docs, stats = read_all(
+        SourceSpec(name="j", type="jsonl", paths=[str(tmp_path / "trunc.jsonl.gz")], text_field="body")
+    )
     assert stats["skipped:corrupt_gzip"] == 1 and len(docs) <= 5
 
 
@@ -198,16 +205,24 @@ def test_missing_paths_are_one_line_errors(tmp_path):
 GOOD = " ".join(ARTICLE)
 
 
-@pytest.mark.parametrize("text,reason", [
-    ("too short to be a page", "too_few_words"),
-    (" ".join(["a"] * 80), "mean_word_length_low"),
-    (" ".join(["incomprehensibilities"] * 80), "mean_word_length_high"),
-    (GOOD + " #tag" * 40, "symbol_word_ratio"),
-    (" ".join(["1234 5678 90"] * 30), "few_alphabetic_words"),
-    ("\n".join(f"• item number {i} in a long list of things" for i in range(30)), "bullet_lines"),
-    ("\n".join(f"and then the story goes on and on through the night without stopping {i}..." for i in range(30)), "ellipsis_lines"),
-    ("\n".join([ARTICLE[0]] * 6 + ARTICLE), "duplicate_lines"),
-])
+@pytest.mark.parametrize(
+    "text,reason",
+    [
+        ("too short to be a page", "too_few_words"),
+        (" ".join(["a"] * 80), "mean_word_length_low"),
+        (" ".join(["incomprehensibilities"] * 80), "mean_word_length_high"),
+        (GOOD + " #tag" * 40, "symbol_word_ratio"),
+        (" ".join(["1234 5678 90"] * 30), "few_alphabetic_words"),
+        ("\n".join(f"• item number {i} in a long list of things" for i in range(30)), "bullet_lines"),
+        (
+            "\n".join(
+                f"and then the story goes on and on through the night without stopping {i}..." for i in range(30)
+            ),
+            "ellipsis_lines",
+        ),
+        ("\n".join([ARTICLE[0]] * 6 + ARTICLE), "duplicate_lines"),
+    ],
+)
 def test_web_filters_each_reason(text, reason):
     assert web_quality(GOOD, WebFilters()) is None
     assert web_quality(text, WebFilters()) == reason
