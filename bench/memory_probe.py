@@ -2,8 +2,9 @@
 
 Run under a launcher: `deepspeed --num_gpus 2 bench/memory_probe.py --stage 2 --d-model 512 --layers 8`. Rank 0
 prints one JSON line: parameters, ZeRO stage, world size, for every rank the peak memory of the second optimizer
-step over the memory just after process-group start-up (CPU: peak RSS, reset before the step; run with MALLOC_MMAP_THRESHOLD_=65536
-so that freed tensors leave RSS; GPU: peak allocated), and the planner's prediction. A micro-batch of
+step over the memory just after process-group start-up (CPU: peak RSS, reset before the step; run with
+MALLOC_MMAP_THRESHOLD_=65536 so that freed tensors leave RSS; GPU: peak allocated), and the planner's prediction.
+A micro-batch of
 one 16-token sequence keeps activations negligible next to the model states.
 """
 
