@@ -18,6 +18,11 @@ $(VENV)/.base: $(VENV)/.torch setup.cfg pyproject.toml
 	$(PIP) install -q -e .
 	touch $@
 
+# The linters only (no test extras): `make lint` runs before `make check-install`, which needs the runtime install alone.
+$(VENV)/.lint: $(VENV)/.base
+	$(PIP) install -q -e ".[lint]"
+	touch $@
+
 $(VENV)/.dev: $(VENV)/.base
 	$(PIP) install -q -e ".[dev]"
 	# megatron-core only to check that its IndexedDataset reads our shards (its own deps are not needed for that)
@@ -31,6 +36,12 @@ demo: $(VENV)/.base
 # the extras. Needs Debian's python3.11-doc and cxref-doc for its real inputs.
 check-install: $(VENV)/.base
 	$(PY) tests/install_check.py
+
+# ruff (lint rules and formatting) and mypy, configured in pyproject.toml
+lint: $(VENV)/.lint
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 test: $(VENV)/.dev
 	$(PY) -m pytest -q -ra tests

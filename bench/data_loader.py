@@ -23,7 +23,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from results_file import write_result  # noqa: E402
+from results_file import write_result
 
 
 def write_dataset(root: str, shard_tokens: list[int], vocab: int = 32000, seed: int = 0) -> str:

@@ -25,14 +25,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import yaml  # noqa: E402
-from real_pages import pages  # noqa: E402
-from results_file import write_result  # noqa: E402
+import yaml
+from real_pages import pages
+from results_file import write_result
 
-from llmforge.config import load_recipe  # noqa: E402
-from llmforge.data.prepare import sample_texts  # noqa: E402
-from llmforge.tokenizer import train_tokenizer_from_texts  # noqa: E402
-from tests.real_inputs import write_warc  # noqa: E402
+from llmforge.config import load_recipe
+from llmforge.data.prepare import sample_texts
+from llmforge.tokenizer import train_tokenizer_from_texts
+from tests.real_inputs import write_warc
 
 VOCAB = 16000
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -19,13 +19,13 @@ import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from real_pages import FAMILIES, Page, pages, score  # noqa: E402
-from results_file import write_result  # noqa: E402
+from real_pages import FAMILIES, Page, pages, score
+from results_file import write_result
 
-from llmforge.config.data import LineFilters, WebFilters  # noqa: E402
-from llmforge.data.clean import clean_text  # noqa: E402
-from llmforge.data.filters import clean_lines, web_quality  # noqa: E402
-from llmforge.data.sources.web import html_to_text  # noqa: E402
+from llmforge.config.data import LineFilters, WebFilters
+from llmforge.data.clean import clean_text
+from llmforge.data.filters import clean_lines, web_quality
+from llmforge.data.sources.web import html_to_text
 
 
 def _mean(xs: list[float]) -> float:

@@ -37,7 +37,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from results_file import write_result  # noqa: E402
+from results_file import write_result
 
 
 class RandomTokens:

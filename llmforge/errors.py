@@ -14,6 +14,7 @@ class UserError(Exception):
     """An error the user can fix (bad recipe, data, checkpoint or CLI input). Printed as one line."""
 
     prefix = "error"
+    every_rank = False  # printed by every rank, not only rank 0 (the failure is local to each)
 
     def __str__(self) -> str:  # one line, always
         return " ".join(super().__str__().split())

@@ -53,7 +53,7 @@ def compose_ds_config(recipe: Recipe, world_size: int, run_dir: str, origin: str
     _agree(cfg, "gradient_clipping", t.grad_clip, origin, source)
 
     cfg["bf16"] = deep_merge(cfg.get("bf16", {}), {"enabled": t.precision == "bf16"})
-    fp16 = {"enabled": t.precision == "fp16"}
+    fp16: dict[str, Any] = {"enabled": t.precision == "fp16"}
     if t.precision == "fp16":
         fp16 = {
             "loss_scale": 0,

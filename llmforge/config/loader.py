@@ -167,7 +167,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     raise TypeError(f"unsupported recipe field type {tp} at {key}")
 
 
-def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
+def from_dict(cls: Any, data: Any, prefix: str = "") -> Any:
     """Build dataclass `cls` from a mapping, rejecting unknown keys and wrong types with the dotted key."""
     if data is None:
         data = {}

@@ -18,7 +18,7 @@ def _default(f: dataclasses.Field) -> Any:
     return None
 
 
-def recipe_keys(cls: type = Recipe, prefix: str = "") -> Iterator[tuple[str, Any, str]]:
+def recipe_keys(cls: Any = Recipe, prefix: str = "") -> Iterator[tuple[str, Any, str]]:
     """(dotted key, default, doc) for every leaf field; list-of-dataclass fields appear as `key[].field`."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):

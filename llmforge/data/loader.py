@@ -158,7 +158,9 @@ class PretrainData:
                  tokenizer_fingerprint: Optional[str] = None):
         if not specs:
             raise DataError("no datasets to train on: set data.datasets, or data.sources + data.prepared_dir")
-        windows, weights, digests = [], [], []
+        windows: list[TokenWindows] = []
+        weights: list[float] = []
+        digests: list[str] = []
         for spec in specs:
             try:
                 manifest = read_manifest(spec.path)

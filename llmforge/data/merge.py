@@ -7,7 +7,7 @@ import glob
 import json
 import math
 import os
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 
@@ -32,17 +32,18 @@ class ShardWriter:
     def __init__(self, directory: str, split: str, dtype: np.dtype, shard_tokens: int):
         self.directory, self.split, self.dtype, self.limit = directory, split, dtype, shard_tokens
         self.shards: list[dict] = []
-        self._writer = None
+        self._writer: Optional[IndexedDatasetWriter] = None
         self._tokens = 0
 
     def add(self, tokens: np.ndarray) -> None:
-        if self._writer is None or self._tokens >= self.limit:
+        writer = self._writer
+        if writer is None or self._tokens >= self.limit:
             self._close()
             name = f"{self.split}-{len(self.shards):05d}"
-            self._writer = IndexedDatasetWriter(os.path.join(self.directory, name), self.dtype)
+            writer = self._writer = IndexedDatasetWriter(os.path.join(self.directory, name), self.dtype)
             self.shards.append({"prefix": name, "documents": 0, "tokens": 0})
             self._tokens = 0
-        self._writer.add_document(tokens)
+        writer.add_document(tokens)
         self._tokens += len(tokens)
         self.shards[-1]["documents"] += 1
         self.shards[-1]["tokens"] += len(tokens)

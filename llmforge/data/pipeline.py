@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import time
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -31,7 +31,7 @@ PIPELINE_VERSION = 3  # bump when cleaning/filtering semantics change: parts mad
 
 def processing_key(spec: SourceSpec, cfg: DataConfig, tokenizer_fingerprint: str) -> str:
     """Everything that decides a part's content; a part made under another key is stale and is processed again."""
-    relevant = {"version": PIPELINE_VERSION, "source": dataclasses.asdict(spec), "tokenizer": tokenizer_fingerprint,
+    relevant: dict[str, Any] = {"version": PIPELINE_VERSION, "source": dataclasses.asdict(spec), "tokenizer": tokenizer_fingerprint,
                 "val_fraction": cfg.val_fraction, "chunk_chars": cfg.chunk_chars, "min_chars": cfg.min_chars,
                 "max_chars": cfg.max_chars, "lines": dataclasses.asdict(cfg.line_filters),
                 "web": dataclasses.asdict(cfg.web_filters), "code": dataclasses.asdict(cfg.code_filters),

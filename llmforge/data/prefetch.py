@@ -34,7 +34,7 @@ class Prefetcher:
     that does not wait for the GPU), or None (CPU training: pinning gains nothing).
     """
 
-    def __init__(self, read: Callable[[Hashable], Any], successor: Callable[[Hashable], Hashable], depth: int,
+    def __init__(self, read: Callable[[Any], Any], successor: Callable[[Any], Hashable], depth: int,
                  pin_device: Optional[torch.device] = None):
         if depth < 0:
             raise ValueError(f"prefetch depth must be >= 0, got {depth}")

@@ -125,7 +125,7 @@ def sample_texts(recipe: Recipe, origin: str) -> Iterator[str]:
     _require(recipe, origin)
     budget = recipe.tokenizer.sample_bytes // len(recipe.data.sources)
     for spec in recipe.data.sources:
-        used, stats = 0, {}
+        used, stats = 0, dict[str, int]()
         for unit in work_units(spec):
             for doc in read_unit(unit, spec, stats):
                 text, reason = keep_reason(doc, spec, recipe.data, set())

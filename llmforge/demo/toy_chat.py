@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+from typing import Any
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
@@ -16,7 +17,7 @@ def toy_word(rng: random.Random) -> str:
 
 def sft_records(n: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
-    out = []
+    out: list[dict[str, Any]] = []
     for i in range(n):
         w = toy_word(rng)
         if i % 2:

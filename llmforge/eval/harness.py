@@ -26,7 +26,7 @@ except ImportError:  # lm-eval is an optional extra; the adapter is only built w
     LM, register_model = object, None
 
 
-class LLMForgeLM(LM):  # type: ignore[misc, valid-type]
+class LLMForgeLM(LM):
     """lm-eval's three request types on an llmforge model: loglikelihood, loglikelihood_rolling, generate_until."""
 
     def __init__(self, checkpoint: str, batch_size: int = 8, max_length: Optional[int] = None, **_: Any):

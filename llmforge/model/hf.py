@@ -51,7 +51,7 @@ def llama_config(cfg: ModelConfig) -> Any:
     from transformers import LlamaConfig
 
     check_llama_compatible(cfg)
-    return LlamaConfig(
+    return LlamaConfig(  # type: ignore[call-arg]  # rope_theta: accepted through **kwargs
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.d_model,
         intermediate_size=cfg.ff_dim,

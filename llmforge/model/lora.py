@@ -5,6 +5,7 @@ so merged weights load, generate and export like any other llmforge model."""
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -48,9 +49,9 @@ class LoRALinear(nn.Module):
 
 
 def _targets(model: nn.Module, names: list[str]) -> list[tuple[nn.Module, str]]:
-    found = []
-    for block in model.blocks:
-        for parent in (block.attn, block.mlp):
+    found: list[tuple[nn.Module, str]] = []
+    for block in cast(nn.ModuleList, model.blocks):
+        for parent in (cast(nn.Module, block.attn), cast(nn.Module, block.mlp)):
             for name in names:
                 if isinstance(getattr(parent, name, None), (nn.Linear, LoRALinear)):
                     found.append((parent, name))
@@ -70,8 +71,8 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> int:
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """Replace every LoRALinear by a plain nn.Linear holding W + (alpha/r)·B·A."""
-    for block in model.blocks:
-        for parent in (block.attn, block.mlp):
+    for block in cast(nn.ModuleList, model.blocks):
+        for parent in (cast(nn.Module, block.attn), cast(nn.Module, block.mlp)):
             for name, child in list(parent.named_children()):
                 if isinstance(child, LoRALinear):
                     setattr(parent, name, child.merged())

@@ -108,7 +108,8 @@ def split_records(
     records = read_jsonl(train_file)
     if val_file:
         return records, read_jsonl(val_file)
-    train, val = [], []
+    train: list[tuple[str, Any]] = []
+    val: list[tuple[str, Any]] = []
     for where, rec in records:
         h = int.from_bytes(hashlib.sha1(json.dumps(rec, sort_keys=True).encode()).digest()[:8], "big")
         (val if h / 2**64 < val_fraction else train).append((where, rec))
@@ -203,7 +204,7 @@ class PreferenceData(_Indexed):
         digest = hashlib.sha256(json.dumps([[p.ids for p in pair] for pair in self.pairs]).encode()).hexdigest()[:16]
         super().__init__(len(self.pairs), seed, digest)
 
-    def rows(self, examples: list[int]) -> dict[str, torch.Tensor]:
+    def rows(self, examples: list[int]) -> dict[str, Any]:
         chosen = [_shifted(self.pairs[k][0], self.seq_len) for k in examples]
         rejected = [_shifted(self.pairs[k][1], self.seq_len) for k in examples]
         both = chosen + rejected  # one forward over chosen and rejected rows together
@@ -220,5 +221,5 @@ class PreferenceData(_Indexed):
         """Non-pad input tokens of a batch (chosen and rejected rows)."""
         return int(batch["lengths"].sum())
 
-    def batch(self, indices: range) -> dict[str, torch.Tensor]:
+    def batch(self, indices: range) -> dict[str, Any]:
         return self.rows([self.example_index(i) for i in indices])

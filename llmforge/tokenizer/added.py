@@ -38,7 +38,8 @@ class AddedTokensTokenizer:
         return ids
 
     def decode(self, ids: list[int]) -> str:
-        out, run = [], []
+        out: list[str] = []
+        run: list[int] = []
         for i in ids:
             if i >= self.base_size:
                 out.append(self.base.decode(run))

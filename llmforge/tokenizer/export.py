@@ -20,7 +20,7 @@ from llmforge.tokenizer.base import Tokenizer
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _BYTE = 1, 2, 3, 4, 6
 
 
-def to_hf_tokenizer(tok: Tokenizer) -> tuple[Any, dict[str, str]]:
+def to_hf_tokenizer(tok: Any) -> tuple[Any, dict[str, Any]]:
     """(tokenizers.Tokenizer, special tokens by role) for any llmforge tokenizer."""
     kind = tok.to_json()["type"]
     if kind == "char":
@@ -77,7 +77,7 @@ def _sentencepiece(tok: Any) -> tuple[Any, dict[str, str]]:
     from tokenizers import Tokenizer as HFTok
     from transformers.tokenization_utils_base import generate_merges
 
-    proto = sentencepiece_model_pb2.ModelProto()
+    proto = sentencepiece_model_pb2.ModelProto()  # type: ignore[attr-defined]  # generated protobuf module
     proto.ParseFromString(tok._proto)
     if proto.trainer_spec.model_type != 2:  # 2 = BPE
         raise ValueError("only sentencepiece BPE models are exported (this one is not BPE)")

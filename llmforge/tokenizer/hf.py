@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional
+from typing import Any, Optional
 
 
 class HFTokenizer:
@@ -50,7 +50,7 @@ class HFTokenizer:
         return cls(data["tokenizer_json"], data.get("eos_token"), data.get("pad_token"))
 
 
-def _token(value) -> Optional[str]:
+def _token(value: Any) -> Optional[str]:
     if isinstance(value, dict):
         return value.get("content")
     return value

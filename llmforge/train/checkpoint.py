@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import numpy as np
 import torch
@@ -73,7 +73,7 @@ class TrainState:
 
 def rng_state() -> dict:
     """This process's RNG states in types `torch.load(weights_only=True)` reads (no pickled numpy objects)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    kind, keys, pos, has_gauss, gauss = cast(tuple, np.random.get_state(legacy=True))
     state = {
         "python": random.getstate(),
         "numpy": (kind, keys.tolist(), pos, has_gauss, gauss),
@@ -87,7 +87,7 @@ def rng_state() -> dict:
 def _load_rng(path: str) -> dict:
     """An rng_rank*.pt file without unpickling code: plain types only, plus the numpy array and dtype classes that
     checkpoints written before this format hold."""
-    ndarray_types = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), np.core.multiarray._reconstruct]
+    ndarray_types = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), np._core.multiarray._reconstruct]  # type: ignore[attr-defined]
     with torch.serialization.safe_globals(ndarray_types):
         return torch.load(path, weights_only=True)
 

@@ -258,7 +258,7 @@ def test_dpo_loss_matches_hand_computation():
     rc, rr = torch.tensor([-1.5, -2.0]), torch.tensor([-1.5, -2.0])
     beta = 0.5
     h = [(-1.0 + 1.5) - (-2.0 + 1.5), (-3.0 + 2.0) - (-1.0 + 2.0)]  # 1.0, -2.0
-    softplus = lambda x: math.log1p(math.exp(x))  # noqa: E731  (-log sigmoid(z) = softplus(-z))
+    softplus = lambda x: math.log1p(math.exp(x))
     loss, stats = dpo_loss(pc, pr, rc, rr, beta)
     assert loss.item() == pytest.approx(sum(softplus(-beta * x) for x in h) / 2, abs=1e-6)
     assert stats["accuracy"].item() == 0.5

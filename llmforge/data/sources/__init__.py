@@ -14,7 +14,7 @@ import glob
 import hashlib
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from llmforge.config.data import SourceSpec
 from llmforge.errors import DataError
@@ -100,7 +100,9 @@ class WorkUnit:
 
 def work_units(spec: SourceSpec, max_files: int = 2000, max_bytes: int = 64 << 20) -> list[WorkUnit]:
     """Group a source's files: big files alone, small ones batched (deterministic, in sorted order)."""
-    units, batch, size = [], [], 0
+    units: list[Any] = []
+    batch: list[Any] = []
+    size = 0
     for path in expand_paths(spec):
         n = os.path.getsize(path)
         if n >= max_bytes:

@@ -12,7 +12,7 @@ pages and takes 77 / 119 ms. resiliparse also writes one paragraph per line, whi
 from __future__ import annotations
 
 import zlib
-from typing import Iterator
+from typing import Any, Iterator
 
 from llmforge.config.data import SourceSpec
 from llmforge.data.sources import Document, Stats, count
@@ -45,7 +45,7 @@ def read_html_file(path: str, spec: SourceSpec, stats: Stats) -> Iterator[Docume
     yield Document(html_to_text(data, spec.extractor), path, {"path": path})
 
 
-def _is_html(record) -> bool:
+def _is_html(record: Any) -> bool:
     """A response whose HTTP Content-Type (or Common Crawl's identified payload type) is HTML, or a resource record
     (a stored file, no HTTP headers) whose WARC Content-Type is HTML."""
     if record.rec_type == "resource":
