@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import logging
+import os
 import sys
 from collections.abc import Callable
 from typing import NoReturn, TypeVar
@@ -54,9 +56,6 @@ def exit_process(code: int, synchronize: bool = False) -> NoReturn:
     """
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
-        import logging
-        import os
-
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
@@ -74,8 +73,6 @@ def exit_on_user_error(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except UserError as e:
-            import os
-
             # Under a multi-rank launcher every rank hits the same error; let rank 0 speak, unless the error is
             # one rank's own (a failed write).
             if os.environ.get("RANK", "0") == "0" or getattr(e, "every_rank", False):

@@ -41,14 +41,13 @@ from llmforge.config import Recipe
 from llmforge.config.deepspeed import compose_ds_config
 from llmforge.config.recipe import ModelConfig
 from llmforge.model.flops import flops_per_token
+from llmforge.model.gpt import GPT
 
 GB = 1024**3
 
 
 def count_params(cfg: ModelConfig) -> tuple[int, int]:
     """(all parameters, non-embedding parameters), exactly, from a model built on the meta device."""
-    from llmforge.model.gpt import GPT
-
     with torch.device("meta"):
         model = GPT(cfg)
     total = sum(p.numel() for p in model.parameters())

@@ -6,6 +6,7 @@ section prefix and the file name, so the user sees `recipe error: recipes/x.yaml
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
@@ -294,12 +295,8 @@ class Recipe:
 
     @property
     def run_dir(self) -> str:
-        import os
-
         return os.path.join(self.run.output_dir, self.run.name)
 
     @property
     def checkpoint_dir(self) -> str:
-        import os
-
         return self.checkpoint.dir or os.path.join(self.run_dir, "checkpoints")

@@ -3,6 +3,7 @@ then merge each dataset (global dedup + final shards + manifest). Reruns skip co
 
 from __future__ import annotations
 
+from tqdm import tqdm
 import logging
 import os
 import time
@@ -96,8 +97,6 @@ def prepare(recipe: Recipe, origin: str, shard_index: Optional[int] = None, num_
 
 
 def _run(todo: list[tuple[SourceSpec, WorkUnit]], recipe: Recipe, origin: str, workers: int, progress: bool) -> None:
-    from tqdm import tqdm
-
     bar = tqdm(total=len(todo), unit="part", disable=not progress or not todo, dynamic_ncols=True)
     started, docs, nbytes = time.time(), 0, 0
 

@@ -8,8 +8,11 @@ from collections.abc import Iterable
 
 from llmforge.config.recipe import TokenizerConfig
 from llmforge.errors import RecipeError
+from llmforge.tokenizer.added import AddedTokensTokenizer
 from llmforge.tokenizer.base import Tokenizer, fingerprint
 from llmforge.tokenizer.char import CharTokenizer
+from llmforge.tokenizer.hf import HFTokenizer
+from llmforge.tokenizer.sentencepiece import SentencePieceTokenizer
 
 __all__ = [
     "Tokenizer",
@@ -28,17 +31,11 @@ def tokenizer_from_json(data: dict) -> Tokenizer:
     if kind == "char":
         return CharTokenizer.from_json(data)
     if kind == "sentencepiece":
-        from llmforge.tokenizer.sentencepiece import SentencePieceTokenizer
-
         return SentencePieceTokenizer.from_json(data)
     if kind == "hf":
-        from llmforge.tokenizer.hf import HFTokenizer
-
         return HFTokenizer.from_json(data)
     if kind == "added":
-        from llmforge.tokenizer.added import AddedTokensTokenizer
-
-        return AddedTokensTokenizer.from_json(data)
+        return AddedTokensTokenizer(tokenizer_from_json(data["base"]), data["tokens"])
     raise ValueError(f"unknown tokenizer type {kind!r}")
 
 
@@ -64,8 +61,6 @@ def train_tokenizer_from_texts(cfg: TokenizerConfig, texts: Iterable[str], origi
         save_tokenizer(tok, cfg.path)
         return tok
     if cfg.type == "sentencepiece":
-        from llmforge.tokenizer.sentencepiece import SentencePieceTokenizer
-
         if cfg.vocab_size is None:
             raise RecipeError(origin, "tokenizer.vocab_size", "is required to train a sentencepiece tokenizer")
         try:
@@ -85,12 +80,8 @@ def load_tokenizer(cfg: TokenizerConfig, origin: str) -> Tokenizer:
         raise RecipeError(origin, "tokenizer.path", f"not found: {cfg.path}{hint}")
     try:
         if cfg.type == "sentencepiece":
-            from llmforge.tokenizer.sentencepiece import SentencePieceTokenizer
-
             return SentencePieceTokenizer.load(cfg.path)
         if cfg.type == "hf":
-            from llmforge.tokenizer.hf import HFTokenizer
-
             return HFTokenizer.load(cfg.path)
         with open(cfg.path, encoding="utf-8") as f:
             data = json.load(f)

@@ -53,12 +53,6 @@ class AddedTokensTokenizer:
     def to_json(self) -> dict:
         return {"type": "added", "base": self.base.to_json(), "tokens": self.tokens}
 
-    @classmethod
-    def from_json(cls, data: dict) -> AddedTokensTokenizer:
-        from llmforge.tokenizer import tokenizer_from_json
-
-        return cls(tokenizer_from_json(data["base"]), data["tokens"])
-
 
 def with_chat_tokens(tok: Any) -> AddedTokensTokenizer:
     """`tok` with the chat role markers; a tokenizer that already has them is returned as it is."""

@@ -14,7 +14,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from sentencepiece import sentencepiece_model_pb2
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as HFTok
+
 from llmforge.tokenizer.base import Tokenizer
+from llmforge.tokenizer.char import SPECIALS
 
 # sentencepiece piece types (sentencepiece_model.proto)
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _BYTE = 1, 2, 3, 4, 6
@@ -28,16 +33,12 @@ def to_hf_tokenizer(tok: Any) -> tuple[Any, dict[str, Any]]:
     if kind == "sentencepiece":
         return _sentencepiece(tok)
     if kind == "added":
-        from tokenizers import AddedToken
-
         backend, roles = to_hf_tokenizer(tok.base)
         if backend.get_vocab_size(with_added_tokens=True) != tok.base_size:
             raise ValueError("the base tokenizer's Hugging Face vocabulary does not end where llmforge's does")
         backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in tok.tokens])
         return backend, {**roles, "additional_special_tokens": list(tok.tokens)}
     if kind == "hf":
-        from tokenizers import Tokenizer as HFTok
-
         data = tok.to_json()
         roles = {"eos_token": data.get("eos_token"), "pad_token": data.get("pad_token")}
         return HFTok.from_str(data["tokenizer_json"]), {k: v for k, v in roles.items() if v}
@@ -56,11 +57,6 @@ def save_hf_tokenizer(tok: Tokenizer, out: str) -> str:
 
 
 def _char(tok: Any) -> tuple[Any, dict[str, str]]:
-    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
-    from tokenizers import Tokenizer as HFTok
-
-    from llmforge.tokenizer.char import SPECIALS
-
     vocab = {s: i for i, s in enumerate(SPECIALS)}
     vocab.update({c: i + len(SPECIALS) for i, c in enumerate(tok.chars)})
     backend = HFTok(models.WordLevel(vocab=vocab, unk_token="<unk>"))
@@ -72,9 +68,6 @@ def _char(tok: Any) -> tuple[Any, dict[str, str]]:
 
 
 def _sentencepiece(tok: Any) -> tuple[Any, dict[str, str]]:
-    from sentencepiece import sentencepiece_model_pb2
-    from tokenizers import AddedToken, decoders, models, pre_tokenizers
-    from tokenizers import Tokenizer as HFTok
     from transformers.tokenization_utils_base import generate_merges
 
     proto = sentencepiece_model_pb2.ModelProto()  # type: ignore[attr-defined]  # generated protobuf module

@@ -6,11 +6,11 @@ import json
 import os
 from typing import Any, Optional
 
+from tokenizers import Tokenizer
+
 
 class HFTokenizer:
     def __init__(self, tokenizer_json: str, eos_token: Optional[str] = None, pad_token: Optional[str] = None):
-        from tokenizers import Tokenizer
-
         self._json, self._eos, self._pad = tokenizer_json, eos_token, pad_token
         self.tok = Tokenizer.from_str(tokenizer_json)
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)

@@ -7,13 +7,13 @@ import os
 import tempfile
 from collections.abc import Iterable
 
+import sentencepiece as spm
+
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 
 
 class SentencePieceTokenizer:
     def __init__(self, model_proto: bytes):
-        import sentencepiece as spm
-
         self._proto = model_proto
         self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
         self.vocab_size = self.sp.get_piece_size()
@@ -24,8 +24,6 @@ class SentencePieceTokenizer:
         cls, texts: Iterable[str], vocab_size: int, path: str, byte_fallback: bool = True
     ) -> SentencePieceTokenizer:
         """Train BPE on `texts` (one document per item) and save the model to `path`."""
-        import sentencepiece as spm
-
         with tempfile.TemporaryDirectory() as tmp:
             sample = os.path.join(tmp, "sample.txt")
             with open(sample, "w", encoding="utf-8") as f:

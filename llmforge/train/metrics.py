@@ -11,6 +11,8 @@ from typing import Any, Optional
 import psutil
 import torch
 
+from llmforge.errors import UserError
+
 log = logging.getLogger("llmforge")
 
 
@@ -87,8 +89,6 @@ class Metrics:
 def read_metrics(run_dir: str) -> list[dict]:
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
-        from llmforge.errors import UserError
-
         raise UserError(f"{path}: no metrics (has this run started?)")
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]

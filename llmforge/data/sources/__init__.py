@@ -13,25 +13,16 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
 from llmforge.config.data import SourceSpec
+from llmforge.data.sources import code, latex, tabular, text, web
+from llmforge.data.sources.base import Document, Stats, count
+from llmforge.data.sources.code import is_code_file
 from llmforge.errors import DataError
 
-Stats = dict  # str -> int counters
-
-
-@dataclass
-class Document:
-    text: str
-    id: str
-    meta: dict = field(default_factory=dict)
-
-
-def count(stats: Stats, key: str, n: int = 1) -> None:
-    stats[key] = stats.get(key, 0) + n
-
+__all__ = ["Document", "Stats", "WorkUnit", "count", "expand_paths", "read_unit", "reader_for", "work_units"]
 
 # Extensions a directory walk picks up per source type (a file named directly is always read).
 EXTENSIONS = {
@@ -55,8 +46,6 @@ def expand_paths(spec: SourceSpec, skipped: Optional[Stats] = None) -> list[str]
     """All input files of a source, sorted; a path or glob that matches nothing is an error. Files a directory walk
     passes over are counted in `skipped` by extension (`skipped:extension:.xyz`), hidden entries as
     `skipped:hidden`."""
-    from llmforge.data.sources.code import is_code_file
-
     files: set[str] = set()
     for pattern in spec.paths:
         matches = glob.glob(pattern, recursive=True)
@@ -119,8 +108,6 @@ def work_units(spec: SourceSpec, max_files: int = 2000, max_bytes: int = 64 << 2
 
 
 def reader_for(kind: str) -> Callable[[str, SourceSpec, Stats], Iterator[Document]]:
-    from llmforge.data.sources import code, latex, tabular, text, web
-
     return {"text": text.read_text, "html": web.read_html_file, "warc": web.read_warc, "code": code.read_code,
             "latex": latex.read_latex, "jsonl": tabular.read_jsonl, "parquet": tabular.read_parquet}[kind]
 

@@ -12,8 +12,9 @@ import os
 from typing import Iterator, Optional
 
 from llmforge.config.data import SourceSpec
-from llmforge.data.sources import Document, Stats, count
+from llmforge.data.sources.base import Document, Stats, count
 from llmforge.data.sources.encoding import read_text_file
+from llmforge.data.sources.tabular import iter_json_records
 
 LANGUAGES = {
     ".py": "python", ".pyi": "python", ".pyx": "cython", ".pxd": "cython", ".c": "c", ".h": "c",
@@ -90,8 +91,6 @@ def notebook_text(raw: str) -> Optional[tuple[str, str]]:
 def read_code(path: str, spec: SourceSpec, stats: Stats) -> Iterator[Document]:
     """A source file (one document), or a JSONL file of records {text_field, "path"/"lang"?}."""
     if path.endswith((".jsonl", ".jsonl.gz")):
-        from llmforge.data.sources.tabular import iter_json_records
-
         for i, rec in iter_json_records(path, stats):
             text = rec.get(spec.text_field)
             if not isinstance(text, str):

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import codecs
 import re
+
+from charset_normalizer import from_bytes
 from typing import Optional
 
-from llmforge.data.sources import Stats, count
+from llmforge.data.sources.base import Stats, count
 
 # File signatures of formats that are never text (the first bytes of the file).
 MAGIC = {
@@ -104,8 +106,6 @@ def _decode(data: bytes) -> tuple[str, Optional[str]]:
     bad = lossy.count("\ufffd")
     if sum(ord(c) > 127 for c in lossy) - bad >= bad:
         return lossy, "invalid-utf-8"  # UTF-8 with a few bad bytes (a mixed file), not a legacy encoding
-    from charset_normalizer import from_bytes
-
     best = from_bytes(data[:1 << 20]).best()
     if best is not None and best.encoding:
         try:

@@ -11,7 +11,7 @@ import zlib
 from typing import Iterator, Optional
 
 from llmforge.config.data import SourceSpec
-from llmforge.data.sources import Document, Stats, count
+from llmforge.data.sources.base import Document, Stats, count
 from llmforge.data.sources.encoding import decode
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,8 @@ import json
 from typing import Any, Iterator, Optional
 
 from llmforge.config.data import SourceSpec
-from llmforge.data.sources import Document, Stats, count
+from llmforge.data.sources.base import Document, Stats, count
+from llmforge.errors import DataError
 
 
 def iter_json_records(path: str, stats: Stats) -> Iterator[tuple[int, dict]]:
@@ -70,7 +71,5 @@ def read_parquet(path: str, spec: SourceSpec, stats: Stats) -> Iterator[Document
         yield from _from_dataset(path, "parquet", spec, stats)
     except Exception as e:  # pyarrow raises several types for a damaged file
         if "parquet" in type(e).__module__ or "arrow" in type(e).__module__ or isinstance(e, (OSError, ValueError)):
-            from llmforge.errors import DataError
-
             raise DataError(f"{path}: unreadable parquet file ({type(e).__name__}: {e})") from None
         raise

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Iterator
 
 from llmforge.config.data import SourceSpec
-from llmforge.data.sources import Document, Stats
+from llmforge.data.sources.base import Document, Stats
 from llmforge.data.sources.encoding import read_text_file
 
 

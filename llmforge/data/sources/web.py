@@ -14,8 +14,11 @@ from __future__ import annotations
 import zlib
 from typing import Any, Iterator
 
+from warcio.archiveiterator import ArchiveIterator
+from warcio.exceptions import ArchiveLoadFailed
+
 from llmforge.config.data import SourceSpec
-from llmforge.data.sources import Document, Stats, count
+from llmforge.data.sources.base import Document, Stats, count
 
 
 def html_to_text(html: str | bytes, extractor: str = "resiliparse") -> str:
@@ -59,9 +62,6 @@ def _is_html(record: Any) -> bool:
 def read_warc(path: str, spec: SourceSpec, stats: Stats) -> Iterator[Document]:
     """HTML response and resource records of a .warc / .warc.gz file. A corrupt or truncated record (digest
     mismatch, bad gzip member) ends the file and is counted; the records before it are kept."""
-    from warcio.archiveiterator import ArchiveIterator
-    from warcio.exceptions import ArchiveLoadFailed
-
     with open(path, "rb") as f:
         # check_digests: a record cut short (truncated file, bad gzip member) otherwise reads as a shorter record
         records = ArchiveIterator(f, check_digests=True)
