@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.resources
 import os
 import shlex
 import subprocess
@@ -11,9 +12,8 @@ from typing import Optional
 
 from llmforge.errors import UserError, exit_on_user_error
 
-TEMPLATE = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch", "slurm", "pretrain.sbatch"
-)
+# Shipped as package data (setup.cfg), so a wheel install finds it too.
+TEMPLATE = importlib.resources.files("llmforge") / "templates" / "pretrain.sbatch"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,7 +58,7 @@ def render(args: argparse.Namespace, workdir: str) -> str:
         if value:
             directives.append(f"#SBATCH --{flag}={q(value)}")
     name = args.job_name or "llmforge-" + os.path.splitext(os.path.basename(args.recipe))[0]
-    with open(TEMPLATE, encoding="utf-8") as f:
+    with TEMPLATE.open(encoding="utf-8") as f:
         template = f.read()
     return template.format(
         job_name=q(name),

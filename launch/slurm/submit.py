@@ -1,4 +1,4 @@
-"""Render launch/slurm/pretrain.sbatch for a recipe and submit it with sbatch (or print it with --dry-run).
+"""Render llmforge/templates/pretrain.sbatch for a recipe and submit it with sbatch (or print it with --dry-run).
 
     python launch/slurm/submit.py --recipe recipes/llama-1b.yaml --nodes 4 --gpus-per-node 8 --partition gpu \\
         --time 2-00:00:00 --account myproj -- --qos=high

@@ -32,7 +32,11 @@ def extractor_problem(name: str) -> Optional[str]:
 
 @dataclass
 class SourceSpec:
-    name: str = doc(None, "Dataset name; its shards go to <prepared_dir>/<name>/.")
+    name: Optional[str] = doc(
+        None,
+        "Dataset name; its shards go to <prepared_dir>/<name>/. Default: the source type (text, warc, ...), with "
+        "-2, -3 ... added when several sources share a type.",
+    )
     type: Literal["text", "html", "warc", "code", "latex", "jsonl", "parquet"] = doc(
         "text", "Reader: text | html | warc | code (tree or JSONL) | latex (.tex or tarballs) | jsonl | parquet."
     )
@@ -50,7 +54,7 @@ class SourceSpec:
     )
 
     def __post_init__(self) -> None:
-        if not self.name or not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
+        if self.name is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
             raise ConfigError("name", f"must be a plain name (letters, digits, _ . -), got {self.name!r}")
         if not self.paths:
             raise ConfigError("paths", "must list at least one file, directory or glob")
@@ -248,6 +252,16 @@ class DataConfig:
         positive(self, "min_chars", "prefetch", "chunk_chars", allow_zero=True)
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError("val_fraction", f"must be in [0, 1), got {self.val_fraction}")
+        taken = {s.name for s in self.sources if s.name}
+        for source in self.sources:  # unnamed: named after the type, made unique
+            if source.name is None:
+                name: str = source.type
+                n = 1
+                while name in taken:
+                    n += 1
+                    name = f"{source.type}-{n}"
+                source.name = name
+                taken.add(name)
         names = [s.name for s in self.sources]
         dup = {n for n in names if names.count(n) > 1}
         if dup:

@@ -9,6 +9,7 @@ import json
 import re
 import subprocess
 import sys
+import zipfile
 
 from packaging.requirements import Requirement
 
@@ -103,3 +104,27 @@ def test_install_check_prepares_every_source_type():
     assert r.returncode == 0, r.stdout + r.stderr
     for kind in ("warc", "html", "code", "latex", "text", "jsonl", "parquet"):
         assert re.search(rf"^{kind}\s+[1-9]\d* documents", r.stdout, re.M), r.stdout
+
+
+def test_the_slurm_template_ships_in_the_wheel(tmp_path):
+    """llmforge/slurm.py reads its batch-script template as package data: a wheel (not only a checkout) holds it."""
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(REPO),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    (wheel,) = tmp_path.glob("llmforge-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        assert "llmforge/templates/pretrain.sbatch" in z.namelist()

@@ -176,3 +176,17 @@ def test_readme_lists_every_recipe_key():
     readme = (REPO / "README.md").read_text()
     missing = [key for key, _, _ in recipe_keys() if f"`{key}`" not in readme]
     assert not missing, f"README recipe tables lack {missing}; regenerate with python -m llmforge.config.reference"
+
+
+def test_unnamed_sources_are_named_after_their_type(tmp_path):
+    """The first recipe a user writes names no source: each gets its type as name, made unique."""
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        "data:\n  sources:\n"
+        "    - {type: text, paths: [corpus.txt]}\n"
+        "    - {type: text, paths: [more.txt]}\n"
+        "    - {name: text-2, type: text, paths: [named.txt]}\n"
+        "    - {type: code, paths: [src]}\n"
+    )
+    names = [s.name for s in load_recipe(str(path)).data.sources]
+    assert names == ["text", "text-3", "text-2", "code"]
