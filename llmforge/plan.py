@@ -56,7 +56,7 @@ def count_params(cfg: ModelConfig) -> tuple[int, int]:
 
 def model_state_bytes(n_params: int, stage: int, dp: int, precision: str = "bf16") -> dict[str, float]:
     """Parameters, gradients and optimizer states per rank at the peak of a step (the optimizer update), as measured
-    on DeepSpeed 0.19 CPU ranks (bench/memory_probe.py; tests/distributed/test_plan.py keeps them within 15%)."""
+    on DeepSpeed 0.19 CPU ranks (bench/memory_probe.py; tests/integration/test_plan.py keeps them within 15%)."""
     if precision == "fp32":
         params, grads, optim = 4.0 * n_params, 4.0 * n_params, 8.0 * n_params
         if stage >= 2:

@@ -151,6 +151,12 @@ def micro_batch_indices(consumed: int, micro_step: int, rank: int, world: int, m
     return range(start, start + micro_batch)
 
 
+def next_micro_batch(consumed: int, micro_step: int, accum: int, global_batch: int) -> tuple[int, int]:
+    """The (consumed samples, micro step) after this one: the next micro-batch of the step, else the first of the
+    next step. The trainer's read-ahead follows this order."""
+    return (consumed, micro_step + 1) if micro_step + 1 < accum else (consumed + global_batch, 0)
+
+
 class PretrainData:
     """The train (or val) split of the recipe's datasets, blended, as (inputs, targets) batches."""
 

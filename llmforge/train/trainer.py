@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from llmforge.config.recipe import EvalConfig, Recipe, SpikeGuardConfig, TrainConfig
-from llmforge.data.loader import micro_batch_indices
+from llmforge.data.loader import micro_batch_indices, next_micro_batch
 from llmforge.data.prefetch import Prefetcher
 from llmforge.train.checkpoint import Checkpointer, TrainState
 from llmforge.train.guard import FaultInjector, SpikeGuard, StopSignal
@@ -186,14 +186,8 @@ class Trainer:
         self.state.consumed_tokens += step_tokens
         return StepResult(mean_loss, lr, skipped, stop, step_tokens, means)
 
-    def next_micro(self, consumed: int, micro: int) -> tuple[int, int]:
-        """The (consumed samples, micro-batch) after this one: the data position the prefetcher reads ahead to."""
-        if micro + 1 < self.cfg.schedule.grad_accum_steps:
-            return consumed, micro + 1
-        return consumed + self.cfg.global_batch, 0
-
     def _next_micro(self, key: tuple[int, int]) -> tuple[int, int]:
-        return self.next_micro(*key)
+        return next_micro_batch(*key, self.cfg.schedule.grad_accum_steps, self.cfg.global_batch)
 
     def _read_micro(self, key: tuple[int, int]) -> Any:
         consumed, micro = key
@@ -202,23 +196,7 @@ class Trainer:
         )
 
     def _reduce(self, loss: torch.Tensor, tokens: int, stats: dict[str, torch.Tensor]) -> torch.Tensor:
-        """[mean loss over ranks, number of ranks asked to stop, tokens of all ranks, mean of each objective metric]
-        on the device, all-reduced without waiting for the result."""
-        flag = 1.0 if self.stop.requested else 0.0
-        packed = torch.stack(
-            [
-                loss.detach().float(),
-                torch.full((), flag, device=loss.device),
-                torch.full((), float(tokens), device=loss.device),
-                *[v.reshape(()).float().to(loss.device) for v in stats.values()],
-            ]
-        )
-        world = self.cfg.data_parallel
-        if dist.is_initialized() and world > 1:
-            dist.all_reduce(packed, op=dist.ReduceOp.SUM)
-        packed[0] /= world
-        packed[3:] /= world
-        return packed
+        return reduce_step_values(loss, self.stop.requested, tokens, stats, self.cfg.data_parallel)
 
     # -- the loop -------------------------------------------------------------------------------------------------
     def train(self, state: TrainState, stop: StopSignal) -> str:
@@ -351,6 +329,26 @@ class Trainer:
             }
         )
         return val_loss
+
+
+def reduce_step_values(
+    loss: torch.Tensor, stop: bool, tokens: int, stats: dict[str, torch.Tensor], world: int
+) -> torch.Tensor:
+    """One all-reduce, queued without waiting for its result: [mean loss over ranks, number of ranks asked to stop,
+    tokens of all ranks, mean of each objective metric], on the loss's device."""
+    packed = torch.stack(
+        [
+            loss.detach().float(),
+            torch.full((), 1.0 if stop else 0.0, device=loss.device),
+            torch.full((), float(tokens), device=loss.device),
+            *[v.reshape(()).float().to(loss.device) for v in stats.values()],
+        ]
+    )
+    if dist.is_initialized() and world > 1:
+        dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+    packed[0] /= world
+    packed[3:] /= world
+    return packed
 
 
 class _HostCopy:

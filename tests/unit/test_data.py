@@ -13,7 +13,7 @@ from llmforge.data.loader import BlendedOrder, PretrainData, micro_batch_indices
 from llmforge.data.prepare import train_tokenizer
 from llmforge.errors import DataError
 from llmforge.tokenizer import CharTokenizer
-from tests.conftest import write_recipe
+from tests.helpers import write_recipe
 
 
 def test_indexed_dataset_roundtrip_in_megatron_layout(tmp_path):

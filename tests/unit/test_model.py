@@ -5,16 +5,9 @@ import pytest
 import torch
 
 from llmforge.config.recipe import ActivationCheckpointingConfig, ModelConfig
-from llmforge.model import GPT, KVCache, apply_activation_checkpointing, compile_model, generate
+from llmforge.model import GPT, KVCache, apply_activation_checkpointing, generate
 from llmforge.model.gpt import apply_rope, reference_attention, rope_tables
-
-
-def tiny(**kw) -> GPT:
-    torch.manual_seed(0)
-    cfg = dict(vocab_size=61, max_seq_len=48, d_model=48, n_layers=3, n_heads=6, n_kv_heads=2)
-    cfg.update(kw)
-    return GPT(ModelConfig(**cfg))
-
+from tests.helpers import saved_bytes, tiny
 
 VARIANTS = [
     dict(),
@@ -157,43 +150,6 @@ def test_activation_checkpointing_matches_none(mode, every):
     assert n_wrapped == {"full": 3, "every_k": 2, "selective": 3}[mode]
 
 
-@pytest.mark.parametrize("mode", ["none", "selective"])
-def test_compiled_blocks_match_eager_and_share_one_graph(mode):
-    from torch._dynamo.utils import counters
-
-    torch._dynamo.reset()
-    counters.clear()
-    base = apply_activation_checkpointing(tiny(n_layers=4), ActivationCheckpointingConfig(mode))
-    compiled = compile_model(copy.deepcopy(base))
-    assert list(compiled.state_dict()) == list(base.state_dict())  # checkpoints do not depend on compilation
-    x = torch.randint(0, 61, (2, 32))
-    _, l1 = base(x, x)
-    _, l2 = compiled(x, x)
-    l1.backward()
-    l2.backward()
-    torch.testing.assert_close(l2, l1, rtol=1e-5, atol=1e-5)
-    g1 = dict(base.named_parameters())
-    for name, p in compiled.named_parameters():
-        torch.testing.assert_close(p.grad, g1[name].grad, rtol=1e-4, atol=1e-6)
-    # the blocks and the loss ran compiled code: four blocks needed one graph (parameters are inputs, not
-    # constants), the loss one more
-    assert counters["stats"]["calls_captured"] > 0
-    assert counters["stats"]["unique_graphs"] == 2
-
-
-def saved_bytes(fn) -> tuple[int, int]:
-    """(total, largest) bytes of the tensors autograd keeps for backward while fn() runs."""
-    sizes: list[int] = []
-
-    def pack(t):
-        sizes.append(t.numel() * t.element_size())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(sizes), max(sizes)
-
-
 @pytest.mark.parametrize("z_loss", [0.0, 1e-3])
 def test_chunked_loss_equals_whole_and_never_holds_the_logits(z_loss):
     model = tiny(vocab_size=997, n_layers=2)
@@ -221,37 +177,6 @@ def test_chunked_loss_equals_whole_and_never_holds_the_logits(z_loss):
     assert chunked[3] < logits_bytes / 2 and chunked[2] < whole[2] - logits_bytes
     with torch.no_grad():  # eval: the same loss without checkpointing
         torch.testing.assert_close(model(x, y, loss_chunk=50, z_loss=z_loss)[1], whole[0], rtol=1e-6, atol=1e-6)
-
-
-@pytest.mark.parametrize("with_z", [False, True])
-def test_compiled_loss_matches_eager_and_keeps_no_fp32_logits(with_z):
-    """train.compile's loss: the same sums and logit gradients as eager, but backward keeps the bf16 logits and one
-    fp32 log-sum-exp per token instead of the fp32 log-softmax (what the planner counts for each)."""
-    from llmforge.model.gpt import TokenLoss
-
-    torch._dynamo.reset()
-    n, vocab = 96, 1000
-    torch.manual_seed(0)
-    logits = (torch.randn(n, vocab) * 3).to(torch.bfloat16)
-    targets = torch.randint(0, vocab, (n,))
-    targets[:9] = -100
-    results = {}
-    compiled_loss = TokenLoss()
-    compiled_loss.compile()
-    for name, loss in (("eager", TokenLoss()), ("compiled", compiled_loss)):
-        x = logits.clone().requires_grad_()
-        out = {}
-        kept, _ = saved_bytes(lambda out=out, loss=loss, x=x: out.update(sums=loss(x, targets, with_z)))
-        ce, z = out["sums"]
-        (ce + 0.1 * z).backward()
-        results[name] = (ce.detach(), z.detach(), x.grad, kept)
-    eager, compiled = results["eager"], results["compiled"]
-    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-5, atol=1e-3)
-    torch.testing.assert_close(compiled[1], eager[1], rtol=1e-5, atol=1e-3)
-    assert compiled[1].item() > 0 if with_z else compiled[1].item() == 0
-    torch.testing.assert_close(compiled[2].float(), eager[2].float(), rtol=2e-2, atol=1e-4)
-    assert eager[3] >= n * vocab * 4  # the fp32 log-softmax
-    assert n * vocab * 2 <= compiled[3] <= n * vocab * 2 + n * 8 + 4096  # bf16 logits + fp32 lse (+ targets)
 
 
 @pytest.mark.parametrize("sampling", [dict(temperature=0.0), dict(temperature=0.9, top_k=10, top_p=0.9)])

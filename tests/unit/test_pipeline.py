@@ -5,93 +5,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 from pathlib import Path
 
 import pytest
 
-from llmforge.config import load_recipe
 from llmforge.config.data import DatasetSpec
 from llmforge.data.indexed import IndexedDataset
 from llmforge.data.loader import PretrainData
 from llmforge.data.prepare import prepare, train_tokenizer
 from llmforge.tokenizer import load_tokenizer
-from tests.conftest import write_recipe
-
-WORDS = [
-    "river",
-    "market",
-    "winter",
-    "council",
-    "garden",
-    "engine",
-    "signal",
-    "harbor",
-    "pattern",
-    "lantern",
-    "meadow",
-    "summit",
-    "orchard",
-    "compass",
-    "timber",
-    "canyon",
-    "beacon",
-    "glacier",
-    "harvest",
-    "village",
-    "station",
-    "journey",
-    "mirror",
-    "thunder",
-    "silver",
-    "forest",
-    "the",
-    "and",
-    "of",
-    "to",
-    "with",
-]
-
-
-def essay(rng: random.Random, n: int = 120) -> str:
-    sentences = []
-    while sum(len(s.split()) for s in sentences) < n:
-        words = [rng.choice(WORDS) for _ in range(rng.randint(8, 14))]
-        sentences.append(" ".join(words).capitalize() + ".")
-    return " ".join(sentences)
-
-
-def corpus(root: Path, n_files: int = 6, per_file: int = 12, seed: int = 0) -> dict:
-    """JSONL files of distinct essays, with planted duplicates spread over different files."""
-    rng = random.Random(seed)
-    docs = [[essay(rng) for _ in range(per_file)] for _ in range(n_files)]
-    original = docs[0][0]
-    words = original.split()
-    for i in (3, 40):  # a near-duplicate: two words changed, in another file
-        words[i] = "zebra"
-    docs[4][5] = " ".join(words)
-    docs[2][7] = original.upper().replace(".", "!")  # an exact duplicate after normalisation
-    root.mkdir(parents=True, exist_ok=True)
-    for f, rows in enumerate(docs):
-        (root / f"part{f}.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in rows) + "\n")
-    return {"near": docs[4][5], "exact": docs[2][7], "original": original, "total": n_files * per_file}
-
-
-def recipe_for(tmp: Path, data: Path, out: str, **data_kw) -> tuple[object, str]:
-    path = write_recipe(
-        tmp / f"{out}.yaml",
-        tmp,
-        tmp / "runs",
-        data={
-            "sources": [{"name": "web", "type": "jsonl", "paths": [str(data / "*.jsonl")], "quality": "web"}],
-            "prepared_dir": str(tmp / out),
-            "val_fraction": 0.1,
-            "unit_files": 1,
-            **data_kw,
-        },  # a unit per file: shards and workers get work to split
-        tokenizer={"type": "char", "path": str(tmp / "tok.json")},
-    )
-    return load_recipe(str(path)), str(path)
+from tests.helpers import WORDS, corpus, recipe_for
 
 
 def shards_digest(directory: Path) -> dict:
@@ -199,43 +122,6 @@ def test_sentencepiece_end_to_end_and_megatron_reads_the_shards(tmp_path):
     assert m["files"][f"{shard}.bin"]["sha256"] == digest
 
 
-def test_prepare_sbatch_script_array_then_merge(tmp_path):
-    """launch/slurm/prepare.sbatch as slurm runs it: two array tasks (env from slurm), then the merge job."""
-    import os
-    import sys
-
-    from tests.conftest import run_cli
-
-    corpus(tmp_path / "raw", per_file=8)
-    recipe, origin = recipe_for(tmp_path, tmp_path / "raw", "out")
-    train_tokenizer(recipe, origin)
-    env = {"PYTHON": sys.executable}
-    for task in ("0", "1"):
-        r = run_cli(
-            "bash",
-            "launch/slurm/prepare.sbatch",
-            origin,
-            "--set",
-            "data.val_fraction=0.1",
-            env={
-                **env,
-                "SLURM_ARRAY_TASK_ID": task,
-                "SLURM_ARRAY_TASK_COUNT": "2",
-                "SLURM_ARRAY_TASK_MIN": "0",
-                "SLURM_CPUS_PER_TASK": "1",
-            },
-        )
-        assert r.returncode == 0, r.stderr[-2000:]
-        assert not (tmp_path / "out" / "web" / "manifest.json").exists()
-    parts = list((tmp_path / "out" / "web" / "parts").glob("*.json"))
-    assert len(parts) == 6
-    r = run_cli("bash", "launch/slurm/prepare.sbatch", origin, env={**env, "SLURM_ARRAY_TASK_ID": ""})
-    assert r.returncode == 0, r.stderr[-2000:]
-    manifest = json.loads((tmp_path / "out" / "web" / "manifest.json").read_text())
-    assert manifest["parts"] == 6 and manifest["stats"]["kept"] == 6 * 8 - 2
-    assert os.path.isfile(tmp_path / "out" / "web" / "train-00000.bin")
-
-
 def test_local_hf_tokenizer_directory(tmp_path):
     from dataclasses import replace
 
@@ -265,45 +151,6 @@ def test_local_hf_tokenizer_directory(tmp_path):
     assert m["tokenizer"]["type"] == "hf" and m["stats"]["kept"] == 6 * 8 - 2
     texts = decoded_texts(tmp_path / "out" / "web", tok)
     assert planted["original"] in texts
-
-
-def test_prepare_cli_bad_input_is_one_line(tmp_path):
-    from tests.conftest import run_cli
-
-    corpus(tmp_path / "raw", per_file=8)
-    recipe, origin = recipe_for(tmp_path, tmp_path / "raw", "out")
-    r = run_cli("python", "launch/prepare_data.py", "--recipe", origin)  # no tokenizer trained yet
-    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
-        f"recipe error: {origin}: tokenizer.path: not found: {tmp_path / 'tok.json'} "
-        f"(run launch/train_tokenizer.py --recipe {origin})"
-    ]
-    r = run_cli(
-        "python",
-        "launch/train_tokenizer.py",
-        "--recipe",
-        origin,
-        "--set",
-        f"data.sources=[{{name: w, type: jsonl, paths: ['{tmp_path}/none/*.jsonl']}}]",
-    )
-    assert r.returncode == 2
-    (line,) = r.stderr.strip().splitlines()
-    assert line.startswith("data error: data.sources[w].paths:") and "matches no files" in line
-    r = run_cli(
-        "python",
-        "launch/train_tokenizer.py",
-        "--recipe",
-        origin,
-        "--set",
-        "tokenizer.type=sentencepiece",
-        "--set",
-        "tokenizer.vocab_size=40",
-        "--set",
-        f"tokenizer.path={tmp_path}/sp.model",
-    )
-    assert r.returncode == 2 and "recipe error:" in r.stderr and "tokenizer.vocab_size" in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
-    r = run_cli("python", "launch/prepare_data.py", "--recipe", origin, "--shard-index", "3", "--num-shards", "2")
-    assert r.returncode == 2 and "outside 0..1" in r.stderr
 
 
 def test_empty_and_huge_documents_are_dropped_and_counted(tmp_path):

@@ -4,48 +4,13 @@ loss_chunk hint."""
 from __future__ import annotations
 
 import dataclasses
-import sys
 
 import pytest
-import torch
 
 from llmforge.config import load_recipe
-from llmforge.config.recipe import ActivationCheckpointingConfig, ModelConfig
-from llmforge.model import GPT, apply_activation_checkpointing, compile_model
-from llmforge.plan import activation_bytes, loss_chunk_hint, plan
-from tests.conftest import run_cli
-
-
-def kept_for_backward(
-    cfg: ModelConfig, seq: int, batch: int, mode: str, every: int, loss_chunk: int, compiled: bool = False
-) -> int:
-    """Bytes of the distinct storages autograd keeps after a bf16 forward with targets (parameters excluded)."""
-    torch.manual_seed(0)
-    model = GPT(cfg).to(torch.bfloat16)
-    apply_activation_checkpointing(model, ActivationCheckpointingConfig(mode=mode, every=every))
-    if compiled:  # blocks and loss as train.compile builds them
-        torch._dynamo.reset()
-        compile_model(model)
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    kept: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            kept[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    x = torch.randint(0, cfg.vocab_size, (batch, seq))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        _, loss = model(x, x, loss_chunk=loss_chunk)
-    loss.backward()  # the graph is whole: backward runs
-    return sum(kept.values())
-
-
-SHAPES = [
-    dict(d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=384, vocab_size=1000),
-    dict(d_model=96, n_layers=3, n_heads=6, d_ff=256, vocab_size=500, norm="layernorm", mlp="gelu", position="learned"),
-]
+from llmforge.config.recipe import ModelConfig
+from llmforge.plan import activation_bytes, plan
+from tests.helpers import SHAPES, kept_for_backward
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=["rmsnorm-swiglu-gqa", "layernorm-gelu-mha"])
@@ -58,9 +23,6 @@ SHAPES = [
         ("every_k", 2, 0, False),
         ("full", 1, 0, False),
         ("full", 1, 64, False),
-        ("none", 1, 0, True),
-        ("selective", 1, 0, True),
-        ("full", 1, 64, True),
     ],
 )
 def test_activation_bytes_match_what_backward_keeps(shape, mode, every, loss_chunk, compiled):
@@ -101,33 +63,3 @@ def test_plan_counts_train_compile():
         saved = eager[r.stage, r.checkpointing].activations_gb - r.activations_gb
         blocks = {"none": m.n_layers, "selective": m.n_layers, "full": 1}[r.checkpointing]
         assert saved == pytest.approx((T * (6 * 32000 - 8) + blocks * T * 2 * m.ff_dim) / 1024**3, rel=1e-9)
-
-
-def test_plan_hints_loss_chunk_where_the_logits_weigh():
-    """llama-125m (8 x 2048 tokens, 32k vocabulary): the logits are a large share, so `llmforge plan` names the
-    saving; none once loss_chunk is set, and none for llama-1b (4 sequences: the blocks dominate)."""
-    recipe = load_recipe("recipes/llama-125m.yaml")
-    hint = loss_chunk_hint(recipe, 32000)
-    cfg = dataclasses.replace(recipe.model, vocab_size=32000, max_seq_len=2048)
-    saved = activation_bytes(cfg, 2048, 8, "none") - activation_bytes(cfg, 2048, 8, "none", loss_chunk=2048)
-    assert hint is not None and f"would hold {saved / 1024**3:.2f} GB less per GPU" in hint
-    fused = activation_bytes(cfg, 2048, 8, "none") - activation_bytes(cfg, 2048, 8, "none", compiled=True)
-    assert fused > 8 * 2048 * 6 * 32000  # at least the logits' fp32 share (see test_plan_counts_train_compile)
-    assert hint.endswith(f"; train.compile (fused loss, compiled blocks) {fused / 1024**3:.2f} GB less")
-    compiled_hint = loss_chunk_hint(load_recipe("recipes/llama-125m.yaml", ["train.compile=true"]), 32000)
-    assert compiled_hint is not None and "train.compile" not in compiled_hint
-    assert loss_chunk_hint(load_recipe("recipes/llama-125m.yaml", ["train.loss_chunk=1024"]), 32000) is None
-    assert loss_chunk_hint(load_recipe("recipes/llama-1b.yaml"), 32000) is None
-    r = run_cli(
-        sys.executable,
-        "-m",
-        "llmforge.cli",
-        "plan",
-        "--recipe",
-        "recipes/llama-125m.yaml",
-        "--gpus",
-        "8",
-        "--gpu-memory",
-        "80GB",
-    )
-    assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == hint, r.stdout[-500:]

@@ -10,7 +10,7 @@ import torch
 
 from llmforge.config.data import DatasetSpec
 from llmforge.config.recipe import SpikeGuardConfig
-from llmforge.data.loader import PretrainData, micro_batch_indices
+from llmforge.data.loader import PretrainData, micro_batch_indices, next_micro_batch
 from llmforge.data.prefetch import Prefetcher
 from llmforge.errors import DataError
 from llmforge.train.guard import SpikeGuard
@@ -99,8 +99,8 @@ def test_prefetched_training_batches_equal_direct_reads(prepared):
     def read(key):
         return data.batch(micro_batch_indices(key[0], key[1], rank, world, micro))
 
-    def successor(key):
-        return (key[0], key[1] + 1) if key[1] + 1 < accum else (key[0] + micro * accum * world, 0)
+    def successor(key):  # the order the trainer reads ahead in
+        return next_micro_batch(*key, accum, micro * accum * world)
 
     p = Prefetcher(read, successor, depth=3)
     fresh = PretrainData([DatasetSpec(str(prepared / "prepared" / "stdlib"))], 64, seed=3)

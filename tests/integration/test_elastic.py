@@ -8,8 +8,7 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import REPO, run_cli, write_recipe
-from tests.distributed.test_zero_resume import ds_cmd, rows
+from tests.helpers import REPO, ds_cmd, rows, run_cli, write_recipe
 
 pytestmark = pytest.mark.distributed
 

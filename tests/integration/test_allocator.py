@@ -3,21 +3,19 @@ and refuse a bad LLMFORGE_ALLOCATOR in one line. The speed-up itself is measured
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
 import pytest
 
 from llmforge.allocator import find_tcmalloc
-from tests.conftest import run_cli, write_recipe
+from tests.helpers import run_cli, train_rows, write_recipe
 
 needs_tcmalloc = pytest.mark.skipif(find_tcmalloc() is None, reason="tcmalloc is not installed (.ci/run installs it)")
 
 
 def losses(run_dir) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r and "event" not in r}
+    return {r["step"]: r["loss"] for r in train_rows(run_dir)}
 
 
 @needs_tcmalloc

@@ -12,8 +12,7 @@ import pytest
 import torch
 
 from llmforge.demo.toy_chat import preference_records, sft_records, toy_word, write_jsonl
-from tests.conftest import REPO, run_cli, write_recipe
-from tests.distributed.test_zero_resume import free_port, losses_after_last_start, rows
+from tests.helpers import REPO, free_port, losses_after_last_start, rows, run_cli, write_recipe
 
 
 def post_cmd(task: str, recipe: Path, *extra: str) -> list[str]:

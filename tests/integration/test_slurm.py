@@ -9,9 +9,8 @@ import time
 
 import pytest
 
-from tests.conftest import run_cli, write_recipe
-from tests.distributed.test_zero_resume import ds_cmd, losses_after_last_start, rows
-from tests.e2e.slurm_cluster import SlurmCluster
+from tests.helpers import ds_cmd, losses_after_last_start, rows, run_cli, write_recipe
+from tests.integration.slurm_cluster import SlurmCluster
 
 
 @pytest.fixture(scope="module")

@@ -3,10 +3,8 @@ restarted with --resume auto reproduces the uninterrupted run's per-step losses 
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,42 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, run_cli, write_recipe
+from tests.helpers import REPO, ds_cmd, free_port, losses_after_last_start, rows, run_cli, write_recipe
 
 pytestmark = pytest.mark.distributed
 STEPS, INTERVAL = 16, 4
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def ds_cmd(recipe: Path, *extra: str) -> list[str]:
-    bindir = Path(sys.executable).parent
-    return [
-        str(bindir / "deepspeed"),
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(free_port()),
-        "launch/pretrain.py",
-        "--recipe",
-        str(recipe),
-        *extra,
-    ]
-
-
-def rows(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def losses_after_last_start(run_dir: Path) -> dict[int, float]:
-    all_rows = rows(run_dir)
-    starts = [i for i, r in enumerate(all_rows) if r.get("event") == "resumed"]
-    tail = all_rows[starts[-1] + 1 :] if starts else all_rows
-    return {r["step"]: r["loss"] for r in tail if "loss" in r and "event" not in r}
 
 
 def make_recipe(tmp_path: Path, prepared: Path, name: str, stage: int) -> Path:

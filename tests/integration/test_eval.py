@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, run_cli, write_recipe
+from tests.helpers import REPO, rows, run_cli, write_recipe
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def test_evaluate_writes_perplexity_json(trained, prepared):
     assert report["step"] == 30 and res["tokens"] == res["samples"] * 64
     assert res["ppl"] == pytest.approx(math.exp(res["loss"]))
     # fp32 over every val window vs the in-loop bf16 estimate over the same windows (eval.batches covers them all)
-    in_loop = [json.loads(x) for x in (trained / "metrics.jsonl").read_text().splitlines()]
+    in_loop = rows(trained)
     last_val = [x["val_loss"] for x in in_loop if "val_loss" in x][-1]
     assert abs(res["loss"] - last_val) < 0.05, (res["loss"], last_val)
     assert f"stdlib: val loss {res['loss']:.4f}" in r.stdout

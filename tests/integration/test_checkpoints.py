@@ -11,7 +11,7 @@ import pytest
 from llmforge.errors import CheckpointError
 from llmforge.train.checkpoint import newest_complete, resolve_resume, verify
 from llmforge.train.metrics import read_metrics
-from tests.conftest import REPO, run_cli, write_recipe
+from tests.helpers import REPO, rows, run_cli, write_recipe
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +140,7 @@ def test_resume_auto_from_finished_run_and_from_explicit_path(finished_run, tmp_
         str(run / "checkpoints" / "step_00000008"),
     )
     assert r.returncode == 0, r.stderr[-3000:]
-    new = [json.loads(x) for x in run.joinpath("metrics.jsonl").read_text().splitlines()[len(before) :]]
+    new = rows(run)[len(before) :]
     assert new[0]["event"] == "resumed" and new[0]["step"] == 8
     assert [x["step"] for x in new if "loss" in x] == list(range(9, 15))
     # the resumed model is the trained one: its first loss is near the first run's step 8-9, not its step 1

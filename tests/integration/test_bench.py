@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from llmforge.allocator import find_tcmalloc
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 
 @pytest.mark.parametrize(

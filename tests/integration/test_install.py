@@ -13,7 +13,7 @@ import zipfile
 
 from packaging.requirements import Requirement
 
-from tests.conftest import REPO, run_cli, write_recipe
+from tests.helpers import REPO, run_cli, write_recipe
 
 
 def runtime_closure(dist: str = "llmforge") -> set[str]:

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, run_cli, write_recipe
-from tests.distributed.test_zero_resume import ds_cmd, free_port, losses_after_last_start
+from tests.helpers import REPO, ds_cmd, free_port, losses_after_last_start, run_cli, write_recipe
 
 pytestmark = pytest.mark.distributed
 

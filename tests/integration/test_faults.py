@@ -15,8 +15,7 @@ import psutil
 import pytest
 import torch
 
-from tests.conftest import REPO, run_cli, write_recipe
-from tests.distributed.test_zero_resume import ds_cmd, losses_after_last_start, rows
+from tests.helpers import REPO, ds_cmd, losses_after_last_start, rows, run_cli, write_recipe
 
 pytestmark = pytest.mark.distributed
 

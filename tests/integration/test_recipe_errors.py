@@ -1,0 +1,107 @@
+"""Every bad-input class of a training launch ends in one line and exit code 2, nothing written; the run files."""
+
+import json
+
+import pytest
+import yaml
+
+from llmforge.config import load_recipe
+from llmforge.errors import RecipeError
+from tests.helpers import REPO, run_cli, train_rows, write_recipe
+
+BAD = [
+    # (recipe edits, extra CLI args, expected key, expected fragment)
+    ({"train": {"lr": -1.0}}, [], "train.lr", "must be > 0"),
+    ({"train": {"lrr": 1.0}}, [], "train.lrr", "did you mean 'lr'"),
+    ({"modle": {}}, [], "modle", "did you mean 'model'"),
+    ({"train": {"max_steps": "ten"}}, [], "train.max_steps", "must be an integer"),
+    ({"model": {"d_model": 30, "n_heads": 4}}, [], "model.d_model", "not divisible by n_heads"),
+    ({"model": {"n_heads": 4, "n_kv_heads": 3}}, [], "model.n_kv_heads", "not divisible"),
+    ({"model": {"mlp": "relu"}}, [], "model.mlp", "must be one of swiglu | gelu"),
+    ({"deepspeed": {"config": "ds_configs/nope.json"}}, [], "deepspeed.config", "file not found"),
+    ({"tokenizer": {"path": "/nonexistent/tok.json"}}, [], "tokenizer.path", "not found: /nonexistent"),
+    ({"deepspeed": {"overrides": {"train_batch_size": 7}}}, [], "deepspeed.overrides", "train_batch_size=7"),
+    ({}, ["--set", "train.nope=1"], "train.nope", "unknown key"),
+    ({}, ["--set", "train.lr"], "--set", "expected KEY=VALUE"),
+    ({"train": {"warmup_steps": 50, "max_steps": 10}}, [], "train.warmup_steps", "exceeds"),
+    ({"model": {"vocab_size": 10}}, [], "model.vocab_size", "below the tokenizer's"),
+]
+
+
+@pytest.mark.parametrize("edits,args,key,fragment", BAD, ids=[b[2] + ":" + b[3][:12] for b in BAD])
+def test_bad_recipe_one_line_exit_2_nothing_written(tmp_path, prepared, edits, args, key, fragment):
+    path = write_recipe(tmp_path / "bad.yaml", prepared, tmp_path / "runs", **edits)
+    result = run_cli("python", "launch/pretrain.py", "--recipe", str(path), *args)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"recipe error: {path}: {key}: "), lines[0]
+    assert fragment in lines[0]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_compile_without_a_compiler_is_one_line(tmp_path, prepared):
+    """train.compile on a CPU machine where Inductor finds no C++ compiler: refused before anything is written."""
+    path = write_recipe(tmp_path / "c.yaml", prepared, tmp_path / "runs", train={"compile": True})
+    result = run_cli("python", "launch/pretrain.py", "--recipe", str(path), env={"CXX": "no-such-c++-compiler"})
+    assert result.returncode == 2, result.stderr[-2000:]
+    (line,) = result.stderr.strip().splitlines()
+    assert line == (
+        f"recipe error: {path}: train.compile: torch.compile on CPU needs a C++ compiler (g++, clang++ "
+        "or the one $CXX names); none was found; or set train.compile: false"
+    )
+    assert not (tmp_path / "runs").exists()
+
+
+def test_yaml_syntax_error_names_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("run:\n  name: x\ntrain: {lr: 1e-3\n  max_steps: 3\n")
+    result = run_cli("python", "launch/pretrain.py", "--recipe", str(path))
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"recipe error: {path}: line ") and "YAML syntax error" in line
+
+
+def test_missing_recipe_and_extends(tmp_path):
+    result = run_cli("python", "launch/pretrain.py", "--recipe", str(tmp_path / "none.yaml"))
+    assert result.returncode == 2 and "file not found" in result.stderr and len(result.stderr.splitlines()) == 1
+    child = tmp_path / "child.yaml"
+    child.write_text("extends: parent.yaml\n")
+    with pytest.raises(RecipeError, match="extends: file not found: parent.yaml"):
+        load_recipe(str(child))
+
+
+def test_resolved_recipe_and_ds_config_saved(tmp_path, prepared):
+    """The run directory records exactly what ran (checked on a 1-process run of 2 steps)."""
+    path = write_recipe(
+        tmp_path / "r.yaml",
+        prepared,
+        tmp_path / "runs",
+        train={"max_steps": 2, "warmup_steps": 1},
+        eval={"interval": 0},
+        deepspeed={"config": str(REPO / "ds_configs/zero0.json")},
+        logging={"interval": 1, "tensorboard": True},
+    )
+    result = run_cli("python", "launch/pretrain.py", "--recipe", str(path), "--set", "train.lr=2e-3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "runs" / "t"
+    resolved = yaml.safe_load((run / "recipe.resolved.yaml").read_text())
+    assert resolved["train"]["lr"] == 2e-3 and resolved["model"]["vocab_size"] > 0
+    ds = json.loads((run / "ds_config.json").read_text())
+    assert ds["train_batch_size"] == 4 and ds["optimizer"]["params"]["lr"] == 2e-3
+    assert ds["timers"] == {"throughput": {"enabled": False}}
+    train = train_rows(run)
+    assert [r["step"] for r in train] == [1, 2]
+    for key in ("step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "mem_gb", "eta_s"):
+        assert key in train[0]
+    assert train[0]["mfu"] is None  # no peak FLOPs on CPU
+    assert train[1]["tokens"] == 2 * 4 * 64
+    summary = run_cli("llmforge", "summary", "--run", str(run))
+    assert summary.returncode == 0 and "steps 2 | val loss first n/a" in summary.stdout
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = (run / "tensorboard").glob("events.out.tfevents.*")
+    acc = EventAccumulator(str(events))
+    acc.Reload()
+    losses = [e.value for e in acc.Scalars("train/loss")]
+    assert losses == pytest.approx([r["loss"] for r in train_rows], rel=1e-6)

@@ -1,0 +1,47 @@
+"""Distributed pieces on 2 forked gloo ranks in-process (tests.helpers.run_distributed): no launcher, no DeepSpeed."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from llmforge.demo.toy_chat import sft_records
+from llmforge.posttrain.data import SFTData
+from llmforge.tokenizer import CharTokenizer
+from llmforge.tokenizer.added import with_chat_tokens
+from llmforge.train.checkpoint import _any_rank
+from llmforge.train.trainer import reduce_step_values
+from tests.helpers import run_distributed
+
+
+def _step_values() -> list[float]:
+    rank = dist.get_rank()
+    loss = torch.tensor(2.0 + rank)  # 2 and 3
+    stats = {"accuracy": torch.tensor(0.5 * rank)}  # 0 and 0.5
+    return reduce_step_values(loss, stop=rank == 1, tokens=100 * (rank + 1), stats=stats, world=2).tolist()
+
+
+def test_step_values_mean_the_loss_sum_the_tokens_and_count_stops():
+    for values in run_distributed(_step_values):
+        assert values == [2.5, 1.0, 300.0, 0.25]  # mean loss, ranks asked to stop, all tokens, mean metric
+
+
+def _any() -> tuple[bool, bool]:
+    return _any_rank(dist.get_rank() == 1), _any_rank(False)
+
+
+def test_a_flag_raised_on_one_rank_is_seen_by_every_rank():
+    assert run_distributed(_any) == [(True, False), (True, False)]
+
+
+def test_sft_batches_count_their_tokens_without_padding():
+    """Throughput counts what the model read: rows are padded to the longest row of the micro-batch, and the
+    padding is not counted."""
+    records = [(f"toy:{i}", rec) for i, rec in enumerate(sft_records(16, seed=0))]
+    tok = with_chat_tokens(CharTokenizer.train([str(r) for _, r in records], 256))
+    data = SFTData(records, tok, seq_len=96, seed=0)
+    inputs, targets, lengths = batch = data.batch(range(8))
+    real = [min(len(data.examples[data.example_index(i)].ids), 97) - 1 for i in range(8)]  # rendered, shifted
+    assert lengths.tolist() == real
+    assert inputs.shape[1] == max(lengths.tolist()) and min(lengths.tolist()) < inputs.shape[1]
+    assert data.tokens(batch) == sum(lengths.tolist()) < inputs.numel()
