@@ -15,7 +15,7 @@ class ConfigError(ValueError):
 
 
 def doc(default: Any = None, text: str = "", *, factory: Any = None) -> Any:
-    """A dataclass field with a docstring kept in its metadata (for --help and the README)."""
+    """A dataclass field with a docstring kept in its metadata (for --help and docs/recipes.md)."""
     if factory is not None:
         return field(default_factory=factory, metadata={"doc": text})
     return field(default=default, metadata={"doc": text})

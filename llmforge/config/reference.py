@@ -1,4 +1,5 @@
-"""Every recipe key with its default and docstring, for the README tables and their test."""
+"""Every recipe key with its default and docstring: docs/recipes.md is generated from here
+(`python -m llmforge.config.reference > docs/recipes.md`) and a test keeps it in sync."""
 
 from __future__ import annotations
 
@@ -50,5 +51,38 @@ def markdown_tables() -> str:
     return "\n".join(out).strip() + "\n"
 
 
+INTRO = """# Recipe reference
+
+A recipe is YAML read with `yaml.safe_load` into one typed dataclass per section. `extends: base.yaml` merges the
+recipe over a parent (resolved next to the recipe, then from the working directory); `--set KEY=VALUE` overrides any
+key (the value is parsed as YAML). Unknown keys (with the nearest valid key suggested), wrong types, out-of-range
+values, inconsistent model dimensions, missing files, YAML syntax errors (with the line) and batch sizes that disagree
+with the DeepSpeed JSON are refused in one line, exit code 2, before anything is written.
+
+This file is generated from the dataclass docstrings: `python -m llmforge.config.reference > docs/recipes.md`
+(tests/unit/test_recipes.py fails when it is out of date).
+"""
+
+DEEPSPEED = """## The DeepSpeed config
+
+The composed config (saved as `ds_config.json` in the run directory) is the JSON named by `deepspeed.config` plus
+`deepspeed.overrides`, with only what must agree with the recipe derived: `train_micro_batch_size_per_gpu`,
+`gradient_accumulation_steps`, `train_batch_size = micro x accum x data-parallel ranks`, `gradient_clipping`,
+`bf16`/`fp16`, the AdamW hyper-parameters and the TensorBoard monitor path. An explicit, conflicting value in the JSON
+or overrides is an error. The LR schedule is computed by llmforge, so a DeepSpeed `scheduler` section is refused.
+DeepSpeed's throughput timer, which synchronises the device at every forward and every `engine.step()`, is off unless
+the JSON or overrides turn it on (`timers.throughput.enabled`): llmforge measures tokens/s itself.
+"""
+
+
+def recipes_markdown() -> str:
+    """docs/recipes.md: the introduction, one table per recipe section, how the DeepSpeed config is composed."""
+    tables = "\n".join(
+        f"## {line[2:-2]}" if line.startswith("**") and line.endswith("**") else line
+        for line in markdown_tables().split("\n")
+    )
+    return f"{INTRO}\n{tables}\n{DEEPSPEED}"
+
+
 if __name__ == "__main__":
-    print(markdown_tables())
+    print(recipes_markdown(), end="")

@@ -20,10 +20,9 @@ from llmforge.train.loading import load_model
 
 def export_hf(checkpoint: str, out: str) -> str:
     """Consolidate a checkpoint (any ZeRO stage) and write config.json + model.safetensors + the tokenizer (files
-    `AutoTokenizer` loads) to `out`, a new or empty directory."""
-    if os.path.exists(out) and not (os.path.isdir(out) and not os.listdir(out)):
-        what = "a file" if not os.path.isdir(out) else "a directory that is not empty"
-        raise ExportError(f"--out {out}: is {what}; give a new or empty directory")
+    `AutoTokenizer` loads) to the directory `out`."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ExportError(f"--out {out}: is a file; give a directory (new, or one to write the model files into)")
     model, tok, _ = load_model(checkpoint)
     hf = to_llama(model)
     bos = getattr(tok, "bos_id", -1)

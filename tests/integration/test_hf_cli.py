@@ -137,3 +137,19 @@ def test_import_hf_then_export_is_identical(tmp_path):
         sys.executable, "-m", "llmforge.cli", "import-hf", "--hf", str(tmp_path), "--out", str(tmp_path / "x")
     )
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("export error:")
+
+
+def test_generate_and_export_bad_paths_are_one_line_naming_the_flag(tmp_path):
+    """A folder that is not a run, and an --out that is a file: one line each, exit 2, the right flag named."""
+    (tmp_path / "notes.txt").write_text("not a model directory")
+    r = run_cli(sys.executable, "launch/generate.py", "--checkpoint", str(tmp_path), "--prompt", "x")
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"checkpoint error: --checkpoint {tmp_path}: not a checkpoint, checkpoints directory or run directory"
+    ]
+    r = run_cli(
+        sys.executable, "launch/export_hf.py", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "notes.txt")
+    )
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"export error: --out {tmp_path / 'notes.txt'}: is a file; give a directory (new, or one to write the model "
+        "files into)"
+    ]

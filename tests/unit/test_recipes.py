@@ -8,6 +8,7 @@ import pytest
 
 from llmforge.config import load_recipe
 from llmforge.config.deepspeed import compose_ds_config
+from llmforge.config.reference import recipe_keys, recipes_markdown
 from tests.helpers import REPO, write_recipe
 
 
@@ -69,12 +70,12 @@ def test_composed_ds_config_derives_only_what_must_agree(tmp_path, prepared):
     assert get_timers_config(compose_ds_config(with_timer, 4, str(tmp_path / "run"), str(path), True)).enabled
 
 
-def test_readme_lists_every_recipe_key():
-    from llmforge.config.reference import recipe_keys
-
-    readme = (REPO / "README.md").read_text()
-    missing = [key for key, _, _ in recipe_keys() if f"`{key}`" not in readme]
-    assert not missing, f"README recipe tables lack {missing}; regenerate with python -m llmforge.config.reference"
+def test_the_recipe_reference_is_generated_and_complete():
+    """docs/recipes.md is exactly what the dataclass docstrings generate, and it names every key."""
+    doc = (REPO / "docs" / "recipes.md").read_text(encoding="utf-8")
+    assert doc == recipes_markdown(), "docs/recipes.md is stale: python -m llmforge.config.reference > docs/recipes.md"
+    missing = [key for key, _, _ in recipe_keys() if f"`{key}`" not in doc]
+    assert not missing and len(list(recipe_keys())) > 100
 
 
 def test_unnamed_sources_are_named_after_their_type(tmp_path):
