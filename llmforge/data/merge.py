@@ -19,7 +19,7 @@ from llmforge.data.sources import WorkUnit, expand_paths
 from llmforge.errors import DataError
 from llmforge.fileio import sha256_file
 
-MANIFEST = "manifest.json"
+DATASET_MANIFEST = "manifest.json"
 
 
 def file_digest(path: str) -> dict:
@@ -95,7 +95,7 @@ def _held_out_when_empty(parts: list, drop: np.ndarray, val_fraction: float) -> 
 
 def merge_dataset(spec: SourceSpec, units: list[WorkUnit], dataset_dir: str, cfg: DataConfig,
                   tokenizer_info: dict) -> dict:
-    manifest_path = os.path.join(dataset_dir, MANIFEST)
+    manifest_path = os.path.join(dataset_dir, DATASET_MANIFEST)
     if os.path.exists(manifest_path):
         os.remove(manifest_path)  # the dataset is incomplete until the new manifest is written
     parts = _load_parts(dataset_dir, units)
@@ -163,7 +163,7 @@ def merge_dataset(spec: SourceSpec, units: list[WorkUnit], dataset_dir: str, cfg
 
 
 def read_manifest(path: str) -> dict:
-    manifest_path = os.path.join(path, MANIFEST)
+    manifest_path = os.path.join(path, DATASET_MANIFEST)
     if not os.path.isfile(manifest_path):
         raise FileNotFoundError(manifest_path)
     with open(manifest_path, encoding="utf-8") as f:

@@ -40,7 +40,7 @@ def _require(recipe: Recipe, origin: str) -> str:
     return recipe.data.prepared_dir
 
 
-def plan(recipe: Recipe) -> list[tuple[SourceSpec, WorkUnit]]:
+def work_plan(recipe: Recipe) -> list[tuple[SourceSpec, WorkUnit]]:
     d = recipe.data
     return [(spec, unit) for spec in d.sources for unit in work_units(spec, d.unit_files, d.unit_bytes)]
 
@@ -75,7 +75,7 @@ def prepare(recipe: Recipe, origin: str, shard_index: Optional[int] = None, num_
     if not 0 <= index < count:
         raise DataError(f"--shard-index {index} is outside 0..{count - 1}")
     tok = load_tokenizer(recipe.tokenizer, origin)
-    units = plan(recipe)
+    units = work_plan(recipe)
     mine = [u for i, u in enumerate(units) if i % count == index]
     tok_fp = fingerprint(tok)
     todo = [] if only_merge else [(s, u) for s, u in mine

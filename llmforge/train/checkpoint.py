@@ -33,7 +33,7 @@ from llmforge.train.guard import FaultInjector
 from llmforge.train.metrics import Metrics
 
 log = logging.getLogger(__name__)
-MANIFEST = "manifest.json"
+CHECKPOINT_MANIFEST = "manifest.json"
 POINTER = "latest"
 STATE = "llmforge_state.json"  # step, data position, fingerprints: readable without loading any shard
 TAG_RE = re.compile(r"^step_(\d+)$")
@@ -114,7 +114,7 @@ def _enough_space(ckpt_dir: str) -> Optional[str]:
     newest = newest_complete(ckpt_dir, checksums=False)
     if newest is None:
         return None
-    with open(os.path.join(newest, MANIFEST), encoding="utf-8") as f:
+    with open(os.path.join(newest, CHECKPOINT_MANIFEST), encoding="utf-8") as f:
         need = int(1.1 * sum(meta["size"] for meta in json.load(f)["files"].values()))
     free = shutil.disk_usage(ckpt_dir).free
     if free < need:
@@ -164,7 +164,7 @@ def save_checkpoint(
                     rel = os.path.relpath(full, path)
                     files[rel] = {"size": os.path.getsize(full), "sha256": sha256_file(full)}
             manifest = {"step": step, "tag": tag, "files": files}
-            _write_atomic(os.path.join(path, MANIFEST), json.dumps(manifest, indent=1))
+            _write_atomic(os.path.join(path, CHECKPOINT_MANIFEST), json.dumps(manifest, indent=1))
             _write_atomic(os.path.join(ckpt_dir, POINTER), tag + "\n")
             _prune(ckpt_dir, keep_last, step)
     except OSError as e:
@@ -209,7 +209,8 @@ def _steps_in(ckpt_dir: str) -> list[tuple[int, str]]:
 
 
 def _prune(ckpt_dir: str, keep_last: int, current: int) -> None:
-    complete = [(s, t) for s, t in _steps_in(ckpt_dir) if os.path.isfile(os.path.join(ckpt_dir, t, MANIFEST))]
+    steps = _steps_in(ckpt_dir)
+    complete = [(s, t) for s, t in steps if os.path.isfile(os.path.join(ckpt_dir, t, CHECKPOINT_MANIFEST))]
     keep = {t for _, t in complete[-keep_last:]}
     for s, t in _steps_in(ckpt_dir):
         if t not in keep and s <= current:
@@ -219,9 +220,9 @@ def _prune(ckpt_dir: str, keep_last: int, current: int) -> None:
 def verify(path: str, checksums: bool = True) -> Optional[str]:
     """None if the checkpoint at `path` is complete and its files match the manifest (sizes, and sha256 when
     `checksums`), else the problem, naming the file."""
-    manifest_path = os.path.join(path, MANIFEST)
+    manifest_path = os.path.join(path, CHECKPOINT_MANIFEST)
     if not os.path.isfile(manifest_path):
-        return f"{path} is incomplete (no {MANIFEST}: the save did not finish)"
+        return f"{path} is incomplete (no {CHECKPOINT_MANIFEST}: the save did not finish)"
     try:
         with open(manifest_path, encoding="utf-8") as f:
             manifest = json.load(f)
@@ -253,7 +254,7 @@ def newest_complete(
     """
     for _, tag in reversed(_steps_in(ckpt_dir)):
         path = os.path.join(ckpt_dir, tag)
-        if not os.path.isfile(os.path.join(path, MANIFEST)):
+        if not os.path.isfile(os.path.join(path, CHECKPOINT_MANIFEST)):
             log.warning("%s was never committed (killed while saving?); looking at older checkpoints", path)
             continue
         problem = verify(path, checksums)
@@ -296,7 +297,7 @@ def find_checkpoint(arg: str, flag: str) -> str:
     path = arg.rstrip("/")
     if not os.path.exists(path):
         raise CheckpointError(f"{flag} {arg}: no such checkpoint")
-    if os.path.isfile(os.path.join(path, MANIFEST)) or TAG_RE.match(os.path.basename(path)):
+    if os.path.isfile(os.path.join(path, CHECKPOINT_MANIFEST)) or TAG_RE.match(os.path.basename(path)):
         problem = verify(path)
         if problem:
             raise CheckpointError(f"{flag} {arg}: {problem}")
