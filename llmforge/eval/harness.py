@@ -16,7 +16,7 @@ import torch
 
 from llmforge.errors import UserError
 from llmforge.model.generate import generate
-from llmforge.train.checkpoint import find_checkpoint, read_state
+from llmforge.train.checkpoint_files import find_checkpoint, read_state
 from llmforge.train.loading import load_model
 
 try:

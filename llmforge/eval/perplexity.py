@@ -16,7 +16,7 @@ from llmforge.config.data import DatasetSpec
 from llmforge.data.loader import PretrainData
 from llmforge.errors import DataError
 from llmforge.tokenizer import fingerprint
-from llmforge.train.checkpoint import find_checkpoint, read_state
+from llmforge.train.checkpoint_files import find_checkpoint, read_state
 from llmforge.train.loading import load_model
 
 

@@ -22,7 +22,7 @@ from llmforge.model.hf import from_llama
 from llmforge.model.lora import apply_lora, merge_lora
 from llmforge.tokenizer import Tokenizer, tokenizer_from_json
 from llmforge.tokenizer.hf import HFTokenizer
-from llmforge.train.checkpoint import find_checkpoint, load_model_states
+from llmforge.train.checkpoint_files import find_checkpoint, load_model_states
 
 WRAPPER_PREFIX = "_checkpoint_wrapped_module."
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from llmforge.errors import CheckpointError
-from llmforge.train.checkpoint import newest_complete, resolve_resume, verify
+from llmforge.train.checkpoint import resolve_resume
+from llmforge.train.checkpoint_files import newest_complete, verify
 from llmforge.train.metrics import read_metrics
 from tests.helpers import REPO, rows, run_cli, write_recipe
 

@@ -209,6 +209,6 @@ def test_full_disk_skips_the_save_and_keeps_previous(tmp_path, prepared, small_t
     all_rows = rows(tmp_path / "runs" / "full")
     assert [x["step"] for x in all_rows if x.get("event") == "checkpoint"] == [4]
     assert [x["step"] for x in all_rows if x.get("event") == "checkpoint_skipped"] == [8, 12]
-    from llmforge.train.checkpoint import newest_complete
+    from llmforge.train.checkpoint_files import newest_complete
 
     assert newest_complete(str(small_tmpfs)) == str(small_tmpfs / "step_00000004")

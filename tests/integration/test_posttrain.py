@@ -204,7 +204,7 @@ def test_lora_trains_adapters_only_and_merges_for_export(tmp_path, prepared, bas
     run = tmp_path / "runs" / "lora"
     val = [x["val_loss"] for x in rows(run) if "val_loss" in x]
     assert val[-1] < val[0]
-    from llmforge.train.checkpoint import newest_complete
+    from llmforge.train.checkpoint_files import newest_complete
     from llmforge.train.loading import _state_dict, load_model
 
     state = _state_dict(newest_complete(str(run / "checkpoints")))

@@ -9,7 +9,7 @@ from llmforge.demo.toy_chat import sft_records
 from llmforge.posttrain.data import SFTData
 from llmforge.tokenizer import CharTokenizer
 from llmforge.tokenizer.added import with_chat_tokens
-from llmforge.train.checkpoint import _any_rank
+from llmforge.train.checkpoint_files import _any_rank
 from llmforge.train.trainer import reduce_step_values
 from tests.helpers import run_distributed
 
