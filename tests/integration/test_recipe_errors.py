@@ -104,4 +104,4 @@ def test_resolved_recipe_and_ds_config_saved(tmp_path, prepared):
     acc = EventAccumulator(str(events))
     acc.Reload()
     losses = [e.value for e in acc.Scalars("train/loss")]
-    assert losses == pytest.approx([r["loss"] for r in train_rows], rel=1e-6)
+    assert losses == pytest.approx([r["loss"] for r in train], rel=1e-6)
