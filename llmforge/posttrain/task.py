@@ -9,6 +9,7 @@ import os
 from typing import Any
 
 from llmforge.config import Recipe
+from llmforge.config.recipe import LoraConfig
 from llmforge.errors import RecipeError
 from llmforge.posttrain.data import PreferenceData, SFTData, split_records
 from llmforge.posttrain.dpo import DPOLoss, reference_table
@@ -47,6 +48,9 @@ class SFT(Task):
         train = self.data_class(train_records, tok, seq_len, seed, "train")
         val = self.data_class(val_records, tok, seq_len, seed + 1, "val") if val_records else None
         return TaskSetup(recipe, tok, TaskData(train, val), init)
+
+    def lora(self, recipe: Recipe) -> LoraConfig:
+        return recipe.posttrain.lora
 
 
 class DPO(SFT):

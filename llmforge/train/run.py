@@ -17,7 +17,6 @@ from torch import nn
 from llmforge import allocator
 from llmforge.config import Recipe, load_recipe, recipe_to_yaml
 from llmforge.config.deepspeed import compose_ds_config, zero_stage
-from llmforge.config.recipe import LoraConfig
 from llmforge.errors import RecipeError
 from llmforge.model import GPT, apply_wraps, compile_unavailable
 from llmforge.model.flops import device_peak_flops, flops_per_token
@@ -66,7 +65,7 @@ def run_training(
     if setup.init_weights is not None:
         load_weights(model, setup.init_weights, stage == 3)
         setup.init_weights = None
-    lora = recipe.posttrain.lora if task.name != "pretrain" else LoraConfig()
+    lora = task.lora(recipe)
     if adapters := apply_wraps(model, lora, recipe.model.activation_checkpointing, recipe.train.compile):
         log.info("LoRA rank %d on %s: %d trainable parameters", lora.rank, ",".join(lora.targets), adapters)
     n_params, n_embed = count_parameters(model)
@@ -75,10 +74,10 @@ def run_training(
     )
     if engine.global_rank == 0:
         write_run_files(recipe, ds_config)
+        sizes = f"{n_params / 1e6:.2f}M parameters ({(n_params - n_embed) / 1e6:.2f}M non-embedding)"
         log.info(
-            "model: %.2fM parameters (%.2fM non-embedding), %d ranks, ZeRO stage %d, %s on %s",
-            n_params / 1e6,
-            (n_params - n_embed) / 1e6,
+            "model: %s, %d ranks, ZeRO stage %d, %s on %s",
+            sizes,
             world,
             stage,
             recipe.train.precision,
@@ -92,15 +91,8 @@ def run_training(
     checkpointer = Checkpointer(recipe.checkpoint_dir, recipe.checkpoint.keep_last, identity, metrics, faults)
     state = checkpointer.resume(engine, point, universal)
     objective = task.objective(engine, setup, recipe.run_dir, fresh=point.path is None)
-    peak = (
-        None
-        if on_cpu
-        else device_peak_flops(
-            accel.get_device_name() if hasattr(accel, "get_device_name") else torch.cuda.get_device_name()
-        )
-    )
     fpt = flops_per_token(n_params - n_embed, recipe.model, recipe.data.seq_len)
-    cfg = TrainerConfig.from_recipe(recipe, world, fpt, peak, faults)
+    cfg = TrainerConfig.from_recipe(recipe, world, fpt, None if on_cpu else peak_flops(accel), faults)
     trainer = Trainer(engine, cfg, data, objective, checkpointer, metrics)
     if state.step >= recipe.train.max_steps:
         log.info("nothing to do: checkpoint is at step %d, train.max_steps=%d", state.step, recipe.train.max_steps)
@@ -154,6 +146,12 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def peak_flops(accel: Any) -> Optional[float]:
+    """The device's bf16 peak FLOP/s, for MFU (None when unknown)."""
+    name = accel.get_device_name() if hasattr(accel, "get_device_name") else torch.cuda.get_device_name()
+    return device_peak_flops(name)
 
 
 def _numel(p: Any) -> int:

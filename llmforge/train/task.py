@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from llmforge.config import Recipe
+from llmforge.config.recipe import LoraConfig
 from llmforge.data.loader import PretrainData
 from llmforge.errors import DataError, RecipeError
 from llmforge.model.gpt import GPT
@@ -59,6 +60,10 @@ class Task:
                 f"tokens: prepare it with data.val_fraction > 0, or set eval.interval: 0"
             )
         return TaskSetup(recipe, tok, TaskData(train, val), init)
+
+    def lora(self, recipe: Recipe) -> LoraConfig:
+        """The LoRA adapters to train (rank 0: none; pre-training trains every weight)."""
+        return LoraConfig()
 
     def objective(self, engine: Any, setup: TaskSetup, run_dir: str, fresh: bool) -> Objective:
         """The loss, once the engine exists (DPO scores its reference pairs with it)."""
