@@ -207,7 +207,7 @@ def _set_aside(path: str) -> str:
 class Checkpointer:
     """Owns a run's checkpoints: the client state written with every save, resume and rollback.
 
-    `save()` commits a checkpoint (manifest + pointer, see the module docstring) with the recipe, tokenizer and
+    `save()` commits a checkpoint (manifest + pointer: checkpoint_files.py) with the recipe, tokenizer and
     fingerprints beside DeepSpeed's shards; `resume()` loads one into the engine and returns where training stands;
     `rollback()` goes back to the newest complete one after a persistent divergence.
     """
