@@ -24,9 +24,9 @@ from llmforge.config import load_recipe
 from llmforge.config.recipe import ActivationCheckpointingConfig, ModelConfig
 from llmforge.model import GPT, apply_activation_checkpointing, compile_model
 from llmforge.train.metrics import read_metrics
+from tests.real_inputs import STDLIB
 
 REPO = Path(__file__).resolve().parents[1]
-STDLIB = Path(sysconfig.get_paths()["stdlib"])
 BIG_TEXT = STDLIB / "pydoc_data" / "topics.py"  # 757 KB: a real one-file corpus
 
 
@@ -98,10 +98,6 @@ def rows(run_dir: Path) -> list[dict]:
 
 def train_rows(run_dir: Path) -> list[dict]:
     return [r for r in rows(run_dir) if "loss" in r and "event" not in r]
-
-
-def events(run_dir: Path, name: str) -> list[dict]:
-    return [r for r in rows(run_dir) if r.get("event") == name]
 
 
 def losses_after_last_start(run_dir: Path) -> dict[int, float]:

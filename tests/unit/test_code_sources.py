@@ -13,10 +13,9 @@ from llmforge.config.data import SourceSpec
 from llmforge.data.sources import expand_paths, reader_for
 from llmforge.data.sources.code import language_of
 from llmforge.data.sources.encoding import binary_kind, declared_encoding
-from tests.real_inputs import SITE, copy_as, installed
+from tests.real_inputs import SITE, STDLIB, copy_as, installed
 
 REPO = Path(__file__).resolve().parents[2]
-STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
 
 def read_all(spec: SourceSpec) -> tuple[dict, dict]:

@@ -13,11 +13,10 @@ from llmforge.data.pipeline import chunks
 from llmforge.data.prepare import prepare, train_tokenizer
 from llmforge.data.sources import reader_for
 from llmforge.tokenizer import load_tokenizer
-from tests.helpers import one_file_recipe
+from tests.helpers import BIG_TEXT, one_file_recipe
 from tests.real_inputs import STDLIB, python_doc_pages, write_warc
 
 # The interpreter's help topics: one real 750 KB file of English text, like a single-file book corpus.
-BIG_TEXT = STDLIB / "pydoc_data" / "topics.py"
 
 
 def decoded(dataset: Path, tok, split: str) -> list[str]:
