@@ -40,6 +40,7 @@ def one_mode(args: argparse.Namespace) -> None:
 
     from llmforge.config import load_recipe
     from llmforge.config.deepspeed import compose_ds_config
+    from llmforge.config.parallel import Layout
     from llmforge.model import apply_activation_checkpointing, compile_model
     from llmforge.model.gpt import GPT
     from llmforge.train.distributed import release_shm_segment, setup_env
@@ -73,7 +74,7 @@ def one_mode(args: argparse.Namespace) -> None:
     )
     trainer = Trainer(
         engine,
-        TrainerConfig.from_recipe(recipe, 1, 0.0, None, FaultInjector()),
+        TrainerConfig.from_recipe(recipe, Layout(1), 0.0, None, FaultInjector()),
         TaskData(RandomTokens(recipe.model.vocab_size, recipe.data.seq_len), None),
         Objective.language_modeling(recipe.train),
         None,

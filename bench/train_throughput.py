@@ -124,6 +124,7 @@ def main() -> None:
     from llmforge import allocator
     from llmforge.config import load_recipe
     from llmforge.config.deepspeed import compose_ds_config, zero_stage
+    from llmforge.config.parallel import Layout
     from llmforge.model import GPT, apply_activation_checkpointing, compile_model
     from llmforge.model.flops import device_peak_flops, flops_per_token
     from llmforge.model.hf import llama_config
@@ -184,7 +185,7 @@ def main() -> None:
         )
         trainer = Trainer(
             engine,
-            TrainerConfig.from_recipe(recipe, 1, 0.0, None, FaultInjector()),
+            TrainerConfig.from_recipe(recipe, Layout(1), 0.0, None, FaultInjector()),
             TaskData(data, None),
             Objective.language_modeling(t),
             None,

@@ -15,6 +15,7 @@ from llmforge.demo.toy_chat import write_toy_sets
 from llmforge.errors import UserError, exit_on_user_error, exit_process
 from llmforge.eval.harness import run_lm_eval
 from llmforge.eval.perplexity import evaluate_checkpoint
+from llmforge.parity import format_report, parity
 from llmforge.plan import count_params, format_plan, loss_chunk_hint, plan, planned_model
 from llmforge.plots import plot_run
 from llmforge.posttrain.task import TASKS
@@ -95,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-memory", required=True, help="memory per GPU, e.g. 80GB")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak per GPU (H100/H200: 989)")
     p.add_argument("--mfu", type=float, default=0.45, help="assumed model FLOPs utilisation for the time estimate")
+
+    p = sub.add_parser("parity", help="train a few steps under each parallel layout; compare with one rank")
+    _recipe_args(p)
+    p.add_argument("--layouts", default="1,dp2,tp2,sp2", help="comma-separated: 1, dp2, tp2, sp2, tp2.dp2, ...")
+    p.add_argument("--steps", type=int, default=20, help="optimizer steps per layout")
+    p.add_argument("--out", default=None, help="keep the runs (and parity.json) here; default: a temporary dir")
 
     p = sub.add_parser("toy-chat", help="write a small synthetic SFT set and preference set (JSONL) to a directory")
     p.add_argument("--out", required=True, help="output directory (sft.jsonl, prefs.jsonl)")
@@ -198,6 +205,11 @@ def main(argv: Optional[list[str]] = None) -> None:
         hint = loss_chunk_hint(recipe, vocab)
         if hint:
             print(hint)
+    elif args.command == "parity":
+        results, tolerances, precision = parity(args.recipe, args.overrides, args.layouts, args.steps, args.out)
+        print(format_report(results, tolerances, precision, args.steps))
+        if not all(r.passed for r in results):
+            sys.exit(1)
     elif args.command == "toy-chat":
         for path in write_toy_sets(args.out, args.n, args.seed):
             print(path)

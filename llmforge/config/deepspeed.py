@@ -41,7 +41,8 @@ def _agree(cfg: dict, key: str, value: Any, origin: str, source: str) -> None:
 
 
 def compose_ds_config(recipe: Recipe, world_size: int, run_dir: str, origin: str, on_cpu: bool) -> dict:
-    """The full DeepSpeed config for `recipe` on `world_size` data-parallel ranks."""
+    """The full DeepSpeed config for `recipe` on `world_size` ranks (data-parallel replicas: world ÷ the recipe's
+    tensor × sequence)."""
     base = read_ds_json(recipe.deepspeed.config, origin)
     cfg = deep_merge(base, recipe.deepspeed.overrides)
     source = "deepspeed.overrides" if recipe.deepspeed.overrides else "deepspeed.config"
@@ -49,7 +50,15 @@ def compose_ds_config(recipe: Recipe, world_size: int, run_dir: str, origin: str
 
     _agree(cfg, "train_micro_batch_size_per_gpu", t.micro_batch_size, origin, source)
     _agree(cfg, "gradient_accumulation_steps", t.grad_accum_steps, origin, source)
-    _agree(cfg, "train_batch_size", t.global_batch(world_size), origin, source)
+    if recipe.parallel.model_parallel == 1:
+        _agree(cfg, "train_batch_size", t.global_batch(world_size), origin, source)
+    elif cfg.pop("train_batch_size", "auto") not in ("auto", None):
+        # DeepSpeed counts every rank of a sequence group as data-parallel and sizes batches before AutoTP forms
+        # its groups; given micro-batch and accumulation it derives its own figure (llmforge's global batch is
+        # micro x accumulation x data-parallel replicas, TrainConfig.global_batch).
+        raise RecipeError(
+            origin, source, "train_batch_size: with parallel.tensor or parallel.sequence > 1 it is derived; remove it"
+        )
     _agree(cfg, "gradient_clipping", t.grad_clip, origin, source)
 
     cfg["bf16"] = deep_merge(cfg.get("bf16", {}), {"enabled": t.precision == "bf16"})

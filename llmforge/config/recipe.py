@@ -186,6 +186,22 @@ class TrainConfig:
 
 
 @dataclass
+class ParallelConfig:
+    tensor: int = doc(
+        1, "Tensor-parallel ranks (DeepSpeed AutoTP): each holds 1/tensor of every attention and MLP matrix."
+    )
+    sequence: int = doc(1, "Sequence-parallel ranks (Ulysses): each holds seq_len/sequence tokens of the same samples.")
+
+    def __post_init__(self) -> None:
+        positive(self, "tensor", "sequence")
+
+    @property
+    def model_parallel(self) -> int:
+        """Ranks that hold one data-parallel replica: tensor x sequence."""
+        return self.tensor * self.sequence
+
+
+@dataclass
 class DeepSpeedSection:
     config: str = doc("ds_configs/zero2.json", "Plain DeepSpeed JSON the composed config starts from.")
     overrides: dict[str, Any] = doc(text="DeepSpeed keys merged over the JSON (nested dicts merge).", factory=dict)
@@ -277,6 +293,7 @@ class Recipe:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

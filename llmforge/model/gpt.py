@@ -59,43 +59,58 @@ class KVCache:
 
 
 class Attention(nn.Module):
+    """Projections, RoPE and the KV cache around `core`. Head counts are read off the projections' outputs, so the
+    same code runs on a tensor-parallel shard that holds a subset of the heads (model/parallel.py)."""
+
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.layer, self.n_heads, self.n_kv_heads, self.head_dim = layer, cfg.n_heads, cfg.kv_heads, cfg.head_dim
-        self.impl, self.dropout = cfg.attn_impl, cfg.dropout
+        self.layer, self.head_dim = layer, cfg.head_dim
         self.wq = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
         self.wk = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        self.core = CoreAttention(cfg.attn_impl, cfg.dropout)
 
     def forward(
         self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None, cache: Optional[KVCache] = None
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.wq(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        past = k.shape[2] - T
-        dropout = self.dropout if self.training else 0.0
-        if self.impl == "sdpa":
-            # With a cache and several new tokens the causal mask is offset by `past`; otherwise is_causal does it.
-            mask = _causal_mask(T, past, x.device) if past and T > 1 else None
-            y = F.scaled_dot_product_attention(
-                q,
-                k,
-                v,
-                attn_mask=mask,
-                dropout_p=dropout,
-                is_causal=mask is None and T > 1,
-                enable_gqa=self.n_kv_heads != self.n_heads,
-            )
-        else:
-            y = reference_attention(q, k, v, past, dropout)
+        y = self.core(q, k, v)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class CoreAttention(nn.Module):
+    """Causal attention of (B, heads, T, head_dim) queries over keys and values with as many or fewer heads
+    (grouped-query) and as many or more positions (a cache's past tokens first). A module of its own so that
+    sequence parallelism can run it on every token of a subset of the heads (model/parallel.py)."""
+
+    def __init__(self, impl: str, dropout: float):
+        super().__init__()
+        self.impl, self.dropout = impl, dropout
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        T, past = q.shape[2], k.shape[2] - q.shape[2]
+        dropout = self.dropout if self.training else 0.0
+        if self.impl != "sdpa":
+            return reference_attention(q, k, v, past, dropout)
+        # With a cache and several new tokens the causal mask is offset by `past`; otherwise is_causal does it.
+        mask = _causal_mask(T, past, q.device) if past and T > 1 else None
+        return F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=dropout,
+            is_causal=mask is None and T > 1,
+            enable_gqa=k.shape[1] != q.shape[1],
+        )
 
 
 def _causal_mask(T: int, past: int, device: torch.device) -> torch.Tensor:
@@ -206,15 +221,21 @@ class GPT(nn.Module):
         cache: Optional[KVCache] = None,
         loss_chunk: int = 0,
         z_loss: float = 0.0,
+        offset: int = 0,
+        totals: Optional[tuple[torch.Tensor, int]] = None,
     ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """Logits (B, T, vocab) and, given targets, the loss: mean next-token cross-entropy in fp32 over targets that
         are not IGNORE_INDEX, plus z_loss × the mean squared log-partition (PaLM's z-loss) when z_loss > 0.
 
         loss_chunk > 0 (with targets): the LM head and loss run over that many tokens at a time, each chunk's logits
         recomputed in the backward pass, so the (tokens × vocab) logits are never held whole; logits come back None.
+
+        Sequence parallelism gives one slice of longer sequences: `offset` is the position of idx[:, 0], and `totals`
+        (targets that carry loss, positions) of the whole sequences divide the slice's summed loss, so the slices'
+        losses add up to the whole sequences' mean.
         """
         B, T = idx.shape
-        start = cache.length if cache is not None else 0
+        start = (cache.length if cache is not None else 0) + offset
         if start + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {start + T} exceeds max_seq_len={self.cfg.max_seq_len}")
         x = self.tok_emb(idx)
@@ -229,10 +250,15 @@ class GPT(nn.Module):
         h = self.norm(x)
         if targets is None:
             return self.lm_head(h), None
-        return self.head_loss(h, targets, loss_chunk, z_loss)
+        return self.head_loss(h, targets, loss_chunk, z_loss, totals)
 
     def head_loss(
-        self, h: torch.Tensor, targets: torch.Tensor, loss_chunk: int = 0, z_loss: float = 0.0
+        self,
+        h: torch.Tensor,
+        targets: torch.Tensor,
+        loss_chunk: int = 0,
+        z_loss: float = 0.0,
+        totals: Optional[tuple[torch.Tensor, int]] = None,
     ) -> tuple[Optional[torch.Tensor], torch.Tensor]:
         """The LM head and loss over final hidden states h (..., d_model) and their targets (...): (logits or None
         when chunked, loss), as GPT.forward returns them."""
@@ -252,8 +278,9 @@ class GPT(nn.Module):
                 ce, z = ce + chunk_ce, z + chunk_z
         else:
             ce, z = self.loss(logits.view(n, -1), targets, bool(z_loss))
-        loss = ce / (targets != IGNORE_INDEX).sum()
-        return logits, loss + z_loss * z / n if z_loss else loss
+        counted, positions = totals if totals is not None else ((targets != IGNORE_INDEX).sum(), n)
+        loss = ce / counted
+        return logits, loss + z_loss * z / positions if z_loss else loss
 
     def _chunk_loss(self, h: torch.Tensor, targets: torch.Tensor, with_z: bool) -> tuple[torch.Tensor, torch.Tensor]:
         return self.loss(self.lm_head(h), targets, with_z)

@@ -1,10 +1,10 @@
 """The one place where cross-cutting wraps are applied to a built model, in order (torchtitan's `parallelize_llama`
-is the picture): LoRA adapters, activation checkpointing, then torch.compile. Blocks are selected by class, never by
-name; gpt.py knows nothing of any of them. Parallelism wraps belong here too."""
+is the picture): sequence parallelism, LoRA adapters, activation checkpointing, then torch.compile. Blocks are
+selected by class, never by name; gpt.py knows nothing of any of them."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
@@ -12,13 +12,22 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import Checkpoi
 from llmforge.config.recipe import ActivationCheckpointingConfig, LoraConfig
 from llmforge.model.gpt import GPT, Attention, Block
 from llmforge.model.lora import apply_lora
+from llmforge.model.parallel import apply_sequence_parallel
 
 
 def apply_wraps(
-    model: GPT, lora: LoraConfig, activation_checkpointing: ActivationCheckpointingConfig, compile: bool
+    model: GPT,
+    lora: LoraConfig,
+    activation_checkpointing: ActivationCheckpointingConfig,
+    compile: bool,
+    sequence_group: Optional[Any] = None,
 ) -> int:
-    """LoRA (when lora.rank > 0), activation checkpointing, compile — in that order, in place. Returns the number
-    of trainable LoRA parameters (0 without LoRA)."""
+    """Sequence parallelism (given a sequence group), LoRA (when lora.rank > 0), activation checkpointing,
+    compile — in that order, in place. Tensor parallelism is DeepSpeed's AutoTP, which shards the layers that
+    model/parallel.py names when the engine is built. Returns the number of trainable LoRA parameters (0 without
+    LoRA)."""
+    if sequence_group is not None:
+        apply_sequence_parallel(model, sequence_group)
     adapters = apply_lora(model, lora) if lora.rank else 0
     apply_activation_checkpointing(model, activation_checkpointing)
     if compile:

@@ -9,6 +9,7 @@ import os
 from typing import Any
 
 from llmforge.config import Recipe
+from llmforge.config.parallel import Layout
 from llmforge.config.recipe import LoraConfig
 from llmforge.errors import RecipeError
 from llmforge.posttrain.data import PreferenceData, SFTData, split_records
@@ -33,6 +34,12 @@ class SFT(Task):
                 origin,
                 "posttrain.lora.rank",
                 "LoRA runs under ZeRO stage 0-2 (the adapters are small); use ds_configs/zero2.json",
+            )
+        if recipe.parallel.sequence > 1:
+            raise RecipeError(
+                origin,
+                "parallel.sequence",
+                f"{self.name} runs without sequence parallelism (its rows are padded per micro-batch); set it to 1",
             )
         if not recipe.train.init_from:
             raise RecipeError(origin, "train.init_from", f"is required for {self.name}: the model to fine-tune")
@@ -59,7 +66,7 @@ class DPO(SFT):
     name = "dpo"
     data_class = PreferenceData
 
-    def objective(self, engine: Any, setup: TaskSetup, run_dir: str, fresh: bool) -> Objective:
+    def objective(self, engine: Any, setup: TaskSetup, run_dir: str, layout: Layout, fresh: bool) -> Objective:
         recipe = setup.recipe
         d = recipe.posttrain.dpo
         table = reference_table(

@@ -132,7 +132,13 @@ def load_checkpoint(engine: Any, path: str) -> dict:
 
 
 def check_resume(
-    point: ResumePoint, tok_fp: str, data_fp: Optional[str], allow_data_change: bool, world: int, stage: int
+    point: ResumePoint,
+    tok_fp: str,
+    data_fp: Optional[str],
+    allow_data_change: bool,
+    world: int,
+    stage: int,
+    tensor: int = 1,
 ) -> bool:
     """Refuse a checkpoint trained with another tokenizer or (unless allowed) other data; True when it was saved at
     another world size or ZeRO stage, so it must be loaded through DeepSpeed's universal form. Before the engine."""
@@ -140,15 +146,28 @@ def check_resume(
         return False
     saved = read_state(point.path)
     _check_compatible(saved, point.path, tok_fp, data_fp, allow_data_change)
-    return _needs_universal(saved, point.path, world, stage)
+    return _needs_universal(saved, point.path, world, stage, tensor)
 
 
-def _needs_universal(saved: dict, path: str, world: int, stage: int) -> bool:
+def _needs_universal(saved: dict, path: str, world: int, stage: int, tensor: int = 1) -> bool:
     """True when the checkpoint was saved at another world size or ZeRO stage: DeepSpeed's sharded files do not fit,
-    so it is loaded through a universal checkpoint. Moves DeepSpeed's universal loader cannot make are refused."""
+    so it is loaded through a universal checkpoint. Moves DeepSpeed's universal loader cannot make are refused.
+    The sequence size may change freely: sequence ranks hold whole weights, and ZeRO shards over world ÷ tensor."""
     before_world, before_stage = saved.get("world_size", world), saved.get("zero_stage", stage)
+    before_tensor = saved.get("tensor_parallel", 1)
+    if before_tensor != tensor:
+        raise CheckpointError(
+            f"{path} was saved with parallel.tensor={before_tensor}; resuming it under tensor={tensor} is not "
+            f"supported (its layers are stored as {before_tensor} shards): resume with parallel.tensor: "
+            f"{before_tensor}, or export it (export_hf.py) and start from the export"
+        )
     if before_world == world and before_stage == stage:
         return False
+    if tensor > 1:
+        raise CheckpointError(
+            f"{path} was saved on {before_world} ranks under ZeRO-{before_stage}; a tensor-parallel run resumes "
+            f"only on the same number of ranks and ZeRO stage ({world} ranks, ZeRO-{stage} asked)"
+        )
     if (before_stage == 3) != (stage == 3):
         raise CheckpointError(
             f"{path} was saved under ZeRO-{before_stage}; DeepSpeed's universal loader cannot move "
@@ -238,7 +257,9 @@ class Checkpointer:
             "guard": state.guard,
             "world_size": ident.world_size,
             "zero_stage": ident.zero_stage,
-            "global_batch": ident.recipe.train.global_batch(ident.world_size),
+            "tensor_parallel": ident.recipe.parallel.tensor,
+            "sequence_parallel": ident.recipe.parallel.sequence,
+            "global_batch": ident.recipe.train.global_batch(ident.world_size // ident.recipe.parallel.model_parallel),
             "tokenizer_fingerprint": self._tokenizer_fp,
             "data_fingerprint": ident.data_fingerprint,
             UNIVERSAL_INFO: universal_info(),

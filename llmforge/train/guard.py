@@ -98,15 +98,21 @@ class StopSignal:
 
 class FaultInjector:
     """Test hook: LLMFORGE_FAULTS="nan@5,inf@7,spike@9" corrupts the loss of those steps (1-based) on every rank;
-    "die_in_save@8" / "enospc_in_save@8" make the last rank die or hit ENOSPC while saving that step."""
+    "die_in_save@8" / "enospc_in_save@8" make the last rank die or hit ENOSPC while saving that step;
+    "unsummed_sequence" (every step) averages a sequence group's gradients instead of summing its slices' shares,
+    the kind of missing reduction `llmforge parity` is there to catch."""
 
     ENV = "LLMFORGE_FAULTS"
 
     def __init__(self, spec: str = ""):
         self.faults: dict[int, str] = {}
+        self.flags: set[str] = set()
         for item in filter(None, (x.strip() for x in spec.split(","))):
-            kind, _, step = item.partition("@")
-            self.faults[int(step)] = kind
+            kind, at, step = item.partition("@")
+            if at:
+                self.faults[int(step)] = kind
+            else:
+                self.flags.add(kind)
 
     @classmethod
     def from_env(cls) -> FaultInjector:
@@ -120,7 +126,9 @@ class FaultInjector:
             return kind.split("_")[0]
         return None
 
-    def loss(self, step: int, loss: torch.Tensor) -> torch.Tensor:
+    def loss(self, step: int, loss: torch.Tensor, sequence: int = 1) -> torch.Tensor:
+        if "unsummed_sequence" in self.flags and sequence > 1:
+            loss = loss / sequence
         kind = self.faults.get(step)
         if kind in ("nan", "inf", "spike"):
             del self.faults[step]  # once: a step redone after a rollback is clean

@@ -17,9 +17,11 @@ from torch import nn
 from llmforge import allocator
 from llmforge.config import Recipe, load_recipe, recipe_to_yaml
 from llmforge.config.deepspeed import compose_ds_config, zero_stage
+from llmforge.config.parallel import check_layout, make_layout, ranks_per_node
 from llmforge.errors import RecipeError
 from llmforge.model import GPT, apply_wraps, compile_unavailable
 from llmforge.model.flops import device_peak_flops, flops_per_token
+from llmforge.model.parallel import sequence_group, tensor_parallel_config
 from llmforge.tokenizer import fingerprint
 from llmforge.train.checkpoint import Checkpointer, RunIdentity, check_resume, resolve_resume
 from llmforge.train.distributed import release_shm_segment, setup_env
@@ -46,14 +48,24 @@ def run_training(
     recipe = load_recipe(recipe_path, overrides)
     world, accel = int(os.environ["WORLD_SIZE"]), get_accelerator()
     on_cpu = accel.device_name() == "cpu"
-    ds_config = compose_ds_config(recipe, world, recipe.run_dir, recipe_path, on_cpu)
+    layout = make_layout(recipe, world, int(os.environ["RANK"]), recipe_path)
+    ds_config = compose_ds_config(recipe, layout.data, recipe.run_dir, recipe_path, on_cpu)
     stage = zero_stage(ds_config)
     check_device(recipe, recipe_path, on_cpu)
     point = resolve_resume(resume, recipe.checkpoint_dir)
     setup = task.setup(recipe, recipe_path, point, stage)
     recipe, tok, data = setup.recipe, setup.tokenizer, setup.data
+    check_layout(recipe, world, stage, recipe_path, ranks_per_node())  # on the model the task resolved
+    if layout.tensor > 1:
+        ds_config["tensor_parallel"] = tensor_parallel_config(layout.tensor)
     universal = check_resume(
-        point, fingerprint(tok), data.train.fingerprint, recipe.data.allow_fingerprint_change, world, stage
+        point,
+        fingerprint(tok),
+        data.train.fingerprint,
+        recipe.data.allow_fingerprint_change,
+        world,
+        stage,
+        layout.tensor,
     )
     if universal:
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
@@ -66,7 +78,8 @@ def run_training(
         load_weights(model, setup.init_weights, stage == 3)
         setup.init_weights = None
     lora = task.lora(recipe)
-    if adapters := apply_wraps(model, lora, recipe.model.activation_checkpointing, recipe.train.compile):
+    group = sequence_group(layout) if layout.sequence > 1 else None
+    if adapters := apply_wraps(model, lora, recipe.model.activation_checkpointing, recipe.train.compile, group):
         log.info("LoRA rank %d on %s: %d trainable parameters", lora.rank, ",".join(lora.targets), adapters)
     n_params, n_embed = count_parameters(model)
     engine, *_ = deepspeed.initialize(
@@ -76,9 +89,10 @@ def run_training(
         write_run_files(recipe, ds_config)
         sizes = f"{n_params / 1e6:.2f}M parameters ({(n_params - n_embed) / 1e6:.2f}M non-embedding)"
         log.info(
-            "model: %s, %d ranks, ZeRO stage %d, %s on %s",
+            "model: %s, %d ranks (%s), ZeRO stage %d, %s on %s",
             sizes,
             world,
+            layout.describe(),
             stage,
             recipe.train.precision,
             accel.device_name(),
@@ -90,9 +104,9 @@ def run_training(
     identity = RunIdentity(recipe, tok, data.train.fingerprint, world, stage)
     checkpointer = Checkpointer(recipe.checkpoint_dir, recipe.checkpoint.keep_last, identity, metrics, faults)
     state = checkpointer.resume(engine, point, universal)
-    objective = task.objective(engine, setup, recipe.run_dir, fresh=point.path is None)
+    objective = task.objective(engine, setup, recipe.run_dir, layout, fresh=point.path is None)
     fpt = flops_per_token(n_params - n_embed, recipe.model, recipe.data.seq_len)
-    cfg = TrainerConfig.from_recipe(recipe, world, fpt, None if on_cpu else peak_flops(accel), faults)
+    cfg = TrainerConfig.from_recipe(recipe, layout, fpt, None if on_cpu else peak_flops(accel), faults)
     trainer = Trainer(engine, cfg, data, objective, checkpointer, metrics)
     if state.step >= recipe.train.max_steps:
         log.info("nothing to do: checkpoint is at step %d, train.max_steps=%d", state.step, recipe.train.max_steps)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from llmforge.config import Recipe
+from llmforge.config.parallel import Layout
 from llmforge.config.recipe import LoraConfig
 from llmforge.data.loader import PretrainData
 from llmforge.errors import DataError, RecipeError
@@ -65,9 +66,9 @@ class Task:
         """The LoRA adapters to train (rank 0: none; pre-training trains every weight)."""
         return LoraConfig()
 
-    def objective(self, engine: Any, setup: TaskSetup, run_dir: str, fresh: bool) -> Objective:
+    def objective(self, engine: Any, setup: TaskSetup, run_dir: str, layout: Layout, fresh: bool) -> Objective:
         """The loss, once the engine exists (DPO scores its reference pairs with it)."""
-        return Objective.language_modeling(setup.recipe.train)
+        return Objective.language_modeling(setup.recipe.train, layout)
 
 
 def resolve_model_config(recipe: Recipe, vocab_size: int, origin: str) -> Recipe:

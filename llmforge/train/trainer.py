@@ -12,9 +12,11 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from llmforge.config.parallel import Layout
 from llmforge.config.recipe import EvalConfig, Recipe, SpikeGuardConfig, TrainConfig
 from llmforge.data.loader import micro_batch_indices, next_micro_batch
 from llmforge.data.prefetch import Prefetcher
+from llmforge.model.parallel import SequenceSlice
 from llmforge.train.checkpoint import Checkpointer, TrainState
 from llmforge.train.guard import FaultInjector, SpikeGuard, StopSignal
 from llmforge.train.metrics import Metrics, memory_gb
@@ -36,20 +38,22 @@ LossFn = Callable[[Any, Any], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 class LMLoss:
     """Next-token cross-entropy on (inputs, targets, ...) batches (targets IGNORE_INDEX carry no loss), plus optional
-    z-loss; loss_chunk > 0 computes the LM head and loss that many tokens at a time (see GPT.forward)."""
+    z-loss; loss_chunk > 0 computes the LM head and loss that many tokens at a time (see GPT.forward). Under
+    sequence parallelism each rank runs its slice of the samples (model/parallel.py: SequenceSlice)."""
 
-    def __init__(self, z_loss: float = 0.0, loss_chunk: int = 0):
-        self.z_loss, self.loss_chunk = z_loss, loss_chunk
+    def __init__(self, z_loss: float = 0.0, loss_chunk: int = 0, sequence: Optional[SequenceSlice] = None):
+        self.z_loss, self.loss_chunk, self.sequence = z_loss, loss_chunk, sequence
 
     def __call__(self, engine: Any, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         inputs, targets = batch[0], batch[1]
-        _, loss = engine(
-            inputs.to(engine.device, non_blocking=True),
-            targets.to(engine.device, non_blocking=True),
-            loss_chunk=self.loss_chunk,
-            z_loss=self.z_loss,
-        )
-        return loss, {}
+        inputs = inputs.to(engine.device, non_blocking=True)
+        targets = targets.to(engine.device, non_blocking=True)
+        if self.sequence is None:
+            _, loss = engine(inputs, targets, loss_chunk=self.loss_chunk, z_loss=self.z_loss)
+            return loss, {}
+        inputs, targets, kwargs = self.sequence(inputs, targets)
+        _, loss = engine(inputs, targets, loss_chunk=self.loss_chunk, z_loss=self.z_loss, **kwargs)
+        return loss * self.sequence.scale, {}
 
 
 @dataclass
@@ -60,8 +64,9 @@ class Objective:
     eval: LossFn
 
     @classmethod
-    def language_modeling(cls, t: TrainConfig) -> Objective:
-        return cls(LMLoss(t.z_loss, t.loss_chunk), LMLoss(0.0, t.loss_chunk))
+    def language_modeling(cls, t: TrainConfig, layout: Optional[Layout] = None) -> Objective:
+        sequence = SequenceSlice(layout) if layout is not None and layout.sequence > 1 else None
+        return cls(LMLoss(t.z_loss, t.loss_chunk, sequence), LMLoss(0.0, t.loss_chunk, sequence))
 
 
 @dataclass
@@ -69,28 +74,28 @@ class TrainerConfig:
     """What the loop needs from the recipe, and from the run it belongs to."""
 
     schedule: TrainConfig  # max_steps, batch sizes, the LR schedule
-    data_parallel: int  # ranks that each read their own micro-batches
+    layout: Layout  # this rank's place among data-parallel replicas, sequence and tensor groups
     spike_guard: SpikeGuardConfig
     eval: EvalConfig
     log_interval: int
     checkpoint_interval: int
     prefetch: int
     flops_per_token: float  # training FLOPs per token (6N + attention), for MFU
-    peak_flops: Optional[float]  # per rank; None on CPU (no MFU)
+    peak_flops: Optional[float]  # per rank (GPU); None on CPU (no MFU)
     faults: FaultInjector = field(default_factory=FaultInjector)
 
     @classmethod
     def from_recipe(
         cls,
         recipe: Recipe,
-        data_parallel: int,
+        layout: Layout,
         flops_per_token: float,
         peak_flops: Optional[float],
         faults: FaultInjector,
     ) -> TrainerConfig:
         return cls(
             recipe.train,
-            data_parallel,
+            layout,
             recipe.train.spike_guard,
             recipe.eval,
             recipe.logging.interval,
@@ -103,7 +108,7 @@ class TrainerConfig:
 
     @property
     def global_batch(self) -> int:
-        return self.schedule.global_batch(self.data_parallel)
+        return self.schedule.global_batch(self.layout.data)
 
 
 @dataclass
@@ -127,7 +132,7 @@ class Trainer:
         """`checkpointer` None: no checkpoints are saved and a divergence cannot roll back (benchmarks)."""
         self.engine, self.cfg, self.data, self.objective = engine, cfg, data, objective
         self.checkpointer, self.metrics = checkpointer, metrics
-        self.rank = engine.global_rank
+        self.layout = cfg.layout
         self.state = TrainState()
         self.stop = StopSignal(install=False)
         self.guard = SpikeGuard(cfg.spike_guard)
@@ -160,9 +165,10 @@ class Trainer:
         n = t.grad_accum_steps
         for micro in range(n):
             batch = self.batches.get((self.state.consumed_samples, micro))
-            tokens += self.data.train.tokens(batch)
+            if self.layout.counts_tokens:
+                tokens += self.data.train.tokens(batch)
             loss, stats = self.objective.train(engine, batch)
-            loss = self.cfg.faults.loss(step, loss)
+            loss = self.cfg.faults.loss(step, loss, self.layout.sequence)
             total += loss.detach().float()
             for k, v in stats.items():
                 stat_totals[k] = stat_totals.get(k, 0.0) + v.detach().float()
@@ -191,12 +197,13 @@ class Trainer:
 
     def _read_micro(self, key: tuple[int, int]) -> Any:
         consumed, micro = key
+        lay = self.layout
         return self.data.train.batch(
-            micro_batch_indices(consumed, micro, self.rank, self.cfg.data_parallel, self.cfg.schedule.micro_batch_size)
+            micro_batch_indices(consumed, micro, lay.data_rank, lay.data, self.cfg.schedule.micro_batch_size)
         )
 
     def _reduce(self, loss: torch.Tensor, tokens: int, stats: dict[str, torch.Tensor]) -> torch.Tensor:
-        return reduce_step_values(loss, self.stop.requested, tokens, stats, self.cfg.data_parallel)
+        return reduce_step_values(loss, self.stop.requested, tokens, stats, self.layout.world)
 
     # -- the loop -------------------------------------------------------------------------------------------------
     def train(self, state: TrainState, stop: StopSignal) -> str:
@@ -279,11 +286,11 @@ class Trainer:
     def log(self, step: int, result: StepResult, tokens_per_s: float, s_per_step: float) -> None:
         """One metrics row. tokens/s and MFU count the non-pad input tokens of the steps actually run (SFT rows are
         padded to the longest row of their micro-batch; a DPO sample is two rows), so padding is not counted as
-        work; MFU = flops_per_token x tokens/s / (peak FLOP/s x ranks)."""
+        work; MFU = flops_per_token x tokens/s / (peak FLOP/s x ranks), every rank of every group counted."""
         grad_norm = self.engine.get_global_grad_norm()
         mfu = None
         if self.cfg.peak_flops:
-            mfu = self.cfg.flops_per_token * tokens_per_s / (self.cfg.peak_flops * self.cfg.data_parallel)
+            mfu = self.cfg.flops_per_token * tokens_per_s / (self.cfg.peak_flops * self.layout.world)
         self.metrics.train(
             {
                 "step": step,
@@ -306,13 +313,13 @@ class Trainer:
         val = self.data.val
         if val is None or val.num_samples == 0:
             return None
-        engine, mb, world = self.engine, self.cfg.schedule.micro_batch_size, self.cfg.data_parallel
+        engine, mb, lay = self.engine, self.cfg.schedule.micro_batch_size, self.layout
         engine.eval()
         total = torch.zeros((), device=engine.device)
         stat_totals: dict[str, torch.Tensor] = {}
         n = self.cfg.eval.batches
         for b in range(n):
-            loss, stats = self.objective.eval(engine, val.batch(micro_batch_indices(0, b, self.rank, world, mb)))
+            loss, stats = self.objective.eval(engine, val.batch(micro_batch_indices(0, b, lay.data_rank, lay.data, mb)))
             total += loss.float()
             for k, v in stats.items():
                 stat_totals[k] = stat_totals.get(k, 0.0) + v.float()
@@ -334,8 +341,10 @@ class Trainer:
 def reduce_step_values(
     loss: torch.Tensor, stop: bool, tokens: int, stats: dict[str, torch.Tensor], world: int
 ) -> torch.Tensor:
-    """One all-reduce, queued without waiting for its result: [mean loss over ranks, number of ranks asked to stop,
-    tokens of all ranks, mean of each objective metric], on the loss's device."""
+    """One all-reduce over all `world` ranks, queued without waiting for its result: [mean loss over ranks, number of
+    ranks asked to stop, tokens of all ranks, mean of each objective metric], on the loss's device. Ranks of one
+    tensor or sequence group hold one replica's share each: their losses average to the replica's, and only one of
+    them counts its tokens."""
     packed = torch.stack(
         [
             loss.detach().float(),

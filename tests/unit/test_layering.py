@@ -20,7 +20,7 @@ LAYERS = [
     {"data"},
     {"train"},
     {"posttrain", "eval"},
-    {"plan", "plots", "slurm", "demo"},
+    {"plan", "plots", "slurm", "demo", "parity"},
     {"cli"},
 ]
 LEVEL = {name: i for i, layer in enumerate(LAYERS) for name in layer}

@@ -35,7 +35,7 @@ def test_sdpa_equals_reference_path(kv):
     sdpa = tiny(n_kv_heads=kv).eval()
     ref = copy.deepcopy(sdpa)
     for block in ref.blocks:
-        block.attn.impl = "reference"
+        block.attn.core.impl = "reference"
     x = torch.randint(0, 61, (3, 40))
     a, la = sdpa(x, x)
     b, lb = ref(x, x)

@@ -1,0 +1,116 @@
+"""The parallel layout: how a run's ranks split into tensor, sequence and data-parallel groups, and which layouts a
+recipe can run (checked before anything starts).
+
+Ranks are ordered tensor-fastest: rank = (data_rank × sequence + sequence_rank) × tensor + tensor_rank. A tensor
+group is `tensor` consecutive ranks, so it sits inside one node (the launcher numbers a node's ranks consecutively);
+a sequence group takes every tensor-th rank within one data-parallel replica; data-parallel replicas come last. This
+is also DeepSpeed's AutoTP grouping (a (world/tensor, tensor) device mesh), whose "data-parallel" group (the ranks
+with the same tensor rank) is then data × sequence: gradients are averaged and ZeRO shards over it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from llmforge.config.recipe import Recipe
+from llmforge.errors import RecipeError
+
+
+@dataclass(frozen=True)
+class Layout:
+    world: int
+    tensor: int = 1
+    sequence: int = 1
+    rank: int = 0
+
+    @property
+    def data(self) -> int:
+        """Data-parallel replicas: ranks that each read their own samples, divided by the model-parallel size."""
+        return self.world // (self.tensor * self.sequence)
+
+    @property
+    def tensor_rank(self) -> int:
+        return self.rank % self.tensor
+
+    @property
+    def sequence_rank(self) -> int:
+        return (self.rank // self.tensor) % self.sequence
+
+    @property
+    def data_rank(self) -> int:
+        return self.rank // (self.tensor * self.sequence)
+
+    @property
+    def counts_tokens(self) -> bool:
+        """One rank per replica counts the replica's tokens (the others hold the same samples)."""
+        return self.tensor_rank == 0 and self.sequence_rank == 0
+
+    def sequence_groups(self) -> list[list[int]]:
+        """Every sequence group's ranks (all ranks create every group, in this order)."""
+        tp, sp = self.tensor, self.sequence
+        return [[(d * sp + s) * tp + t for s in range(sp)] for d in range(self.data) for t in range(tp)]
+
+    def describe(self) -> str:
+        return f"data {self.data} x sequence {self.sequence} x tensor {self.tensor}"
+
+
+def make_layout(recipe: Recipe, world: int, rank: int, origin: str) -> Layout:
+    """This rank's layout; the recipe's tensor x sequence must divide the ranks."""
+    tp, sp = recipe.parallel.tensor, recipe.parallel.sequence
+    if world % (tp * sp):
+        raise RecipeError(
+            origin, "parallel", f"tensor {tp} x sequence {sp} = {tp * sp} does not divide the {world} ranks"
+        )
+    return Layout(world, tp, sp, rank)
+
+
+def check_layout(recipe: Recipe, world: int, zero_stage: int, origin: str, ranks_per_node: int = 0) -> None:
+    """Refuse, in one line naming the recipe key, a layout this run cannot hold. `ranks_per_node` 0: not checked."""
+    p, m = recipe.parallel, recipe.model
+    tp, sp = p.tensor, p.sequence
+    make_layout(recipe, world, 0, origin)
+    if tp > 1:
+        if zero_stage == 3:
+            raise RecipeError(
+                origin,
+                "parallel.tensor",
+                "tensor parallelism (DeepSpeed AutoTP) runs with ZeRO stages 0-2; use zero_optimization.stage <= 2",
+            )
+        for key, heads in (("model.n_heads", m.n_heads), ("model.n_kv_heads", m.kv_heads)):
+            if heads % tp:
+                raise RecipeError(
+                    origin,
+                    "parallel.tensor",
+                    f"{key}={heads} is not divisible by tensor={tp}: each tensor rank holds whole heads",
+                )
+        if m.ff_dim % tp:
+            raise RecipeError(origin, "parallel.tensor", f"the MLP width {m.ff_dim} is not divisible by tensor={tp}")
+        if recipe.posttrain.lora.rank:
+            raise RecipeError(
+                origin, "parallel.tensor", "LoRA adapters are not tensor-parallel; use parallel.tensor: 1 with LoRA"
+            )
+        if ranks_per_node and (tp > ranks_per_node or ranks_per_node % tp):
+            raise RecipeError(
+                origin,
+                "parallel.tensor",
+                f"tensor groups stay inside a node: tensor={tp} must divide the {ranks_per_node} ranks per node",
+            )
+    if sp > 1:
+        if recipe.data.seq_len % sp:
+            raise RecipeError(
+                origin, "parallel.sequence", f"data.seq_len={recipe.data.seq_len} is not divisible by sequence={sp}"
+            )
+        for key, heads in (("model.n_heads", m.n_heads), ("model.n_kv_heads", m.kv_heads)):
+            if (heads // tp) % sp:
+                per = f"the {heads // tp} heads per tensor rank" if tp > 1 else f"{key}={heads}"
+                raise RecipeError(
+                    origin,
+                    "parallel.sequence",
+                    f"{per} are not divisible by sequence={sp}: Ulysses attention gives each sequence rank whole heads",
+                )
+
+
+def ranks_per_node() -> int:
+    """Ranks the launcher started on this node (0 when it does not say)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0)

@@ -1,0 +1,128 @@
+"""Tensor and sequence parallelism for the GPT, applied from model/wraps.py; gpt.py knows nothing of either.
+
+Tensor parallelism is DeepSpeed's AutoTP: the composed DeepSpeed config names which Linear layers it shards
+(`tensor_parallel_config`) and the engine replaces them at `deepspeed.initialize`. Column-parallel (output rows
+split): wq, wk, wv, gate, up; row-parallel (input columns split, outputs all-reduced): wo, down. A rank holds whole
+heads (the layout check requires n_heads and n_kv_heads divisible by the tensor size), and attention reads its head
+counts off the shards. The token embedding, the final norm and the LM head stay replicated: AutoTP can split the
+head only by gathering the logits again, which saves nothing in activations, and its vocabulary-parallel path
+(a no-gather head with its own cross-entropy) does not cover llmforge's chunked loss or z-loss. docs/training.md
+measures what the replicated vocabulary costs.
+
+Sequence parallelism is Ulysses: each rank of a sequence group holds seq_len ÷ sequence tokens of the same samples;
+attention goes through DeepSpeed's `DistributedAttention` (all-to-all from sequence to heads, attention over every
+token of heads ÷ sequence heads, all-to-all back). Everything else in a block is per-token and runs on the slice.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from llmforge.config.parallel import Layout
+from llmforge.model.gpt import GPT, IGNORE_INDEX, Attention, CoreAttention
+
+# AutoTP's rules for llmforge's layer names (regular expressions over parameter names).
+COLUMN_PARALLEL = [r".*\.attn\.w[qkv]\.weight$", r".*\.mlp\.(gate|up)\.weight$"]
+ROW_PARALLEL = [r".*\.attn\.wo\.weight$", r".*\.mlp\.down\.weight$"]
+
+
+def tensor_parallel_config(tensor: int) -> dict:
+    """The DeepSpeed `tensor_parallel` section that shards llmforge's GPT over `tensor` ranks (AutoTP training)."""
+    return {
+        "autotp_size": tensor,
+        "partition_config": {
+            "use_default_specs": False,
+            "layer_specs": [
+                {"patterns": COLUMN_PARALLEL, "partition_type": "column"},
+                {"patterns": ROW_PARALLEL, "partition_type": "row"},
+            ],
+        },
+    }
+
+
+def tensor_shard_dim(name: str) -> Optional[int]:
+    """The dimension a tensor-parallel checkpoint splits parameter `name` along (0 column, 1 row), or None when
+    every rank holds the whole parameter."""
+    if any(re.match(p, "." + name) for p in COLUMN_PARALLEL):
+        return 0
+    if any(re.match(p, "." + name) for p in ROW_PARALLEL):
+        return 1
+    return None
+
+
+def merge_tensor_shards(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """One whole state dict from the tensor ranks' state dicts, in tensor-rank order."""
+    merged = {}
+    for name, first in states[0].items():
+        dim = tensor_shard_dim(name)
+        merged[name] = first if dim is None else torch.cat([s[name] for s in states], dim=dim)
+    return merged
+
+
+class UlyssesAttention(nn.Module):
+    """`CoreAttention` over a sequence group: (B, heads, T/sp, D) in and out, attention over all T tokens of
+    heads/sp heads in between. The wrapped core keeps its name (`local_attn.core`), which holds no parameters."""
+
+    def __init__(self, core: CoreAttention, group: Any):
+        from deepspeed.sequence.layer import DistributedAttention
+
+        super().__init__()
+        self.core = core
+        # DeepSpeed's all-to-all takes batch-first (B, T, heads, D): sequence at dim 1, heads at dim 2.
+        self.dist = DistributedAttention(self._local, group, scatter_idx=2, gather_idx=1)
+
+    def _local(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self.core(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if k.shape[2] != q.shape[2]:
+            raise ValueError("sequence-parallel attention takes no KV cache (generation runs on one rank)")
+        out = self.dist(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0)
+        return out.transpose(1, 2)
+
+
+def sequence_group(layout: Layout) -> Any:
+    """This rank's sequence process group. Every rank creates every group, in the same order (torch.distributed
+    requires it)."""
+    mine = None
+    for ranks in layout.sequence_groups():
+        group = dist.new_group(ranks)
+        if layout.rank in ranks:
+            mine = group
+    return mine
+
+
+def apply_sequence_parallel(model: GPT, group: Any) -> GPT:
+    """Run every attention core through Ulysses over `group`, in place."""
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.core = UlyssesAttention(module.core, group)  # type: ignore[assignment]
+    return model
+
+
+class SequenceSlice:
+    """Which tokens of each sample a sequence rank holds, and the loss normalisation that makes the group's
+    slices one sequence: each slice's summed loss is divided by the whole sequences' counts, so the slices' losses
+    sum to the sequences' mean loss whatever each slice holds. DeepSpeed averages gradients over its data-parallel
+    group, which holds the sequence ranks too, so the loss a rank backpropagates is `scale` (= sequence) times its
+    slice's share: the average over a sequence group is then the sum of its shares."""
+
+    def __init__(self, layout: Layout):
+        self.size, self.rank = layout.sequence, layout.sequence_rank
+        self.scale = float(layout.sequence)
+
+    def __call__(
+        self, inputs: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """(inputs, targets, forward kwargs) of this rank's slice of (B, T) inputs and targets."""
+        if self.size == 1:
+            return inputs, targets, {}
+        n = inputs.shape[1] // self.size
+        lo = self.rank * n
+        totals = ((targets != IGNORE_INDEX).sum(), targets.numel())
+        return inputs[:, lo : lo + n], targets[:, lo : lo + n], {"offset": lo, "totals": totals}
