@@ -9,6 +9,7 @@ from typing import Optional
 
 from llmforge.allocator import reexec_with_tcmalloc
 from llmforge.config import load_recipe
+from llmforge.config.parallel import make_layout
 from llmforge.data.prepare import prepare, train_tokenizer
 from llmforge.demo.stdlib_corpus import build_stdlib_corpus
 from llmforge.demo.toy_chat import write_toy_sets
@@ -16,7 +17,7 @@ from llmforge.errors import UserError, exit_on_user_error, exit_process
 from llmforge.eval.harness import run_lm_eval
 from llmforge.eval.perplexity import evaluate_checkpoint
 from llmforge.parity import format_report, parity
-from llmforge.plan import count_params, format_plan, loss_chunk_hint, plan, planned_model
+from llmforge.plan import count_params, format_plan, loss_chunk_hint, plan, planned_model, suggest_layout
 from llmforge.plots import plot_run
 from llmforge.posttrain.task import TASKS
 from llmforge.tokenizer import load_tokenizer
@@ -92,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="memory per GPU and time to budget for each ZeRO stage x activation checkpointing")
     _recipe_args(p)
-    p.add_argument("--gpus", type=int, required=True, help="data-parallel GPUs")
+    p.add_argument("--gpus", type=int, required=True, help="GPUs (split as the recipe's parallel section says)")
     p.add_argument("--gpu-memory", required=True, help="memory per GPU, e.g. 80GB")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak per GPU (H100/H200: 989)")
     p.add_argument("--mfu", type=float, default=0.45, help="assumed model FLOPs utilisation for the time estimate")
@@ -201,7 +202,17 @@ def main(argv: Optional[list[str]] = None) -> None:
             with contextlib.suppress(UserError):
                 vocab = load_tokenizer(recipe.tokenizer, args.recipe).vocab_size
         rows = plan(recipe, args.recipe, args.gpus, memory, args.peak_tflops, args.mfu, vocab)
-        print(format_plan(rows, count_params(planned_model(recipe, vocab))[0], args.gpus, memory))
+        layout = make_layout(recipe, args.gpus, 0, args.recipe)
+        print(format_plan(rows, count_params(planned_model(recipe, vocab))[0], args.gpus, memory, layout))
+        if suggestion := suggest_layout(recipe, args.recipe, args.gpus, memory, vocab):
+            tp, sp, row = suggestion
+            print(
+                f"suggested layout: parallel.tensor={tp} parallel.sequence={sp} "
+                f"({args.gpus // (tp * sp)} data-parallel), ZeRO-{row.stage}, activation checkpointing "
+                f"{row.checkpointing}: {row.total_gb:.1f} GB per GPU"
+            )
+        else:
+            print(f"suggested layout: none fits {args.gpus} GPUs of {memory:g} GB; add GPUs or shorten data.seq_len")
         hint = loss_chunk_hint(recipe, vocab)
         if hint:
             print(hint)

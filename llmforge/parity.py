@@ -27,9 +27,10 @@ from llmforge.errors import UserError
 from llmforge.train.metrics import read_metrics
 
 # Relative tolerances (loss, gradient norm) per training precision. fp32: summation order is all that differs
-# between layouts. bf16: the layouts round partial sums (row-parallel outputs, sharded gradients) at different
-# points; docs/training.md gives the differences measured on the test recipe.
-TOLERANCES = {"fp32": (1e-5, 1e-4), "bf16": (2e-2, 5e-2), "fp16": (2e-2, 5e-2)}
+# between layouts (measured: <= 1.5e-7 over 20 steps of the test recipe). bf16/fp16: the layouts round partial sums
+# (row-parallel outputs, attention over gathered heads, sharded gradients) at different points, and the differences
+# grow as the runs drift apart (measured: <= 1.1e-4 loss, 3.1e-3 gradient norm; docs/training.md).
+TOLERANCES = {"fp32": (1e-5, 1e-4), "bf16": (2e-3, 2e-2), "fp16": (2e-3, 2e-2)}
 _PART = re.compile(r"^(tp|sp|dp)(\d+)$")
 
 

@@ -27,6 +27,17 @@ Memory per GPU (bytes; N parameters, d data-parallel ranks, bf16/fp16 training w
   stage-3 prefetch/live parameters (bounded by stage3_max_live_parameters).
 Throughput: FLOPs/token (6N + 12·L·d·s, ×4/3 of the forward share recomputed under full checkpointing) at an assumed
 MFU of the device's peak; time to the recipe's token budget (max_steps × global batch × seq_len).
+
+Parallel layouts (recipe `parallel`, llmforge/config/parallel.py): the GPUs split into d = gpus ÷ (tensor ×
+sequence) data-parallel replicas. Tensor parallelism holds 1/tensor of each block's Linear weights (the embedding,
+norms and LM head stay whole: model/parallel.py); ZeRO shards over the d × sequence ranks that share a tensor rank.
+Activations: sequence parallelism divides every per-token tensor by `sequence` (attention holds all tokens of
+heads ÷ sequence heads: the same size); tensor parallelism divides the attention and MLP tensors inside a block, not
+the norms, the block boundaries or the logits. Communication per step and GPU (bytes sent, ring all-reduce
+2(n-1)/n of the buffer, all-to-all (n-1)/n): data-parallel: the gradients once (ZeRO 1-2; ZeRO-3 also gathers the
+16-bit weights twice); tensor: per block and micro-batch, 2 all-reduces of the b·s·d activations forward and 2
+backward (+2 recomputed under full checkpointing); sequence: per block and micro-batch, 4 all-to-alls forward
+(q, k, v, output) and 4 backward.
 """
 
 from __future__ import annotations
@@ -39,9 +50,12 @@ import torch
 
 from llmforge.config import Recipe
 from llmforge.config.deepspeed import compose_ds_config
+from llmforge.config.parallel import Layout, check_layout, make_layout
 from llmforge.config.recipe import ModelConfig
+from llmforge.errors import RecipeError
 from llmforge.model.flops import flops_per_token
 from llmforge.model.gpt import GPT
+from llmforge.model.parallel import tensor_shard_dim
 
 GB = 1024**3
 
@@ -52,6 +66,13 @@ def count_params(cfg: ModelConfig) -> tuple[int, int]:
         model = GPT(cfg)
     total = sum(p.numel() for p in model.parameters())
     return total, model.num_params(non_embedding=True)
+
+
+def params_per_rank(cfg: ModelConfig, tensor: int) -> int:
+    """Parameters one tensor rank holds: 1/tensor of each sharded block Linear, the rest whole."""
+    with torch.device("meta"):
+        model = GPT(cfg)
+    return sum(p.numel() // (tensor if tensor_shard_dim(n) is not None else 1) for n, p in model.named_parameters())
 
 
 def model_state_bytes(n_params: int, stage: int, dp: int, precision: str = "bf16") -> dict[str, float]:
@@ -89,9 +110,12 @@ def activation_bytes(
     loss_chunk: int = 0,
     compiled: bool = False,
     transients: bool = True,
+    tensor: int = 1,
 ) -> float:
     """Activations of one micro-batch for an activation-checkpointing mode: what is kept for backward plus, with
     `transients`, what backward briefly adds on top (one block's recomputation, the logits' gradients).
+    `seq_len` is the tokens a rank holds (seq_len ÷ sequence under sequence parallelism); `tensor` divides the
+    attention and MLP tensors of a block (its shards), not the norms, block boundaries or logits.
     `compiled`: blocks and loss as train.compile builds them — block norms keep what a fused kernel keeps whatever
     `fused_norm` says (which then concerns only the final norm), SwiGLU keeps its two projections and their product
     (the SiLU is recomputed), the loss keeps the 16-bit logits and an fp32 log-sum-exp."""
@@ -107,10 +131,10 @@ def activation_bytes(
         return kept + elem * T * d  # its output, the input of the next linear(s)
 
     norm = norm_bytes(fused_norm or compiled)
-    attn = elem * T * (2 * d + 2 * kv) + 4 * T * cfg.n_heads
+    attn = (elem * T * (2 * d + 2 * kv) + 4 * T * cfg.n_heads) / tensor
     if not fused_attention:
-        attn += elem * cfg.n_heads * s * s * b
-    mlp = elem * T * ((3 if compiled else 4) if cfg.mlp == "swiglu" else 2) * ff
+        attn += elem * cfg.n_heads * s * s * b / tensor
+    mlp = elem * T * ((3 if compiled else 4) if cfg.mlp == "swiglu" else 2) * ff / tensor
     layer = 2 * norm + attn + mlp
     boundary = elem * T * d
     recompute = layer if transients else 0
@@ -155,6 +179,27 @@ def buffer_bytes(ds_config: dict, n_params: int, elem: int = 2) -> float:
     return 0.0
 
 
+def communication_bytes(
+    cfg: ModelConfig, layout: Layout, n_rank: int, stage: int, seq_len: int, micro_batch: int, accum: int, mode: str
+) -> dict[str, float]:
+    """Bytes each GPU sends per optimizer step in each parallel dimension (16-bit gradients and activations)."""
+    elem, L = 2, cfg.n_layers
+    zero_group = layout.data * layout.sequence
+    ring = 2 * (zero_group - 1) / zero_group if zero_group > 1 else 0.0
+    data = ring * elem * n_rank * (1 + (2 if stage == 3 else 0))
+    T = micro_batch * seq_len // layout.sequence  # tokens per rank and micro-batch
+    tp, sp = layout.tensor, layout.sequence
+    tensor = 0.0
+    if tp > 1:
+        reduces = 4 + (2 if mode == "full" else 0)
+        tensor = L * accum * reduces * 2 * (tp - 1) / tp * elem * T * cfg.d_model
+    sequence = 0.0
+    if sp > 1:
+        per_layer = elem * T * (2 * cfg.d_model + 2 * cfg.kv_heads * cfg.head_dim) / tp  # q, output, k, v
+        sequence = L * accum * 2 * (sp - 1) / sp * per_layer * (1.5 if mode == "full" else 1.0)
+    return {"data": data, "tensor": tensor, "sequence": sequence}
+
+
 @dataclass
 class PlanRow:
     stage: int
@@ -169,6 +214,7 @@ class PlanRow:
     tokens_per_s: float
     step_s: float
     hours_to_budget: float
+    comm_gb: dict = dataclasses.field(default_factory=dict)  # per GPU and step: data / tensor / sequence
 
 
 def planned_model(recipe: Recipe, vocab_size: Optional[int] = None) -> ModelConfig:
@@ -189,31 +235,38 @@ def plan(
     vocab_size: Optional[int] = None,
     fused_attention: bool = True,
 ) -> list[PlanRow]:
-    """One row per ZeRO stage (0-3) × activation checkpointing (none, selective, full) for `gpus` data-parallel
-    GPUs of `gpu_memory_gb` each."""
+    """One row per ZeRO stage (0-3) × activation checkpointing (none, selective, full) for `gpus` GPUs of
+    `gpu_memory_gb` each, in the recipe's parallel layout (tensor parallelism: ZeRO stages 0-2 only)."""
     cfg = planned_model(recipe, vocab_size)
+    layout = make_layout(recipe, gpus, 0, origin)
     n_total, n_body = count_params(cfg)
+    n_rank = params_per_rank(cfg, layout.tensor)
     t = recipe.train
-    tokens_per_step = t.global_batch(gpus) * recipe.data.seq_len
+    tokens_per_step = t.global_batch(layout.data) * recipe.data.seq_len
     budget = tokens_per_step * t.max_steps
+    zero_group = layout.data * layout.sequence  # ZeRO shards over the ranks that share a tensor rank
     rows = []
-    for stage in (0, 1, 2, 3):
-        ds = compose_ds_config(recipe, gpus, recipe.run_dir, origin, on_cpu=False)
+    for stage in (0, 1, 2) if layout.tensor > 1 else (0, 1, 2, 3):
+        ds = compose_ds_config(recipe, layout.data, recipe.run_dir, origin, on_cpu=False)
         ds["zero_optimization"] = {**ds.get("zero_optimization", {}), "stage": stage}
-        states = model_state_bytes(n_total, stage, gpus, t.precision)
-        buffers = buffer_bytes(ds, n_total)
+        states = model_state_bytes(n_rank, stage, zero_group, t.precision)
+        buffers = buffer_bytes(ds, n_rank)
         for mode in ("none", "selective", "full"):
             acts = activation_bytes(
                 cfg,
-                recipe.data.seq_len,
+                recipe.data.seq_len // layout.sequence,
                 t.micro_batch_size,
                 mode,
                 fused_attention=fused_attention,
                 elem=4 if t.precision == "fp32" else 2,
                 loss_chunk=t.loss_chunk,
                 compiled=t.compile,
+                tensor=layout.tensor,
             )
             total = sum(states.values()) + acts + buffers
+            comm = communication_bytes(
+                cfg, layout, n_rank, stage, recipe.data.seq_len, t.micro_batch_size, t.grad_accum_steps, mode
+            )
             fpt = flops_per_token(n_body, cfg, recipe.data.seq_len)
             recompute = {
                 "none": 0.0,
@@ -235,6 +288,7 @@ def plan(
                     tps,
                     tokens_per_step / tps,
                     budget / tps / 3600,
+                    {k: v / GB for k, v in comm.items()},
                 )
             )
     return rows
@@ -267,16 +321,50 @@ def loss_chunk_hint(
     return line
 
 
-def format_plan(rows: list[PlanRow], n_params: int, gpus: int, gpu_memory_gb: float) -> str:
+def suggest_layout(
+    recipe: Recipe,
+    origin: str,
+    gpus: int,
+    gpu_memory_gb: float,
+    vocab_size: Optional[int] = None,
+    gpus_per_node: int = 8,
+) -> Optional[tuple[int, int, PlanRow]]:
+    """The layout to start from on `gpus` GPUs: (tensor, sequence, row) of the first that fits, trying fewer
+    model-parallel ranks first (they cost communication on every block), then the row with the highest planned
+    throughput (least recomputation), the least communication, the least memory. Tensor groups stay within
+    `gpus_per_node`; only layouts the recipe's model can hold (whole heads per rank, seq_len divisible) are tried.
+    None: nothing fits."""
+    candidates = []
+    for tp in (t for t in range(1, min(gpus, gpus_per_node) + 1) if gpus % t == 0 and gpus_per_node % t == 0):
+        for sp in (s for s in range(1, gpus // tp + 1) if (gpus // tp) % s == 0):
+            trial = dataclasses.replace(recipe, parallel=dataclasses.replace(recipe.parallel, tensor=tp, sequence=sp))
+            try:
+                check_layout(trial, gpus, 1, origin)
+            except RecipeError:
+                continue
+            candidates.append((tp * sp, tp, sp, trial))
+    for _, tp, sp, trial in sorted(candidates, key=lambda c: (c[0], c[1])):
+        fitting = [r for r in plan(trial, origin, gpus, gpu_memory_gb, vocab_size=vocab_size) if r.fits]
+        if fitting:
+            return tp, sp, max(fitting, key=lambda r: (r.tokens_per_s, -sum(r.comm_gb.values()), -r.total_gb))
+    return None
+
+
+def format_plan(
+    rows: list[PlanRow], n_params: int, gpus: int, gpu_memory_gb: float, layout: Optional[Layout] = None
+) -> str:
+    layout = layout or Layout(gpus)
     head = (
-        f"{n_params / 1e6:.1f}M parameters, {gpus} GPUs x {gpu_memory_gb:g} GB (fits: total <= 95% of memory)\n"
+        f"{n_params / 1e6:.1f}M parameters, {gpus} GPUs x {gpu_memory_gb:g} GB as {layout.describe()} "
+        "(fits: total <= 95% of memory; comm: GB sent per GPU and step, data / tensor / sequence)\n"
         "| ZeRO | ckpt | params GB | grads GB | optim GB | activ. GB | buffers GB | total GB | fits | tokens/s "
-        "| step s | hours to budget |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| step s | hours to budget | comm GB |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = [
         f"| {r.stage} | {r.checkpointing} | {r.params_gb:.2f} | {r.grads_gb:.2f} | {r.optimizer_gb:.2f} | "
         f"{r.activations_gb:.2f} | {r.buffers_gb:.2f} | {r.total_gb:.2f} | {'yes' if r.fits else 'NO'} | "
-        f"{r.tokens_per_s:,.0f} | {r.step_s:.3f} | {r.hours_to_budget:.1f} |"
+        f"{r.tokens_per_s:,.0f} | {r.step_s:.3f} | {r.hours_to_budget:.1f} | "
+        f"{' / '.join(f'{r.comm_gb.get(k, 0.0):.2f}' for k in ('data', 'tensor', 'sequence'))} |"
         for r in rows
     ]
     return head + "\n".join(lines)

@@ -10,6 +10,9 @@ import subprocess
 import sys
 from typing import Optional
 
+from llmforge.config import load_recipe
+from llmforge.config.deepspeed import compose_ds_config, zero_stage
+from llmforge.config.parallel import check_layout
 from llmforge.errors import UserError, exit_on_user_error
 
 # Shipped as package data (setup.cfg), so a wheel install finds it too.
@@ -27,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="recipe override passed to every (re)start, repeatable",
     )
+    p.add_argument("--tensor", type=int, default=None, help="parallel.tensor (default: the recipe's)")
+    p.add_argument("--sequence", type=int, default=None, help="parallel.sequence (default: the recipe's)")
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=8, help="ranks per node (GPUs; CPU ranks when 0 GPUs)")
     p.add_argument("--cpu", action="store_true", help="CPU ranks: do not request GPUs")
@@ -49,6 +54,11 @@ def render(args: argparse.Namespace, workdir: str) -> str:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if not os.path.isfile(args.recipe):
         raise UserError(f"--recipe {args.recipe}: file not found")
+    overrides = list(args.overrides)
+    for key in ("tensor", "sequence"):
+        if getattr(args, key) is not None:
+            overrides.append(f"parallel.{key}={getattr(args, key)}")
+    check_job_layout(args.recipe, overrides, args.nodes, args.gpus_per_node)
     q = shlex.quote
     directives = []
     if not args.cpu:
@@ -71,8 +81,20 @@ def render(args: argparse.Namespace, workdir: str) -> str:
         workdir=q(workdir),
         python=q(args.python),
         recipe=q(args.recipe),
-        overrides=" ".join(f"--set {q(o)}" for o in args.overrides),
+        overrides=" ".join(f"--set {q(o)}" for o in overrides),
     )
+
+
+def check_job_layout(recipe_path: str, overrides: list[str], nodes: int, per_node: int) -> None:
+    """The recipe's parallel layout on nodes x per_node ranks, checked before submitting (a recipe error is one
+    line, exit 2): tensor groups must fit inside a node, which the script's block distribution fills first."""
+    recipe = load_recipe(recipe_path, overrides)
+    world = nodes * per_node
+    if world % recipe.parallel.model_parallel == 0:
+        ds = compose_ds_config(recipe, world // recipe.parallel.model_parallel, recipe.run_dir, recipe_path, False)
+        check_layout(recipe, world, zero_stage(ds), recipe_path, per_node)
+    else:
+        check_layout(recipe, world, 0, recipe_path, per_node)
 
 
 @exit_on_user_error

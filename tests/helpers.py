@@ -124,11 +124,15 @@ def _distributed_worker(fn: Callable[..., Any], rank: int, world: int, port: int
             dist.destroy_process_group()
 
 
-def run_distributed(fn: Callable[..., Any], *args: Any, world_size: int = 2, timeout: float = 120) -> list[Any]:
+def run_distributed(
+    fn: Callable[..., Any], *args: Any, world_size: int = 2, timeout: float = 120, start: str = "fork"
+) -> list[Any]:
     """Run fn(*args) on `world_size` forked CPU processes joined in a gloo process group (no launcher, no new
     interpreter: OLMo-core's run_distributed_test); returns each rank's result, in rank order. fn must be defined at
-    module level and return something picklable."""
-    ctx = mp.get_context("fork")
+    module level and return something picklable (not tensors: plain values or numpy arrays). start="spawn" starts
+    fresh interpreters instead: a forked child hangs in its first multi-threaded torch op once the parent process
+    has run one (OpenMP's thread pool does not survive fork)."""
+    ctx = mp.get_context(start)
     out = ctx.Queue()
     port = free_port()
     procs = [

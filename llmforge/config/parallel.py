@@ -101,14 +101,14 @@ def check_layout(recipe: Recipe, world: int, zero_stage: int, origin: str, ranks
             raise RecipeError(
                 origin, "parallel.sequence", f"data.seq_len={recipe.data.seq_len} is not divisible by sequence={sp}"
             )
-        for key, heads in (("model.n_heads", m.n_heads), ("model.n_kv_heads", m.kv_heads)):
-            if (heads // tp) % sp:
-                per = f"the {heads // tp} heads per tensor rank" if tp > 1 else f"{key}={heads}"
-                raise RecipeError(
-                    origin,
-                    "parallel.sequence",
-                    f"{per} are not divisible by sequence={sp}: Ulysses attention gives each sequence rank whole heads",
-                )
+        q = m.n_heads // tp  # per tensor rank; key/value heads are repeated as needed (model/parallel.py)
+        if q % sp:
+            per = f"the {q} query heads per tensor rank" if tp > 1 else f"model.n_heads={m.n_heads}"
+            raise RecipeError(
+                origin,
+                "parallel.sequence",
+                f"{per} are not divisible by sequence={sp}: Ulysses attention gives each sequence rank whole heads",
+            )
 
 
 def ranks_per_node() -> int:

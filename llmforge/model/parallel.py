@@ -12,10 +12,14 @@ measures what the replicated vocabulary costs.
 Sequence parallelism is Ulysses: each rank of a sequence group holds seq_len ÷ sequence tokens of the same samples;
 attention goes through DeepSpeed's `DistributedAttention` (all-to-all from sequence to heads, attention over every
 token of heads ÷ sequence heads, all-to-all back). Everything else in a block is per-token and runs on the slice.
+With fewer key/value heads than sequence ranks (grouped-query attention: Llama 3's 8 for 32 query heads), each
+key/value head is repeated before the all-to-all so every rank receives the ones its query heads use; this costs
+sequence ÷ kv_heads times their all-to-all volume and nothing else.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Optional
 
@@ -72,7 +76,7 @@ class UlyssesAttention(nn.Module):
         from deepspeed.sequence.layer import DistributedAttention
 
         super().__init__()
-        self.core = core
+        self.core, self.size = core, dist.get_world_size(group)
         # DeepSpeed's all-to-all takes batch-first (B, T, heads, D): sequence at dim 1, heads at dim 2.
         self.dist = DistributedAttention(self._local, group, scatter_idx=2, gather_idx=1)
 
@@ -82,6 +86,12 @@ class UlyssesAttention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if k.shape[2] != q.shape[2]:
             raise ValueError("sequence-parallel attention takes no KV cache (generation runs on one rank)")
+        kv = k.shape[1]
+        if kv % self.size:
+            # Fewer key/value heads than ranks (or not a multiple): repeat each so every rank receives whole ones.
+            # Adjacent copies keep grouped-query order: query head i still meets key/value head i // group.
+            repeat = math.lcm(kv, self.size) // kv
+            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
         out = self.dist(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0)
         return out.transpose(1, 2)
 

@@ -27,6 +27,8 @@ def setup_env() -> None:
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
         env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+        if env.get("SLURM_NTASKS_PER_NODE", "").isdigit():  # what the layout check calls ranks per node
+            env.setdefault("LOCAL_WORLD_SIZE", env["SLURM_NTASKS_PER_NODE"])
         if "MASTER_ADDR" not in env:
             nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
             env["MASTER_ADDR"] = _first_host(nodes)

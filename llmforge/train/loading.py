@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
 import json
 import os
 import sys
@@ -20,6 +21,7 @@ from llmforge.model.generate import generate
 from llmforge.model.gpt import GPT
 from llmforge.model.hf import from_llama
 from llmforge.model.lora import apply_lora, merge_lora
+from llmforge.model.parallel import merge_tensor_shards
 from llmforge.tokenizer import Tokenizer, tokenizer_from_json
 from llmforge.tokenizer.hf import HFTokenizer
 from llmforge.train.checkpoint_files import find_checkpoint, load_model_states
@@ -29,9 +31,11 @@ WRAPPER_PREFIX = "_checkpoint_wrapped_module."
 
 def _state_dict(path: str) -> dict[str, torch.Tensor]:
     load_dir, tag = os.path.split(path.rstrip("/"))
-    dense = os.path.join(path, "mp_rank_00_model_states.pt")
-    if os.path.isfile(dense):  # ZeRO 0-2: rank 0 holds the full (training-precision) module state
-        state = load_model_states(dense)["module"]
+    dense = sorted(glob.glob(os.path.join(path, "mp_rank_*_model_states.pt")))
+    if len(dense) > 1:  # tensor-parallel: one file per tensor rank, each holding its shards
+        state = merge_tensor_shards([load_model_states(f)["module"] for f in dense])
+    elif dense:  # ZeRO 0-2: rank 0 holds the full (training-precision) module state
+        state = load_model_states(dense[0])["module"]
     else:  # ZeRO-3: gather the fp32 partitions
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

@@ -63,6 +63,19 @@ def test_dry_run_quotes_every_value(tmp_path, prepared):
     assert bad.returncode == 2 and bad.stderr.strip() == f"error: --recipe {tmp_path / 'none.yaml'}: file not found"
 
 
+def test_dry_run_passes_the_layout_and_keeps_tensor_groups_in_a_node(tmp_path, prepared):
+    recipe = write_recipe(tmp_path / "r.yaml", prepared, tmp_path / "runs", model={"n_heads": 8, "n_kv_heads": 4})
+    submit = (sys.executable, "launch/slurm/submit.py", "--recipe", str(recipe), "--nodes", "2", "--dry-run")
+    r = run_cli(*submit, "--gpus-per-node", "4", "--tensor", "2", "--sequence", "2")
+    assert r.returncode == 0, r.stderr
+    assert "--set parallel.tensor=2 --set parallel.sequence=2" in r.stdout and "--distribution=block" in r.stdout
+    r = run_cli(*submit, "--gpus-per-node", "2", "--tensor", "4")  # a tensor group would span two nodes
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"recipe error: {recipe}: parallel.tensor: tensor groups stay inside a node: tensor=4 must divide the 2 "
+        "ranks per node"
+    ]
+
+
 def test_preempt_requeue_resume_matches_uninterrupted(tmp_path, prepared, slurm):
     steps = 200
     recipe = write_recipe(

@@ -1,0 +1,195 @@
+"""Parallel layouts run: the sequence-parallel model on 2 forked gloo ranks against the same model on one rank
+(DeepSpeed's comm layer JIT-builds its CPU op, a subprocess), `llmforge parity` over the tensor, sequence and
+combined layouts, a layout made wrong on purpose, kill-and-resume under layouts, and bad layouts refused."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import deepspeed
+import pytest
+import torch
+import torch.distributed as dist
+
+from llmforge.config.parallel import Layout
+from llmforge.config.recipe import ModelConfig
+from llmforge.model import GPT
+from llmforge.model.parallel import SequenceSlice, apply_sequence_parallel, sequence_group
+from llmforge.parity import parse_layouts
+from llmforge.train.distributed import setup_env
+from llmforge.train.guard import FaultInjector
+from llmforge.train.loading import load_model
+from tests.helpers import REPO, ds_cmd, losses_after_last_start, rows, run_cli, run_distributed, write_recipe
+
+CFG = dict(vocab_size=61, max_seq_len=32, d_model=32, n_layers=2, n_heads=4)
+
+
+def _sequence_parallel_step(position: str, kv: int) -> tuple[float, dict]:
+    """One forward/backward of a 2-rank sequence group, each rank on its half of the same samples: the loss it
+    backpropagates (sequence x its share) and its gradients averaged over the group, as DeepSpeed does."""
+    setup_env()  # the per-environment extension cache the launched runs use
+    deepspeed.init_distributed(dist_backend="gloo")  # DistributedAttention talks through deepspeed.comm
+    layout = Layout(2, sequence=2, rank=dist.get_rank())
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**CFG, position=position, n_kv_heads=kv))
+    apply_sequence_parallel(model, sequence_group(layout))
+    g = torch.Generator().manual_seed(1)
+    inputs, targets = torch.randint(0, 61, (3, 32), generator=g), torch.randint(0, 61, (3, 32), generator=g)
+    targets[0, :20] = -100  # rank 0's slice holds fewer counted targets than rank 1's
+    piece = SequenceSlice(layout)
+    x, y, kwargs = piece(inputs, targets)
+    _, loss = model(x, y, **kwargs)
+    (loss * piece.scale).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for t in grads.values():
+        dist.all_reduce(t)
+        t /= 2  # DeepSpeed's mean over its data-parallel group, which holds the sequence ranks
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    return float(total), {n: t.numpy() for n, t in grads.items()}  # plain arrays: the result crosses processes
+
+
+@pytest.mark.parametrize("position, kv", [("rope", 2), ("learned", 2), ("rope", 1)])
+def test_sequence_parallel_loss_and_gradients_equal_one_rank(position, kv):
+    """kv=1: one key/value head for 2 sequence ranks, repeated before the all-to-all."""
+    results = run_distributed(_sequence_parallel_step, position, kv, start="spawn")
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**CFG, position=position, n_kv_heads=kv))
+    g = torch.Generator().manual_seed(1)
+    inputs, targets = torch.randint(0, 61, (3, 32), generator=g), torch.randint(0, 61, (3, 32), generator=g)
+    targets[0, :20] = -100
+    _, loss = model(inputs, targets)
+    loss.backward()
+    for total, grads in results:
+        # the mean over every counted target of the whole sequences, not the mean of the two slices' means
+        assert abs(total - float(loss)) < 1e-5
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(torch.from_numpy(grads[name]), p.grad, rtol=1e-4, atol=1e-6)
+
+
+def parity_recipe(tmp_path: Path, prepared: Path, **train) -> Path:
+    """The test recipe with 8 query and 4 key/value heads: every layout below holds whole heads."""
+    return write_recipe(
+        tmp_path / "parity.yaml",
+        prepared,
+        tmp_path / "runs",
+        model={"d_model": 32, "n_layers": 2, "n_heads": 8, "n_kv_heads": 4},
+        train={"precision": "fp32", "warmup_steps": 1, **train},
+        deepspeed={"config": str(REPO / "ds_configs" / "zero1.json")},
+    )
+
+
+@pytest.mark.distributed
+def test_parity_passes_for_tensor_sequence_and_combined_layouts(tmp_path, prepared):
+    recipe = parity_recipe(tmp_path, prepared)
+    out = tmp_path / "parity"
+    r = run_cli(
+        "llmforge", "parity", "--recipe", str(recipe), "--layouts", "1,tp2,sp2,tp2.sp2", "--steps", "3",
+        "--out", str(out), timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    report = json.loads((out / "parity.json").read_text())
+    assert report["precision"] == "fp32" and report["tolerances"] == [1e-5, 1e-4]
+    by_name = {row["layout"]: row for row in report["layouts"]}
+    assert list(by_name) == ["1", "tp2", "sp2", "tp2.sp2"]
+    for name in ("tp2", "sp2", "tp2.sp2"):
+        row = by_name[name]
+        assert row["passed"] and row["max_loss_rel_diff"] <= 1e-5 and row["max_grad_norm_rel_diff"] <= 1e-4, row
+        assert sorted(row["losses"]) == ["1", "2", "3"]
+    assert "tp2.sp2" in r.stdout and r.stdout.count("pass") == 3
+
+
+@pytest.mark.distributed
+def test_parity_fails_a_layout_that_computes_another_model(tmp_path, prepared):
+    """A sequence group whose gradients are averaged instead of summed (a planted missing reduction): the loss of
+    step 1 still agrees, from then on the model differs and parity says so (exit 1)."""
+    recipe = parity_recipe(tmp_path, prepared)
+    r = run_cli(
+        "llmforge", "parity", "--recipe", str(recipe), "--layouts", "1,sp2", "--steps", "3", timeout=600,
+        env={FaultInjector.ENV: "unsummed_sequence"},
+    )  # fmt: skip
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
+    line = next(x for x in r.stdout.splitlines() if x.startswith("sp2 "))
+    assert line.endswith("FAIL"), r.stdout
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("layout, stage", [("tp2.dp2", 1), ("tp2.dp2", 2), ("sp2.dp2", 1), ("sp2.dp2", 2)])
+def test_resume_under_a_layout_is_bit_exact(tmp_path, prepared, layout, stage):
+    """4 ranks; a run resumed from the step-3 checkpoint of another reproduces steps 4-6 bit for bit."""
+    spec = parse_layouts(layout)[0]
+    sets = [f"parallel.tensor={spec.tensor}", f"parallel.sequence={spec.sequence}"]
+    sets = [x for s in sets for x in ("--set", s)]
+    base = write_recipe(
+        tmp_path / "base.yaml",
+        prepared,
+        tmp_path / "runs",
+        run={"name": "base"},
+        model={"d_model": 32, "n_layers": 2, "n_heads": 8, "n_kv_heads": 4},
+        train={"max_steps": 6, "warmup_steps": 1},
+        checkpoint={"interval": 3, "keep_last": 5},
+        eval={"interval": 0},
+        deepspeed={"config": str(REPO / "ds_configs" / f"zero{stage}.json")},
+    )
+    r = run_cli(*ds_cmd(base, *sets, ranks=4), timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    baseline = losses_after_last_start(tmp_path / "runs" / "base")
+    last = [x for x in rows(tmp_path / "runs" / "base") if x.get("step") == 6 and "loss" in x][-1]
+    assert last["tokens"] == 6 * 8 * 64  # steps x (micro-batch 4 x 2 replicas) x seq_len: each replica counted once
+    step3 = tmp_path / "runs" / "base" / "checkpoints" / "step_00000003"
+    assert sorted(baseline) == list(range(1, 7)) and step3.is_dir()
+    state = json.loads((step3 / "llmforge_state.json").read_text())
+    assert (state["tensor_parallel"], state["sequence_parallel"], state["global_batch"]) == (
+        spec.tensor, spec.sequence, 4 * 2,  # micro-batch 4 x 2 data-parallel replicas
+    )  # fmt: skip
+
+    r = run_cli(*ds_cmd(base, *sets, "--set", "run.name=resumed", "--resume", str(step3), ranks=4), timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    after = losses_after_last_start(tmp_path / "runs" / "resumed")
+    assert sorted(after) == [4, 5, 6]
+    for step, loss in after.items():
+        assert loss == baseline[step], (step, loss, baseline[step])  # bit for bit
+
+    if spec.tensor > 1:  # a tensor-parallel checkpoint does not move to another tensor size
+        r = run_cli(*ds_cmd(base, "--set", "run.name=moved", "--resume", str(step3), ranks=4), timeout=600)
+        assert r.returncode == 2, r.stdout[-3000:] + r.stderr[-3000:]
+        assert "was saved with parallel.tensor=2; resuming it under tensor=1 is not supported" in r.stdout + r.stderr
+
+
+@pytest.mark.distributed
+def test_export_gathers_tensor_shards(tmp_path, prepared):
+    """A tp2 run's checkpoint holds each column/row-parallel weight as 2 shards; loading (generate, evaluate,
+    export) gathers them: the weights equal a 1-rank run's of the same recipe (fp32), and the exported
+    LlamaForCausalLM's logits equal llmforge's within 1e-4."""
+    from transformers import LlamaForCausalLM
+
+    recipe = parity_recipe(tmp_path, prepared, max_steps=3)
+    sets = ("--set", "eval.interval=0")
+    r = run_cli(*ds_cmd(recipe, *sets, "--set", "parallel.tensor=2", "--set", "run.name=tp2"), timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    r = run_cli(sys.executable, "launch/pretrain.py", "--recipe", str(recipe), *sets, "--set", "run.name=one")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    step = tmp_path / "runs" / "tp2" / "checkpoints" / "step_00000003"
+    shards = [torch.load(step / f"mp_rank_0{i}_model_states.pt", weights_only=True)["module"] for i in (0, 1)]
+    assert shards[0]["blocks.0.attn.wq.weight"].shape == (16, 32)  # half of the 8 heads x 4 dims
+    assert shards[0]["blocks.0.mlp.down.weight"].shape == (32, shards[0]["blocks.0.mlp.up.weight"].shape[0])
+    assert shards[0]["tok_emb.weight"].shape == shards[1]["tok_emb.weight"].shape  # replicated
+
+    tp2, tok, _ = load_model(str(tmp_path / "runs" / "tp2"))
+    one, _, _ = load_model(str(tmp_path / "runs" / "one"))
+    for (name, a), b in zip(tp2.state_dict().items(), one.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+
+    r = run_cli(
+        sys.executable, "launch/export_hf.py", "--checkpoint", str(tmp_path / "runs" / "tp2"), "--out",
+        str(tmp_path / "hf"),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    hf = LlamaForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    ids = torch.tensor([tok.encode(Path(__file__).read_text()[:64])])
+    with torch.no_grad():
+        ours, _ = one(ids)
+        theirs = hf(ids).logits
+    assert (ours - theirs).abs().max() < 1e-4
