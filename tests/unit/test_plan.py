@@ -9,7 +9,7 @@ import pytest
 
 from llmforge.config import load_recipe
 from llmforge.config.recipe import ModelConfig
-from llmforge.plan import activation_bytes, plan
+from llmforge.plan import activation_bytes, count_params, params_per_rank, plan, suggest_layout
 from tests.helpers import SHAPES, kept_for_backward
 
 
@@ -63,3 +63,43 @@ def test_plan_counts_train_compile():
         saved = eager[r.stage, r.checkpointing].activations_gb - r.activations_gb
         blocks = {"none": m.n_layers, "selective": m.n_layers, "full": 1}[r.checkpointing]
         assert saved == pytest.approx((T * (6 * 32000 - 8) + blocks * T * 2 * m.ff_dim) / 1024**3, rel=1e-9)
+
+
+def test_plan_divides_by_the_layout():
+    """tensor 2: block Linear weights halved (embedding, norms, head whole), attention and MLP activations halved;
+    sequence 2: every per-token tensor halved; ZeRO shards over data x sequence; communication only in the
+    dimensions that exist."""
+    recipe = load_recipe("recipes/llama-1b.yaml")
+    cfg = dataclasses.replace(recipe.model, vocab_size=32000, max_seq_len=2048)
+    d, ff, kv, L, V = cfg.d_model, cfg.ff_dim, cfg.kv_heads * cfg.head_dim, cfg.n_layers, 32000
+    block_linears = L * (2 * d * d + 2 * d * kv + 3 * d * ff)
+    whole = params_per_rank(cfg, 1)
+    assert whole == count_params(cfg)[0]
+    assert params_per_rank(cfg, 2) == whole - block_linears // 2
+    assert whole - block_linears == V * d + (2 * L + 1) * d  # tied embedding/head and the norms
+
+    acts = {tp: activation_bytes(cfg, 2048, 1, "none", tensor=tp) for tp in (1, 2)}
+    assert acts[2] < acts[1] and acts[2] > acts[1] / 2  # norms, boundaries and logits are not split
+    assert activation_bytes(cfg, 1024, 1, "none") < acts[1] * 0.51  # sequence 2: half the tokens per rank
+
+    def rows(**parallel):
+        r = dataclasses.replace(recipe, parallel=dataclasses.replace(recipe.parallel, **parallel))
+        return {(x.stage, x.checkpointing): x for x in plan(r, "recipes/llama-1b.yaml", 8, 80, vocab_size=V)}
+
+    base, tp2, sp2 = rows(), rows(tensor=2), rows(sequence=2)
+    assert (3, "none") not in tp2  # AutoTP runs with ZeRO 0-2
+    assert tp2[(0, "none")].params_gb == pytest.approx(base[(0, "none")].params_gb * params_per_rank(cfg, 2) / whole)
+    # ZeRO-1 shards the optimizer over the 8 ranks with or without sequence parallelism; over 4 under tensor 2
+    assert sp2[(1, "none")].optimizer_gb == pytest.approx(base[(1, "none")].optimizer_gb)
+    assert base[(1, "none")].comm_gb["tensor"] == base[(1, "none")].comm_gb["sequence"] == 0.0
+    assert tp2[(1, "none")].comm_gb["tensor"] > 0 and tp2[(1, "none")].comm_gb["sequence"] == 0.0
+    assert sp2[(1, "full")].comm_gb["sequence"] > sp2[(1, "none")].comm_gb["sequence"] > 0  # recomputed a2a
+
+
+def test_suggested_layout_takes_sequence_parallelism_when_the_context_needs_it():
+    recipe = load_recipe("recipes/llama-1b-32k.yaml", ["data.seq_len=524288", "parallel.sequence=1"])
+    # one GPU cannot hold a 512k-token sequence of this model, whatever the ZeRO stage and checkpointing
+    assert not any(r.fits for r in plan(recipe, "r.yaml", 8, 80, vocab_size=32000))
+    tp, sp, row = suggest_layout(recipe, "r.yaml", 8, 80, vocab_size=32000)
+    assert (tp, sp) == (1, 2) and row.fits and row.total_gb <= 0.95 * 80  # the fewest model-parallel ranks
+    assert suggest_layout(recipe, "r.yaml", 8, 1, vocab_size=32000) is None  # 1 GB GPUs: nothing fits
