@@ -112,5 +112,7 @@ def check_layout(recipe: Recipe, world: int, zero_stage: int, origin: str, ranks
 
 
 def ranks_per_node() -> int:
-    """Ranks the launcher started on this node (0 when it does not say)."""
-    return int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0)
+    """Ranks the launcher started on this node: torchrun's LOCAL_WORLD_SIZE, DeepSpeed's LOCAL_SIZE, or under srun
+    SLURM_NTASKS_PER_NODE (train/distributed.py copies it); 0 when none says."""
+    env = os.environ
+    return int(env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE") or 0)

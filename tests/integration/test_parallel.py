@@ -82,29 +82,31 @@ def parity_recipe(tmp_path: Path, prepared: Path, **train) -> Path:
 
 
 @pytest.mark.distributed
-def test_parity_passes_for_tensor_sequence_and_combined_layouts(tmp_path, prepared):
+def test_parity_passes_for_the_combined_tensor_and_sequence_layout(tmp_path, prepared):
+    """tp2.sp2 on 4 ranks (the combination DeepSpeed #8316 reports broken with DeepSpeed's own Ulysses groups).
+    tp2 alone is held to one rank by test_export_gathers_tensor_shards, sp2 alone by the gradient test above and the
+    planted-fault test below; the 20-step table of every layout is in bench/results."""
     recipe = parity_recipe(tmp_path, prepared)
     out = tmp_path / "parity"
     r = run_cli(
-        "llmforge", "parity", "--recipe", str(recipe), "--layouts", "1,tp2,sp2,tp2.sp2", "--steps", "3",
+        "llmforge", "parity", "--recipe", str(recipe), "--layouts", "1,tp2.sp2", "--steps", "3",
         "--out", str(out), timeout=600,
     )  # fmt: skip
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     report = json.loads((out / "parity.json").read_text())
     assert report["precision"] == "fp32" and report["tolerances"] == [1e-5, 1e-4]
     by_name = {row["layout"]: row for row in report["layouts"]}
-    assert list(by_name) == ["1", "tp2", "sp2", "tp2.sp2"]
-    for name in ("tp2", "sp2", "tp2.sp2"):
-        row = by_name[name]
-        assert row["passed"] and row["max_loss_rel_diff"] <= 1e-5 and row["max_grad_norm_rel_diff"] <= 1e-4, row
-        assert sorted(row["losses"]) == ["1", "2", "3"]
-    assert "tp2.sp2" in r.stdout and r.stdout.count("pass") == 3
+    assert list(by_name) == ["1", "tp2.sp2"]
+    row = by_name["tp2.sp2"]
+    assert row["passed"] and row["max_loss_rel_diff"] <= 1e-5 and row["max_grad_norm_rel_diff"] <= 1e-4, row
+    assert sorted(row["losses"]) == ["1", "2", "3"]
+    assert next(x for x in r.stdout.splitlines() if x.startswith("tp2.sp2 ")).endswith("pass"), r.stdout
 
 
 @pytest.mark.distributed
 def test_parity_fails_a_layout_that_computes_another_model(tmp_path, prepared):
-    """A sequence group whose gradients are averaged instead of summed (a planted missing reduction): the loss of
-    step 1 still agrees, from then on the model differs and parity says so (exit 1)."""
+    """A sequence group whose gradients are averaged instead of summed (a planted missing reduction): the model
+    differs from step 1 on and parity says so (exit 1)."""
     recipe = parity_recipe(tmp_path, prepared)
     r = run_cli(
         "llmforge", "parity", "--recipe", str(recipe), "--layouts", "1,sp2", "--steps", "3", timeout=600,
@@ -153,7 +155,8 @@ def test_resume_under_a_layout_is_bit_exact(tmp_path, prepared, layout, stage):
         assert loss == baseline[step], (step, loss, baseline[step])  # bit for bit
 
     if spec.tensor > 1:  # a tensor-parallel checkpoint does not move to another tensor size
-        r = run_cli(*ds_cmd(base, "--set", "run.name=moved", "--resume", str(step3), ranks=4), timeout=600)
+        moved = ("--set", "run.name=moved", "--resume", str(step3))
+        r = run_cli(sys.executable, "launch/pretrain.py", "--recipe", str(base), *moved)
         assert r.returncode == 2, r.stdout[-3000:] + r.stderr[-3000:]
         assert "was saved with parallel.tensor=2; resuming it under tensor=1 is not supported" in r.stdout + r.stderr
 

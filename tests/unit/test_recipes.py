@@ -17,7 +17,13 @@ def test_every_shipped_recipe_loads_and_composes(path, monkeypatch):
     monkeypatch.chdir(REPO)
     recipe = load_recipe(os.path.relpath(path, REPO))
     ds = compose_ds_config(recipe, 2, "runs/x", path, on_cpu=True)
-    assert ds["train_batch_size"] == recipe.train.micro_batch_size * recipe.train.grad_accum_steps * 2
+    t = recipe.train
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (
+        t.micro_batch_size,
+        t.grad_accum_steps,
+    )
+    if recipe.parallel.model_parallel == 1:  # else DeepSpeed derives it (see compose_ds_config)
+        assert ds["train_batch_size"] == t.micro_batch_size * t.grad_accum_steps * 2
 
 
 def test_extends_and_overrides(tmp_path):
