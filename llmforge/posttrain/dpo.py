@@ -9,6 +9,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from llmforge.config.parallel import Layout
 from llmforge.errors import RecipeError
 from llmforge.model.gpt import IGNORE_INDEX
 from llmforge.posttrain.data import PreferenceData
@@ -69,11 +70,16 @@ class DPOLoss:
 
 
 @torch.no_grad()
-def reference_logps(engine: Any, data: PreferenceData, micro_batch: int) -> torch.Tensor:
+def reference_logps(
+    engine: Any, data: PreferenceData, micro_batch: int, layout: Optional[Layout] = None
+) -> torch.Tensor:
     """(N, 2) log-probabilities of every pair's chosen and rejected response under the current (= reference)
-    weights; each rank scores a slice, one all-reduce gives every rank the whole table."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    weights; each data-parallel replica scores a slice (the ranks of a tensor group score the same rows: their
+    inputs must agree), one all-reduce gives every rank the whole table."""
+    if layout is None:
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        layout = Layout(world, rank=dist.get_rank() if dist.is_initialized() else 0)
+    rank, world = layout.data_rank, layout.data
     table = torch.zeros(data.num_samples, 2, dtype=torch.float32)
     mine = list(range(rank, data.num_samples, world))
     was_training = engine.training
@@ -90,7 +96,9 @@ def reference_logps(engine: Any, data: PreferenceData, micro_batch: int) -> torc
             table[chunk, 0], table[chunk, 1] = logps[:n], logps[n:]
     if was_training:
         engine.train()
-    if world > 1:
+    if not layout.counts_tokens:
+        table.zero_()  # one rank per replica contributes its slice to the sum
+    if layout.world > 1:
         on_device = table.to(engine.device)
         dist.all_reduce(on_device, op=dist.ReduceOp.SUM)
         table = on_device.cpu()
@@ -98,7 +106,13 @@ def reference_logps(engine: Any, data: PreferenceData, micro_batch: int) -> torc
 
 
 def reference_table(
-    engine: Any, train: PreferenceData, val: Optional[PreferenceData], path: str, micro_batch: int, fresh: bool
+    engine: Any,
+    train: PreferenceData,
+    val: Optional[PreferenceData],
+    path: str,
+    micro_batch: int,
+    fresh: bool,
+    layout: Optional[Layout] = None,
 ) -> dict[str, Any]:
     """Reference log-probs for the train and val pairs: computed once, from the starting weights, before the first
     step, and kept in the run directory; a resumed run reads them back (its policy is no longer the reference)."""
@@ -115,9 +129,9 @@ def reference_table(
         if cached.get("key") != key:
             raise RecipeError("", "posttrain.train_file", f"the preference data changed since {path} was computed")
         return cached
-    table: dict[str, Any] = {"key": key, "train": reference_logps(engine, train, micro_batch)}
+    table: dict[str, Any] = {"key": key, "train": reference_logps(engine, train, micro_batch, layout)}
     if val is not None:
-        table["val"] = reference_logps(engine, val, micro_batch)
+        table["val"] = reference_logps(engine, val, micro_batch, layout)
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
         os.makedirs(os.path.dirname(path), exist_ok=True)

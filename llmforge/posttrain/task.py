@@ -76,6 +76,7 @@ class DPO(SFT):
             os.path.join(run_dir, "dpo_reference.pt"),
             recipe.train.micro_batch_size,
             fresh=fresh,
+            layout=layout,
         )
         loss = DPOLoss(table, d.beta, d.loss, d.label_smoothing)
         return Objective(loss, loss)

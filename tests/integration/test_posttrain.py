@@ -303,3 +303,22 @@ def test_dpo_margin_and_accuracy_rise(tmp_path, prepared, base, stage):
     assert {"rewards_chosen", "rewards_rejected", "accuracy"} <= set(train[-1])
     assert train[-1]["reward_margin"] > train[0]["reward_margin"]
     assert (tmp_path / "runs" / f"dpo{stage}" / "dpo_reference.pt").exists()
+
+
+def test_dpo_under_tensor_parallelism_equals_one_rank(tmp_path, prepared, base):
+    """tp2 on 2 ranks (one data-parallel replica) against one rank, fp32, same global batch: the reference table is
+    scored per replica (both tensor ranks score the same rows, as AutoTP requires) and the losses agree."""
+    prefs = write_prefs(tmp_path / "prefs.jsonl", 200, 0)
+    losses = {}
+    for name, cmd in (("one", [sys.executable, "launch/dpo.py"]), ("tp2", post_cmd("dpo", Path("x"))[:6])):
+        recipe = post_recipe(
+            tmp_path, prepared, base, name, prefs, train={"max_steps": 6, "precision": "fp32"},
+            deepspeed={"config": str(REPO / "ds_configs/zero1.json")},
+        )  # fmt: skip
+        extra = ["--set", "parallel.tensor=2"] if name == "tp2" else []
+        r = run_cli(*cmd, "--recipe", str(recipe), *extra)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        losses[name] = losses_after_last_start(tmp_path / "runs" / name)
+    assert sorted(losses["tp2"]) == list(range(1, 7))
+    for step, loss in losses["one"].items():
+        assert abs(losses["tp2"][step] - loss) <= 1e-5 * abs(loss), (step, losses)
