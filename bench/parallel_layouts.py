@@ -22,15 +22,9 @@ import subprocess
 import sys
 import time
 
+from memory_probe import rss_bytes  # bench/ is this script's directory: on sys.path
+
 D_MODEL, LAYERS, HEADS, KV_HEADS, VOCAB = 256, 4, 8, 4, 256
-
-
-def rss_bytes(field: str = "VmRSS") -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -116,6 +110,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--out", default=None, help="also write the table here (markdown)")
+    p.add_argument("--quick", action="store_true", help="1 rank and sp2 at 512 tokens, 3 steps (the test suite)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--tensor", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--sequence", type=int, default=1, help=argparse.SUPPRESS)
@@ -124,6 +119,8 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
+    if args.quick:
+        args.layouts, args.seq_len, args.steps, args.warmup = "1,sp2", 512, 3, 1
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from llmforge.parity import _free_port, parse_layouts

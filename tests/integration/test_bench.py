@@ -48,6 +48,7 @@ from tests.helpers import run_cli
                 "| 2 |",
             ],
         ),
+        ("bench/parallel_layouts.py", [], ["| 1 | 1 |", "| sp2 | 2 |"]),
         pytest.param(
             "bench/allocator.py",
             [],
