@@ -25,6 +25,8 @@ BAD = [
     ({}, ["--set", "train.lr"], "--set", "expected KEY=VALUE"),
     ({"train": {"warmup_steps": 50, "max_steps": 10}}, [], "train.warmup_steps", "exceeds"),
     ({"model": {"vocab_size": 10}}, [], "model.vocab_size", "below the tokenizer's"),
+    ({"parallel": {"tensor": 2}}, [], "parallel", "tensor 2 x sequence 1 = 2 does not divide the 1 ranks"),
+    ({}, ["--set", "parallel.sequence=0"], "parallel.sequence", "must be > 0"),
 ]
 
 
