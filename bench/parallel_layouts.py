@@ -132,8 +132,8 @@ def main() -> None:
         f"sequence of {args.seq_len} tokens per micro-batch, ZeRO-1, bf16, median of {args.steps - args.warmup} "
         "steps. Step peak: the last step's peak over the memory it started from (model states resident), i.e. "
         "activations and 16-bit gradients; total: the peak over the memory before the model was built (on CPU "
-        "it also holds what the process takes besides tensors after that point, e.g. libraries and allocator pools). Planner: activations"
-        " + 16-bit gradients (step), + model states and buckets (total).",
+        "it also holds what the process takes besides tensors after that point, e.g. libraries and allocator "
+        "pools). Planner: activations + 16-bit gradients (step), + model states and buckets (total).",
         "",
         "| layout | ranks | step s (rank 0) | step peak MB per rank | planner MB | error | total peak MB per rank "
         "| planner MB |",
