@@ -123,7 +123,8 @@ def main() -> None:
         args.layouts, args.seq_len, args.steps, args.warmup = "1,sp2", 512, 3, 1
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from llmforge.parity import _free_port, parse_layouts
+    from llmforge.parity import parse_layouts
+    from llmforge.train.distributed import free_port
 
     launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONUNBUFFERED": "1"}
@@ -140,7 +141,7 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|",
     ]
     for spec in parse_layouts(args.layouts):
-        cmd = [launcher, "--num_gpus", str(spec.ranks), "--master_port", str(_free_port()), __file__, "--worker"]
+        cmd = [launcher, "--num_gpus", str(spec.ranks), "--master_port", str(free_port()), __file__, "--worker"]
         cmd += ["--tensor", str(spec.tensor), "--sequence", str(spec.sequence), "--seq-len", str(args.seq_len)]
         cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)

@@ -15,7 +15,6 @@ import math
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ from typing import Optional
 
 from llmforge.config import load_recipe
 from llmforge.errors import UserError
+from llmforge.train.distributed import free_port
 from llmforge.train.metrics import read_metrics
 
 # Relative tolerances (loss, gradient norm) per training precision. fp32: summation order is all that differs
@@ -79,12 +79,6 @@ class LayoutResult:
     passed: bool = False
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _last_error(output: str) -> str:
     lines = [line for line in output.splitlines() if "error" in line.lower()]
     return (lines[-1] if lines else (output.strip().splitlines() or ["no output"])[-1]).strip()
@@ -109,7 +103,7 @@ def run_layout(
         "logging.interval=1",
         "eval.interval=0",
     ]
-    cmd = [launcher, "--num_gpus", str(spec.ranks), "--master_port", str(_free_port()), "--no_local_rank"]
+    cmd = [launcher, "--num_gpus", str(spec.ranks), "--master_port", str(free_port()), "--no_local_rank"]
     cmd += ["--module", "llmforge.cli", "pretrain", "--recipe", recipe, "--resume", "none"]
     for s in sets:
         cmd += ["--set", s]

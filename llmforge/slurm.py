@@ -12,7 +12,7 @@ from typing import Optional
 
 from llmforge.config import load_recipe
 from llmforge.config.deepspeed import compose_ds_config, zero_stage
-from llmforge.config.parallel import check_layout
+from llmforge.config.parallel import check_layout, make_layout
 from llmforge.errors import UserError, exit_on_user_error
 
 # Shipped as package data (setup.cfg), so a wheel install finds it too.
@@ -90,11 +90,9 @@ def check_job_layout(recipe_path: str, overrides: list[str], nodes: int, per_nod
     line, exit 2): tensor groups must fit inside a node, which the script's block distribution fills first."""
     recipe = load_recipe(recipe_path, overrides)
     world = nodes * per_node
-    if world % recipe.parallel.model_parallel == 0:
-        ds = compose_ds_config(recipe, world // recipe.parallel.model_parallel, recipe.run_dir, recipe_path, False)
-        check_layout(recipe, world, zero_stage(ds), recipe_path, per_node)
-    else:
-        check_layout(recipe, world, 0, recipe_path, per_node)
+    layout = make_layout(recipe, world, 0, recipe_path)
+    ds = compose_ds_config(recipe, layout.data, recipe.run_dir, recipe_path, False)
+    check_layout(recipe, world, zero_stage(ds), recipe_path, per_node)
 
 
 @exit_on_user_error

@@ -10,7 +10,7 @@ import sys
 import torch.distributed as dist
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -36,7 +36,7 @@ def setup_env() -> None:
         return
     env.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
     env.setdefault("MASTER_ADDR", "127.0.0.1")
-    env.setdefault("MASTER_PORT", str(_free_port()))
+    env.setdefault("MASTER_PORT", str(free_port()))
 
 
 def _first_host(nodelist: str) -> str:
