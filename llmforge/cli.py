@@ -16,6 +16,7 @@ from llmforge.demo.toy_chat import write_toy_sets
 from llmforge.errors import UserError, exit_on_user_error, exit_process
 from llmforge.eval.harness import run_lm_eval
 from llmforge.eval.perplexity import evaluate_checkpoint
+from llmforge.parity import failed as parity_failed
 from llmforge.parity import format_report, parity
 from llmforge.plan import count_params, format_plan, loss_chunk_hint, plan, planned_model, suggest_layout
 from llmforge.plots import plot_run
@@ -98,9 +99,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak per GPU (H100/H200: 989)")
     p.add_argument("--mfu", type=float, default=0.45, help="assumed model FLOPs utilisation for the time estimate")
 
-    p = sub.add_parser("parity", help="train a few steps under each parallel layout; compare with one rank")
+    p = sub.add_parser(
+        "parity",
+        help="train a few steps under each parallel layout (against one rank) or numerics variant (against a plain "
+        "PyTorch fp32 oracle) and compare the per-step loss and gradient norm",
+    )
     _recipe_args(p)
-    p.add_argument("--layouts", default="1,dp2,tp2,sp2", help="comma-separated: 1, dp2, tp2, sp2, tp2.dp2, ...")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--layouts", default="1,dp2,tp2,sp2", help="comma-separated: 1, dp2, tp2, sp2, tp2.dp2, ...")
+    which.add_argument(
+        "--variants",
+        default=None,
+        help="comma-separated, each against the oracle: parts joined by '.' from tpN spN dpN (layout), z0 z1 z2 z3 "
+        "z3off (ZeRO config), fp32 bf16 fp16, accN, ckpt-none/full/selective/everyN, compile/nocompile, "
+        "tied/untied; e.g. z0.fp32,z2.bf16.acc2.dp2",
+    )
     p.add_argument("--steps", type=int, default=20, help="optimizer steps per layout")
     p.add_argument("--out", default=None, help="keep the runs (and parity.json) here; default: a temporary dir")
 
@@ -217,9 +230,11 @@ def main(argv: Optional[list[str]] = None) -> None:
         if hint:
             print(hint)
     elif args.command == "parity":
-        results, tolerances, precision = parity(args.recipe, args.overrides, args.layouts, args.steps, args.out)
-        print(format_report(results, tolerances, precision, args.steps))
-        if not all(r.passed for r in results):
+        oracle = args.variants is not None
+        variants = args.variants if oracle else args.layouts
+        results = parity(args.recipe, args.overrides, variants, args.steps, args.out, oracle=oracle)
+        print(format_report(results, args.steps, oracle))
+        if parity_failed(results):
             sys.exit(1)
     elif args.command == "toy-chat":
         for path in write_toy_sets(args.out, args.n, args.seed):

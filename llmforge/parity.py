@@ -1,15 +1,30 @@
-"""`llmforge parity`: train a recipe for a few steps under several parallel layouts and compare each run's per-step
-loss and gradient norm with the one-rank run's. A layout that computes another model (a missing reduction, a wrong
-shard, positions off by a slice) shows up as a loss or gradient-norm difference beyond the precision's tolerance.
+"""`llmforge parity`: train a recipe for a few steps under several variants and compare each run's per-step loss
+and gradient norm with a reference. A variant that computes another model (a missing reduction, a wrong shard, a
+dropped micro-batch, an optimizer that steps on the wrong state) shows up as a loss or gradient-norm difference
+beyond its precision's tolerance.
 
-Every layout trains on the same samples in the same order: the global batch is held fixed by giving a layout with d
-data-parallel replicas 1/d of the largest data-parallel size's gradient accumulation steps (the reference runs them
-all on one rank). Each run is `deepspeed --num_gpus N --module llmforge.cli pretrain` on this node (N = tensor x
-sequence x data), with its own run directory under --out.
+Two references:
+- `--layouts 1,dp2,tp2,...`: the one-rank DeepSpeed run of the same recipe (layouts against one rank, in the
+  recipe's own precision and ZeRO stage);
+- `--variants z0.fp32,z2.bf16.acc2.dp2,...`: the oracle (train/oracle.py), the same steps in plain PyTorch, fp32,
+  no DeepSpeed, so a defect of the DeepSpeed path every layout shares is seen too.
+
+A variant is parts joined by '.': a layout (tpN, spN, dpN; '1' alone is one rank), a ZeRO config (z0, z1, z2, z3,
+z3off: zero0.json ... zero3_offload.json beside the recipe's deepspeed.config), a precision (fp32, bf16, fp16),
+accumulation steps (accN), activation checkpointing (ckpt-none, ckpt-full, ckpt-selective, ckpt-everyN),
+compile / nocompile, tied / untied embeddings. What a variant leaves out comes from the recipe.
+
+Every run trains on the same samples in the same order: the global batch is held fixed (the recipe's micro-batch x
+accumulation x the largest data-parallel size among the variants); a variant with d replicas runs 1/d of the
+accumulation steps, or with accN the micro-batch global / (N x d). Each run is `deepspeed --num_gpus N --module
+llmforge.cli pretrain` on this node (N = tensor x sequence x data), with its own run directory under --out; the
+spike guard is off in every run (parity compares numerics, not the guard's decisions). A variant llmforge refuses
+(ZeRO-0 with bf16, a layout that does not divide) is reported with its one-line reason, without a launch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -22,50 +37,112 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from llmforge.config import load_recipe
+from llmforge.config.deepspeed import compose_ds_config
 from llmforge.errors import UserError
 from llmforge.train.distributed import free_port
 from llmforge.train.metrics import read_metrics
+from llmforge.train.oracle import oracle_steps
 
-# Relative tolerances (loss, gradient norm) per training precision. fp32: summation order is all that differs
-# between layouts (measured: <= 1.5e-7 over 20 steps of the test recipe). bf16/fp16: the layouts round partial sums
-# (row-parallel outputs, attention over gathered heads, sharded gradients) at different points, and the differences
-# grow as the runs drift apart (measured: <= 1.1e-4 loss, 3.1e-3 gradient norm; docs/training.md).
+# Relative tolerances (loss, gradient norm) per training precision.
+# Layouts against one rank (docs/training.md): fp32 differs by summation order only (measured <= 1.5e-7 over 20
+# steps of the test recipe); bf16/fp16 layouts round partial sums at different points (measured <= 1.1e-4 loss,
+# 3.1e-3 gradient norm).
 TOLERANCES = {"fp32": (1e-5, 1e-4), "bf16": (2e-3, 2e-2), "fp16": (2e-3, 2e-2)}
-_PART = re.compile(r"^(tp|sp|dp)(\d+)$")
+# Every DeepSpeed path against the fp32 oracle (bench/results/cpu-2026-12-07-numerics.md): fp32 differs by
+# summation order and kernels (fused vs for-loop AdamW); bf16 by the rounding of weights, activations and
+# gradients, which the runs' steps compound.
+ORACLE_TOLERANCES = {"fp32": (1e-5, 1e-4), "bf16": (5e-3, 5e-2), "fp16": (5e-3, 5e-2)}
+_PART = re.compile(r"^(tp|sp|dp|acc)(\d+)$")
+_ZERO = {"z0": "zero0.json", "z1": "zero1.json", "z2": "zero2.json", "z3": "zero3.json", "z3off": "zero3_offload.json"}
+_CKPT = re.compile(r"^ckpt-(none|full|selective|every(\d+))$")
+_FLAGS = {
+    "fp32": ("precision", "fp32"),
+    "bf16": ("precision", "bf16"),
+    "fp16": ("precision", "fp16"),
+    "compile": ("compile", True),
+    "nocompile": ("compile", False),
+    "tied": ("tied", True),
+    "untied": ("tied", False),
+}
 
 
 @dataclass(frozen=True)
 class LayoutSpec:
+    """One run of the comparison: a layout and the numerics settings it changes from the recipe."""
+
     name: str
     tensor: int = 1
     sequence: int = 1
     data: int = 1
+    zero: Optional[str] = None  # a ds_configs file name (zero2.json, ...)
+    precision: Optional[str] = None
+    accum: Optional[int] = None
+    checkpointing: Optional[str] = None  # none | full | selective | every_k:K
+    compile: Optional[bool] = None
+    tied: Optional[bool] = None
 
     @property
     def ranks(self) -> int:
         return self.tensor * self.sequence * self.data
 
+    def sets(self, ds_dir: str) -> list[str]:
+        """The --set overrides this variant adds to the recipe (layout, ZeRO config, numerics)."""
+        out = [f"parallel.tensor={self.tensor}", f"parallel.sequence={self.sequence}"]
+        if self.zero is not None:
+            out.append(f"deepspeed.config={os.path.join(ds_dir, self.zero)}")
+        if self.precision is not None:
+            out.append(f"train.precision={self.precision}")
+        if self.checkpointing is not None:
+            mode, _, every = self.checkpointing.partition(":")
+            out.append(f"model.activation_checkpointing.mode={mode}")
+            if every:
+                out.append(f"model.activation_checkpointing.every={every}")
+        if self.compile is not None:
+            out.append(f"train.compile={str(self.compile).lower()}")
+        return [*out, *self.model_sets()]
+
+    def model_sets(self) -> list[str]:
+        """The overrides that change the model itself (the oracle trains the same one)."""
+        return [] if self.tied is None else [f"model.tie_embeddings={str(self.tied).lower()}"]
+
 
 def parse_layouts(text: str) -> list[LayoutSpec]:
-    """'1,dp2,tp2,sp2,tp2.dp2' -> layouts; '1' is one rank. One-line error on anything else."""
+    """'1,dp2,tp2.sp2,z3.bf16.acc2.dp2' -> specs ('1' is one rank). One-line error on anything else."""
     specs = []
     for name in (t.strip() for t in text.split(",")):
-        sizes = {"tp": 1, "sp": 1, "dp": 1}
+        fields: dict = {"tensor": 1, "sequence": 1, "data": 1}
         if name != "1":
-            seen = set()
+            seen: set[str] = set()
             for part in name.split("."):
-                m = _PART.match(part)
-                if not m or m.group(1) in seen or int(m.group(2)) < 1:
+                key, value = _parse_part(part)
+                if key is None or key in seen:
                     raise UserError(
-                        f"--layouts {text!r}: {name!r} is not a layout; write '1' or parts like tp2, sp2, dp2 "
-                        "joined by '.', e.g. tp2.dp2"
+                        f"{text!r}: {name!r} is not a variant; write '1' or parts joined by '.': tpN, spN, dpN "
+                        f"(layout), {', '.join(_ZERO)} (ZeRO config), fp32/bf16/fp16, accN, "
+                        "ckpt-none/full/selective/everyN, compile/nocompile, tied/untied; e.g. tp2.dp2, z3.bf16.acc2"
                     )
-                seen.add(m.group(1))
-                sizes[m.group(1)] = int(m.group(2))
-        specs.append(LayoutSpec(name, sizes["tp"], sizes["sp"], sizes["dp"]))
+                seen.add(key)
+                fields[key] = value
+        specs.append(LayoutSpec(name, **fields))
     if len({s.name for s in specs}) != len(specs):
-        raise UserError(f"--layouts {text!r}: a layout is named twice")
+        raise UserError(f"{text!r}: a variant is named twice")
     return specs
+
+
+def _parse_part(part: str) -> tuple[Optional[str], object]:
+    if m := _PART.match(part):
+        value = int(m.group(2))
+        key = {"tp": "tensor", "sp": "sequence", "dp": "data", "acc": "accum"}[m.group(1)]
+        return (key, value) if value >= 1 else (None, None)
+    if part in _ZERO:
+        return "zero", _ZERO[part]
+    if m := _CKPT.match(part):
+        if m.group(2) is not None:
+            return ("checkpointing", f"every_k:{m.group(2)}") if int(m.group(2)) >= 1 else (None, None)
+        return "checkpointing", m.group(1)
+    if part in _FLAGS:
+        return _FLAGS[part]
+    return None, None
 
 
 @dataclass
@@ -74,9 +151,13 @@ class LayoutResult:
     losses: dict[int, float] = field(default_factory=dict)
     grad_norms: dict[int, float] = field(default_factory=dict)
     error: Optional[str] = None  # the run's last error line when it failed
+    refused: Optional[str] = None  # llmforge's one-line refusal of this variant (not a failure)
+    precision: str = "fp32"
+    tolerances: tuple[float, float] = (0.0, 0.0)
     loss_diff: float = math.nan  # max relative difference from the reference over the steps
     grad_diff: float = math.nan
     passed: bool = False
+    reference: Optional[LayoutResult] = field(default=None, repr=False)  # what it was compared with
 
 
 def _last_error(output: str) -> str:
@@ -84,24 +165,32 @@ def _last_error(output: str) -> str:
     return (lines[-1] if lines else (output.strip().splitlines() or ["no output"])[-1]).strip()
 
 
-def run_layout(
-    recipe: str, overrides: list[str], spec: LayoutSpec, steps: int, accum: int, warmup: int, out: str
-) -> LayoutResult:
-    """Train `spec` for `steps` steps in <out>/<spec.name>; its per-step loss and gradient norm."""
+def _batch_sets(spec: LayoutSpec, global_batch: int, recipe_micro: int) -> list[str]:
+    """Micro-batch and accumulation of `spec` that give the fixed global batch (one-line error when none does)."""
+    if spec.accum is None:
+        micro, accum = recipe_micro, global_batch // (recipe_micro * spec.data)
+    else:
+        micro, accum = global_batch // (spec.accum * spec.data), spec.accum
+    if micro < 1 or micro * accum * spec.data != global_batch:
+        raise UserError(
+            f"{spec.name}: no micro-batch gives the global batch of {global_batch} samples with "
+            f"{spec.data} data-parallel replica(s) and {accum} accumulation steps; choose accN dividing it"
+        )
+    return [f"train.micro_batch_size={micro}", f"train.grad_accum_steps={accum}"]
+
+
+def run_layout(recipe: str, sets: list[str], spec: LayoutSpec, out: str) -> LayoutResult:
+    """Train `spec` with the recipe and `sets` in <out>/parity-<spec.name>; its per-step loss and gradient norm."""
     launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     sets = [
-        *overrides,
-        f"parallel.tensor={spec.tensor}",
-        f"parallel.sequence={spec.sequence}",
-        f"train.max_steps={steps}",
-        f"train.warmup_steps={warmup}",
-        f"train.grad_accum_steps={accum}",
+        *sets,
         f"run.output_dir={out}",
         f"run.name=parity-{spec.name}",
         f"checkpoint.dir={os.path.join(out, f'parity-{spec.name}', 'checkpoints')}",
         "checkpoint.interval=0",
         "logging.interval=1",
         "eval.interval=0",
+        "train.spike_guard.enabled=false",
     ]
     cmd = [launcher, "--num_gpus", str(spec.ranks), "--master_port", str(free_port()), "--no_local_rank"]
     cmd += ["--module", "llmforge.cli", "pretrain", "--recipe", recipe, "--resume", "none"]
@@ -126,95 +215,149 @@ def _rel(a: Optional[float], b: Optional[float]) -> float:
     return abs(a - b) / max(abs(b), 1e-12)
 
 
-def compare(result: LayoutResult, reference: LayoutResult, tolerances: tuple[float, float], steps: int) -> None:
+def compare(result: LayoutResult, reference: LayoutResult, steps: int) -> None:
     """Fill in the result's largest relative differences from the reference and whether both are in tolerance."""
-    if result.error is not None or reference.error is not None:
+    if result.error is not None or reference.error is not None or result.refused is not None:
         return
+    result.reference = reference
     every = range(1, steps + 1)
     result.loss_diff = max(_rel(result.losses.get(s), reference.losses.get(s)) for s in every)
     result.grad_diff = max(_rel(result.grad_norms.get(s), reference.grad_norms.get(s)) for s in every)
-    result.passed = result.loss_diff <= tolerances[0] and result.grad_diff <= tolerances[1]
+    result.passed = result.loss_diff <= result.tolerances[0] and result.grad_diff <= result.tolerances[1]
+
+
+def _refusal(recipe_path: str, sets: list[str], spec: LayoutSpec) -> Optional[str]:
+    """llmforge's one-line refusal of this variant's recipe or DeepSpeed config, found without a launch."""
+    try:
+        recipe = load_recipe(recipe_path, sets)
+        compose_ds_config(recipe, spec.data, recipe.run_dir, recipe_path, on_cpu=True)
+    except UserError as e:
+        return str(e)
+    return None
 
 
 def parity(
-    recipe_path: str, overrides: list[str], layouts: str, steps: int, out: Optional[str] = None
-) -> tuple[list[LayoutResult], tuple[float, float], str]:
-    """Run every layout (the first is the reference) and compare; (results, tolerances, precision)."""
+    recipe_path: str, overrides: list[str], layouts: str, steps: int, out: Optional[str] = None, oracle: bool = False
+) -> list[LayoutResult]:
+    """Run every variant and compare it with the reference: the first (one-rank) run, or with `oracle` the plain
+    PyTorch fp32 steps of train/oracle.py. The reference is results[0]."""
     specs = parse_layouts(layouts)
     if steps < 1:
         raise UserError(f"--steps {steps}: must be >= 1")
     recipe = load_recipe(recipe_path, overrides)  # a recipe error stops here, before any launch
-    if specs[0].ranks != 1:
+    if not oracle and specs[0].ranks != 1:
         specs.insert(0, LayoutSpec("1"))
     largest = max(s.data for s in specs)
     for s in specs:
         if largest % s.data:
             raise UserError(
-                f"--layouts {layouts!r}: {s.name} has {s.data} data-parallel replicas, which do not divide the "
-                f"largest ({largest}): the layouts could not train on the same global batch"
+                f"{layouts!r}: {s.name} has {s.data} data-parallel replicas, which do not divide the largest "
+                f"({largest}): the variants could not train on the same global batch"
             )
-    precision = recipe.train.precision
-    tolerances = TOLERANCES[precision]
-    accum = recipe.train.grad_accum_steps * largest
-    warmup = min(recipe.train.warmup_steps, steps)
+    t = recipe.train
+    global_batch = t.micro_batch_size * t.grad_accum_steps * largest
+    schedule = [f"train.max_steps={steps}", f"train.warmup_steps={min(t.warmup_steps, steps)}"]
+    ds_dir = os.path.dirname(os.path.abspath(recipe.deepspeed.config))
+    plans = [
+        (s, [*overrides, *schedule, *s.sets(ds_dir), *_batch_sets(s, global_batch, t.micro_batch_size)]) for s in specs
+    ]
     own_dir = out is None
-    out = out or tempfile.mkdtemp(prefix="llmforge-parity-")
+    out = os.path.abspath(out or tempfile.mkdtemp(prefix="llmforge-parity-"))
     os.makedirs(out, exist_ok=True)
+    table = ORACLE_TOLERANCES if oracle else TOLERANCES
+    results: list[LayoutResult] = []
     try:
-        results = [
-            run_layout(recipe_path, overrides, s, steps, accum // s.data, warmup, os.path.abspath(out)) for s in specs
-        ]
+        for spec, sets in plans:
+            refused = _refusal(recipe_path, sets, spec)
+            result = LayoutResult(spec, refused=refused) if refused else run_layout(recipe_path, sets, spec, out)
+            result.precision = load_recipe(recipe_path, sets).train.precision if not refused else "-"
+            result.tolerances = table.get(result.precision, (0.0, 0.0))
+            results.append(result)
     finally:
         if own_dir:
             shutil.rmtree(out, ignore_errors=True)
-    reference = results[0]
-    for r in results[1:]:
-        compare(r, reference, tolerances, steps)
-    reference.passed = reference.error is None
+    if oracle:
+        references = {}
+        for model_sets in {tuple(s.model_sets()) for s in specs}:
+            r = load_recipe(recipe_path, [*overrides, *schedule, *model_sets])
+            run = oracle_steps(r, recipe_path, steps, global_batch, t.micro_batch_size)
+            references[model_sets] = LayoutResult(LayoutSpec("oracle"), run.losses, run.grad_norms, precision="fp32")
+        for result in results:
+            compare(result, references[tuple(result.spec.model_sets())], steps)
+        reference = references[()] if () in references else next(iter(references.values()))
+        reference.passed = True
+        results.insert(0, reference)
+    else:
+        for result in results[1:]:
+            compare(result, results[0], steps)
+        results[0].passed = results[0].error is None
     if not own_dir:
-        write_json(os.path.join(out, "parity.json"), results, tolerances, precision)
-    return results, tolerances, precision
+        write_json(os.path.join(out, "parity.json"), results, oracle)
+    return results
 
 
 def _fmt(x: float) -> str:
     return "-" if math.isnan(x) else f"{x:.1e}"
 
 
-def format_report(results: list[LayoutResult], tolerances: tuple[float, float], precision: str, steps: int) -> str:
-    """Per-step differences from the reference, then one pass/fail line per layout."""
-    ref, others = results[0], [r for r in results[1:] if r.error is None]
+def format_report(results: list[LayoutResult], steps: int, oracle: bool = False) -> str:
+    """Per-step differences from the reference, then one pass/fail line per variant."""
+    ref, others = results[0], [r for r in results[1:] if r.error is None and r.refused is None]
+    what = "the fp32 plain-PyTorch oracle" if oracle else "the 1-rank run"
+    table = ORACLE_TOLERANCES if oracle else TOLERANCES
+    bars = ", ".join(f"{p} {a:.0e}/{b:.0e}" for p, (a, b) in table.items())
     lines = [
-        f"parity over {steps} steps, {precision}: tolerance {tolerances[0]:.0e} (loss), {tolerances[1]:.0e} "
-        f"(gradient norm), relative to the 1-rank run",
+        f"parity over {steps} steps against {what}: relative differences of loss and gradient norm; tolerances "
+        f"(loss/gradient norm) {bars}",
         "",
-        "step  loss (1 rank)  "
+        f"step  {'loss (' + ref.spec.name + ')':>14}  "
         + "  ".join(f"{r.spec.name + ' dloss':>14} {r.spec.name + ' dgrad':>14}" for r in others),
     ]
     if ref.error is None:
         for s in range(1, steps + 1):
             cells = "  ".join(
-                f"{_fmt(_rel(r.losses.get(s), ref.losses.get(s))):>14} "
-                f"{_fmt(_rel(r.grad_norms.get(s), ref.grad_norms.get(s))):>14}"
+                f"{_fmt(_rel(r.losses.get(s), _ref_of(r, results).losses.get(s))):>14} "
+                f"{_fmt(_rel(r.grad_norms.get(s), _ref_of(r, results).grad_norms.get(s))):>14}"
                 for r in others
             )
-            lines.append(f"{s:>4}  {ref.losses.get(s, math.nan):>13.6f}  {cells}")
-    lines += ["", f"{'layout':<14}{'ranks':>6}  {'max dloss':>10}  {'max dgrad':>10}  result"]
+            lines.append(f"{s:>4}  {ref.losses.get(s, math.nan):>14.6f}  {cells}")
+    width = max(14, *(len(r.spec.name) + 2 for r in results))
+    lines += ["", f"{'variant':<{width}}{'ranks':>6}  {'precision':>9}  {'max dloss':>10}  {'max dgrad':>10}  result"]
     for i, r in enumerate(results):
         status = "reference" if i == 0 and r.error is None else ("pass" if r.passed else "FAIL")
-        if r.error is not None:
+        if r.refused is not None:
+            status = f"refused: {r.refused}"
+        elif r.error is not None:
             status = f"FAIL: {r.error}"
-        lines.append(f"{r.spec.name:<14}{r.spec.ranks:>6}  {_fmt(r.loss_diff):>10}  {_fmt(r.grad_diff):>10}  {status}")
+        lines.append(
+            f"{r.spec.name:<{width}}{r.spec.ranks:>6}  {r.precision:>9}  {_fmt(r.loss_diff):>10}  "
+            f"{_fmt(r.grad_diff):>10}  {status}"
+        )
     return "\n".join(lines)
 
 
-def write_json(path: str, results: list[LayoutResult], tolerances: tuple[float, float], precision: str) -> None:
+def _ref_of(result: LayoutResult, results: list[LayoutResult]) -> LayoutResult:
+    return result.reference or results[0]
+
+
+def failed(results: list[LayoutResult]) -> bool:
+    """Whether a variant failed (a refused variant is not a failure: llmforge said no in one line)."""
+    return any(not r.passed and r.refused is None for r in results)
+
+
+def write_json(path: str, results: list[LayoutResult], oracle: bool) -> None:
     rows = [
         {
+            "variant": r.spec.name,
             "layout": r.spec.name,
             "ranks": r.spec.ranks,
+            "settings": {k: v for k, v in dataclasses.asdict(r.spec).items() if k != "name"},
+            "precision": r.precision,
+            "tolerances": list(r.tolerances),
             "max_loss_rel_diff": None if math.isnan(r.loss_diff) else r.loss_diff,
             "max_grad_norm_rel_diff": None if math.isnan(r.grad_diff) else r.grad_diff,
             "passed": r.passed,
+            "refused": r.refused,
             "error": r.error,
             "losses": r.losses,
             "grad_norms": r.grad_norms,
@@ -222,4 +365,4 @@ def write_json(path: str, results: list[LayoutResult], tolerances: tuple[float, 
         for r in results
     ]
     with open(path, "w", encoding="utf-8") as f:
-        json.dump({"precision": precision, "tolerances": list(tolerances), "layouts": rows}, f, indent=1)
+        json.dump({"reference": "oracle" if oracle else "1", "layouts": rows}, f, indent=1)

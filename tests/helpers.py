@@ -49,7 +49,7 @@ def write_recipe(path: Path, data_dir: Path, run_dir: Path, **sections: dict) ->
             "lr": 3e-3,
             "min_lr": 3e-4,
             "warmup_steps": 2,
-            "precision": "bf16",
+            "precision": "fp32",
         },
         "deepspeed": {"config": str(REPO / "ds_configs" / "zero2.json")},
         "checkpoint": {"interval": 4, "keep_last": 5},

@@ -60,6 +60,8 @@ def compose_ds_config(recipe: Recipe, world_size: int, run_dir: str, origin: str
             origin, source, "train_batch_size: with parallel.tensor or parallel.sequence > 1 it is derived; remove it"
         )
     _agree(cfg, "gradient_clipping", t.grad_clip, origin, source)
+    if problem := refused_stage(zero_stage(cfg), t.precision):
+        raise RecipeError(origin, source, problem)
 
     cfg["bf16"] = deep_merge(cfg.get("bf16", {}), {"enabled": t.precision == "bf16"})
     fp16: dict[str, Any] = {"enabled": t.precision == "fp16"}
@@ -98,6 +100,22 @@ def compose_ds_config(recipe: Recipe, world_size: int, run_dir: str, origin: str
     # engine.step(): two host waits per micro-batch, for a figure llmforge measures itself. Off unless asked for.
     cfg.setdefault("timers", {}).setdefault("throughput", {}).setdefault("enabled", False)
     return cfg
+
+
+def refused_stage(stage: int, precision: str) -> str:
+    """Why llmforge refuses this ZeRO stage with this precision ('' when it runs). ZeRO-0 with bf16/fp16 goes
+    through DeepSpeed's fp16 optimizer wrapper (FP16_Optimizer / FP16_UnfusedOptimizer, the only path without
+    ZeRO), whose constructor runs one optimizer step on zero gradients to create the Adam state: Adam's step count
+    starts at 1, so every later update has the wrong bias correction (the first is 0.735x its size at betas
+    0.9/0.95), and AdamW decays every weight once at the peak LR. The run trains another model (docs/training.md,
+    "Numerics"); ZeRO-1 holds the same memory on one GPU and less on several."""
+    if stage == 0 and precision in ("bf16", "fp16"):
+        return (
+            f"zero_optimization.stage 0 with train.precision {precision} trains another model (DeepSpeed's "
+            "fp16/bf16 optimizer wrapper takes an AdamW step on zero gradients at start); use "
+            "ds_configs/zero1.json (the same memory on one GPU) or train.precision: fp32"
+        )
+    return ""
 
 
 def zero_stage(ds_config: dict) -> int:

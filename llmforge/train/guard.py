@@ -100,7 +100,9 @@ class FaultInjector:
     """Test hook: LLMFORGE_FAULTS="nan@5,inf@7,spike@9" corrupts the loss of those steps (1-based) on every rank;
     "die_in_save@8" / "enospc_in_save@8" make the last rank die or hit ENOSPC while saving that step;
     "unsummed_sequence" (every step) averages a sequence group's gradients instead of summing its slices' shares,
-    the kind of missing reduction `llmforge parity` is there to catch."""
+    the kind of missing reduction `llmforge parity` is there to catch; "dropped_micro" (every step with
+    accumulation) loses the last micro-batch's gradients while its loss is still counted, the kind of accumulation
+    bug DeepSpeed has shipped (its #7985)."""
 
     ENV = "LLMFORGE_FAULTS"
 
@@ -125,6 +127,10 @@ class FaultInjector:
             del self.faults[step]
             return kind.split("_")[0]
         return None
+
+    def drops_gradients(self, micro: int, accum: int) -> bool:
+        """Whether this micro-batch's gradients are to be lost ("dropped_micro": the last of each step)."""
+        return "dropped_micro" in self.flags and accum > 1 and micro == accum - 1
 
     def loss(self, step: int, loss: torch.Tensor, sequence: int = 1) -> torch.Tensor:
         if "unsummed_sequence" in self.flags and sequence > 1:

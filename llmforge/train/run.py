@@ -130,14 +130,17 @@ def check_device(recipe: Recipe, origin: str, on_cpu: bool) -> None:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only: not on norms, biases or embeddings (tied or not)."""
+    """Weight decay on matrices only: not on norms, biases or embeddings (tied or not). A parameter's dimensions
+    are its full shape's: under ZeRO-3 a partitioned parameter's own tensor is an empty 1-D placeholder (ds_shape
+    holds the shape), which would put every matrix among the norms and train without weight decay."""
     embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
     for p in model.parameters():
         if not p.requires_grad:
             continue
-        (decay if p.dim() >= 2 and id(p) not in embedding_ids else no_decay).append(p)
+        matrix = len(getattr(p, "ds_shape", p.shape)) >= 2
+        (decay if matrix and id(p) not in embedding_ids else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

@@ -30,6 +30,9 @@ class StepResult:
     skipped: Optional[str]  # why the optimizer step was skipped, or None
     stop: bool  # a rank received a stop signal
     tokens: int  # non-pad input tokens of the step, all ranks
+    # 2-norm of the step's gradient before clipping, a float or a device tensor (read on the host when logged, so a
+    # step does not wait for the device); None where it was not computed
+    grad_norm: Any = None
     stats: dict = field(default_factory=dict)  # the objective's own metrics (DPO rewards, ...), mean over ranks
 
 
@@ -137,6 +140,11 @@ class Trainer:
         self.stop = StopSignal(install=False)
         self.guard = SpikeGuard(cfg.spike_guard)
         self.last_val_loss: Optional[float] = None
+        # ZeRO-0 in fp32 hands the gradients to the bare torch optimizer: DeepSpeed then neither reports their norm
+        # nor skips a step whose gradients are not finite, so the trainer does both itself (own_grad_norm).
+        self.plain_optimizer = engine.zero_optimization_stage() == 0 and not (
+            engine.bfloat16_enabled() or engine.fp16_enabled()
+        )
         device = torch.device(engine.device)
         self.batches = Prefetcher(
             self._read_micro, self._next_micro, cfg.prefetch, device if device.type == "cuda" else None
@@ -179,18 +187,41 @@ class Trainer:
                     loss = loss * torch.where(rejected, float("nan"), 1.0)
                     packed = torch.cat([packed, rejected.float().reshape(1)])
                 values = _HostCopy(packed)
+            if self.cfg.faults.drops_gradients(micro, n):
+                loss = loss * 0.0  # test hook: this micro-batch's gradients are lost, its loss is still logged
             engine.backward(loss)
+            own_norm = self.own_grad_norm() if micro == n - 1 and self.plain_optimizer else None
             engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
         host = values.get()
         mean_loss, stop, step_tokens = host[0], host[1] > 0, int(host[2])
         means = {k: host[3 + i] for i, k in enumerate(stat_totals)}
         skipped = self.guard.reason(mean_loss) if rejected is not None and host[-1] > 0 else None
-        if engine.skipped_steps > skipped_before and skipped is None:
-            skipped = "non_finite_grad"  # finite loss, but DeepSpeed found inf/NaN gradients
+        grad_norm = own_norm if own_norm is not None else engine.get_global_grad_norm()
+        if skipped is None and (
+            engine.skipped_steps > skipped_before or (own_norm is not None and not math.isfinite(own_norm))
+        ):
+            skipped = "non_finite_grad"  # finite loss, but inf/NaN gradients: the update was not applied
         self.state.step = step
         self.state.consumed_samples += self.cfg.global_batch
         self.state.consumed_tokens += step_tokens
-        return StepResult(mean_loss, lr, skipped, stop, step_tokens, means)
+        return StepResult(mean_loss, lr, skipped, stop, step_tokens, grad_norm, means)
+
+    def own_grad_norm(self) -> float:
+        """For the bare-optimizer path (ZeRO-0, fp32), after the last backward of a step (DeepSpeed has all-reduced
+        the gradients then): the 2-norm of the gradient before clipping, through DeepSpeed's own function for it
+        (get_weight_norm over the gradients, as its fp16/bf16 wrappers call it; tensor-parallel shards summed over
+        their group). A non-finite norm drops every gradient, so the optimizer step that follows changes nothing
+        (torch's AdamW skips parameters without a gradient), as DeepSpeed's overflow check does on other paths."""
+        from deepspeed.runtime.utils import get_weight_norm
+
+        engine = self.engine
+        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+        norm = float(get_weight_norm(grads, mpu=engine.mpu)) if grads else 0.0
+        if norm < 0 or not math.isfinite(norm):  # get_weight_norm returns -1 for inf/NaN
+            for p in engine.module.parameters():
+                p.grad = None
+            return math.inf
+        return norm
 
     def _next_micro(self, key: tuple[int, int]) -> tuple[int, int]:
         return next_micro_batch(*key, self.cfg.schedule.grad_accum_steps, self.cfg.global_batch)
@@ -287,7 +318,7 @@ class Trainer:
         """One metrics row. tokens/s and MFU count the non-pad input tokens of the steps actually run (SFT rows are
         padded to the longest row of their micro-batch; a DPO sample is two rows), so padding is not counted as
         work; MFU = flops_per_token x tokens/s / (peak FLOP/s x ranks), every rank of every group counted."""
-        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = result.grad_norm
         mfu = None
         if self.cfg.peak_flops:
             mfu = self.cfg.flops_per_token * tokens_per_s / (self.cfg.peak_flops * self.layout.world)
