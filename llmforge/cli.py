@@ -112,10 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="comma-separated, each against the oracle: parts joined by '.' from tpN spN dpN (layout), z0 z1 z2 z3 "
         "z3off (ZeRO config), fp32 bf16 fp16, accN, ckpt-none/full/selective/everyN, compile/nocompile, "
-        "tied/untied; e.g. z0.fp32,z2.bf16.acc2.dp2",
+        "tied/untied, fp8/fp8row; e.g. z0.fp32,z2.bf16.acc2.dp2",
     )
     p.add_argument("--steps", type=int, default=20, help="optimizer steps per layout")
     p.add_argument("--out", default=None, help="keep the runs (and parity.json) here; default: a temporary dir")
+    p.add_argument(
+        "--one-launch",
+        action="store_true",
+        help="train the variants of one rank count in one launch, one after another (tensor/sequence layouts "
+        "still launch alone): the launcher and imports are paid once",
+    )
 
     p = sub.add_parser("toy-chat", help="write a small synthetic SFT set and preference set (JSONL) to a directory")
     p.add_argument("--out", required=True, help="output directory (sft.jsonl, prefs.jsonl)")
@@ -232,7 +238,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     elif args.command == "parity":
         oracle = args.variants is not None
         variants = args.variants if oracle else args.layouts
-        results = parity(args.recipe, args.overrides, variants, args.steps, args.out, oracle=oracle)
+        results = parity(
+            args.recipe, args.overrides, variants, args.steps, args.out, oracle=oracle, one_launch=args.one_launch
+        )
         print(format_report(results, args.steps, oracle))
         if parity_failed(results):
             sys.exit(1)

@@ -12,7 +12,8 @@ Two references:
 A variant is parts joined by '.': a layout (tpN, spN, dpN; '1' alone is one rank), a ZeRO config (z0, z1, z2, z3,
 z3off: zero0.json ... zero3_offload.json beside the recipe's deepspeed.config), a precision (fp32, bf16, fp16),
 accumulation steps (accN), activation checkpointing (ckpt-none, ckpt-full, ckpt-selective, ckpt-everyN),
-compile / nocompile, tied / untied embeddings. What a variant leaves out comes from the recipe.
+compile / nocompile, tied / untied embeddings, fp8 / fp8row (train.fp8.scaling tensorwise / rowwise). What a
+variant leaves out comes from the recipe.
 
 Every run trains on the same samples in the same order: the global batch is held fixed (the recipe's micro-batch x
 accumulation x the largest data-parallel size among the variants); a variant with d replicas runs 1/d of the
@@ -24,6 +25,7 @@ spike guard is off in every run (parity compares numerics, not the guard's decis
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -41,7 +43,8 @@ from llmforge.config.deepspeed import compose_ds_config
 from llmforge.errors import UserError
 from llmforge.train.distributed import free_port
 from llmforge.train.metrics import read_metrics
-from llmforge.train.oracle import oracle_steps
+from llmforge.train.oracle import check_oracle_recipe, oracle_steps
+from llmforge.train.run import run_training, setup_logging
 
 # Relative tolerances (loss, gradient norm) per training precision.
 # Layouts against one rank (docs/training.md): fp32 differs by summation order only (measured <= 1.5e-7 over 20
@@ -51,7 +54,7 @@ TOLERANCES = {"fp32": (1e-5, 1e-4), "bf16": (2e-3, 2e-2), "fp16": (2e-3, 2e-2)}
 # Every DeepSpeed path against the fp32 oracle (bench/results/cpu-2026-12-07-numerics.md): fp32 differs by
 # summation order and kernels (fused vs for-loop AdamW); bf16 by the rounding of weights, activations and
 # gradients, which the runs' steps compound.
-ORACLE_TOLERANCES = {"fp32": (1e-5, 1e-4), "bf16": (5e-3, 5e-2), "fp16": (5e-3, 5e-2)}
+ORACLE_TOLERANCES = {"fp32": (2e-6, 2e-5), "bf16": (5e-3, 5e-2), "fp16": (5e-3, 5e-2), "fp8": (3e-2, 2e-1)}
 _PART = re.compile(r"^(tp|sp|dp|acc)(\d+)$")
 _ZERO = {"z0": "zero0.json", "z1": "zero1.json", "z2": "zero2.json", "z3": "zero3.json", "z3off": "zero3_offload.json"}
 _CKPT = re.compile(r"^ckpt-(none|full|selective|every(\d+))$")
@@ -63,6 +66,8 @@ _FLAGS = {
     "nocompile": ("compile", False),
     "tied": ("tied", True),
     "untied": ("tied", False),
+    "fp8": ("fp8", "tensorwise"),
+    "fp8row": ("fp8", "rowwise"),
 }
 
 
@@ -80,6 +85,7 @@ class LayoutSpec:
     checkpointing: Optional[str] = None  # none | full | selective | every_k:K
     compile: Optional[bool] = None
     tied: Optional[bool] = None
+    fp8: Optional[str] = None  # tensorwise | rowwise
 
     @property
     def ranks(self) -> int:
@@ -99,6 +105,8 @@ class LayoutSpec:
                 out.append(f"model.activation_checkpointing.every={every}")
         if self.compile is not None:
             out.append(f"train.compile={str(self.compile).lower()}")
+        if self.fp8 is not None:
+            out.append(f"train.fp8.scaling={self.fp8}")
         return [*out, *self.model_sets()]
 
     def model_sets(self) -> list[str]:
@@ -119,7 +127,8 @@ def parse_layouts(text: str) -> list[LayoutSpec]:
                     raise UserError(
                         f"{text!r}: {name!r} is not a variant; write '1' or parts joined by '.': tpN, spN, dpN "
                         f"(layout), {', '.join(_ZERO)} (ZeRO config), fp32/bf16/fp16, accN, "
-                        "ckpt-none/full/selective/everyN, compile/nocompile, tied/untied; e.g. tp2.dp2, z3.bf16.acc2"
+                        "ckpt-none/full/selective/everyN, compile/nocompile, tied/untied, fp8/fp8row; "
+                        "e.g. tp2.dp2, z3.bf16.acc2"
                     )
                 seen.add(key)
                 fields[key] = value
@@ -179,10 +188,10 @@ def _batch_sets(spec: LayoutSpec, global_batch: int, recipe_micro: int) -> list[
     return [f"train.micro_batch_size={micro}", f"train.grad_accum_steps={accum}"]
 
 
-def run_layout(recipe: str, sets: list[str], spec: LayoutSpec, out: str) -> LayoutResult:
-    """Train `spec` with the recipe and `sets` in <out>/parity-<spec.name>; its per-step loss and gradient norm."""
-    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-    sets = [
+def _run_sets(spec: LayoutSpec, sets: list[str], out: str) -> list[str]:
+    """The recipe overrides of `spec`'s run in <out>/parity-<name>: logged every step, no eval, no checkpoint, no
+    spike guard."""
+    return [
         *sets,
         f"run.output_dir={out}",
         f"run.name=parity-{spec.name}",
@@ -192,21 +201,78 @@ def run_layout(recipe: str, sets: list[str], spec: LayoutSpec, out: str) -> Layo
         "eval.interval=0",
         "train.spike_guard.enabled=false",
     ]
-    cmd = [launcher, "--num_gpus", str(spec.ranks), "--master_port", str(free_port()), "--no_local_rank"]
-    cmd += ["--module", "llmforge.cli", "pretrain", "--recipe", recipe, "--resume", "none"]
-    for s in sets:
-        cmd += ["--set", s]
+
+
+def _launch(ranks: int, module_args: list[str]) -> subprocess.CompletedProcess:
+    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    cmd = [launcher, "--num_gpus", str(ranks), "--master_port", str(free_port()), "--no_local_rank", "--module"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    return subprocess.run([*cmd, *module_args], capture_output=True, text=True, env=env)
+
+
+def _read_run(spec: LayoutSpec, out: str) -> LayoutResult:
     result = LayoutResult(spec)
-    if proc.returncode != 0:
-        result.error = _last_error(proc.stdout + proc.stderr)
+    run_dir = os.path.join(out, f"parity-{spec.name}")
+    error_file = os.path.join(run_dir, _ERROR_FILE)
+    if os.path.isfile(error_file):
+        with open(error_file, encoding="utf-8") as f:
+            result.error = f.read().strip() or "failed"
         return result
-    for row in read_metrics(os.path.join(out, f"parity-{spec.name}")):
+    for row in read_metrics(run_dir) if os.path.isdir(run_dir) else []:
         if "loss" in row and "event" not in row:
             result.losses[row["step"]] = row["loss"]
             result.grad_norms[row["step"]] = row["grad_norm"]
     return result
+
+
+def run_layout(recipe: str, sets: list[str], spec: LayoutSpec, out: str) -> LayoutResult:
+    """Train `spec` with the recipe and `sets` in <out>/parity-<spec.name> (one launch); its per-step loss and
+    gradient norm."""
+    args = ["llmforge.cli", "pretrain", "--recipe", recipe, "--resume", "none"]
+    for s in _run_sets(spec, sets, out):
+        args += ["--set", s]
+    proc = _launch(spec.ranks, args)
+    if proc.returncode != 0:
+        result = LayoutResult(spec)
+        result.error = _last_error(proc.stdout + proc.stderr)
+        return result
+    return _read_run(spec, out)
+
+
+def run_group(recipe: str, plans: list[tuple[LayoutSpec, list[str]]], out: str) -> list[LayoutResult]:
+    """Train several variants of the same rank count one after another in one launch (the launcher and every
+    import paid once): the worker below calls `run_training` for each. A variant that fails writes its error and
+    the next one starts."""
+    ranks = plans[0][0].ranks
+    plan_path = os.path.join(out, f"plan-{ranks}-{plans[0][0].name}.json")
+    with open(plan_path, "w", encoding="utf-8") as f:
+        json.dump([{"name": spec.name, "sets": _run_sets(spec, sets, out)} for spec, sets in plans], f)
+    proc = _launch(ranks, ["llmforge.parity", "--worker", plan_path, "--recipe", recipe])
+    results = [_read_run(spec, out) for spec, _ in plans]
+    for r in results:
+        if proc.returncode != 0 and r.error is None and not r.losses:
+            r.error = _last_error(proc.stdout + proc.stderr)
+    return results
+
+
+_ERROR_FILE = "parity-error.txt"
+
+
+def _worker(recipe: str, plan_path: str) -> None:
+    """Inside a launch: train each planned variant in turn (`python -m llmforge.parity --worker PLAN --recipe R`)."""
+    setup_logging()
+    with open(plan_path, encoding="utf-8") as f:
+        plan = json.load(f)
+    for entry in plan:
+        try:
+            run_training(recipe, entry["sets"], "none")
+        except Exception as e:  # recorded for this variant; the next one runs (every rank fails alike)
+            if os.environ.get("RANK", "0") == "0":
+                run_dir = next(s.split("=", 1)[1] for s in entry["sets"] if s.startswith("run.output_dir="))
+                path = os.path.join(run_dir, f"parity-{entry['name']}")
+                os.makedirs(path, exist_ok=True)
+                with open(os.path.join(path, _ERROR_FILE), "w", encoding="utf-8") as f:
+                    f.write(f"{type(e).__name__}: {e}".splitlines()[0] if str(e) else type(e).__name__)
 
 
 def _rel(a: Optional[float], b: Optional[float]) -> float:
@@ -237,10 +303,18 @@ def _refusal(recipe_path: str, sets: list[str], spec: LayoutSpec) -> Optional[st
 
 
 def parity(
-    recipe_path: str, overrides: list[str], layouts: str, steps: int, out: Optional[str] = None, oracle: bool = False
+    recipe_path: str,
+    overrides: list[str],
+    layouts: str,
+    steps: int,
+    out: Optional[str] = None,
+    oracle: bool = False,
+    one_launch: bool = False,
 ) -> list[LayoutResult]:
     """Run every variant and compare it with the reference: the first (one-rank) run, or with `oracle` the plain
-    PyTorch fp32 steps of train/oracle.py. The reference is results[0]."""
+    PyTorch fp32 steps of train/oracle.py. The reference is results[0]. `one_launch`: variants of the same rank
+    count without tensor or sequence parallelism (whose process groups DeepSpeed keeps per process) share one
+    launch."""
     specs = parse_layouts(layouts)
     if steps < 1:
         raise UserError(f"--steps {steps}: must be >= 1")
@@ -265,21 +339,42 @@ def parity(
     out = os.path.abspath(out or tempfile.mkdtemp(prefix="llmforge-parity-"))
     os.makedirs(out, exist_ok=True)
     table = ORACLE_TOLERANCES if oracle else TOLERANCES
-    results: list[LayoutResult] = []
+    oracle_recipes = {
+        model_sets: load_recipe(recipe_path, [*overrides, *schedule, *model_sets])
+        for model_sets in ({tuple(s.model_sets()) for s in specs} if oracle else set())
+    }
+    for r in oracle_recipes.values():
+        check_oracle_recipe(r, recipe_path)  # before any launch
+    by_name: dict[str, LayoutResult] = {}
     try:
+        runnable = []
         for spec, sets in plans:
             refused = _refusal(recipe_path, sets, spec)
-            result = LayoutResult(spec, refused=refused) if refused else run_layout(recipe_path, sets, spec, out)
-            result.precision = load_recipe(recipe_path, sets).train.precision if not refused else "-"
-            result.tolerances = table.get(result.precision, (0.0, 0.0))
-            results.append(result)
+            if refused:
+                by_name[spec.name] = LayoutResult(spec, refused=refused, precision="-")
+            else:
+                runnable.append((spec, sets))
+        shared: dict[int, list[tuple[LayoutSpec, list[str]]]] = {}
+        for spec, sets in runnable:
+            if one_launch and spec.tensor == spec.sequence == 1:
+                shared.setdefault(spec.ranks, []).append((spec, sets))
+            else:
+                by_name[spec.name] = run_layout(recipe_path, sets, spec, out)
+        for group in shared.values():
+            for result in run_group(recipe_path, group, out):
+                by_name[result.spec.name] = result
+        for spec, sets in runnable:
+            train = load_recipe(recipe_path, sets).train
+            by_name[spec.name].precision = train.precision + ("+fp8" if train.fp8.enabled else "")
     finally:
         if own_dir:
             shutil.rmtree(out, ignore_errors=True)
+    results = [by_name[spec.name] for spec in specs]
+    for result in results:
+        result.tolerances = table.get("fp8" if "+fp8" in result.precision else result.precision, (0.0, 0.0))
     if oracle:
         references = {}
-        for model_sets in {tuple(s.model_sets()) for s in specs}:
-            r = load_recipe(recipe_path, [*overrides, *schedule, *model_sets])
+        for model_sets, r in oracle_recipes.items():
             run = oracle_steps(r, recipe_path, steps, global_batch, t.micro_batch_size)
             references[model_sets] = LayoutResult(LayoutSpec("oracle"), run.losses, run.grad_norms, precision="fp32")
         for result in results:
@@ -366,3 +461,11 @@ def write_json(path: str, results: list[LayoutResult], oracle: bool) -> None:
     ]
     with open(path, "w", encoding="utf-8") as f:
         json.dump({"reference": "oracle" if oracle else "1", "layouts": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="llmforge parity's worker inside a launch (see run_group)")
+    parser.add_argument("--worker", required=True)
+    parser.add_argument("--recipe", required=True)
+    args = parser.parse_args()
+    _worker(args.recipe, args.worker)

@@ -49,7 +49,7 @@ from typing import Optional
 import torch
 
 from llmforge.config import Recipe
-from llmforge.config.deepspeed import compose_ds_config
+from llmforge.config.deepspeed import compose_ds_config, refused_stage
 from llmforge.config.parallel import Layout, check_layout, make_layout
 from llmforge.config.recipe import ModelConfig
 from llmforge.errors import RecipeError
@@ -236,7 +236,8 @@ def plan(
     fused_attention: bool = True,
 ) -> list[PlanRow]:
     """One row per ZeRO stage (0-3) × activation checkpointing (none, selective, full) for `gpus` GPUs of
-    `gpu_memory_gb` each, in the recipe's parallel layout (tensor parallelism: ZeRO stages 0-2 only)."""
+    `gpu_memory_gb` each, in the recipe's parallel layout (tensor parallelism: ZeRO stages 0-2 only; bf16/fp16:
+    stages 1-3, as training refuses stage 0 with them: config/deepspeed.py refused_stage)."""
     cfg = planned_model(recipe, vocab_size)
     layout = make_layout(recipe, gpus, 0, origin)
     n_total, n_body = count_params(cfg)
@@ -247,6 +248,8 @@ def plan(
     zero_group = layout.data * layout.sequence  # ZeRO shards over the ranks that share a tensor rank
     rows = []
     for stage in (0, 1, 2) if layout.tensor > 1 else (0, 1, 2, 3):
+        if refused_stage(stage, t.precision):
+            continue
         ds = compose_ds_config(recipe, layout.data, recipe.run_dir, origin, on_cpu=False)
         ds["zero_optimization"] = {**ds.get("zero_optimization", {}), "stage": stage}
         states = model_state_bytes(n_rank, stage, zero_group, t.precision)

@@ -78,6 +78,13 @@ def compose_ds_config(recipe: Recipe, world_size: int, run_dir: str, origin: str
 
     if "scheduler" in cfg:
         raise RecipeError(origin, source, "scheduler: llmforge computes the LR schedule (train.schedule); remove it")
+    if t.optimizer == "muon":
+        # llmforge builds Muon itself (train/run.py: optimizer_args) with its own parameter groups
+        if "optimizer" in cfg:
+            raise RecipeError(origin, source, "optimizer: train.optimizer is muon, which llmforge builds; remove it")
+        if problem := refused_muon(zero_stage(cfg), t.grad_clip):
+            raise RecipeError(origin, "train.optimizer", problem)
+        return _monitoring(cfg, recipe, run_dir)
     optimizer = cfg.setdefault("optimizer", {"type": "AdamW"})
     params = optimizer.setdefault("params", {})
     params.update({"lr": t.lr, "betas": list(t.betas), "eps": t.eps, "weight_decay": t.weight_decay})
@@ -89,6 +96,11 @@ def compose_ds_config(recipe: Recipe, world_size: int, run_dir: str, origin: str
         params.setdefault("torch_adam", True)
         params.setdefault("fused", True)
 
+    return _monitoring(cfg, recipe, run_dir)
+
+
+def _monitoring(cfg: dict, recipe: Recipe, run_dir: str) -> dict:
+    """TensorBoard through DeepSpeed's monitor, and DeepSpeed's own printing and timers off."""
     cfg["tensorboard"] = {
         "enabled": bool(recipe.logging.tensorboard),
         "output_path": os.path.abspath(run_dir),
@@ -114,6 +126,21 @@ def refused_stage(stage: int, precision: str) -> str:
             f"zero_optimization.stage 0 with train.precision {precision} trains another model (DeepSpeed's "
             "fp16/bf16 optimizer wrapper takes an AdamW step on zero gradients at start); use "
             "ds_configs/zero1.json (the same memory on one GPU) or train.precision: fp32"
+        )
+    return ""
+
+
+def refused_muon(stage: int, grad_clip: float) -> str:
+    """Why Muon is refused with this ZeRO stage and clipping ('' when it runs). DeepSpeed 0.19.8 applies Muon's
+    Newton-Schulz inside the ZeRO-1/2 gradient partitions before clipping, so gradient_clipping clips the
+    orthogonalized update (its norm grows with the model: ~24 for the test model) and shrinks every step by that
+    factor (DeepSpeed #8439, measured here: docs/training.md); ZeRO-3 runs Muon on every micro-batch (#8443)."""
+    if stage == 3:
+        return "muon under ZeRO-3 (DeepSpeed 0.19.8 orthogonalizes each micro-batch there, #8443); use zero1 or zero2"
+    if stage in (1, 2) and grad_clip > 0:
+        return (
+            f"muon under ZeRO-{stage} with train.grad_clip {grad_clip}: DeepSpeed clips Muon's orthogonalized update, "
+            "not the gradient (#8439), shrinking every step; set train.grad_clip: 0 (or use zero0.json in fp32)"
         )
     return ""
 

@@ -133,6 +133,46 @@ class SpikeGuardConfig:
             raise ConfigError("min_history", f"{self.min_history} exceeds window={self.window}")
 
 
+BLOCK_LINEARS = ["wq", "wk", "wv", "wo", "gate", "up", "down"]  # the Linear layers inside a block, by name
+
+
+@dataclass
+class Fp8Config:
+    scaling: Literal["none", "tensorwise", "rowwise"] = doc(
+        "none",
+        "FP8 matmuls in the blocks' Linear layers (torchao Float8Linear, dynamic scaling): none, tensorwise (one "
+        "scale per tensor) or rowwise (one per row, more accurate, slower). Embedding and LM head stay in "
+        "train.precision. Needs the layers' dimensions divisible by 16.",
+    )
+    layers: list[str] = doc(text="Linear layers inside a block that run in FP8.", factory=lambda: list(BLOCK_LINEARS))
+
+    def __post_init__(self) -> None:
+        unknown = [t for t in self.layers if t not in BLOCK_LINEARS]
+        if unknown or not self.layers:
+            raise ConfigError("layers", f"must be a non-empty subset of {BLOCK_LINEARS}, got {self.layers}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.scaling != "none"
+
+
+@dataclass
+class MuonConfig:
+    lr: float = doc(
+        0.02,
+        "Peak LR of the Muon matrices (in spectral-norm units per update); follows train.schedule's shape: "
+        "muon.lr x lr_at(step) / train.lr.",
+    )
+    momentum: float = doc(0.95, "Nesterov momentum of the Muon matrices.")
+    weight_decay: Optional[float] = doc(None, "Decoupled weight decay of the Muon matrices; null = train.weight_decay.")
+
+    def __post_init__(self) -> None:
+        positive(self, "lr")
+        positive(self, "weight_decay", allow_zero=True)
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError("momentum", f"must be in [0, 1), got {self.momentum}")
+
+
 @dataclass
 class TrainConfig:
     max_steps: int = doc(2000, "Optimizer steps to train.")
@@ -163,6 +203,13 @@ class TrainConfig:
     )
     z_loss: float = doc(0.0, "Weight of the z-loss (mean squared log-partition of the logits, PaLM); 0 disables.")
     spike_guard: SpikeGuardConfig = doc(text="Loss-spike and NaN guard.", factory=SpikeGuardConfig)
+    fp8: Fp8Config = doc(text="FP8 training of the blocks' Linear layers (torchao).", factory=Fp8Config)
+    optimizer: Literal["adamw", "muon"] = doc(
+        "adamw",
+        "adamw, or muon: DeepSpeed's Muon (momentum orthogonalized by Newton-Schulz) on the blocks' matrices and "
+        "AdamW (lr, betas, eps, weight_decay above) on embeddings, LM head, norms and biases, as the Muon papers do.",
+    )
+    muon: MuonConfig = doc(text="Muon's settings (train.optimizer: muon).", factory=MuonConfig)
     init_from: Optional[str] = doc(
         None,
         "Start from these weights instead of a random init: an llmforge run dir / "
@@ -253,10 +300,9 @@ class LoraConfig:
         positive(self, "alpha")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError("dropout", f"must be in [0, 1), got {self.dropout}")
-        known = {"wq", "wk", "wv", "wo", "gate", "up", "down"}
-        unknown = [t for t in self.targets if t not in known]
+        unknown = [t for t in self.targets if t not in BLOCK_LINEARS]
         if unknown or not self.targets:
-            raise ConfigError("targets", f"must be a non-empty subset of {sorted(known)}, got {self.targets}")
+            raise ConfigError("targets", f"must be a non-empty subset of {sorted(BLOCK_LINEARS)}, got {self.targets}")
 
 
 @dataclass

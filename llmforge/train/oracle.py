@@ -37,7 +37,12 @@ class OracleRun:
 
 
 def check_oracle_recipe(recipe: Recipe, origin: str) -> None:
-    """What the oracle cannot reproduce, refused in one line: dropout draws differ per rank and per path."""
+    """What the oracle cannot reproduce, refused in one line: dropout draws differ per rank and per path; it is an
+    AdamW step."""
+    if recipe.train.optimizer != "adamw":
+        raise RecipeError(
+            origin, "train.optimizer", f"{recipe.train.optimizer}: the oracle runs AdamW; compare with --layouts"
+        )
     if recipe.model.dropout:
         raise RecipeError(
             origin, "model.dropout", f"{recipe.model.dropout}: parity needs 0 (dropout draws differ between runs)"
@@ -59,7 +64,9 @@ def oracle_steps(recipe: Recipe, origin: str, steps: int, global_batch: int, mic
         load_weights(model, setup.init_weights, False)
     model.float().train()
     groups = param_groups(model, t.weight_decay)
-    optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), eps=t.eps, foreach=False, fused=False)
+    optimizer = torch.optim.AdamW(
+        groups, lr=t.lr, betas=(t.betas[0], t.betas[1]), eps=t.eps, foreach=False, fused=False
+    )
     params = [p for g in groups for p in g["params"]]
     run = OracleRun()
     micros = global_batch // micro_batch

@@ -4,6 +4,7 @@ JSON, tokenizer, data, --resume path) has been checked."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -18,10 +19,12 @@ from llmforge import allocator
 from llmforge.config import Recipe, load_recipe, recipe_to_yaml
 from llmforge.config.deepspeed import compose_ds_config, zero_stage
 from llmforge.config.parallel import check_layout, make_layout, ranks_per_node
+from llmforge.config.recipe import TrainConfig
 from llmforge.errors import RecipeError
 from llmforge.model import GPT, apply_wraps, compile_unavailable
 from llmforge.model.flops import device_peak_flops, flops_per_token
 from llmforge.model.parallel import sequence_group, tensor_parallel_config
+from llmforge.model.wraps import fp8_problem
 from llmforge.tokenizer import fingerprint
 from llmforge.train.checkpoint import Checkpointer, RunIdentity, check_resume, resolve_resume
 from llmforge.train.distributed import release_shm_segment, setup_env
@@ -56,6 +59,8 @@ def run_training(
     setup = task.setup(recipe, recipe_path, point, stage)
     recipe, tok, data = setup.recipe, setup.tokenizer, setup.data
     check_layout(recipe, world, stage, recipe_path, ranks_per_node())  # on the model the task resolved
+    lora = task.lora(recipe)
+    check_fp8(recipe, recipe_path, layout.tensor, lora.rank)
     if layout.tensor > 1:
         ds_config["tensor_parallel"] = tensor_parallel_config(layout.tensor)
     universal = check_resume(
@@ -77,14 +82,12 @@ def run_training(
     if setup.init_weights is not None:
         load_weights(model, setup.init_weights, stage == 3)
         setup.init_weights = None
-    lora = task.lora(recipe)
     group = sequence_group(layout) if layout.sequence > 1 else None
-    if adapters := apply_wraps(model, lora, recipe.model.activation_checkpointing, recipe.train.compile, group):
+    wraps = (lora, recipe.model.activation_checkpointing, recipe.train.compile, group, recipe.train.fp8)
+    if adapters := apply_wraps(model, *wraps):
         log.info("LoRA rank %d on %s: %d trainable parameters", lora.rank, ",".join(lora.targets), adapters)
     n_params, n_embed = count_parameters(model)
-    engine, *_ = deepspeed.initialize(
-        model=model, model_parameters=param_groups(model, recipe.train.weight_decay), config=ds_config
-    )
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config, **optimizer_args(model, recipe.train))
     if engine.global_rank == 0:
         write_run_files(recipe, ds_config)
         sizes = f"{n_params / 1e6:.2f}M parameters ({(n_params - n_embed) / 1e6:.2f}M non-embedding)"
@@ -129,6 +132,22 @@ def check_device(recipe: Recipe, origin: str, on_cpu: bool) -> None:
         raise RecipeError(origin, "train.compile", f"{problem}; or set train.compile: false")
 
 
+def check_fp8(recipe: Recipe, origin: str, tensor: int, lora_rank: int) -> None:
+    """What train.fp8 needs, checked before anything starts."""
+    if not recipe.train.fp8.enabled:
+        return
+    key = "train.fp8.scaling"
+    if tensor > 1:
+        raise RecipeError(origin, key, "FP8 with parallel.tensor > 1: AutoTP shards the layers FP8 replaces; use 1")
+    if lora_rank:
+        raise RecipeError(origin, key, "FP8 with LoRA adapters is not supported; set posttrain.lora.rank: 0")
+    m = recipe.model
+    if problem := fp8_problem(m.d_model, m.ff_dim, m.kv_heads * m.head_dim):
+        raise RecipeError(origin, key, problem)
+    if importlib.util.find_spec("torchao") is None:
+        raise RecipeError(origin, key, "FP8 training needs torchao: pip install torchao")
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices only: not on norms, biases or embeddings (tied or not). A parameter's dimensions
     are its full shape's: under ZeRO-3 a partitioned parameter's own tensor is an empty 1-D placeholder (ds_shape
@@ -142,6 +161,45 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         matrix = len(getattr(p, "ds_shape", p.shape)) >= 2
         (decay if matrix and id(p) not in embedding_ids else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def optimizer_args(model: nn.Module, t: TrainConfig) -> dict:
+    """What deepspeed.initialize gets for the optimizer: AdamW's parameter groups (DeepSpeed builds AdamW from the
+    composed config), or a Muon optimizer llmforge builds itself."""
+    if t.optimizer == "adamw":
+        return {"model_parameters": param_groups(model, t.weight_decay)}
+    from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam
+
+    return {"optimizer": MuonWithAuxAdam(muon_param_groups(model, t), adam_optimizer=torch.optim.AdamW)}
+
+
+def muon_param_groups(model: nn.Module, t: TrainConfig) -> list[dict]:
+    """Muon on the blocks' matrices; AdamW on the rest (embeddings, LM head: with and without decay as
+    param_groups splits them; norms). Each parameter is tagged use_muon, which DeepSpeed's ZeRO optimizers read.
+    DeepSpeed's own tagging (optimizer type Muon in the config) goes by names ("embed", "lm_head") that would put
+    llmforge's tok_emb under Muon, hence groups built here. A Muon group's lr_scale (muon.lr / train.lr) makes the
+    trainer's schedule give it muon.lr x the schedule's shape."""
+    blocks = {id(p) for name, p in model.named_parameters() if name.startswith("blocks.")}
+    muon: list[nn.Parameter] = []
+    adam: list[dict] = []
+    for group in param_groups(model, t.weight_decay):
+        rest: list[nn.Parameter] = []
+        for p in group["params"]:
+            use = id(p) in blocks and len(getattr(p, "ds_shape", p.shape)) >= 2
+            p.use_muon = use
+            (muon if use else rest).append(p)
+        if rest:
+            adam.append({**group, "params": rest, "use_muon": False, "lr": t.lr, "betas": tuple(t.betas), "eps": t.eps})
+    decay = t.weight_decay if t.muon.weight_decay is None else t.muon.weight_decay
+    muon_group = {
+        "params": muon,
+        "use_muon": True,
+        "lr": t.muon.lr,
+        "momentum": t.muon.momentum,
+        "weight_decay": decay,
+        "lr_scale": t.muon.lr / t.lr,
+    }
+    return [muon_group, *adam]
 
 
 def build_model(recipe: Recipe, ds_config: dict) -> GPT:

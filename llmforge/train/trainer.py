@@ -145,6 +145,9 @@ class Trainer:
         self.plain_optimizer = engine.zero_optimization_stage() == 0 and not (
             engine.bfloat16_enabled() or engine.fp16_enabled()
         )
+        self.drop_update = False
+        if self.plain_optimizer:
+            engine.optimizer.register_step_pre_hook(self._skip_non_finite_update)
         device = torch.device(engine.device)
         self.batches = Prefetcher(
             self._read_micro, self._next_micro, cfg.prefetch, device if device.type == "cuda" else None
@@ -165,7 +168,7 @@ class Trainer:
         step = self.state.step + 1
         lr = lr_at(self.state.step, t)
         for group in engine.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's matrices: muon.lr x the schedule's shape
         total = torch.zeros((), device=engine.device)
         stat_totals: dict[str, torch.Tensor] = {}
         tokens = 0
@@ -210,18 +213,26 @@ class Trainer:
         """For the bare-optimizer path (ZeRO-0, fp32), after the last backward of a step (DeepSpeed has all-reduced
         the gradients then): the 2-norm of the gradient before clipping, through DeepSpeed's own function for it
         (get_weight_norm over the gradients, as its fp16/bf16 wrappers call it; tensor-parallel shards summed over
-        their group). A non-finite norm drops every gradient, so the optimizer step that follows changes nothing
-        (torch's AdamW skips parameters without a gradient), as DeepSpeed's overflow check does on other paths."""
+        their group). A non-finite norm makes the optimizer step that follows change nothing (see
+        _skip_non_finite_update), as DeepSpeed's overflow check does on its other paths."""
         from deepspeed.runtime.utils import get_weight_norm
 
         engine = self.engine
         grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
         norm = float(get_weight_norm(grads, mpu=engine.mpu)) if grads else 0.0
-        if norm < 0 or not math.isfinite(norm):  # get_weight_norm returns -1 for inf/NaN
-            for p in engine.module.parameters():
-                p.grad = None
-            return math.inf
+        if norm < 0:  # get_weight_norm's answer for inf/NaN
+            norm = math.inf
+        self.drop_update = not math.isfinite(norm)
         return norm
+
+    def _skip_non_finite_update(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        """A pre-step hook on the bare torch optimizer: after DeepSpeed's clipping, drop every gradient of a step
+        whose norm is not finite, so AdamW skips every parameter (weights, moments and step counts unchanged)."""
+        if self.drop_update:
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None
+            self.drop_update = False
 
     def _next_micro(self, key: tuple[int, int]) -> tuple[int, int]:
         return next_micro_batch(*key, self.cfg.schedule.grad_accum_steps, self.cfg.global_batch)

@@ -25,7 +25,8 @@ LAYERS = [
 ]
 LEVEL = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 # Imported inside functions on purpose: each costs a second or more to import (or is an optional extra) and only some
-# commands need it. torch: its Inductor modules (compile only). datasketch: 0.7 s (scipy), dedup only.
+# commands need it. torch: its Inductor modules (compile only). datasketch: 0.7 s (scipy), dedup only. torchao: 1.6 s,
+# FP8 runs only.
 LAZY_OK = {
     "deepspeed",
     "transformers",
@@ -36,6 +37,7 @@ LAZY_OK = {
     "resiliparse",
     "torch",
     "datasketch",
+    "torchao",
 }
 
 

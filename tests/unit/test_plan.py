@@ -88,7 +88,7 @@ def test_plan_divides_by_the_layout():
 
     base, tp2, sp2 = rows(), rows(tensor=2), rows(sequence=2)
     assert (3, "none") not in tp2  # AutoTP runs with ZeRO 0-2
-    assert tp2[(0, "none")].params_gb == pytest.approx(base[(0, "none")].params_gb * params_per_rank(cfg, 2) / whole)
+    assert tp2[(1, "none")].params_gb == pytest.approx(base[(1, "none")].params_gb * params_per_rank(cfg, 2) / whole)
     # ZeRO-1 shards the optimizer over the 8 ranks with or without sequence parallelism; over 4 under tensor 2
     assert sp2[(1, "none")].optimizer_gb == pytest.approx(base[(1, "none")].optimizer_gb)
     assert base[(1, "none")].comm_gb["tensor"] == base[(1, "none")].comm_gb["sequence"] == 0.0
