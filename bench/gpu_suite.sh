@@ -8,14 +8,42 @@
 # llmforge runs it, with data.prefetch 0 (inputs read and copied inside the step) and with DeepSpeed's throughput
 # timer on (a device synchronisation at every forward and step; off in llmforge). Each throughput table also sets
 # `llmforge plan`'s per-GPU total against llmforge's measured peak. Results land in bench/results/gpu-*.md.
+# Two more parts: `numerics` holds every shipped ZeRO config (bf16 and fp32, accumulation 1 and 2, tied and untied)
+# to the plain-PyTorch fp32 oracle on the GPU, once as shipped and once with overlap_comm on (CUDA streams and
+# bucketed, overlapped reduction: what the CPU runs cannot exercise), and FP8 (tensorwise, rowwise) against bf16;
+# `fp8` times llama-350m and llama-1b steps with train.fp8 tensorwise and rowwise against bf16.
 #
 #   bash bench/gpu_suite.sh                 # all of it
-#   bash bench/gpu_suite.sh 125m 350m loss  # some of it (parts: 125m 350m 1b ckpt loss host; minutes each)
+#   bash bench/gpu_suite.sh 125m 350m loss  # some of it (parts: 125m 350m 1b ckpt loss host numerics fp8)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python}
-sizes=${*:-125m 350m 1b ckpt loss host}
+sizes=${*:-125m 350m 1b ckpt loss host numerics fp8}
 for size in $sizes; do
+  if [ "$size" = numerics ]; then  # the tiny-char data (stdlib corpus), 20 steps per variant, one launch per pass
+    $PY -m llmforge.cli corpus --out data/stdlib-corpus
+    $PY launch/train_tokenizer.py --recipe recipes/tiny-char.yaml
+    $PY launch/prepare_data.py --recipe recipes/tiny-char.yaml
+    variants=z1.fp32,z2.fp32,z3.fp32,z3off.fp32,z0.fp32,z1.bf16,z2.bf16,z3.bf16,z3off.bf16,z1.bf16.acc2,z2.bf16.acc2
+    variants=$variants,z3.bf16.acc2,z2.bf16.untied,z3.bf16.untied,z2.bf16.ckpt-full,z2.bf16.fp8,z2.bf16.fp8row
+    for overlap in false true; do
+      $PY -m llmforge.cli parity --recipe recipes/tiny-char.yaml --variants "$variants" --steps 20 --one-launch \
+        --set deepspeed.overrides.zero_optimization.overlap_comm=$overlap --out "runs/parity-overlap-$overlap" \
+        | tee "bench/results/gpu-numerics-overlap-$overlap.txt" || true
+    done
+    continue
+  fi
+  if [ "$size" = fp8 ]; then  # FP8 step time and memory against bf16, ZeRO-2, no activation checkpointing
+    for model in 350m 1b; do
+      for scaling in none tensorwise rowwise; do
+        $PY bench/train_throughput.py --recipe "recipes/llama-$model.yaml" --set deepspeed.config=ds_configs/zero2.json \
+          --set train.grad_accum_steps=1 --set model.activation_checkpointing.mode=none \
+          --set "train.fp8.scaling=$scaling" --steps "${STEPS:-20}" --warmup 5 --rounds 1 \
+          --out "bench/results/gpu-llama-$model-fp8-$scaling-throughput.md"
+      done
+    done
+    continue
+  fi
   if [ "$size" = ckpt ]; then
     $PY bench/activation_ckpt.py --recipe recipes/llama-350m.yaml --set train.grad_accum_steps=1 --loss-chunk 2048 \
       --compile --out bench/results/gpu-llama-350m-activation-ckpt.md

@@ -125,7 +125,8 @@ def main() -> None:
     from llmforge.config import load_recipe
     from llmforge.config.deepspeed import compose_ds_config, zero_stage
     from llmforge.config.parallel import Layout
-    from llmforge.model import GPT, apply_activation_checkpointing, compile_model
+    from llmforge.config.recipe import LoraConfig
+    from llmforge.model import GPT, apply_activation_checkpointing, apply_wraps, compile_model
     from llmforge.model.flops import device_peak_flops, flops_per_token
     from llmforge.model.hf import llama_config
     from llmforge.train.distributed import release_shm_segment, setup_env
@@ -177,9 +178,8 @@ def main() -> None:
     from transformers import LlamaForCausalLM
 
     def run_llmforge(compiled: bool):
-        model = apply_activation_checkpointing(copy.deepcopy(base), ckpt)
-        if compiled:
-            compile_model(model)
+        model = copy.deepcopy(base)
+        apply_wraps(model, LoraConfig(), ckpt, compiled, None, t.fp8)  # train.fp8 too: the FP8 rows of the GPU suite
         engine, *_ = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, t.weight_decay), config=copy.deepcopy(ds_config)
         )

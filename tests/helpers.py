@@ -3,11 +3,13 @@ harness for distributed pieces that do not need the launcher."""
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import multiprocessing as mp
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -63,10 +65,37 @@ def write_recipe(path: Path, data_dir: Path, run_dir: Path, **sections: dict) ->
 
 
 def run_cli(*args: str, cwd: Path = REPO, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run a command (a launch script via this interpreter, or a console tool from the venv) and capture output."""
+    """Run a command (a launch script via this interpreter, or a console tool from the venv) and capture output. The
+    command runs in a session of its own: on a timeout the whole process group is killed — the deepspeed launcher
+    and the ranks it started — so no rank outlives its test (an orphaned rank holds its cores, and one killed while
+    JIT-building a DeepSpeed op leaves the build lock behind)."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     full_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{full_env.get('PATH', '')}"
-    return subprocess.run(list(args), cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
+    proc = subprocess.Popen(
+        list(args),
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=full_env,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(proc.pid)
+        proc.communicate()
+        raise
+    finally:
+        if proc.poll() is None:  # an interrupt (Ctrl-C) while waiting
+            kill_group(proc.pid)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def kill_group(pid: int) -> None:
+    """SIGKILL every process of the group `pid` leads."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
 
 
 def free_port() -> int:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import socket
 import sys
+import time
 
 import torch.distributed as dist
 
@@ -47,6 +49,18 @@ def _first_host(nodelist: str) -> str:
         first = rest.split("-")[0].split(",")[0].rstrip("]")
         return prefix + first
     return head
+
+
+def stale_build_locks(max_age_s: float = 600.0) -> list[str]:
+    """Build locks in the extension cache older than `max_age_s`. torch's JIT build (DeepSpeed's CPU ops) holds
+    `<cache>/<op>/lock` while it compiles and every other process waits on it, without a timeout; a build killed
+    mid-way leaves the file behind and every later run that loads the op waits forever, at ~2% CPU. No build here
+    takes minutes, so an old lock is almost certainly such a leftover."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR", "")
+    now = time.time()
+    return [
+        p for p in sorted(glob.glob(os.path.join(root, "*", "lock"))) if root and now - os.path.getmtime(p) > max_age_s
+    ]
 
 
 def release_shm_segment() -> None:

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import random
+import time
 from typing import Any, Optional
 
 import numpy as np
@@ -27,7 +28,7 @@ from llmforge.model.parallel import sequence_group, tensor_parallel_config
 from llmforge.model.wraps import fp8_problem
 from llmforge.tokenizer import fingerprint
 from llmforge.train.checkpoint import Checkpointer, RunIdentity, check_resume, resolve_resume
-from llmforge.train.distributed import release_shm_segment, setup_env
+from llmforge.train.distributed import release_shm_segment, setup_env, stale_build_locks
 from llmforge.train.guard import FaultInjector, StopSignal
 from llmforge.train.loading import load_weights
 from llmforge.train.metrics import Metrics
@@ -75,6 +76,13 @@ def run_training(
     if universal:
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
 
+    for lock in stale_build_locks():  # before DeepSpeed loads its CPU comm op, which would wait on it forever
+        log.warning(
+            "%s is %.0f min old: a JIT build killed mid-way leaves it, and DeepSpeed then waits on it "
+            "forever; delete it if no build is running",
+            lock,
+            (time.time() - os.path.getmtime(lock)) / 60,
+        )
     deepspeed.init_distributed(dist_backend=accel.communication_backend_name())
     release_shm_segment()
     seed_everything(recipe.run.seed)

@@ -212,3 +212,16 @@ def test_full_disk_skips_the_save_and_keeps_previous(tmp_path, prepared, small_t
     from llmforge.train.checkpoint_files import newest_complete
 
     assert newest_complete(str(small_tmpfs)) == str(small_tmpfs / "step_00000004")
+
+
+def test_a_timed_out_command_takes_its_whole_process_group_with_it(tmp_path):
+    """run_cli's timeout kills the launcher and everything it started (a rank is a grandchild of the test), so no
+    rank stays behind holding its cores or a build lock."""
+    pidfile = tmp_path / "grandchild.pid"
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_cli("bash", "-c", f"sleep 300 & echo $! > {pidfile}; wait", timeout=3)
+    grandchild = int(pidfile.read_text())
+    deadline = time.time() + 10
+    while psutil.pid_exists(grandchild) and psutil.Process(grandchild).status() != psutil.STATUS_ZOMBIE:
+        assert time.time() < deadline, "the grandchild outlived the timeout"
+        time.sleep(0.1)

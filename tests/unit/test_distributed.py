@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import time
+
 import torch
 import torch.distributed as dist
 
@@ -10,6 +13,7 @@ from llmforge.posttrain.data import SFTData
 from llmforge.tokenizer import CharTokenizer
 from llmforge.tokenizer.added import with_chat_tokens
 from llmforge.train.checkpoint_files import _any_rank
+from llmforge.train.distributed import stale_build_locks
 from llmforge.train.trainer import reduce_step_values
 from tests.helpers import run_distributed
 
@@ -45,3 +49,15 @@ def test_sft_batches_count_their_tokens_without_padding():
     assert lengths.tolist() == real
     assert inputs.shape[1] == max(lengths.tolist()) and min(lengths.tolist()) < inputs.shape[1]
     assert data.tokens(batch) == sum(lengths.tolist()) < inputs.numel()
+
+
+def test_build_locks_left_by_a_killed_build_are_found(tmp_path, monkeypatch):
+    """A lock older than 10 minutes in the extension cache is reported (a run would otherwise wait on it forever);
+    one being held by a running build is not."""
+    for op, age in (("fused_adam", 3600), ("deepspeed_shm_comm", 5)):
+        (tmp_path / op).mkdir()
+        lock = tmp_path / op / "lock"
+        lock.touch()
+        os.utime(lock, (time.time() - age, time.time() - age))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert stale_build_locks() == [str(tmp_path / "fused_adam" / "lock")]
