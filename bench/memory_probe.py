@@ -1,6 +1,8 @@
 """Measure what a training rank holds after one step, to check the planner's model-state formula.
 
-Run under a launcher: `deepspeed --num_gpus 2 bench/memory_probe.py --stage 2 --d-model 512 --layers 8`. Rank 0
+Run under a launcher: `deepspeed --num_gpus 2 bench/memory_probe.py --stage 2 --d-model 512 --layers 8
+[--precision fp32]`. The optimizer is the one llmforge trains with (config/deepspeed.py): torch's fused AdamW on CPU
+(no DeepSpeed op to JIT-build), DeepSpeed's FusedAdam on GPU. Rank 0
 prints one JSON line: parameters, ZeRO stage, world size, for every rank the peak memory of the second optimizer
 step over the memory just after process-group start-up (CPU: peak RSS, reset before the step; run with
 MALLOC_MMAP_THRESHOLD_=65536 so that freed tensors leave RSS; GPU: peak allocated), and the planner's prediction.
@@ -13,6 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+
+CPU_ADAMW = {"torch_adam": True, "fused": True}  # what config/deepspeed.py gives a CPU run
 
 
 def rss_bytes(field: str = "VmRSS") -> int:
@@ -30,6 +34,7 @@ def main() -> None:
     p.add_argument("--d-model", type=int, default=512)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--vocab", type=int, default=256)
+    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     p.add_argument("--local_rank", type=int, default=None)
     args = p.parse_args()
 
@@ -50,11 +55,15 @@ def main() -> None:
     cfg = ModelConfig(
         vocab_size=args.vocab, max_seq_len=16, d_model=args.d_model, n_layers=args.layers, n_heads=8, n_kv_heads=8
     )
+    on_gpu = accel.device_name() != "cpu"
     ds = {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
-        "bf16": {"enabled": True},
-        "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
+        "bf16": {"enabled": args.precision == "bf16"},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": 1e-4, **({} if on_gpu else {"torch_adam": True, "fused": True})},
+        },
         "zero_optimization": {
             "stage": args.stage,
             "reduce_bucket_size": 1e6,
@@ -65,7 +74,6 @@ def main() -> None:
             "overlap_comm": False,
         },
     }
-    on_gpu = accel.device_name() != "cpu"
     before = torch.cuda.memory_allocated() if on_gpu else rss_bytes()
     if args.stage == 3:
         with deepspeed.zero.Init(config_dict_or_path=ds):
@@ -86,7 +94,7 @@ def main() -> None:
         engine.backward(loss)
         engine.step()
     after = torch.cuda.max_memory_allocated() if on_gpu else rss_bytes("VmHWM")
-    predicted = sum(model_state_bytes(n, args.stage, world).values())
+    predicted = sum(model_state_bytes(n, args.stage, world, args.precision).values())
     measured = [None] * world
     torch.distributed.all_gather_object(measured, after - before)
     if engine.global_rank == 0:
@@ -94,6 +102,7 @@ def main() -> None:
             json.dumps(
                 {
                     "stage": args.stage,
+                    "precision": args.precision,
                     "world": world,
                     "params": n,
                     "measured_bytes": measured,

@@ -6,8 +6,10 @@ Memory per GPU (bytes; N parameters, d data-parallel ranks, bf16/fp16 training w
   and fitted to what DeepSpeed 0.19 holds, measured as bytes per parameter on 2 CPU ranks at two model sizes
   (bench/results/memory-cpu.md): params 2N (stage 3: 2N/d); gradients stage 0: 2N 16-bit + 4N fp32
   accumulation, stage 1-2: 2N + 4N/d, stage 3: 2N/d + 4N/d; optimizer 12N fp32 master + exp_avg + exp_avg_sq
-  (stage 1-3: 12N/d), plus at stage 0 the update's 4N fp32 temporary. fp32 training: params and gradients 4N
-  each, no master copy (8N optimizer); not measured.
+  (stage 1-3: 12N/d), plus at stage 0 the update's 4N fp32 temporary. fp32 training (measured the same way):
+  params 4N (stage 3: 4N/d); gradients 4N, at stage 0 + 4N (the flattened all-reduce copy), at stage 3 + 4N/d;
+  optimizer stage 0: 8N (exp_avg + exp_avg_sq), stages 1-3: 12N/d (DeepSpeed keeps an fp32 master partition even
+  of fp32 weights).
 - activations of one micro-batch (T = b·s tokens, 16-bit elements of e bytes), counted from the tensors each
   operation keeps for backward: per block two norms (RMSNorm as a fused kernel, as on GPU: input T·d·e + fp32
   rstd T·4; its unfused CPU composite keeps two fp32 copies, T·(8d + 8); LayerNorm input + fp32 mean and rstd,
@@ -79,10 +81,21 @@ def model_state_bytes(n_params: int, stage: int, dp: int, precision: str = "bf16
     """Parameters, gradients and optimizer states per rank at the peak of a step (the optimizer update), as measured
     on DeepSpeed 0.19 CPU ranks (bench/memory_probe.py; tests/integration/test_plan.py keeps them within 15%)."""
     if precision == "fp32":
-        params, grads, optim = 4.0 * n_params, 4.0 * n_params, 8.0 * n_params
-        if stage >= 2:
-            grads /= dp
-    elif stage == 0:
+        # fp32 weights and gradients (whole until the reduce-scatter, stages 1-3 alike at the peak); stage 0 also a
+        # flat fp32 copy of the gradients for the all-reduce; stages 1-3 an fp32 master partition (DeepSpeed copies
+        # even fp32 weights) + exp_avg + exp_avg_sq, and at stage 3 the gradient partition
+        if stage == 0:
+            params, grads, optim = 4.0 * n_params, 8.0 * n_params, 8.0 * n_params
+        else:
+            params, grads, optim = 4.0 * n_params, 4.0 * n_params, 12.0 * n_params
+            if stage == 3:
+                grads += 4.0 * n_params / dp
+        if stage >= 1:
+            optim /= dp
+        if stage >= 3:
+            params /= dp
+        return {"params": params, "grads": grads, "optimizer": optim}
+    if stage == 0:
         # 16-bit weights and gradients, fp32 gradient accumulation, fp32 master + exp_avg + exp_avg_sq, and the
         # update's fp32 temporary over the whole flat buffer
         params, grads, optim = 2.0 * n_params, 6.0 * n_params, 16.0 * n_params
