@@ -51,10 +51,14 @@ from llmforge.train.run import run_training, setup_logging
 # steps of the test recipe); bf16/fp16 layouts round partial sums at different points (measured <= 1.1e-4 loss,
 # 3.1e-3 gradient norm).
 TOLERANCES = {"fp32": (1e-5, 1e-4), "bf16": (2e-3, 2e-2), "fp16": (2e-3, 2e-2)}
-# Every DeepSpeed path against the fp32 oracle (bench/results/cpu-2026-12-07-numerics.md): fp32 differs by
-# summation order and kernels (fused vs for-loop AdamW); bf16 by the rounding of weights, activations and
-# gradients, which the runs' steps compound.
-ORACLE_TOLERANCES = {"fp32": (2e-6, 2e-5), "bf16": (2e-3, 2e-2), "fp16": (2e-3, 2e-2), "fp8": (3e-2, 2e-1)}
+# Every DeepSpeed path against the fp32 oracle, for parity's default 20 steps (bench/results/
+# cpu-2026-12-07-numerics.md; the largest difference measured over 34 variants x 20 steps, then a margin of 4-12x):
+# fp32 differs by summation order and kernels (fused vs for-loop AdamW; measured <= 1.6e-7 loss, 3.2e-7 gradient
+# norm); bf16 by the rounding of weights, activations and gradients (<= 4.9e-4, 3.2e-3), FP8 matmuls by their
+# float8 casts on top (<= 5.7e-4, 7.5e-3). ZeRO-0 + bf16, which trains another model, was 3.5e-3 off after one
+# update. Over hundreds of steps the runs drift apart like any two chaotic trajectories (300 steps: fp32 3.9e-6,
+# bf16 1.7e-2 at some step): compare long runs by their mean loss over a window instead.
+ORACLE_TOLERANCES = {"fp32": (2e-6, 2e-5), "bf16": (2e-3, 2e-2), "fp16": (2e-3, 2e-2), "fp8": (3e-3, 5e-2)}
 _PART = re.compile(r"^(tp|sp|dp|acc)(\d+)$")
 _ZERO = {"z0": "zero0.json", "z1": "zero1.json", "z2": "zero2.json", "z3": "zero3.json", "z3off": "zero3_offload.json"}
 _CKPT = re.compile(r"^ckpt-(none|full|selective|every(\d+))$")

@@ -10,14 +10,17 @@ import torch
 
 from llmforge.config import load_recipe
 from llmforge.config.deepspeed import compose_ds_config
+from llmforge.config.recipe import Fp8Config, ModelConfig
 from llmforge.data.loader import PretrainData
 from llmforge.errors import RecipeError, UserError
 from llmforge.model import GPT
+from llmforge.model.wraps import apply_fp8, fp8_problem
 from llmforge.parity import LayoutSpec, parse_layouts
 from llmforge.plan import plan
 from llmforge.tokenizer import fingerprint, load_tokenizer
 from llmforge.train.guard import FaultInjector
 from llmforge.train.oracle import oracle_steps
+from llmforge.train.run import check_fp8, muon_param_groups
 from llmforge.train.task import resolve_model_config
 from tests.helpers import REPO, write_recipe
 
@@ -123,3 +126,65 @@ def test_the_dropped_gradient_fault_takes_the_last_micro_batch_only():
     f = FaultInjector("dropped_micro")
     assert [f.drops_gradients(m, 3) for m in range(3)] == [False, False, True]
     assert not f.drops_gradients(0, 1) and not FaultInjector("").drops_gradients(1, 2)
+
+
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest(tmp_path, prepared):
+    recipe = load_recipe(str(_recipe(tmp_path, prepared)), ["train.optimizer=muon", "model.tie_embeddings=false"])
+    model = GPT(ModelConfig(vocab_size=61, max_seq_len=16, d_model=32, n_layers=2, n_heads=4, tie_embeddings=False))
+    groups = muon_param_groups(model, recipe.train)
+    names = {id(p): n for n, p in model.named_parameters()}
+    by_kind = {
+        kind: sorted(names[id(p)] for g in groups if g["use_muon"] == kind for p in g["params"])
+        for kind in (True, False)
+    }
+    assert by_kind[True] == sorted(n for n, p in model.named_parameters() if n.startswith("blocks.") and p.dim() == 2)
+    assert set(by_kind[False]) == {n for n, p in model.named_parameters()} - set(by_kind[True])
+    assert "tok_emb.weight" in by_kind[False] and "lm_head.weight" in by_kind[False]
+    muon = next(g for g in groups if g["use_muon"])
+    t = recipe.train
+    assert (muon["lr"], muon["momentum"], muon["lr_scale"]) == (t.muon.lr, t.muon.momentum, t.muon.lr / t.lr)
+    assert all(p.use_muon == (names[id(p)] in by_kind[True]) for p in model.parameters())
+    decayed = {names[id(p)] for g in groups if not g["use_muon"] and g["weight_decay"] > 0 for p in g["params"]}
+    assert decayed == {"lm_head.weight"}  # AdamW's share keeps param_groups' rule: no decay on embeddings, norms
+
+
+def test_muon_is_refused_where_deepspeed_clips_its_update_or_runs_it_per_micro_batch(tmp_path, prepared):
+    path = str(_recipe(tmp_path, prepared))
+    for stage, clip, refused in (
+        (2, 1.0, "#8439"),
+        (1, 0.5, "#8439"),
+        (3, 0.0, "#8443"),
+        (2, 0.0, None),
+        (0, 1.0, None),
+    ):
+        ds = str(REPO / "ds_configs" / f"zero{stage}.json")
+        sets = ["train.optimizer=muon", f"train.grad_clip={clip}", f"deepspeed.config={ds}", "train.precision=fp32"]
+        recipe = load_recipe(path, sets)
+        if refused is None:
+            assert "optimizer" not in compose_ds_config(recipe, 1, "/tmp/run", path, on_cpu=True)
+            continue
+        with pytest.raises(RecipeError) as e:
+            compose_ds_config(recipe, 1, "/tmp/run", path, on_cpu=True)
+        assert refused in str(e.value) and "train.optimizer" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_fp8_swaps_only_the_chosen_block_linears(tmp_path, prepared):
+    model = GPT(ModelConfig(vocab_size=61, max_seq_len=16, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert apply_fp8(model, Fp8Config(scaling="rowwise", layers=["wq", "down"])) == 4
+    fp8 = sorted(n for n, m in model.named_modules() if type(m).__name__ == "Float8Linear")
+    assert fp8 == ["blocks.0.attn.wq", "blocks.0.mlp.down", "blocks.1.attn.wq", "blocks.1.mlp.down"]
+    after = dict(model.named_parameters())
+    assert after.keys() == before.keys() and all(torch.equal(after[n], before[n]) for n in before)  # same weights
+    assert fp8_problem(32, 128, 16) is None and "d_model 40" in fp8_problem(40, 128, 16)
+    path = str(_recipe(tmp_path, prepared))
+    odd = load_recipe(path, ["train.fp8.scaling=tensorwise", "model.d_model=48", "model.n_heads=4"])
+    recipe = resolve_model_config(odd, 61, path)
+    with pytest.raises(RecipeError, match="train.fp8.scaling: .*n_kv_heads x head_dim 24 not divisible by 16"):
+        check_fp8(recipe, path, tensor=1, lora_rank=0)
+    ok = resolve_model_config(load_recipe(path, ["train.fp8.scaling=tensorwise"]), 61, path)
+    with pytest.raises(RecipeError, match="parallel.tensor > 1"):
+        check_fp8(ok, path, tensor=2, lora_rank=0)
+    with pytest.raises(RecipeError, match="LoRA"):
+        check_fp8(ok, path, tensor=1, lora_rank=8)
+    check_fp8(ok, path, tensor=1, lora_rank=0)
