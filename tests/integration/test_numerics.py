@@ -40,7 +40,7 @@ def _recipe(tmp_path, prepared, **train):
 @pytest.mark.distributed
 def test_every_shipped_zero_config_trains_the_oracle_model(tmp_path, prepared):
     """20 variants, one 2-rank launch: fp32 within 2e-6 of the oracle (ZeRO-3 without weight decay, the defect this
-    found, was 4.3e-6 off by step 4), bf16 within 5e-3, ZeRO-0 with bf16 refused in one line."""
+    found, was 4.3e-6 off by step 4), bf16 within 2e-3, ZeRO-0 with bf16 refused in one line."""
     out = tmp_path / "parity"
     r = run_cli(
         "llmforge", "parity", "--recipe", str(_recipe(tmp_path, prepared)), "--variants", ",".join(MATRIX),
@@ -60,7 +60,7 @@ def test_every_shipped_zero_config_trains_the_oracle_model(tmp_path, prepared):
         assert (
             row["max_loss_rel_diff"] <= row["tolerances"][0] and row["max_grad_norm_rel_diff"] <= row["tolerances"][1]
         )
-        assert row["tolerances"] == ([2e-6, 2e-5] if ".fp32." in name else [5e-3, 5e-2]), row
+        assert row["tolerances"] == ([2e-6, 2e-5] if ".fp32." in name else [2e-3, 2e-2]), row
         assert all(g is not None and g > 0 for g in row["grad_norms"].values()), row  # every stage logs a norm
     # bf16 really ran in bf16: it is further from the fp32 oracle than fp32 is
     assert min(rows[n]["max_loss_rel_diff"] for n in MATRIX if ".bf16." in n and not n.startswith("z0")) > 1e-5
@@ -210,3 +210,66 @@ def test_a_parameter_used_twice_in_one_backward_under_zero_bf16_with_accumulatio
 
     assert cos(ds_end[0], true_end) > 0.99, cos(ds_end[0], true_end)
     assert cos(lost_end, true_end) < 0.95, cos(lost_end, true_end)
+
+
+@pytest.mark.distributed
+def test_muon_trains_the_same_model_on_two_ranks_as_on_one(tmp_path, prepared):
+    """Muon under ZeRO-2 (train.grad_clip 0, as llmforge requires there): 2 ranks within the fp32 layout tolerance
+    of one rank, and the loss falls."""
+    out = tmp_path / "parity"
+    r = run_cli(
+        "llmforge", "parity", "--recipe", str(_recipe(tmp_path, prepared)), "--layouts", "1,dp2", "--steps", "6",
+        "--set", "train.optimizer=muon", "--set", "train.grad_clip=0", "--out", str(out), timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = {row["variant"]: row for row in json.loads((out / "parity.json").read_text())["layouts"]}
+    assert rows["dp2"]["passed"] and rows["dp2"]["max_loss_rel_diff"] <= 1e-5, rows["dp2"]
+    losses = rows["1"]["losses"]
+    assert losses["6"] < losses["1"] - 0.3, losses
+
+
+@pytest.mark.distributed
+def test_the_optimizer_bench_compares_muon_with_adamw(tmp_path, prepared):
+    """bench/optimizers.py --quick: AdamW with and without clipping and Muon, launched as users launch them."""
+    out = tmp_path / "optimizers.md"
+    r = run_cli(
+        sys.executable, "bench/optimizers.py", "--quick", "--recipe", str(_recipe(tmp_path, prepared)),
+        "--out", str(out), timeout=900,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    table = {line.split("|")[1].strip(): line for line in out.read_text().splitlines() if line.startswith("| ")}
+    assert {"adamw", "adamw, grad_clip 0", "muon lr 0.02, grad_clip 0"} <= set(table), table
+    tail = {k: float(v.rstrip(" |").rsplit("|", 1)[1]) for k, v in table.items() if k != "run"}
+    assert tail["muon lr 0.02, grad_clip 0"] != tail["adamw, grad_clip 0"]  # another optimizer really ran
+
+
+@pytest.mark.distributed
+def test_fp8_stays_within_two_percent_of_bf16_under_every_zero_stage(tmp_path, prepared):
+    """200 steps of tensorwise FP8 under ZeRO 1-3 and rowwise under ZeRO-2 against bf16 (1-2 ranks, one launch per
+    rank count). The first 20 steps are held to the oracle with FP8's per-step tolerance; after that the runs drift
+    apart step by step (parity's per-step check is not meant for 200 steps, so its exit code is not the check
+    here) and the mean training loss of the last 50 steps is compared with bf16's: measured at 300 steps, tensorwise
+    +0.6% to +1.1%, rowwise -0.06% (docs/training.md); a 2% bound leaves room for another CPU's rounding. FP8 ran:
+    its losses are not bf16's."""
+    out = tmp_path / "parity"
+    variants = "z1.bf16,z1.bf16.fp8,z2.bf16.fp8.dp2,z3.bf16.fp8.dp2,z2.bf16.fp8row.dp2"
+    r = run_cli(
+        "llmforge", "parity", "--recipe", str(_recipe(tmp_path, prepared)), "--variants", variants,
+        "--steps", "200", "--one-launch", "--out", str(out), timeout=1500,
+    )  # fmt: skip
+    assert r.returncode in (0, 1), r.stdout[-3000:] + r.stderr[-3000:]
+    rows = {row["variant"]: row for row in json.loads((out / "parity.json").read_text())["layouts"]}
+    oracle = rows.pop("oracle")
+
+    def tail_mean(row: dict) -> float:
+        return sum(row["losses"][str(s)] for s in range(151, 201)) / 50
+
+    bf16 = tail_mean(rows["z1.bf16"])
+    for name, row in rows.items():
+        assert row["error"] is None and len(row["losses"]) == 200, (name, row["error"])
+        first = max(abs(row["losses"][str(s)] / oracle["losses"][str(s)] - 1) for s in range(1, 21))
+        assert first <= row["tolerances"][0], (name, first)
+        if name != "z1.bf16":
+            assert row["precision"] == "bf16+fp8" and row["tolerances"] == [3e-3, 5e-2]
+            assert abs(tail_mean(row) / bf16 - 1) <= 0.02, (name, tail_mean(row), bf16)
+            assert row["losses"] != rows["z1.bf16"]["losses"], name
