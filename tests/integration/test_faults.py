@@ -114,7 +114,7 @@ def _rank_pids(launcher: subprocess.Popen) -> list[int]:
     ]
 
 
-@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM])
+@pytest.mark.parametrize("signum", [signal.SIGTERM])  # SIGUSR1 takes the same handler: test_slurm preempts with it
 def test_signal_saves_exits_75_and_resume_matches_uninterrupted(tmp_path, prepared, signum):
     steps = 30
     base = recipe(tmp_path, prepared, "base", max_steps=steps)

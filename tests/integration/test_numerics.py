@@ -39,8 +39,9 @@ def _recipe(tmp_path, prepared, **train):
 
 @pytest.mark.distributed
 def test_every_shipped_zero_config_trains_the_oracle_model(tmp_path, prepared):
-    """20 variants, one 2-rank launch: fp32 within 2e-6 of the oracle (ZeRO-3 without weight decay, the defect this
-    found, was 4.3e-6 off by step 4), bf16 within 2e-3, ZeRO-0 with bf16 refused in one line."""
+    """20 variants, one 2-rank launch: fp32 within 2e-6 of the oracle, bf16 within 2e-3, ZeRO-0 with bf16 refused in
+    one line. ZeRO-3 without weight decay, the llmforge defect this found, fails it: with the fix reverted the ZeRO-3
+    and ZeRO-3-offload fp32 rows were 5.5e-6 to 5.6e-6 off by step 4 (its bf16 rows are not sharp enough to see it)."""
     out = tmp_path / "parity"
     r = run_cli(
         "llmforge", "parity", "--recipe", str(_recipe(tmp_path, prepared)), "--variants", ",".join(MATRIX),
@@ -98,26 +99,6 @@ def test_zero0_fp32_logs_a_gradient_norm_and_skips_a_step_with_nan_gradients(tmp
     assert norms[3] is None and all(norms[s] is not None and math.isfinite(norms[s]) for s in (1, 2, 4, 5, 6))
     assert all(x["loss"] is not None and math.isfinite(x["loss"]) for x in rows if x["step"] != 3)
     assert any(e.get("event") == "skipped_step" and e["step"] == 3 for e in rows_of(tmp_path / "runs" / "t"))
-
-
-def _zero3_groups() -> tuple[int, int]:
-    setup_env()
-    deepspeed.init_distributed(dist_backend="gloo")
-    cfg = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
-    with deepspeed.zero.Init(config_dict_or_path=cfg):
-        model = GPT(ModelConfig(vocab_size=61, max_seq_len=16, d_model=32, n_layers=2, n_heads=4))
-    decay, no_decay = param_groups(model, 0.1)
-    return len(decay["params"]), len(no_decay["params"])
-
-
-def test_zero3_partitioned_matrices_are_weight_decayed():
-    """Under zero.Init a parameter's own tensor is an empty 1-D shard: the groups must read its full shape."""
-    model = GPT(ModelConfig(vocab_size=61, max_seq_len=16, d_model=32, n_layers=2, n_heads=4))
-    decay, no_decay = param_groups(model, 0.1)
-    assert len(decay["params"]) == 2 * 7 and len(no_decay["params"]) == 1 + 2 * 2 + 1  # emb; 2 norms/block; final
-    assert run_distributed(_zero3_groups, world_size=1, start="spawn") == [
-        (len(decay["params"]), len(no_decay["params"]))
-    ]
 
 
 CFG = dict(vocab_size=61, max_seq_len=32, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2)
@@ -213,22 +194,6 @@ def test_a_parameter_used_twice_in_one_backward_under_zero_bf16_with_accumulatio
 
 
 @pytest.mark.distributed
-def test_muon_trains_the_same_model_on_two_ranks_as_on_one(tmp_path, prepared):
-    """Muon under ZeRO-2 (train.grad_clip 0, as llmforge requires there): 2 ranks within the fp32 layout tolerance
-    of one rank, and the loss falls."""
-    out = tmp_path / "parity"
-    r = run_cli(
-        "llmforge", "parity", "--recipe", str(_recipe(tmp_path, prepared)), "--layouts", "1,dp2", "--steps", "6",
-        "--set", "train.optimizer=muon", "--set", "train.grad_clip=0", "--out", str(out), timeout=600,
-    )  # fmt: skip
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    rows = {row["variant"]: row for row in json.loads((out / "parity.json").read_text())["layouts"]}
-    assert rows["dp2"]["passed"] and rows["dp2"]["max_loss_rel_diff"] <= 1e-5, rows["dp2"]
-    losses = rows["1"]["losses"]
-    assert losses["6"] < losses["1"] - 0.3, losses
-
-
-@pytest.mark.distributed
 def test_the_optimizer_bench_compares_muon_with_adamw(tmp_path, prepared):
     """bench/optimizers.py --quick: AdamW with and without clipping and Muon, launched as users launch them."""
     out = tmp_path / "optimizers.md"
@@ -243,30 +208,29 @@ def test_the_optimizer_bench_compares_muon_with_adamw(tmp_path, prepared):
     assert tail["muon lr 0.02, grad_clip 0"] != tail["adamw, grad_clip 0"]  # another optimizer really ran
 
 
-@pytest.mark.distributed
 def test_fp8_stays_within_two_percent_of_bf16_under_every_zero_stage(tmp_path, prepared):
-    """200 steps of tensorwise FP8 under ZeRO 1-3 and rowwise under ZeRO-2 against bf16 (1-2 ranks, one launch per
-    rank count). The first 20 steps are held to the oracle with FP8's per-step tolerance; after that the runs drift
-    apart step by step (parity's per-step check is not meant for 200 steps, so its exit code is not the check
-    here) and the mean training loss of the last 50 steps is compared with bf16's: measured at 300 steps, tensorwise
-    +0.6% to +1.1%, rowwise -0.06% (docs/training.md); a 2% bound leaves room for another CPU's rounding. FP8 ran:
-    its losses are not bf16's."""
+    """150 steps of tensorwise FP8 under ZeRO 1, 2 and 3 and rowwise under ZeRO-2 against bf16 (one rank, one launch).
+    The first 20 steps are held to the oracle with FP8's per-step tolerance; after that the runs drift apart step by
+    step (parity's per-step check is not meant for 150 steps, so its exit code is not the check here) and the mean
+    training loss of the last 50 steps is compared with bf16's: measured at 300 steps, tensorwise +0.6% to +1.1%,
+    rowwise -0.06% (docs/training.md); a 2% bound leaves room for another CPU's rounding. FP8 ran: its losses are
+    not bf16's."""
     out = tmp_path / "parity"
-    variants = "z1.bf16,z1.bf16.fp8,z2.bf16.fp8.dp2,z3.bf16.fp8.dp2,z2.bf16.fp8row.dp2"
+    variants = "z1.bf16,z1.bf16.fp8,z2.bf16.fp8,z3.bf16.fp8,z2.bf16.fp8row"
     r = run_cli(
         "llmforge", "parity", "--recipe", str(_recipe(tmp_path, prepared)), "--variants", variants,
-        "--steps", "200", "--one-launch", "--out", str(out), timeout=1500,
+        "--steps", "150", "--one-launch", "--out", str(out), timeout=1200,
     )  # fmt: skip
     assert r.returncode in (0, 1), r.stdout[-3000:] + r.stderr[-3000:]
     rows = {row["variant"]: row for row in json.loads((out / "parity.json").read_text())["layouts"]}
     oracle = rows.pop("oracle")
 
     def tail_mean(row: dict) -> float:
-        return sum(row["losses"][str(s)] for s in range(151, 201)) / 50
+        return sum(row["losses"][str(s)] for s in range(101, 151)) / 50
 
     bf16 = tail_mean(rows["z1.bf16"])
     for name, row in rows.items():
-        assert row["error"] is None and len(row["losses"]) == 200, (name, row["error"])
+        assert row["error"] is None and len(row["losses"]) == 150, (name, row["error"])
         first = max(abs(row["losses"][str(s)] / oracle["losses"][str(s)] - 1) for s in range(1, 21))
         assert first <= row["tolerances"][0], (name, first)
         if name != "z1.bf16":

@@ -119,7 +119,9 @@ def test_parity_fails_a_layout_that_computes_another_model(tmp_path, prepared):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("layout, stage", [("tp2.dp2", 1), ("tp2.dp2", 2), ("sp2.dp2", 1), ("sp2.dp2", 2)])
+# each layout under one ZeRO stage (the layouts' own code does not depend on the stage; ZeRO-1 and ZeRO-2 resume at
+# 2 ranks in test_zero_resume)
+@pytest.mark.parametrize("layout, stage", [("tp2.dp2", 1), ("sp2.dp2", 2)])
 def test_resume_under_a_layout_is_bit_exact(tmp_path, prepared, layout, stage):
     """4 ranks; a run resumed from the step-3 checkpoint of another reproduces steps 4-6 bit for bit."""
     spec = parse_layouts(layout)[0]

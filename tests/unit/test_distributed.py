@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 import torch
@@ -14,6 +15,7 @@ from llmforge.tokenizer import CharTokenizer
 from llmforge.tokenizer.added import with_chat_tokens
 from llmforge.train.checkpoint_files import _any_rank
 from llmforge.train.distributed import stale_build_locks
+from llmforge.train.guard import StopSignal
 from llmforge.train.trainer import reduce_step_values
 from tests.helpers import run_distributed
 
@@ -61,3 +63,18 @@ def test_build_locks_left_by_a_killed_build_are_found(tmp_path, monkeypatch):
         os.utime(lock, (time.time() - age, time.time() - age))
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     assert stale_build_locks() == [str(tmp_path / "fused_adam" / "lock")]
+
+
+def test_both_preemption_signals_set_the_stop_flag():
+    """SIGUSR1 (slurm's warning) and SIGTERM (its kill) reach the same handler; the launched tests send one each
+    (test_faults: SIGTERM, test_slurm: USR1)."""
+    saved = {s: signal.getsignal(s) for s in StopSignal.SIGNALS}
+    try:
+        for signum in (signal.SIGUSR1, signal.SIGTERM):
+            stop = StopSignal()
+            assert not stop.requested
+            signal.raise_signal(signum)
+            assert stop.requested and stop.signum == signum
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)

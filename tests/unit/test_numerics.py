@@ -20,7 +20,7 @@ from llmforge.plan import plan
 from llmforge.tokenizer import fingerprint, load_tokenizer
 from llmforge.train.guard import FaultInjector
 from llmforge.train.oracle import oracle_steps
-from llmforge.train.run import check_fp8, muon_param_groups
+from llmforge.train.run import check_fp8, muon_param_groups, param_groups
 from llmforge.train.task import resolve_model_config
 from tests.helpers import REPO, write_recipe
 
@@ -188,3 +188,16 @@ def test_fp8_swaps_only_the_chosen_block_linears(tmp_path, prepared):
     with pytest.raises(RecipeError, match="LoRA"):
         check_fp8(ok, path, tensor=1, lora_rank=8)
     check_fp8(ok, path, tensor=1, lora_rank=0)
+
+
+def test_partitioned_matrices_are_weight_decayed():
+    """Under deepspeed.zero.Init a parameter's own tensor is an empty 1-D placeholder and ds_shape holds its shape
+    (here set by hand, as zero.Init sets it): the groups must read the full shape, or ZeRO-3 trains without weight
+    decay. The launched ZeRO-3 rows of tests/integration/test_numerics.py catch the same defect end to end."""
+    model = GPT(ModelConfig(vocab_size=61, max_seq_len=16, d_model=32, n_layers=2, n_heads=4))
+    whole = [len(g["params"]) for g in param_groups(model, 0.1)]
+    assert whole == [2 * 7, 1 + 2 * 2 + 1]  # the blocks' 7 matrices; embedding, 2 norms per block, the final norm
+    for p in model.parameters():
+        p.ds_shape = p.shape
+        p.data = torch.empty(0)
+    assert [len(g["params"]) for g in param_groups(model, 0.1)] == whole
