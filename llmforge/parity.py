@@ -323,8 +323,10 @@ def parity(
     if steps < 1:
         raise UserError(f"--steps {steps}: must be >= 1")
     recipe = load_recipe(recipe_path, overrides)  # a recipe error stops here, before any launch
-    if not oracle and specs[0].ranks != 1:
-        specs.insert(0, LayoutSpec("1"))
+    if not oracle:  # layouts keep the recipe's stage and precision: a refused recipe refuses them all
+        compose_ds_config(recipe, 1, recipe.run_dir, recipe_path, on_cpu=True)
+        if specs[0].ranks != 1:
+            specs.insert(0, LayoutSpec("1"))
     largest = max(s.data for s in specs)
     for s in specs:
         if largest % s.data:

@@ -15,7 +15,7 @@ from llmforge.data.loader import PretrainData
 from llmforge.errors import RecipeError, UserError
 from llmforge.model import GPT
 from llmforge.model.wraps import apply_fp8, fp8_problem
-from llmforge.parity import LayoutSpec, parse_layouts
+from llmforge.parity import LayoutSpec, parity, parse_layouts
 from llmforge.plan import plan
 from llmforge.tokenizer import fingerprint, load_tokenizer
 from llmforge.train.guard import FaultInjector
@@ -201,3 +201,14 @@ def test_partitioned_matrices_are_weight_decayed():
         p.ds_shape = p.shape
         p.data = torch.empty(0)
     assert [len(g["params"]) for g in param_groups(model, 0.1)] == whole
+
+
+def test_parity_stops_before_any_launch_on_a_refused_recipe_or_an_oracle_it_cannot_run(tmp_path, prepared):
+    path = str(_recipe(tmp_path, prepared))
+    zero0_bf16 = [f"deepspeed.config={REPO / 'ds_configs' / 'zero0.json'}", "train.precision=bf16"]
+    with pytest.raises(RecipeError, match="zero1.json"):
+        parity(path, zero0_bf16, "1,dp2", 3)  # layouts keep the recipe's stage: none of them could run
+    with pytest.raises(RecipeError, match="train.optimizer: muon: the oracle runs AdamW"):
+        parity(path, ["train.optimizer=muon", "train.grad_clip=0"], "z2.fp32", 3, oracle=True)
+    with pytest.raises(RecipeError, match="model.dropout"):
+        parity(path, ["model.dropout=0.1"], "z2.fp32", 3, oracle=True)
