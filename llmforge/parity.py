@@ -52,7 +52,7 @@ from llmforge.train.run import run_training, setup_logging
 # 3.1e-3 gradient norm).
 TOLERANCES = {"fp32": (1e-5, 1e-4), "bf16": (2e-3, 2e-2), "fp16": (2e-3, 2e-2)}
 # Every DeepSpeed path against the fp32 oracle, for parity's default 20 steps (bench/results/
-# cpu-2026-12-07-numerics.md; the largest difference measured over 34 variants x 20 steps, then a margin of 4-12x):
+# cpu-2026-12-07-numerics.md; the largest difference measured over 37 variants x 20 steps, then a margin of 4-12x):
 # fp32 differs by summation order and kernels (fused vs for-loop AdamW; measured <= 1.6e-7 loss, 3.2e-7 gradient
 # norm); bf16 by the rounding of weights, activations and gradients (<= 4.9e-4, 3.2e-3), FP8 matmuls by their
 # float8 casts on top (<= 5.7e-4, 7.5e-3). ZeRO-0 + bf16, which trains another model, was 2.4e-3 off after one
