@@ -7,7 +7,7 @@ Muon under ZeRO-1/2 needs `train.grad_clip: 0` (DeepSpeed clips its orthogonaliz
 clipping out of the comparison. The recipe's data must be prepared (`make demo` does it for tiny-char).
 
     python bench/optimizers.py --recipe recipes/tiny-char.yaml --steps 600 --muon-lr 0.02 0.04
-    python bench/optimizers.py --quick      # 20 steps of AdamW and Muon (the test runs this)
+    python bench/optimizers.py --quick      # 20 steps of AdamW (clipped) and Muon (the test runs this)
 
 Writes bench/results/cpu-<date>-optimizers.md (or --out).
 """

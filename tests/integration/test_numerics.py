@@ -195,7 +195,7 @@ def test_a_parameter_used_twice_in_one_backward_under_zero_bf16_with_accumulatio
 
 @pytest.mark.distributed
 def test_the_optimizer_bench_compares_muon_with_adamw(tmp_path, prepared):
-    """bench/optimizers.py --quick: AdamW with and without clipping and Muon, launched as users launch them."""
+    """bench/optimizers.py --quick: AdamW and Muon (ZeRO-2, 2 ranks), launched as users launch them."""
     out = tmp_path / "optimizers.md"
     r = run_cli(
         sys.executable, "bench/optimizers.py", "--quick", "--recipe", str(_recipe(tmp_path, prepared)),
@@ -203,34 +203,34 @@ def test_the_optimizer_bench_compares_muon_with_adamw(tmp_path, prepared):
     )  # fmt: skip
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     table = {line.split("|")[1].strip(): line for line in out.read_text().splitlines() if line.startswith("| ")}
-    assert {"adamw", "adamw, grad_clip 0", "muon lr 0.02, grad_clip 0"} <= set(table), table
+    assert {"adamw", "muon lr 0.02, grad_clip 0"} <= set(table), table
     tail = {k: float(v.rstrip(" |").rsplit("|", 1)[1]) for k, v in table.items() if k != "run"}
-    assert tail["muon lr 0.02, grad_clip 0"] != tail["adamw, grad_clip 0"]  # another optimizer really ran
+    assert tail["muon lr 0.02, grad_clip 0"] != tail["adamw"]  # another optimizer really ran
 
 
 def test_fp8_stays_within_two_percent_of_bf16_under_every_zero_stage(tmp_path, prepared):
-    """150 steps of tensorwise FP8 under ZeRO 1, 2 and 3 and rowwise under ZeRO-2 against bf16 (one rank, one launch).
-    The first 20 steps are held to the oracle with FP8's per-step tolerance; after that the runs drift apart step by
-    step (parity's per-step check is not meant for 150 steps, so its exit code is not the check here) and the mean
-    training loss of the last 50 steps is compared with bf16's: measured at 300 steps, tensorwise +0.6% to +1.1%,
-    rowwise -0.06% (docs/training.md); a 2% bound leaves room for another CPU's rounding. FP8 ran: its losses are
-    not bf16's."""
+    """120 steps of tensorwise FP8 under ZeRO 1, 2 and 3 against bf16 (one rank, one launch). The first 20 steps are
+    held to the oracle with FP8's per-step tolerance; after that the runs drift apart step by step (parity's per-step
+    check is not meant for 120 steps, so its exit code is not the check here) and the mean training loss of the last
+    40 steps is compared with bf16's: measured at 300 steps, tensorwise +0.6% to +1.1% (docs/training.md); a 2% bound
+    leaves room for another CPU's rounding. FP8 ran: its losses are not bf16's. Rowwise scaling: the unit test of the
+    conversion and the 20- and 300-step tables in bench/results."""
     out = tmp_path / "parity"
-    variants = "z1.bf16,z1.bf16.fp8,z2.bf16.fp8,z3.bf16.fp8,z2.bf16.fp8row"
+    variants = "z1.bf16,z1.bf16.fp8,z2.bf16.fp8,z3.bf16.fp8"
     r = run_cli(
         "llmforge", "parity", "--recipe", str(_recipe(tmp_path, prepared)), "--variants", variants,
-        "--steps", "150", "--one-launch", "--out", str(out), timeout=1200,
+        "--steps", "120", "--one-launch", "--out", str(out), timeout=1200,
     )  # fmt: skip
     assert r.returncode in (0, 1), r.stdout[-3000:] + r.stderr[-3000:]
     rows = {row["variant"]: row for row in json.loads((out / "parity.json").read_text())["layouts"]}
     oracle = rows.pop("oracle")
 
     def tail_mean(row: dict) -> float:
-        return sum(row["losses"][str(s)] for s in range(101, 151)) / 50
+        return sum(row["losses"][str(s)] for s in range(81, 121)) / 40
 
     bf16 = tail_mean(rows["z1.bf16"])
     for name, row in rows.items():
-        assert row["error"] is None and len(row["losses"]) == 150, (name, row["error"])
+        assert row["error"] is None and len(row["losses"]) == 120, (name, row["error"])
         first = max(abs(row["losses"][str(s)] / oracle["losses"][str(s)] - 1) for s in range(1, 21))
         assert first <= row["tolerances"][0], (name, first)
         if name != "z1.bf16":
