@@ -80,30 +80,22 @@ def params_per_rank(cfg: ModelConfig, tensor: int) -> int:
 def model_state_bytes(n_params: int, stage: int, dp: int, precision: str = "bf16") -> dict[str, float]:
     """Parameters, gradients and optimizer states per rank at the peak of a step (the optimizer update), as measured
     on DeepSpeed 0.19 CPU ranks (bench/memory_probe.py; tests/integration/test_plan.py keeps them within 15%)."""
+    n = float(n_params)
     if precision == "fp32":
         # fp32 weights and gradients (whole until the reduce-scatter, stages 1-3 alike at the peak); stage 0 also a
         # flat fp32 copy of the gradients for the all-reduce; stages 1-3 an fp32 master partition (DeepSpeed copies
         # even fp32 weights) + exp_avg + exp_avg_sq, and at stage 3 the gradient partition
+        params, grads, optim = 4 * n, (8 * n if stage == 0 else 4 * n + (4 * n / dp if stage == 3 else 0)), 12 * n
         if stage == 0:
-            params, grads, optim = 4.0 * n_params, 8.0 * n_params, 8.0 * n_params
-        else:
-            params, grads, optim = 4.0 * n_params, 4.0 * n_params, 12.0 * n_params
-            if stage == 3:
-                grads += 4.0 * n_params / dp
-        if stage >= 1:
-            optim /= dp
-        if stage >= 3:
-            params /= dp
-        return {"params": params, "grads": grads, "optimizer": optim}
-    if stage == 0:
+            optim = 8 * n
+    elif stage == 0:
         # 16-bit weights and gradients, fp32 gradient accumulation, fp32 master + exp_avg + exp_avg_sq, and the
         # update's fp32 temporary over the whole flat buffer
-        params, grads, optim = 2.0 * n_params, 6.0 * n_params, 16.0 * n_params
+        params, grads, optim = 2 * n, 6 * n, 16 * n
     else:
         # full 16-bit gradients until the reduce-scatter (stages 1 and 2 alike at the peak, measured), the fp32
         # gradient partition, fp32 master + exp_avg + exp_avg_sq partitions
-        params, grads, optim = 2.0 * n_params, (2.0 * n_params if stage < 3 else 2.0 * n_params / dp), 12.0 * n_params
-        grads += 4.0 * n_params / dp
+        params, grads, optim = 2 * n, (2 * n if stage < 3 else 2 * n / dp) + 4 * n / dp, 12 * n
     if stage >= 1:
         optim /= dp
     if stage >= 3:
