@@ -11,7 +11,7 @@ import os
 from typing import Any
 
 from llmforge.config.loader import deep_merge
-from llmforge.config.recipe import Recipe
+from llmforge.config.recipe import Recipe, TrainConfig
 from llmforge.errors import RecipeError
 
 
@@ -84,23 +84,9 @@ def compose_ds_config(recipe: Recipe, world_size: int, run_dir: str, origin: str
             raise RecipeError(origin, source, "optimizer: train.optimizer is muon, which llmforge builds; remove it")
         if problem := refused_muon(zero_stage(cfg), t.grad_clip):
             raise RecipeError(origin, "train.optimizer", problem)
-        return _monitoring(cfg, recipe, run_dir)
-    optimizer = cfg.setdefault("optimizer", {"type": "AdamW"})
-    params = optimizer.setdefault("params", {})
-    params.update({"lr": t.lr, "betas": list(t.betas), "eps": t.eps, "weight_decay": t.weight_decay})
-    zero = cfg.get("zero_optimization", {})
-    offloaded = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
-    if on_cpu and not offloaded and str(optimizer.get("type", "")).lower() in ("adam", "adamw"):
-        # DeepSpeed's FusedAdam needs CUDA (and is its default there); on CPU torch's AdamW, with its fused kernel
-        # (one pass over each flat fp32 partition: 4.4 -> 3.7 ms per step at 0.8M parameters, measured)
-        params.setdefault("torch_adam", True)
-        params.setdefault("fused", True)
+    else:
+        _adamw_section(cfg, t, on_cpu)
 
-    return _monitoring(cfg, recipe, run_dir)
-
-
-def _monitoring(cfg: dict, recipe: Recipe, run_dir: str) -> dict:
-    """TensorBoard through DeepSpeed's monitor, and DeepSpeed's own printing and timers off."""
     cfg["tensorboard"] = {
         "enabled": bool(recipe.logging.tensorboard),
         "output_path": os.path.abspath(run_dir),
@@ -143,6 +129,20 @@ def refused_muon(stage: int, grad_clip: float) -> str:
             "not the gradient (#8439), shrinking every step; set train.grad_clip: 0 (or use zero0.json in fp32)"
         )
     return ""
+
+
+def _adamw_section(cfg: dict, t: TrainConfig, on_cpu: bool) -> None:
+    """The optimizer section: AdamW with the recipe's hyper-parameters (DeepSpeed builds it)."""
+    optimizer = cfg.setdefault("optimizer", {"type": "AdamW"})
+    params = optimizer.setdefault("params", {})
+    params.update({"lr": t.lr, "betas": list(t.betas), "eps": t.eps, "weight_decay": t.weight_decay})
+    zero = cfg.get("zero_optimization", {})
+    offloaded = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
+    if on_cpu and not offloaded and str(optimizer.get("type", "")).lower() in ("adam", "adamw"):
+        # DeepSpeed's FusedAdam needs CUDA (and is its default there); on CPU torch's AdamW, with its fused kernel
+        # (one pass over each flat fp32 partition: 4.4 -> 3.7 ms per step at 0.8M parameters, measured)
+        params.setdefault("torch_adam", True)
+        params.setdefault("fused", True)
 
 
 def zero_stage(ds_config: dict) -> int:

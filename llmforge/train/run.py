@@ -91,8 +91,8 @@ def run_training(
         load_weights(model, setup.init_weights, stage == 3)
         setup.init_weights = None
     group = sequence_group(layout) if layout.sequence > 1 else None
-    wraps = (lora, recipe.model.activation_checkpointing, recipe.train.compile, group, recipe.train.fp8)
-    if adapters := apply_wraps(model, *wraps):
+    t = recipe.train
+    if adapters := apply_wraps(model, lora, recipe.model.activation_checkpointing, t.compile, group, fp8=t.fp8):
         log.info("LoRA rank %d on %s: %d trainable parameters", lora.rank, ",".join(lora.targets), adapters)
     n_params, n_embed = count_parameters(model)
     engine, *_ = deepspeed.initialize(model=model, config=ds_config, **optimizer_args(model, recipe.train))
