@@ -194,16 +194,9 @@ def main(argv: Optional[list[str]] = None) -> None:
             print(f"tokenizer: {recipe.tokenizer.type}, {tok.vocab_size} ids -> {recipe.tokenizer.path}")
         else:
             if args.merge_only:
-                manifests = prepare(recipe, args.recipe, 0, 1, workers=0, merge=True, only_merge=True)
+                prepare(recipe, args.recipe, 0, 1, workers=0, merge=True, only_merge=True, report=print)
             else:
-                manifests = prepare(recipe, args.recipe, args.shard_index, args.num_shards, args.workers, args.merge)
-            for name, m in manifests.items():
-                st = m["stats"]
-                print(
-                    f"{name}: read {st.get('read', 0)}, kept {st['kept']} documents; "
-                    f"train {m['splits']['train']['tokens']} tokens, val {m['splits']['val']['tokens']} tokens "
-                    f"-> {recipe.data.prepared_dir}/{name}"
-                )
+                prepare(recipe, args.recipe, args.shard_index, args.num_shards, args.workers, args.merge, report=print)
     elif args.command == "corpus":
         files, size = build_stdlib_corpus(args.out, args.max_bytes)
         print(f"corpus: {files} files, {size / 1e6:.1f} MB -> {args.out}")

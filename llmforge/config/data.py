@@ -236,7 +236,11 @@ class DataConfig:
         "0 = never cut.",
     )
     min_chars: int = doc(1, "Documents shorter than this (after cleaning) are dropped.")
-    max_chars: int = doc(5_000_000, "Documents longer than this are dropped (counted as too_long).")
+    max_chars: int = doc(
+        5_000_000,
+        "Documents longer than this are dropped (counted as too_long); plain-text documents are cut into "
+        "data.chunk_chars pieces first, and this applies to each piece.",
+    )
     shard_tokens: int = doc(1 << 30, "Tokens per output shard file before a new one is started.")
     unit_files: int = doc(2000, "Small input files grouped into one work unit (the unit of sharding and restart).")
     unit_bytes: int = doc(64 << 20, "Input bytes per work unit; a larger file is a unit of its own.")

@@ -145,6 +145,13 @@ def _check_sizes(directory: str, shards: list[dict], files: dict) -> None:
                                 f"replaced); re-run launch/prepare_data.py")
 
 
+def split_counts(manifest: dict, split: str) -> str:
+    """What the manifest says of a split (and of the documents read and kept), for error messages."""
+    sp, st = manifest["splits"][split], manifest.get("stats", {})
+    return (f"its {split} split holds {sp['tokens']} tokens in {sp['documents']} documents, {len(sp['shards'])} "
+            f"shards (manifest: read {st.get('read', 0)}, kept {st.get('kept', 0)} documents)")
+
+
 def micro_batch_indices(consumed: int, micro_step: int, rank: int, world: int, micro_batch: int) -> range:
     """Global sample indices of one rank's micro-batch; a step covers consumed .. consumed + micro·accum·world."""
     start = consumed + (micro_step * world + rank) * micro_batch
@@ -181,7 +188,9 @@ class PretrainData:
             _check_sizes(spec.path, shards, manifest["files"])
             w = TokenWindows(spec.path, shards, seq_len, manifest["dtype"])
             if w.num_samples == 0 and split == "train":
-                raise DataError(f"{spec.path}: train split has fewer than seq_len+1={seq_len + 1} tokens per shard")
+                raise DataError(f"{spec.path}: no training sample: {split_counts(manifest, 'train')}, and a sample "
+                                f"needs seq_len+1={seq_len + 1} tokens of one shard; add data (see the manifest's "
+                                f"dropped:* counts) or lower data.seq_len")
             digests.extend(manifest["files"][f"{s['prefix']}.bin"]["sha256"]
                            for s in manifest["splits"][split]["shards"])
             if w.num_samples:

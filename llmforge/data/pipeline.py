@@ -26,7 +26,7 @@ from llmforge.tokenizer import Tokenizer, encode_batch
 
 SPLITS = ("train", "val")
 BATCH = 64
-PIPELINE_VERSION = 3  # bump when cleaning/filtering semantics change: parts made by another version are redone
+PIPELINE_VERSION = 4  # bump when cleaning/filtering semantics change: parts made by another version are redone
 
 
 def processing_key(spec: SourceSpec, cfg: DataConfig, tokenizer_fingerprint: str) -> str:
@@ -58,27 +58,47 @@ def part_complete(dataset_dir: str, unit: WorkUnit, key: str) -> bool:
     return record.get("files") == unit.files and record.get("key") == key
 
 
-def keep_reason(doc: Document, spec: SourceSpec, cfg: DataConfig, eval_ngrams: set[int],
-                stats: Optional[Stats] = None) -> tuple[str, Optional[str]]:
-    """(cleaned text, None) to keep, or (text, reason) to drop. Web-quality text loses the lines the line rules
-    remove first (counted in `stats`)."""
+PLAIN_TYPES = ("text", "latex", "jsonl", "parquet")  # long documents of these are cut into data.chunk_chars pieces
+
+
+def clean_document(doc: Document, spec: SourceSpec, cfg: DataConfig, stats: Optional[Stats] = None) -> str:
+    """The document's text after cleaning; web-quality text also loses the lines the line rules remove (counted in
+    `stats`)."""
     mode = "code" if spec.type == "code" else "web" if spec.type in ("html", "warc") else "plain"
     text = clean_text(doc.text, mode)
-    kind = spec.quality_kind
-    if kind == "web":
+    if spec.quality_kind == "web":
         text = clean_lines(text, cfg.line_filters, stats)
+    return text
+
+
+def piece_reason(text: str, doc: Document, spec: SourceSpec, cfg: DataConfig, eval_ngrams: set[int]) -> Optional[str]:
+    """None to keep a cleaned document (or piece of one), else the reason it is dropped."""
     if len(text) < max(cfg.min_chars, 1) or not text.strip():
-        return text, "empty"
+        return "empty"
     if len(text) > cfg.max_chars:
-        return text, "too_long"
+        return "too_long"
     reason = None
+    kind = spec.quality_kind
     if kind == "web":
         reason = web_quality(text, cfg.web_filters)
     elif kind == "code":
         reason = code_quality(text, cfg.code_filters, doc.meta.get("bytes"))
     if reason is None and is_contaminated(text, eval_ngrams, cfg.decontaminate.ngram):
         reason = "contaminated"
-    return text, reason
+    return reason
+
+
+def document_pieces(doc: Document, spec: SourceSpec, cfg: DataConfig, eval_ngrams: set[int],
+                    stats: Optional[Stats] = None) -> list[tuple[str, Optional[str]]]:
+    """(piece, None) to keep or (piece, reason) to drop, for every piece of one document. A long plain-text document
+    is cut into data.chunk_chars pieces first and each piece is filtered on its own, so data.max_chars applies to
+    pieces: one large text file is never dropped whole."""
+    text = clean_document(doc, spec, cfg, stats)
+    pieces = chunks(text, cfg.chunk_chars) if spec.type in PLAIN_TYPES else [text]
+    if len(pieces) > 1 and stats is not None:
+        count(stats, "chunked:documents")
+        count(stats, "chunked:pieces", len(pieces))
+    return [(p, piece_reason(p, doc, spec, cfg, eval_ngrams)) for p in pieces or [text]]
 
 
 def chunks(text: str, size: int) -> list[str]:
@@ -121,21 +141,17 @@ def process_unit(unit: WorkUnit, spec: SourceSpec, cfg: DataConfig, tok: Tokeniz
             rows_sig.append(sig)
             ids.append(tok.eos_id)
             writers[name].add_document(ids)
-            count(stats, f"tokens:{name}", len(ids))
+            count(stats, f"tokens_before_dedup:{name}", len(ids))
         pending.clear()
 
     for doc in read_unit(unit, spec, stats):
         count(stats, "read")
         count(stats, "bytes", len(doc.text.encode("utf-8", errors="replace")))
-        text, reason = keep_reason(doc, spec, cfg, eval_ngrams, stats)
-        if reason is not None:
-            count(stats, f"dropped:{reason}")
-            continue
-        pieces = chunks(text, cfg.chunk_chars) if spec.type not in ("code", "html", "warc") else [text]
-        if len(pieces) > 1:
-            count(stats, "chunked:documents")
-            count(stats, "chunked:pieces", len(pieces))
-        for piece in pieces:
+        for piece, reason in document_pieces(doc, spec, cfg, eval_ngrams, stats):
+            if reason is not None:
+                count(stats, f"dropped:{reason}")
+                count(stats, f"dropped_bytes:{reason}", len(piece.encode("utf-8", errors="replace")))
+                continue
             sig = minhash_signature(piece, cfg.dedup) if cfg.dedup.near else np.zeros(0, dtype=np.uint64)
             pending.append((piece, exact_hash(piece), sig))
         if len(pending) >= BATCH:

@@ -8,14 +8,14 @@ import logging
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 from llmforge.config.data import SourceSpec
 from llmforge.config.recipe import Recipe
 from llmforge.data.dedup import load_eval_ngrams
 from llmforge.data.indexed import token_dtype
 from llmforge.data.merge import merge_dataset
-from llmforge.data.pipeline import keep_reason, part_complete, process_unit, processing_key
+from llmforge.data.pipeline import document_pieces, part_complete, process_unit, processing_key
 from llmforge.data.sources import WorkUnit, read_unit, work_units
 from llmforge.errors import DataError, RecipeError
 from llmforge.tokenizer import Tokenizer, fingerprint, load_tokenizer, train_tokenizer_from_texts
@@ -65,9 +65,12 @@ def _run_unit(args: tuple[SourceSpec, WorkUnit]) -> dict:
 
 
 def prepare(recipe: Recipe, origin: str, shard_index: Optional[int] = None, num_shards: Optional[int] = None,
-            workers: int = 1, merge: Optional[bool] = None, progress: bool = True, only_merge: bool = False) -> dict:
+            workers: int = 1, merge: Optional[bool] = None, progress: bool = True, only_merge: bool = False,
+            report: Callable[[str], None] = log.info) -> dict:
     """Process shard `shard_index` of `num_shards` (default: from slurm, else all), then merge if asked (default:
-    when this process handled every shard). Returns {dataset name: manifest} for merged datasets."""
+    when this process handled every shard). Returns {dataset name: manifest} for merged datasets; `report` gets
+    each merged dataset's summary lines. A source that keeps no document stops it (DataError naming its top drop
+    reasons and their keys) once every dataset is merged."""
     out = _require(recipe, origin)
     env_index, env_count = shard_from_env()
     index = env_index if shard_index is None else shard_index
@@ -93,7 +96,57 @@ def prepare(recipe: Recipe, origin: str, shard_index: Optional[int] = None, num_
     for spec in recipe.data.sources:
         spec_units = [u for s, u in units if s.name == spec.name]
         manifests[spec.name] = merge_dataset(spec, spec_units, os.path.join(out, spec.name), recipe.data, info)
+        for line in dataset_report(spec.name, manifests[spec.name], out):
+            report(line)
+    empty = [name for name, m in manifests.items() if not m["stats"].get("kept")]
+    if empty:
+        raise DataError("; ".join(f"data.sources[{name}] kept no documents: {_top_drops(manifests[name]['stats'])}"
+                                  for name in empty))
     return manifests
+
+
+# The recipe key that controls each drop reason (the web and code rules each have a section of keys).
+REASON_KEYS = {"empty": "data.min_chars", "too_long": "data.max_chars, data.chunk_chars",
+               "contaminated": "data.decontaminate", "exact_duplicate": "data.dedup.exact",
+               "near_duplicate": "data.dedup.near, data.dedup.threshold", "file_too_large": "data.code_filters",
+               "line_too_long": "data.code_filters", "mean_line_too_long": "data.code_filters",
+               "low_alnum_fraction": "data.code_filters", "auto_generated": "data.code_filters"}
+
+
+def reason_key(reason: str) -> str:
+    return REASON_KEYS.get(reason, "data.web_filters")
+
+
+def _top_drops(stats: dict, n: int = 3) -> str:
+    drops = sorted(((v, k.removeprefix("dropped:")) for k, v in stats.items() if k.startswith("dropped:") and v),
+                   reverse=True)
+    if not drops:
+        return f"read {stats.get('read', 0)} documents, none dropped by a rule (no input text?)"
+    shown = ", ".join(f"{v} {r} ({reason_key(r)})" for v, r in drops[:n])
+    return f"read {stats.get('read', 0)} documents; dropped {shown}"
+
+
+def dataset_report(name: str, manifest: dict, prepared_dir: str) -> list[str]:
+    """prepare's summary of one dataset: a line of counts, then a warning line for a source that kept nothing or
+    lost most of its bytes (or documents, for dedup) to one rule."""
+    st, splits = manifest["stats"], manifest["splits"]
+    lines = [f"{name}: read {st.get('read', 0)}, kept {st.get('kept', 0)} documents; "
+             f"train {splits['train']['tokens']} tokens, val {splits['val']['tokens']} tokens "
+             f"-> {os.path.join(prepared_dir, name)}"]
+    if not st.get("kept"):
+        lines.append(f"WARNING {name}: kept no documents: {_top_drops(st)}")
+        return lines
+    read_bytes, read_docs = st.get("bytes", 0), st.get("read", 0)
+    for key, value in sorted(st.items()):
+        if key.startswith("dropped_bytes:") and read_bytes and value > read_bytes / 2:
+            reason = key.removeprefix("dropped_bytes:")
+            lines.append(f"WARNING {name}: {100 * value / read_bytes:.0f}% of its bytes dropped as {reason} "
+                         f"({reason_key(reason)})")
+        if key in ("dropped:exact_duplicate", "dropped:near_duplicate") and read_docs and value > read_docs / 2:
+            reason = key.removeprefix("dropped:")
+            lines.append(f"WARNING {name}: {100 * value / read_docs:.0f}% of its documents dropped as {reason} "
+                         f"({reason_key(reason)})")
+    return lines
 
 
 def _run(todo: list[tuple[SourceSpec, WorkUnit]], recipe: Recipe, origin: str, workers: int, progress: bool) -> None:
@@ -127,12 +180,14 @@ def sample_texts(recipe: Recipe, origin: str) -> Iterator[str]:
         used, stats = 0, dict[str, int]()
         for unit in work_units(spec):
             for doc in read_unit(unit, spec, stats):
-                text, reason = keep_reason(doc, spec, recipe.data, set())
-                if reason is None:
-                    yield text
-                    used += len(text.encode("utf-8"))
-                    if used >= budget:
-                        break
+                for text, reason in document_pieces(doc, spec, recipe.data, set()):
+                    if reason is None:
+                        yield text
+                        used += len(text.encode("utf-8"))
+                        if used >= budget:
+                            break
+                if used >= budget:
+                    break
             if used >= budget:
                 break
 

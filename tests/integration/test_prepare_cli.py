@@ -125,3 +125,17 @@ def test_prepare_uses_a_trained_sentencepiece_tokenizer_without_vocab_size(tmp_p
     assert r.returncode == 0, r.stderr[-2000:]
     manifest = json.loads((tmp_path / "prepared" / "stdlib" / "manifest.json").read_text())
     assert manifest["tokenizer"]["vocab_size"] == 400 and manifest["splits"]["train"]["documents"] >= 2
+
+
+def test_prepare_cli_a_source_that_keeps_nothing_exits_2_with_its_reasons(tmp_path):
+    """The newcomer's 17 MB text file, in small: one file longer than data.max_chars and never cut (chunk_chars 0)
+    keeps nothing; the summary says so and the command fails in one line instead of writing an empty dataset."""
+    recipe, origin = one_file_recipe(tmp_path, chunk_chars=0, max_chars=500_000)
+    train_tokenizer(recipe, origin)
+    r = run_cli(sys.executable, "launch/prepare_data.py", "--recipe", origin)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1] == (
+        "data error: data.sources[book] kept no documents: read 1 documents; dropped 1 too_long "
+        "(data.max_chars, data.chunk_chars)"
+    )
+    assert "WARNING book: kept no documents" in r.stdout

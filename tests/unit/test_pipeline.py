@@ -13,6 +13,7 @@ from llmforge.config.data import DatasetSpec
 from llmforge.data.indexed import IndexedDataset
 from llmforge.data.loader import PretrainData
 from llmforge.data.prepare import prepare, train_tokenizer
+from llmforge.errors import DataError
 from llmforge.tokenizer import load_tokenizer
 from tests.helpers import WORDS, corpus, recipe_for
 
@@ -42,6 +43,10 @@ def test_dedup_across_workers_and_sharded_equals_single(tmp_path):
     assert st["read"] == planted["total"]
     assert st["dropped:exact_duplicate"] == 1 and st["dropped:near_duplicate"] == 1
     assert st["kept"] == planted["total"] - 2 == m["splits"]["train"]["documents"] + m["splits"]["val"]["documents"]
+    # token counts named for what they count: the parts' before dedup, the shards' (what training reads) after
+    assert not any(k.startswith("tokens:") for k in st)
+    shards = sum(m["splits"][s]["tokens"] for s in ("train", "val"))
+    assert st["tokens_before_dedup:train"] + st.get("tokens_before_dedup:val", 0) > shards > 0
     texts = decoded_texts(tmp_path / "one" / "web", tok)
     assert planted["original"] in texts and planted["near"] not in texts
     assert len(set(texts)) == len(texts)
@@ -173,5 +178,7 @@ def test_changed_settings_redo_parts(tmp_path):
     from dataclasses import replace
 
     stricter = replace(recipe, data=replace(recipe.data, web_filters=replace(recipe.data.web_filters, min_words=10**6)))
-    m = prepare(stricter, origin, progress=False)["web"]
+    with pytest.raises(DataError, match=r"web\] kept no documents: .* too_few_words \(data.web_filters\)"):
+        prepare(stricter, origin, progress=False)
+    m = json.loads((Path(recipe.data.prepared_dir) / "web" / "manifest.json").read_text())
     assert m["stats"]["kept"] == 0 and m["stats"]["dropped:too_few_words"] == first["stats"]["read"]

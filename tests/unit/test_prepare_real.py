@@ -7,11 +7,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from llmforge.config.data import SourceSpec
 from llmforge.data.indexed import IndexedDataset
+from llmforge.data.loader import PretrainData
 from llmforge.data.pipeline import chunks
 from llmforge.data.prepare import prepare, train_tokenizer
 from llmforge.data.sources import reader_for
+from llmforge.errors import DataError
 from llmforge.tokenizer import load_tokenizer
 from tests.helpers import BIG_TEXT, one_file_recipe
 from tests.real_inputs import STDLIB, python_doc_pages, write_warc
@@ -73,3 +77,49 @@ def test_warc_resource_records_are_read(tmp_path):
     docs = list(reader_for("warc")(str(tmp_path / "res.warc.gz"), spec, stats))
     assert len(docs) == 3 and stats == {"warc:resource_records": 3}
     assert docs[0].meta["url"].endswith(pages[0].name) and len(docs[0].text) > 1000
+
+
+def test_a_text_file_longer_than_max_chars_is_cut_before_it_is_filtered(tmp_path):
+    # 757 KB in one file, data.max_chars 500,000: the file is cut into ~64 KiB pieces first, and the pieces pass.
+    recipe, origin = one_file_recipe(tmp_path, max_chars=500_000)
+    train_tokenizer(recipe, origin)
+    lines: list[str] = []
+    m = prepare(recipe, origin, progress=False, report=lines.append)["book"]
+    assert m["stats"]["read"] == 1 and m["stats"]["kept"] >= 10 and "dropped:too_long" not in m["stats"]
+    assert m["splits"]["train"]["tokens"] + m["splits"]["val"]["tokens"] > 700_000  # characters: every one kept
+    assert len(lines) == 1 and lines[0].startswith("book: read 1, kept ")
+
+
+def test_a_source_that_keeps_nothing_stops_prepare_naming_the_reason_and_its_key(tmp_path):
+    recipe, origin = one_file_recipe(tmp_path, chunk_chars=0, max_chars=500_000)
+    train_tokenizer(recipe, origin)
+    lines: list[str] = []
+    with pytest.raises(DataError) as e:
+        prepare(recipe, origin, progress=False, report=lines.append)
+    assert (
+        str(e.value) == "data.sources[book] kept no documents: read 1 documents; dropped 1 too_long "
+        "(data.max_chars, data.chunk_chars)"
+    )
+    assert lines[-1].startswith("WARNING book: kept no documents")
+
+
+def test_a_rule_that_takes_most_of_the_bytes_is_a_warning(tmp_path):
+    recipe, origin = one_file_recipe(tmp_path, chunk_chars=0, max_chars=500_000)
+    (tmp_path / "corpus" / "shlex.txt").write_bytes((STDLIB / "shlex.py").read_bytes())
+    train_tokenizer(recipe, origin)
+    lines: list[str] = []
+    m = prepare(recipe, origin, progress=False, report=lines.append)["book"]
+    assert m["stats"]["kept"] == 1 and m["stats"]["dropped_bytes:too_long"] > 0.99 * BIG_TEXT.stat().st_size
+    assert len(lines) == 2 and lines[1].startswith("WARNING book: 9") and "as too_long (data.max_chars" in lines[1]
+
+
+def test_a_split_too_small_to_train_names_the_dataset_and_its_counts(tmp_path):
+    recipe, origin = one_file_recipe(tmp_path)
+    (tmp_path / "corpus" / "book.txt").write_bytes((STDLIB / "shlex.py").read_bytes()[:3000])
+    train_tokenizer(recipe, origin)
+    prepare(recipe, origin, progress=False)
+    with pytest.raises(DataError) as e:
+        PretrainData(recipe.data.dataset_dirs(), 4096, 0, "train")
+    msg = str(e.value)
+    assert "book: no training sample: its train split holds " in msg and "(manifest: read 1, kept 1 documents)" in msg
+    assert "lower data.seq_len" in msg and "\n" not in msg
