@@ -11,6 +11,7 @@ from llmforge.allocator import reexec_with_tcmalloc
 from llmforge.config import load_recipe
 from llmforge.config.parallel import make_layout
 from llmforge.data.prepare import prepare, train_tokenizer
+from llmforge.data.verify import verify_dataset
 from llmforge.demo.stdlib_corpus import build_stdlib_corpus
 from llmforge.demo.toy_chat import write_toy_sets
 from llmforge.errors import UserError, exit_on_user_error, exit_process
@@ -87,6 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-merge", dest="merge", action="store_false", help="only process this shard (default when --num-shards > 1)"
     )
     merge.add_argument("--merge-only", action="store_true", help="only merge (all shards must be complete)")
+
+    p = sub.add_parser(
+        "verify-data",
+        help="check prepared datasets against their manifests: every file's size and sha256, every index, every "
+        "token id against the vocabulary (exit 1 on a problem)",
+    )
+    p.add_argument("datasets", nargs="*", metavar="DIR", help="prepared dataset directories")
+    p.add_argument("--recipe", default=None, help="check the recipe's training datasets (with or instead of DIRs)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=argparse.SUPPRESS)
 
     p = sub.add_parser("corpus", help="write the demo corpus (Python standard-library sources) to a directory")
     p.add_argument("--out", required=True, help="output directory")
@@ -197,6 +207,22 @@ def main(argv: Optional[list[str]] = None) -> None:
                 prepare(recipe, args.recipe, 0, 1, workers=0, merge=True, only_merge=True, report=print)
             else:
                 prepare(recipe, args.recipe, args.shard_index, args.num_shards, args.workers, args.merge, report=print)
+    elif args.command == "verify-data":
+        dirs = list(args.datasets)
+        if args.recipe:
+            dirs += [spec.path for spec in load_recipe(args.recipe, args.overrides).data.dataset_dirs()]
+        if not dirs:
+            raise UserError("verify-data: name dataset directories or --recipe")
+        bad = 0
+        for directory in dirs:
+            problems = verify_dataset(directory)
+            bad += len(problems)
+            for line in problems:
+                print(f"FAIL {line}")
+            if not problems:
+                print(f"ok {directory}")
+        if bad:
+            sys.exit(1)
     elif args.command == "corpus":
         files, size = build_stdlib_corpus(args.out, args.max_bytes)
         print(f"corpus: {files} files, {size / 1e6:.1f} MB -> {args.out}")

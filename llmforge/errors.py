@@ -40,6 +40,12 @@ class DataError(UserError):
     prefix = "data error"
 
 
+class CorruptSampleError(DataError):
+    """A training sample read from a corrupt shard; the rank that read it names the shard and document."""
+
+    every_rank = True
+
+
 class CheckpointError(UserError):
     prefix = "checkpoint error"
 

@@ -244,6 +244,12 @@ class DataConfig:
     shard_tokens: int = doc(1 << 30, "Tokens per output shard file before a new one is started.")
     unit_files: int = doc(2000, "Small input files grouped into one work unit (the unit of sharding and restart).")
     unit_bytes: int = doc(64 << 20, "Input bytes per work unit; a larger file is a unit of its own.")
+    verify_mb: float = doc(
+        256,
+        "Training checks every shard file's size and index header against the manifest when it opens a dataset, "
+        "and also its sha256 when the split's files total at most this many MB (every rank, before the first "
+        "step); 0 = sizes and headers only. `llmforge verify-data DIR` checks everything.",
+    )
     allow_fingerprint_change: bool = doc(False, "Resume even if the datasets' fingerprint changed.")
     prefetch: int = doc(
         2,
@@ -253,7 +259,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         positive(self, "seq_len", "max_chars", "shard_tokens", "unit_files", "unit_bytes")
-        positive(self, "min_chars", "prefetch", "chunk_chars", allow_zero=True)
+        positive(self, "min_chars", "prefetch", "chunk_chars", "verify_mb", allow_zero=True)
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError("val_fraction", f"must be in [0, 1), got {self.val_fraction}")
         taken = {s.name for s in self.sources if s.name}

@@ -59,22 +59,34 @@ class IndexedDatasetWriter:
         os.replace(idx_tmp, self.prefix + ".idx")
 
 
+HEADER_BYTES = len(HEADER) + 8 + 1 + 8 + 8
+
+
+def read_index_header(path: str) -> tuple[np.dtype, int, int]:
+    """(dtype, sequences, documents) from an `.idx` header, checked against the file's size: a ValueError with one
+    line saying what is wrong (magic, version, dtype code, or counts that do not add up to the size)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(HEADER_BYTES)
+    if len(head) < HEADER_BYTES or head[: len(HEADER)] != HEADER:
+        raise ValueError(f"{path}: not an indexed-dataset index (no MMIDIDX header)")
+    version, code, n_seq, n_doc = struct.unpack_from("<QBQQ", head, len(HEADER))
+    if version != 1:
+        raise ValueError(f"{path}: index version {version}, expected 1")
+    if code not in DTYPE_CODES:
+        raise ValueError(f"{path}: unknown dtype code {code} in the index header")
+    if HEADER_BYTES + n_seq * (4 + 8) + n_doc * 8 != size:
+        raise ValueError(f"{path}: the header's {n_seq} sequences / {n_doc} documents do not match its {size} bytes")
+    return np.dtype(DTYPE_CODES[code]), n_seq, n_doc
+
+
 class IndexedDataset:
     """Read-only, memory-mapped view of <prefix>.bin/.idx."""
 
     def __init__(self, prefix: str):
         self.prefix = prefix
-        with open(prefix + ".idx", "rb") as f:
-            if f.read(len(HEADER)) != HEADER:
-                raise ValueError(f"{prefix}.idx is not an indexed dataset index (bad header)")
-            (version,) = struct.unpack("<Q", f.read(8))
-            if version != 1:
-                raise ValueError(f"{prefix}.idx has unsupported version {version}")
-            (code,) = struct.unpack("<B", f.read(1))
-            (n_seq,) = struct.unpack("<Q", f.read(8))
-            (n_doc,) = struct.unpack("<Q", f.read(8))
-            offset = f.tell()
-        self.dtype = np.dtype(DTYPE_CODES[code])
+        self.dtype, n_seq, n_doc = read_index_header(prefix + ".idx")
+        offset = HEADER_BYTES
         idx = np.memmap(prefix + ".idx", mode="r", dtype=np.uint8)
         self.lengths = np.frombuffer(idx, dtype=np.int32, count=n_seq, offset=offset)
         offset += self.lengths.nbytes

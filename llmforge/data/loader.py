@@ -18,8 +18,10 @@ import numpy as np
 import torch
 
 from llmforge.config.data import DatasetSpec
+from llmforge.data.indexed import IndexedDataset
 from llmforge.data.merge import read_manifest
-from llmforge.errors import DataError
+from llmforge.data.verify import check_shard_files, out_of_vocabulary
+from llmforge.errors import CorruptSampleError, DataError
 
 _MASK64 = (1 << 64) - 1
 
@@ -59,8 +61,11 @@ class FeistelPermutation:
 class TokenWindows:
     """Sample i of a split is seq_len+1 tokens of one shard's concatenated (EOS-separated) documents."""
 
-    def __init__(self, directory: str, shards: list[dict], seq_len: int, dtype: np.dtype):
+    def __init__(self, directory: str, shards: list[dict], seq_len: int, dtype: np.dtype,
+                 vocab_size: Optional[int] = None):
         self.directory, self.seq_len, self.dtype = directory, seq_len, np.dtype(dtype)
+        self.vocab_size = vocab_size
+        self.problem: Optional[str] = None  # the first token id outside the vocabulary read, as a one-line message
         self.prefixes = [s["prefix"] for s in shards]
         per_shard = np.array([max(0, (s["tokens"] - 1) // seq_len) for s in shards], dtype=np.int64)
         self.cumulative = np.cumsum(per_shard)
@@ -82,7 +87,23 @@ class TokenWindows:
         window = self._tokens(shard)[start:start + self.seq_len + 1]
         if len(window) != self.seq_len + 1:
             raise DataError(f"{self.directory}/{self.prefixes[shard]}.bin is shorter than its manifest says")
+        if self.vocab_size is not None:
+            bad = out_of_vocabulary(window, self.vocab_size)
+            if len(bad):  # a corrupt shard: remembered, and the window replaced so the step can still run
+                if self.problem is None:
+                    self.problem = self._describe(shard, start + int(bad[0]), int(window[bad[0]]))
+                return np.zeros(self.seq_len + 1, dtype=np.int64)
         return np.asarray(window, dtype=np.int64)
+
+    def _describe(self, shard: int, position: int, token: int) -> str:
+        prefix = os.path.join(self.directory, self.prefixes[shard])
+        try:
+            bounds = np.cumsum(IndexedDataset(prefix).lengths.astype(np.int64))
+            where = f"document {int(np.searchsorted(bounds, position, side='right'))}, token {position}"
+        except ValueError:
+            where = f"token {position}"
+        return (f"{prefix}.bin: token id {token} at {where} is outside the vocabulary of {self.vocab_size} (the "
+                f"shard is corrupt: check it with llmforge verify-data {self.directory})")
 
 
 def blend_pattern(weights: list[float], period: int = 1000) -> np.ndarray:
@@ -130,21 +151,6 @@ class BlendedOrder:
         return d, self.permutation(d, epoch)(j)
 
 
-def _check_sizes(directory: str, shards: list[dict], files: dict) -> None:
-    """A missing or truncated shard file is an error naming it (a stat per file; no file is read)."""
-    for shard in shards:
-        for ext in (".bin", ".idx"):
-            name = shard["prefix"] + ext
-            path = os.path.join(directory, name)
-            try:
-                size = os.path.getsize(path)
-            except OSError:
-                raise DataError(f"{path}: missing (listed in {directory}/manifest.json)") from None
-            if size != files[name]["size"]:
-                raise DataError(f"{path}: {size} bytes, the manifest says {files[name]['size']} (truncated or "
-                                f"replaced); re-run launch/prepare_data.py")
-
-
 def split_counts(manifest: dict, split: str) -> str:
     """What the manifest says of a split (and of the documents read and kept), for error messages."""
     sp, st = manifest["splits"][split], manifest.get("stats", {})
@@ -168,7 +174,12 @@ class PretrainData:
     """The train (or val) split of the recipe's datasets, blended, as (inputs, targets) batches."""
 
     def __init__(self, specs: list[DatasetSpec], seq_len: int, seed: int, split: str = "train",
-                 tokenizer_fingerprint: Optional[str] = None):
+                 tokenizer_fingerprint: Optional[str] = None, verify_mb: float = 0.0):
+        """Opening checks every shard file's size and index header against the manifest (and sha256 when the
+        split's files total at most `verify_mb` MB). A token id outside the vocabulary read later raises
+        CorruptSampleError, or with `defer_errors` set (the trainer, which tells every rank at the step's
+        all-reduce) is kept in `problem` and its window read as zeros."""
+        self.defer_errors = False
         if not specs:
             raise DataError("no datasets to train on: set data.datasets, or data.sources + data.prepared_dir")
         windows: list[TokenWindows] = []
@@ -185,8 +196,8 @@ class PretrainData:
                 raise DataError(f"{spec.path}: shards were tokenized with tokenizer {have}, the recipe's tokenizer is "
                                 f"{tokenizer_fingerprint}; re-run launch/prepare_data.py")
             shards = manifest["splits"][split]["shards"]
-            _check_sizes(spec.path, shards, manifest["files"])
-            w = TokenWindows(spec.path, shards, seq_len, manifest["dtype"])
+            check_shard_files(spec.path, manifest, split, verify_mb)
+            w = TokenWindows(spec.path, shards, seq_len, manifest["dtype"], manifest["tokenizer"].get("vocab_size"))
             if w.num_samples == 0 and split == "train":
                 raise DataError(f"{spec.path}: no training sample: {split_counts(manifest, 'train')}, and a sample "
                                 f"needs seq_len+1={seq_len + 1} tokens of one shard; add data (see the manifest's "
@@ -201,11 +212,18 @@ class PretrainData:
         self.order = BlendedOrder([w.num_samples for w in windows], weights, seed) if windows else None
         self.fingerprint = hashlib.sha256("|".join(digests).encode()).hexdigest()[:16]
 
+    @property
+    def problem(self) -> Optional[str]:
+        """The first corrupt sample read (a token id outside the vocabulary), as a one-line message."""
+        return next((w.problem for w in self.windows if w.problem), None)
+
     def batch(self, indices: range) -> tuple[torch.Tensor, torch.Tensor]:
         rows = []
         for g in indices:
             d, i = self.order.locate(g)
             rows.append(self.windows[d][i])
+        if not self.defer_errors and self.problem:
+            raise CorruptSampleError(self.problem)
         block = torch.from_numpy(np.stack(rows))
         return block[:, :-1], block[:, 1:]
 

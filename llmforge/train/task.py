@@ -52,8 +52,9 @@ class Task:
         else:
             recipe = resolve_model_config(recipe, tok.vocab_size, origin)
         specs, seq_len, seed = recipe.data.dataset_dirs(), recipe.data.seq_len, recipe.run.seed
-        train = PretrainData(specs, seq_len, seed, "train", tok_fp)
-        val = PretrainData(specs, seq_len, seed + 1, "val", tok_fp)
+        verify = recipe.data.verify_mb
+        train = PretrainData(specs, seq_len, seed, "train", tok_fp, verify)
+        val = PretrainData(specs, seq_len, seed + 1, "val", tok_fp, verify)
         if recipe.eval.interval and val.num_samples == 0:
             raise DataError(
                 f"eval.interval is {recipe.eval.interval} but the val split of "

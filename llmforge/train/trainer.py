@@ -16,6 +16,7 @@ from llmforge.config.parallel import Layout
 from llmforge.config.recipe import EvalConfig, Recipe, SpikeGuardConfig, TrainConfig
 from llmforge.data.loader import micro_batch_indices, next_micro_batch
 from llmforge.data.prefetch import Prefetcher
+from llmforge.errors import CorruptSampleError
 from llmforge.model.parallel import SequenceSlice
 from llmforge.train.checkpoint import Checkpointer, TrainState
 from llmforge.train.guard import FaultInjector, SpikeGuard, StopSignal
@@ -149,6 +150,9 @@ class Trainer:
         if self.plain_optimizer:
             engine.optimizer.register_step_pre_hook(self._skip_non_finite_update)
         device = torch.device(engine.device)
+        for split in (data.train, data.val):
+            if hasattr(split, "defer_errors"):
+                split.defer_errors = True  # a corrupt sample is reported by every rank at the step's all-reduce
         self.batches = Prefetcher(
             self._read_micro, self._next_micro, cfg.prefetch, device if device.type == "cuda" else None
         )
@@ -197,7 +201,8 @@ class Trainer:
             engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
         host = values.get()
         mean_loss, stop, step_tokens = host[0], host[1] > 0, int(host[2])
-        means = {k: host[3 + i] for i, k in enumerate(stat_totals)}
+        self._raise_corrupt_samples(host[3], step)
+        means = {k: host[4 + i] for i, k in enumerate(stat_totals)}
         skipped = self.guard.reason(mean_loss) if rejected is not None and host[-1] > 0 else None
         grad_norm = own_norm if own_norm is not None else engine.get_global_grad_norm()
         if skipped is None and (
@@ -245,7 +250,26 @@ class Trainer:
         )
 
     def _reduce(self, loss: torch.Tensor, tokens: int, stats: dict[str, torch.Tensor]) -> torch.Tensor:
-        return reduce_step_values(loss, self.stop.requested, tokens, stats, self.layout.world)
+        return reduce_step_values(
+            loss, self.stop.requested, tokens, stats, self.layout.world, self._problem() is not None
+        )
+
+    def _problem(self) -> Optional[str]:
+        """A corrupt sample this rank has read (its split's `problem`), or None."""
+        return next((p for split in (self.data.train, self.data.val) if (p := getattr(split, "problem", None))), None)
+
+    def _raise_corrupt_samples(self, ranks: float, step: int) -> None:
+        """Every rank stops at the same step when any rank read a corrupt sample (told by the step's all-reduce):
+        the ranks that read one name it, the others say which step they stopped at, one line each."""
+        if ranks <= 0:
+            return
+        own = self._problem()
+        raise CorruptSampleError(
+            own
+            if own
+            else f"rank {self.layout.rank}: stopped at step {step}: {int(ranks)} rank(s) read a token id outside "
+            f"the vocabulary (their lines name the shard)"
+        )
 
     # -- the loop -------------------------------------------------------------------------------------------------
     def train(self, state: TrainState, stop: StopSignal) -> str:
@@ -367,7 +391,8 @@ class Trainer:
                 stat_totals[k] = stat_totals.get(k, 0.0) + v.float()
         engine.train()
         host = self._reduce(total / n, 0, {k: v / n for k, v in stat_totals.items()}).tolist()
-        val_loss, means = host[0], {k: host[3 + i] for i, k in enumerate(stat_totals)}
+        self._raise_corrupt_samples(host[3], self.state.step)
+        val_loss, means = host[0], {k: host[4 + i] for i, k in enumerate(stat_totals)}
         self.last_val_loss = val_loss
         self.metrics.eval(
             {
@@ -381,10 +406,11 @@ class Trainer:
 
 
 def reduce_step_values(
-    loss: torch.Tensor, stop: bool, tokens: int, stats: dict[str, torch.Tensor], world: int
+    loss: torch.Tensor, stop: bool, tokens: int, stats: dict[str, torch.Tensor], world: int, corrupt: bool = False
 ) -> torch.Tensor:
     """One all-reduce over all `world` ranks, queued without waiting for its result: [mean loss over ranks, number of
-    ranks asked to stop, tokens of all ranks, mean of each objective metric], on the loss's device. Ranks of one
+    ranks asked to stop, tokens of all ranks, number of ranks that read a corrupt sample, mean of each objective
+    metric], on the loss's device. Ranks of one
     tensor or sequence group hold one replica's share each: their losses average to the replica's, and only one of
     them counts its tokens."""
     packed = torch.stack(
@@ -392,13 +418,14 @@ def reduce_step_values(
             loss.detach().float(),
             torch.full((), 1.0 if stop else 0.0, device=loss.device),
             torch.full((), float(tokens), device=loss.device),
+            torch.full((), 1.0 if corrupt else 0.0, device=loss.device),
             *[v.reshape(()).float().to(loss.device) for v in stats.values()],
         ]
     )
     if dist.is_initialized() and world > 1:
         dist.all_reduce(packed, op=dist.ReduceOp.SUM)
     packed[0] /= world
-    packed[3:] /= world
+    packed[4:] /= world
     return packed
 
 

@@ -107,3 +107,38 @@ def test_resolved_recipe_and_ds_config_saved(tmp_path, prepared):
     acc.Reload()
     losses = [e.value for e in acc.Scalars("train/loss")]
     assert losses == pytest.approx([r["loss"] for r in train], rel=1e-6)
+
+
+def test_a_corrupt_shard_stops_every_rank_in_one_line_each(tmp_path, prepared):
+    """Bytes overwritten in a .bin (same size). A dataset over data.verify_mb is not hashed at open: the sample
+    read from it stops both ranks at the same step, each with one line (the reader names the shard and document),
+    no traceback; the default check hashes a small dataset at open instead; verify-data finds it."""
+    import shutil
+
+    from tests.helpers import ds_cmd
+
+    data = tmp_path / "data"
+    shutil.copytree(prepared / "prepared", data / "prepared")
+    shards = data / "prepared" / "stdlib"
+    with open(shards / "train-00000.bin", "r+b") as f:
+        f.write(b"\xff\xff" * 20_000)  # the first 20,000 tokens: every early sample of both ranks is corrupt
+    path = write_recipe(tmp_path / "r.yaml", data, tmp_path / "runs", data={"verify_mb": 0})
+    result = run_cli(*ds_cmd(path), timeout=240)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
+    lines = [x for x in (result.stdout + result.stderr).splitlines() if "data error:" in x]
+    assert len(lines) == 2, result.stdout[-3000:] + result.stderr[-3000:]
+    for line in lines:
+        assert f"{shards}/train-00000.bin: token id 65535 at document " in line and "outside the vocabulary" in line
+
+    result = run_cli("python", "launch/pretrain.py", "--recipe", str(path), "--set", "data.verify_mb=256")
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        f"data error: {shards}/train-00000.bin: its sha256 differs from the manifest's (the file was changed after "
+        "preparation); re-run launch/prepare_data.py"
+    ]
+    result = run_cli("llmforge", "verify-data", str(shards))
+    assert (
+        result.returncode == 1
+        and result.stdout.splitlines()[0] == f"FAIL {shards}/train-00000.bin: sha256 differs from the manifest's"
+    )
+    assert run_cli("llmforge", "verify-data", str(prepared / "prepared" / "stdlib")).stdout.startswith("ok ")

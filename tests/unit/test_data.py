@@ -193,9 +193,10 @@ def test_ten_thousand_shards_and_a_10b_token_blend_in_constant_memory(tmp_path):
         n = 2_000_000_000
         with open(big / f"{prefix}.bin", "wb") as f:
             f.truncate(n * 2)
-        (big / f"{prefix}.idx").write_bytes(b"idx")
+        index = HEADER + struct.pack("<QBQQiqqq", 1, 8, 1, 2, n, 0, 0, 1)  # one uint16 document of n tokens
+        (big / f"{prefix}.idx").write_bytes(index)
         files[f"{prefix}.bin"] = {"size": n * 2, "sha256": "-"}
-        files[f"{prefix}.idx"] = {"size": 3, "sha256": "-"}
+        files[f"{prefix}.idx"] = {"size": len(index), "sha256": "-"}
         shards.append({"prefix": prefix, "documents": 1, "tokens": n})
     manifest["files"], manifest["splits"]["train"] = files, {"documents": 5, "tokens": 10**10, "shards": shards}
     (big / "manifest.json").write_text(json.dumps(manifest))
@@ -207,3 +208,53 @@ def test_ten_thousand_shards_and_a_10b_token_blend_in_constant_memory(tmp_path):
     for g in range(0, 10**9, 10**7):  # positions far apart, many epochs of the small dataset
         blend.batch(range(g, g + 1))
     assert psutil.Process().memory_info().rss - rss < 64 * 2**20
+
+
+def _overwrite(path, offset: int, data: bytes) -> None:
+    """Bytes overwritten in place: the file keeps its size (what a size check cannot see)."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def test_a_shard_overwritten_in_place_is_caught_at_open_when_small_and_at_read_otherwise(tmp_path, prepared):
+    from llmforge.data.verify import verify_dataset
+    from llmforge.errors import CorruptSampleError
+
+    copy = tmp_path / "ds"
+    shutil.copytree(prepared / "prepared" / "stdlib", copy)
+    assert verify_dataset(str(copy)) == []
+    bin_path = copy / "train-00000.bin"
+    _overwrite(bin_path, 2 * 5000, b"\xff\xff" * 4)  # token 5000 onwards: id 65535, far outside the vocabulary
+    with pytest.raises(DataError, match=r"train-00000.bin: its sha256 differs from the manifest's"):
+        PretrainData([DatasetSpec(str(copy))], 64, 0, verify_mb=256)
+    data = PretrainData([DatasetSpec(str(copy))], 64, 0, verify_mb=0)  # a large dataset: not hashed at open
+    idx = IndexedDataset(str(copy / "train-00000"))
+    document = int(np.searchsorted(np.cumsum(idx.lengths), 5000, side="right"))
+    with pytest.raises(CorruptSampleError) as e:
+        for start in range(0, data.num_samples, 64):
+            data.batch(range(start, min(start + 64, data.num_samples)))
+    assert str(e.value).startswith(
+        f"{copy}/train-00000.bin: token id 65535 at document {document}, token 5000 is outside the vocabulary of "
+    )
+    data.defer_errors = True  # the trainer's way: the window reads as zeros, the problem is kept for the all-reduce
+    window = data.windows[0][5000 // 64]
+    assert not window.any() and data.problem == str(e.value)
+    problems = verify_dataset(str(copy))
+    assert problems[0] == f"{bin_path}: sha256 differs from the manifest's"
+    assert problems[1] == (
+        f"{bin_path}: token id 65535 at token 5000 (document {document}) is outside the "
+        f"vocabulary of {json.loads((copy / 'manifest.json').read_text())['tokenizer']['vocab_size']}"
+    )
+
+
+def test_an_index_with_a_garbage_header_is_refused_at_open(tmp_path, prepared):
+    copy = tmp_path / "ds"
+    shutil.copytree(prepared / "prepared" / "stdlib", copy)
+    _overwrite(copy / "train-00000.idx", 0, b"GARBAGE!!")
+    with pytest.raises(DataError, match=r"train-00000.idx: not an indexed-dataset index \(no MMIDIDX header\)"):
+        PretrainData([DatasetSpec(str(copy))], 64, 0, verify_mb=0)
+    shutil.copy(prepared / "prepared" / "stdlib" / "train-00000.idx", copy / "train-00000.idx")
+    _overwrite(copy / "train-00000.idx", len(HEADER) + 9, struct.pack("<Q", 3))  # 3 documents, the file holds more
+    with pytest.raises(DataError, match=r"train-00000.idx: the header's 3 sequences / \d+ documents do not match"):
+        PretrainData([DatasetSpec(str(copy))], 64, 0, verify_mb=0)

@@ -29,7 +29,7 @@ def _step_values() -> list[float]:
 
 def test_step_values_mean_the_loss_sum_the_tokens_and_count_stops():
     for values in run_distributed(_step_values):
-        assert values == [2.5, 1.0, 300.0, 0.25]  # mean loss, ranks asked to stop, all tokens, mean metric
+        assert values == [2.5, 1.0, 300.0, 0.0, 0.25]  # mean loss, ranks asked to stop, all tokens, corrupt, metric
 
 
 def _any() -> tuple[bool, bool]:
