@@ -62,6 +62,8 @@ def run_training(
     check_layout(recipe, world, stage, recipe_path, ranks_per_node())  # on the model the task resolved
     lora = task.lora(recipe)
     check_fp8(recipe, recipe_path, layout.tensor, lora.rank)
+    if (small_val := val_warning(recipe, data.val, layout.data)) and layout.rank == 0:
+        log.warning(small_val)
     if layout.tensor > 1:
         ds_config["tensor_parallel"] = tensor_parallel_config(layout.tensor)
     universal = check_resume(
@@ -123,6 +125,20 @@ def run_training(
         log.info("nothing to do: checkpoint is at step %d, train.max_steps=%d", state.step, recipe.train.max_steps)
     status = trainer.train(state, stop)
     return {"run_dir": recipe.run_dir, "step": state.step, "val_loss": trainer.last_val_loss, "status": status}
+
+
+def val_warning(recipe: Recipe, val: Any, replicas: int) -> Optional[str]:
+    """A warning when evaluation reads more val samples than the split holds (it then scores the same samples
+    several times, and its loss is noisier than eval.batches suggests), else None."""
+    reads = recipe.eval.batches * recipe.train.micro_batch_size * replicas
+    have = 0 if val is None else val.num_samples
+    if not recipe.eval.interval or have == 0 or have >= reads:
+        return None
+    return (
+        f"the val split holds {have} samples of data.seq_len+1 tokens, and each evaluation reads eval.batches x "
+        f"train.micro_batch_size x {replicas} data-parallel replicas = {reads}: it repeats samples; raise "
+        f"data.val_fraction (and prepare again) or lower eval.batches"
+    )
 
 
 def setup_logging() -> None:

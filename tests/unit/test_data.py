@@ -258,3 +258,22 @@ def test_an_index_with_a_garbage_header_is_refused_at_open(tmp_path, prepared):
     _overwrite(copy / "train-00000.idx", len(HEADER) + 9, struct.pack("<Q", 3))  # 3 documents, the file holds more
     with pytest.raises(DataError, match=r"train-00000.idx: the header's 3 sequences / \d+ documents do not match"):
         PretrainData([DatasetSpec(str(copy))], 64, 0, verify_mb=0)
+
+
+def test_a_val_split_smaller_than_one_evaluation_is_a_warning(tmp_path, prepared):
+    from llmforge.train.run import val_warning
+
+    path = write_recipe(tmp_path / "r.yaml", prepared, tmp_path / "runs", eval={"interval": 5, "batches": 2})
+    recipe = load_recipe(str(path))
+    val = PretrainData(recipe.data.dataset_dirs(), recipe.data.seq_len, 1, "val")
+    per_eval = 2 * recipe.train.micro_batch_size * 2
+    assert 0 < per_eval < val.num_samples and val_warning(recipe, val, 2) is None
+    batches = val.num_samples // recipe.train.micro_batch_size  # one replica reads the whole split: two read it twice
+    recipe = load_recipe(str(path), [f"eval.batches={batches}"])
+    assert val_warning(recipe, val, 1) is None
+    assert val_warning(recipe, val, 2) == (
+        f"the val split holds {val.num_samples} samples of data.seq_len+1 tokens, and each evaluation reads "
+        f"eval.batches x train.micro_batch_size x 2 data-parallel replicas = {2 * batches * 4}: it repeats samples; "
+        f"raise data.val_fraction (and prepare again) or lower eval.batches"
+    )
+    assert val_warning(load_recipe(str(path), [f"eval.batches={batches}", "eval.interval=0"]), val, 2) is None
