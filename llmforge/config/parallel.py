@@ -10,8 +10,10 @@ with the same tensor rank) is then data × sequence: gradients are averaged and 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 from llmforge.config.recipe import Recipe
 from llmforge.errors import RecipeError
@@ -63,6 +65,44 @@ def make_layout(recipe: Recipe, world: int, rank: int, origin: str) -> Layout:
             origin, "parallel", f"tensor {tp} x sequence {sp} = {tp * sp} does not divide the {world} ranks"
         )
     return Layout(world, tp, sp, rank)
+
+
+def resolve_batch(recipe: Recipe, replicas: int, origin: str, saved_batch: Optional[int] = None) -> Recipe:
+    """The recipe with train.grad_accum_steps derived so the global batch (sequences per optimizer step) is
+    train.global_batch_size, or when that is unset and a checkpoint is resumed, the checkpoint's `saved_batch`:
+    a change of layout or world size keeps it. Refused in one line when it cannot be kept exactly, or when an
+    explicit train.grad_accum_steps (not 1) disagrees with it."""
+    t = recipe.train
+    per_micro = t.micro_batch_size * replicas
+    explicit = t.global_batch_size is not None
+    target = t.global_batch_size if explicit else saved_batch
+    if target is None:
+        return recipe
+    key = "train.global_batch_size" if explicit else "train.grad_accum_steps"
+    source = "" if explicit else " (the checkpoint's, kept on resume)"
+    if t.grad_accum_steps != 1 and t.grad_accum_steps * per_micro != target:
+        change = "" if explicit else f", or set train.global_batch_size={t.grad_accum_steps * per_micro} to change it"
+        raise RecipeError(
+            origin,
+            key,
+            f"train.grad_accum_steps={t.grad_accum_steps} x train.micro_batch_size={t.micro_batch_size} x {replicas} "
+            f"data-parallel replicas = {t.grad_accum_steps * per_micro} sequences per step, but the global batch is "
+            f"{target}{source}: leave train.grad_accum_steps at 1 (it is derived){change}",
+        )
+    if target % per_micro:
+        fits = [m for m in range(1, target // replicas + 1) if target % replicas == 0 and (target // replicas) % m == 0]
+        hint = (
+            f"set train.micro_batch_size to one of {', '.join(map(str, fits))}"
+            if fits
+            else f"use a number of data-parallel replicas that divides {target}"
+        )
+        raise RecipeError(
+            origin,
+            key if explicit else "train.micro_batch_size",
+            f"a global batch of {target} sequences{source} is not a whole number of micro-batches of "
+            f"train.micro_batch_size={t.micro_batch_size} x {replicas} data-parallel replicas: {hint}",
+        )
+    return dataclasses.replace(recipe, train=dataclasses.replace(t, grad_accum_steps=target // per_micro))
 
 
 def check_layout(recipe: Recipe, world: int, zero_stage: int, origin: str, ranks_per_node: int = 0) -> None:

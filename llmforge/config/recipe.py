@@ -177,7 +177,18 @@ class MuonConfig:
 class TrainConfig:
     max_steps: int = doc(2000, "Optimizer steps to train.")
     micro_batch_size: int = doc(12, "Samples per rank per forward/backward.")
-    grad_accum_steps: int = doc(1, "Micro-batches accumulated per optimizer step.")
+    grad_accum_steps: int = doc(
+        1,
+        "Micro-batches accumulated per optimizer step; derived from global_batch_size when that is set (or when "
+        "resuming a checkpoint, whose global batch is kept) and this is left at 1.",
+    )
+    global_batch_size: Optional[int] = doc(
+        None,
+        "Sequences per optimizer step over all data-parallel replicas. Set, it is kept whatever the layout or "
+        "world size: grad_accum_steps = global_batch_size / (micro_batch_size x replicas), refused in one line "
+        "when that is not whole. Null: micro_batch_size x grad_accum_steps x replicas, and a resume keeps the "
+        "checkpoint's.",
+    )
     lr: float = doc(1e-3, "Peak learning rate.")
     min_lr: float = doc(1e-4, "Learning rate at the end of the decay.")
     warmup_steps: int = doc(100, "Linear warmup steps from 0 to lr.")
@@ -220,6 +231,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         positive(self, "max_steps", "micro_batch_size", "grad_accum_steps", "lr", "eps")
         positive(self, "min_lr", "warmup_steps", "weight_decay", "grad_clip", "z_loss", "loss_chunk", allow_zero=True)
+        positive(self, "global_batch_size")
         if self.min_lr > self.lr:
             raise ConfigError("min_lr", f"{self.min_lr} is above lr={self.lr}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):

@@ -5,6 +5,7 @@ commit, manifest, verification — are llmforge/train/checkpoint_files.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -30,6 +31,7 @@ from llmforge.train.checkpoint_files import (
 from llmforge.train.distributed import barrier, rank
 from llmforge.train.guard import FaultInjector
 from llmforge.train.metrics import Metrics
+from llmforge.train.schedule import lr_at
 
 log = logging.getLogger(__name__)
 
@@ -260,6 +262,9 @@ class Checkpointer:
             "tensor_parallel": ident.recipe.parallel.tensor,
             "sequence_parallel": ident.recipe.parallel.sequence,
             "global_batch": ident.recipe.train.global_batch(ident.world_size // ident.recipe.parallel.model_parallel),
+            "micro_batch_size": ident.recipe.train.micro_batch_size,
+            "grad_accum_steps": ident.recipe.train.grad_accum_steps,
+            "max_steps": ident.recipe.train.max_steps,
             "tokenizer_fingerprint": self._tokenizer_fp,
             "data_fingerprint": ident.data_fingerprint,
             UNIVERSAL_INFO: universal_info(),
@@ -303,8 +308,8 @@ class Checkpointer:
         state = TrainState.from_client(
             load_checkpoint(engine, ensure_universal(point.path) if universal else point.path)
         )
+        saved = read_state(point.path)
         if universal:
-            saved = read_state(point.path)
             self._event(
                 "elastic_resume",
                 from_world=saved.get("world_size"),
@@ -312,8 +317,48 @@ class Checkpointer:
                 from_stage=saved.get("zero_stage"),
                 to_stage=self.identity.zero_stage,
             )
-        self._event("resumed", step=state.step, checkpoint=point.path, resume_s=round(time.time() - started, 3))
+        changed = self._changes(saved)
+        t = self.identity.recipe.train
+        if "max_steps" in changed:  # the LR schedule is a function of max_steps: it is re-derived over the new length
+            before = lr_at(state.step, dataclasses.replace(t, max_steps=saved["max_steps"]))
+            self._event(
+                "schedule_changed", step=state.step, max_steps=changed["max_steps"], lr=[before, lr_at(state.step, t)]
+            )
+            log.warning(
+                "train.max_steps %d -> %d: the LR schedule is re-derived; lr at step %d: %.3g -> %.3g",
+                saved["max_steps"],
+                t.max_steps,
+                state.step,
+                before,
+                lr_at(state.step, t),
+            )
+        if changed:
+            log.info(
+                "resumed at step %d with %s", state.step, ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
+            )
+        self._event(
+            "resumed",
+            step=state.step,
+            checkpoint=point.path,
+            resume_s=round(time.time() - started, 3),
+            changed=changed,
+        )
         return state
+
+    def _changes(self, saved: dict) -> dict:
+        """{quantity: [checkpoint's, now]} for what differs from the checkpoint: world size, tensor and sequence
+        parallel sizes, micro-batch, accumulation, global batch, max_steps (those the checkpoint recorded)."""
+        now = self.client_state(TrainState())
+        keys = (
+            "world_size",
+            "tensor_parallel",
+            "sequence_parallel",
+            "micro_batch_size",
+            "grad_accum_steps",
+            "global_batch",
+            "max_steps",
+        )
+        return {k: [saved[k], now[k]] for k in keys if saved.get(k) is not None and saved[k] != now[k]}
 
     def rollback(self, engine: Any) -> Optional[TrainState]:
         """Reload the newest complete checkpoint; None when there is none."""

@@ -19,7 +19,7 @@ from torch import nn
 from llmforge import allocator
 from llmforge.config import Recipe, load_recipe, recipe_to_yaml
 from llmforge.config.deepspeed import compose_ds_config, zero_stage
-from llmforge.config.parallel import check_layout, make_layout, ranks_per_node
+from llmforge.config.parallel import check_layout, make_layout, ranks_per_node, resolve_batch
 from llmforge.config.recipe import TrainConfig
 from llmforge.errors import RecipeError
 from llmforge.model import GPT, apply_wraps, compile_unavailable
@@ -28,6 +28,7 @@ from llmforge.model.parallel import sequence_group, tensor_parallel_config
 from llmforge.model.wraps import fp8_problem
 from llmforge.tokenizer import fingerprint
 from llmforge.train.checkpoint import Checkpointer, RunIdentity, check_resume, resolve_resume
+from llmforge.train.checkpoint_files import read_state
 from llmforge.train.distributed import release_shm_segment, setup_env, stale_build_locks
 from llmforge.train.guard import FaultInjector, StopSignal
 from llmforge.train.loading import load_weights
@@ -53,10 +54,12 @@ def run_training(
     world, accel = int(os.environ["WORLD_SIZE"]), get_accelerator()
     on_cpu = accel.device_name() == "cpu"
     layout = make_layout(recipe, world, int(os.environ["RANK"]), recipe_path)
+    point = resolve_resume(resume, recipe.checkpoint_dir)
+    saved = read_state(point.path) if point.path else {}
+    recipe = resolve_batch(recipe, layout.data, recipe_path, saved.get("global_batch"))
     ds_config = compose_ds_config(recipe, layout.data, recipe.run_dir, recipe_path, on_cpu)
     stage = zero_stage(ds_config)
     check_device(recipe, recipe_path, on_cpu)
-    point = resolve_resume(resume, recipe.checkpoint_dir)
     setup = task.setup(recipe, recipe_path, point, stage)
     recipe, tok, data = setup.recipe, setup.tokenizer, setup.data
     check_layout(recipe, world, stage, recipe_path, ranks_per_node())  # on the model the task resolved

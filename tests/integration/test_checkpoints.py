@@ -142,8 +142,14 @@ def test_resume_auto_from_finished_run_and_from_explicit_path(finished_run, tmp_
     )
     assert r.returncode == 0, r.stderr[-3000:]
     new = rows(run)[len(before) :]
-    assert new[0]["event"] == "resumed" and new[0]["step"] == 8
+    # a longer run re-derives the cosine schedule: said with before/after, as is every quantity that changed
+    schedule, resumed = new[0], new[1]
+    assert schedule["event"] == "schedule_changed" and schedule["max_steps"] == [12, 14]
+    first_run = {r["step"]: r for r in map(json.loads, before) if "loss" in r}
+    assert schedule["lr"][0] == pytest.approx(first_run[9]["lr"]) and schedule["lr"][1] > schedule["lr"][0]
+    assert resumed["event"] == "resumed" and resumed["step"] == 8 and resumed["changed"] == {"max_steps": [12, 14]}
     assert [x["step"] for x in new if "loss" in x] == list(range(9, 15))
+    assert next(x for x in new if "loss" in x)["lr"] == pytest.approx(schedule["lr"][1])
     # the resumed model is the trained one: its first loss is near the first run's step 8-9, not its step 1
-    first_run = {r["step"]: r["loss"] for r in map(json.loads, before) if "loss" in r}
-    assert abs(new[1]["loss"] - first_run[9]) < abs(new[1]["loss"] - first_run[1]) / 4
+    loss = next(x for x in new if "loss" in x)["loss"]
+    assert abs(loss - first_run[9]["loss"]) < abs(loss - first_run[1]["loss"]) / 4

@@ -38,7 +38,8 @@ def test_resume_at_another_world_size_and_stage(tmp_path, prepared):
         eval={"interval": 0},
     )
     runs = tmp_path / "runs"
-    # A: 2 ranks, ZeRO-2, micro 4 → global batch 8.   B: resume A's step 8 on 1 rank, micro 4 × accum 2.
+    # A: 2 ranks, ZeRO-2, micro 4 → global batch 8.   B: resume A's step 8 on 1 rank: the checkpoint's global
+    # batch is kept, accumulation 2 derived (nothing set by hand).
     assert run_cli(*ds_cmd(recipe, "--set", "run.name=a")).returncode == 0
     r = run_cli(
         sys.executable,
@@ -47,12 +48,12 @@ def test_resume_at_another_world_size_and_stage(tmp_path, prepared):
         str(recipe),
         "--set",
         "run.name=b",
-        "--set",
-        "train.grad_accum_steps=2",
         "--resume",
         str(runs / "a/checkpoints/step_00000008"),
     )
     assert r.returncode == 0, r.stderr[-3000:]
+    (resumed,) = [x for x in rows(runs / "b") if x.get("event") == "resumed"]
+    assert resumed["changed"] == {"world_size": [2, 1], "grad_accum_steps": [1, 2]}
     # C: 1 rank from scratch (accum 2).   D: resume C's step 8 on 2 ranks under ZeRO-1.
     assert (
         run_cli(

@@ -8,8 +8,9 @@ import dataclasses
 import pytest
 import torch
 
+from llmforge.config import load_recipe
 from llmforge.config.deepspeed import compose_ds_config
-from llmforge.config.parallel import Layout, check_layout, make_layout
+from llmforge.config.parallel import Layout, check_layout, make_layout, resolve_batch
 from llmforge.config.recipe import ModelConfig, ParallelConfig, Recipe, TrainConfig
 from llmforge.errors import RecipeError, UserError
 from llmforge.model import GPT
@@ -19,7 +20,7 @@ from llmforge.model.parallel import (
 )
 from llmforge.parity import parse_layouts
 from llmforge.train.guard import FaultInjector
-from tests.helpers import REPO
+from tests.helpers import REPO, write_recipe
 
 
 def test_tensor_groups_are_consecutive_ranks_then_sequence_then_data():
@@ -130,3 +131,50 @@ def test_the_planted_fault_only_touches_sequence_groups():
     f = FaultInjector("unsummed_sequence")
     loss = torch.tensor(3.0)
     assert float(f.loss(1, loss, sequence=2)) == 1.5 and float(f.loss(1, loss, sequence=1)) == 3.0
+
+
+def _batch_recipe(tmp_path, **train):
+    path = write_recipe(tmp_path / "b.yaml", tmp_path, tmp_path / "runs", train={"micro_batch_size": 4, **train})
+    return load_recipe(str(path)), str(path)
+
+
+def test_the_global_batch_is_kept_and_accumulation_derived(tmp_path):
+    recipe, origin = _batch_recipe(tmp_path, global_batch_size=16)
+    assert [resolve_batch(recipe, r, origin).train.grad_accum_steps for r in (1, 2, 4)] == [4, 2, 1]
+    assert resolve_batch(recipe, 2, origin).train.global_batch(2) == 16
+    plain, origin = _batch_recipe(tmp_path)
+    assert resolve_batch(plain, 2, origin) is plain  # nothing set, nothing resumed: micro x accum x replicas
+    # a resume keeps the checkpoint's global batch: 2 ranks x micro 4 saved 8; on 1 rank accumulation 2
+    assert resolve_batch(plain, 1, origin, saved_batch=8).train.grad_accum_steps == 2
+    consistent, origin = _batch_recipe(tmp_path, global_batch_size=16, grad_accum_steps=2)
+    assert resolve_batch(consistent, 2, origin).train.grad_accum_steps == 2
+
+
+def test_a_global_batch_that_cannot_be_kept_is_one_line(tmp_path):
+    recipe, origin = _batch_recipe(tmp_path, global_batch_size=12)
+    with pytest.raises(RecipeError) as e:
+        resolve_batch(recipe, 2, origin)
+    assert str(e.value) == (
+        f"{origin}: train.global_batch_size: a global batch of 12 sequences is not a whole number of micro-batches "
+        "of train.micro_batch_size=4 x 2 data-parallel replicas: set train.micro_batch_size to one of 1, 2, 3, 6"
+    )
+    # an sp2 run (1 replica, micro 8: 8 per step) resumed on the same 2 ranks as sp1 (2 replicas): 16 would be read
+    plain, origin = _batch_recipe(tmp_path, micro_batch_size=8)
+    with pytest.raises(RecipeError) as e:
+        resolve_batch(plain, 2, origin, saved_batch=8)
+    assert str(e.value) == (
+        f"{origin}: train.micro_batch_size: a global batch of 8 sequences (the checkpoint's, kept on resume) is not a "
+        "whole number of micro-batches of train.micro_batch_size=8 x 2 data-parallel replicas: set "
+        "train.micro_batch_size to one of 1, 2, 4"
+    )
+    accum, origin = _batch_recipe(tmp_path, grad_accum_steps=2)
+    with pytest.raises(RecipeError) as e:
+        resolve_batch(accum, 2, origin, saved_batch=8)
+    assert str(e.value) == (
+        f"{origin}: train.grad_accum_steps: train.grad_accum_steps=2 x train.micro_batch_size=4 x 2 data-parallel "
+        "replicas = 16 sequences per step, but the global batch is 8 (the checkpoint's, kept on resume): leave "
+        "train.grad_accum_steps at 1 (it is derived), or set train.global_batch_size=16 to change it"
+    )
+    odd, origin = _batch_recipe(tmp_path, global_batch_size=6)
+    with pytest.raises(RecipeError, match="use a number of data-parallel replicas that divides 6"):
+        resolve_batch(odd, 4, origin)
