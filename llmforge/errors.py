@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable
 from typing import NoReturn, TypeVar
@@ -25,12 +26,31 @@ class UserError(Exception):
         return f"{self.prefix}: {self}"
 
 
+# Which file declared each key of a loaded recipe, per recipe path (filled by config/loader.py): a RecipeError about
+# a key names the file that declared it (a parent recipe, or `--set`), not the child it was loaded through.
+DECLARED: dict[str, dict[str, str]] = {}
+
+
+def declared_in(file: str, key: str) -> str:
+    """The file (or `--set`) that declared `key` of the recipe loaded from `file`; `file` itself when unknown."""
+    origins = DECLARED.get(file)
+    if not origins or not key:
+        return file
+    parts = re.sub(r"\[[^\]]*\]", "", key).split(".")
+    for n in range(len(parts), 0, -1):
+        found = origins.get(".".join(parts[:n]))
+        if found:
+            return found
+    return file
+
+
 class RecipeError(UserError):
-    """A recipe problem: `recipe error: <file>: <key>: <problem>`."""
+    """A recipe problem: `recipe error: <file>: <key>: <problem>`, the file being the one that declared the key."""
 
     prefix = "recipe error"
 
     def __init__(self, file: str, key: str, problem: str):
+        file = declared_in(file, key)
         self.file, self.key, self.problem = file, key, problem
         parts = [p for p in (file, key, problem) if p]
         super().__init__(": ".join(parts))

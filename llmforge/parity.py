@@ -83,7 +83,7 @@ class LayoutSpec:
     tensor: int = 1
     sequence: int = 1
     data: int = 1
-    zero: Optional[str] = None  # a ds_configs file name (zero2.json, ...)
+    zero: Optional[str] = None  # a shipped DeepSpeed config's name (zero2.json, ...)
     precision: Optional[str] = None
     accum: Optional[int] = None
     checkpointing: Optional[str] = None  # none | full | selective | every_k:K
@@ -95,11 +95,11 @@ class LayoutSpec:
     def ranks(self) -> int:
         return self.tensor * self.sequence * self.data
 
-    def sets(self, ds_dir: str) -> list[str]:
+    def sets(self) -> list[str]:
         """The --set overrides this variant adds to the recipe (layout, ZeRO config, numerics)."""
         out = [f"parallel.tensor={self.tensor}", f"parallel.sequence={self.sequence}"]
         if self.zero is not None:
-            out.append(f"deepspeed.config={os.path.join(ds_dir, self.zero)}")
+            out.append(f"deepspeed.config=llmforge:{self.zero}")  # the shipped config
         if self.precision is not None:
             out.append(f"train.precision={self.precision}")
         if self.checkpointing is not None:
@@ -337,10 +337,7 @@ def parity(
     t = recipe.train
     global_batch = t.micro_batch_size * t.grad_accum_steps * largest
     schedule = [f"train.max_steps={steps}", f"train.warmup_steps={min(t.warmup_steps, steps)}"]
-    ds_dir = os.path.dirname(os.path.abspath(recipe.deepspeed.config))
-    plans = [
-        (s, [*overrides, *schedule, *s.sets(ds_dir), *_batch_sets(s, global_batch, t.micro_batch_size)]) for s in specs
-    ]
+    plans = [(s, [*overrides, *schedule, *s.sets(), *_batch_sets(s, global_batch, t.micro_batch_size)]) for s in specs]
     own_dir = out is None
     out = os.path.abspath(out or tempfile.mkdtemp(prefix="llmforge-parity-"))
     os.makedirs(out, exist_ok=True)

@@ -111,7 +111,7 @@ def refused_stage(stage: int, precision: str) -> str:
         return (
             f"zero_optimization.stage 0 with train.precision {precision} trains another model (DeepSpeed's "
             "fp16/bf16 optimizer wrapper takes an AdamW step on zero gradients at start); use "
-            "ds_configs/zero1.json (the same memory on one GPU) or train.precision: fp32"
+            "deepspeed.config: llmforge:zero1.json (the same memory on one GPU) or train.precision: fp32"
         )
     return ""
 

@@ -13,7 +13,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from llmforge.config.recipe import ConfigError, Recipe
-from llmforge.errors import RecipeError
+from llmforge.errors import DECLARED, RecipeError
 
 
 def _read_yaml(path: str, origin: str) -> dict:
@@ -46,22 +46,103 @@ def deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
-def _load_with_extends(path: str, seen: tuple[str, ...] = ()) -> dict:
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHIPPED = "llmforge:"  # `llmforge:llama-125m.yaml`, `llmforge:zero1.json`: a recipe or DeepSpeed config shipped here
+SHIPPED_DIRS = (os.path.join(PACKAGE_DIR, "recipes"), os.path.join(PACKAGE_DIR, "ds_configs"))
+
+# Keys whose values are paths (a string or a list of them); `[]` marks a list of sections.
+PATH_KEYS = (
+    "run.output_dir",
+    "tokenizer.path",
+    "data.prepared_dir",
+    "data.sources[].paths",
+    "data.datasets[].path",
+    "data.decontaminate.paths",
+    "deepspeed.config",
+    "train.init_from",
+    "checkpoint.dir",
+    "posttrain.train_file",
+    "posttrain.val_file",
+)
+
+
+def shipped_path(ref: str) -> str:
+    """`llmforge:NAME` → the file shipped in the package (recipes/ or ds_configs/); any other path unchanged."""
+    if not ref.startswith(SHIPPED):
+        return ref
+    name = ref[len(SHIPPED) :]
+    found = [os.path.join(d, name) for d in SHIPPED_DIRS if os.path.isfile(os.path.join(d, name))]
+    return found[0] if found else os.path.join(SHIPPED_DIRS[name.endswith(".json")], name)
+
+
+def is_shipped(path: str) -> bool:
+    """A recipe shipped with llmforge: a template whose data, tokenizer and run paths are the user's project's, so
+    they stay relative to the working directory."""
+    return os.path.realpath(path).startswith(os.path.realpath(PACKAGE_DIR) + os.sep)
+
+
+def _resolve(value: Any, base: Optional[str]) -> Any:
+    if isinstance(value, list):
+        return [_resolve(v, base) for v in value]
+    if not isinstance(value, str) or not value:
+        return value
+    if value.startswith(SHIPPED):
+        return shipped_path(value)
+    value = os.path.expanduser(value)
+    return value if base is None or os.path.isabs(value) else os.path.normpath(os.path.join(base, value))
+
+
+def resolve_paths(data: dict, base: Optional[str]) -> None:
+    """In place: every path key's relative value joined to `base` (None: left relative to the working directory);
+    `llmforge:NAME` made the shipped file's path."""
+    for key in PATH_KEYS:
+        _map_path(data, key.split("."), base)
+
+
+def _map_path(node: Any, parts: list[str], base: Optional[str]) -> None:
+    if not isinstance(node, dict):
+        return
+    head, rest = parts[0], parts[1:]
+    if head.endswith("[]"):
+        for item in node.get(head[:-2]) or []:
+            _map_path(item, rest, base)
+    elif not rest:
+        if head in node:
+            node[head] = _resolve(node[head], base)
+    else:
+        _map_path(node.get(head), rest, base)
+
+
+def _leaf_keys(data: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            out += _leaf_keys(value, f"{prefix}{key}.")
+        else:
+            out.append(f"{prefix}{key}")
+    return out
+
+
+def _load_with_extends(path: str, origins: dict[str, str], seen: tuple[str, ...] = ()) -> dict:
+    """The recipe at `path` merged over its `extends` chain, each file's relative paths resolved against its own
+    directory (a shipped recipe's against the working directory); `origins` gets the file that declared each key."""
     real = os.path.realpath(path)
     if real in seen:
         raise RecipeError(path, "extends", "circular extends chain")
     data = _read_yaml(path, path)
+    declared = [k for k in _leaf_keys(data) if k != "extends"]
     parent = data.pop("extends", None)
-    if parent is None:
-        return data
-    if not isinstance(parent, str):
-        raise RecipeError(path, "extends", f"must be a file path, got {parent!r}")
-    # Resolve relative to the recipe's own directory first, then the working directory.
-    candidates = [os.path.join(os.path.dirname(path), parent), parent]
-    found = next((c for c in candidates if os.path.isfile(c)), None)
-    if found is None:
-        raise RecipeError(path, "extends", f"file not found: {parent}")
-    return deep_merge(_load_with_extends(found, seen + (real,)), data)
+    resolve_paths(data, None if is_shipped(path) else os.path.dirname(os.path.abspath(path)))
+    if parent is not None:
+        if not isinstance(parent, str):
+            raise RecipeError(path, "extends", f"must be a file path, got {parent!r}")
+        found = _resolve(parent, os.path.dirname(os.path.abspath(path)))
+        if not os.path.isfile(found):
+            hint = "" if parent.startswith(SHIPPED) else " (a recipe shipped with llmforge: extends: llmforge:NAME)"
+            raise RecipeError(path, "extends", f"file not found: {found}{hint}")
+        data = deep_merge(_load_with_extends(found, origins, seen + (real,)), data)
+    origins.update(dict.fromkeys(declared, path))
+    return data
 
 
 def _suggest(key: str, choices: list[str]) -> str:
@@ -187,14 +268,27 @@ def from_dict(cls: Any, data: Any, prefix: str = "") -> Any:
 
 
 def load_recipe(path: str, overrides: Optional[list[str]] = None) -> Recipe:
-    """Load, merge, override and validate a recipe. Every problem raises `RecipeError` naming file and key."""
-    data = _load_with_extends(path)
-    try:
-        for assignment in overrides or []:
+    """Load, merge, override and validate a recipe. Every problem raises `RecipeError` naming the key and the file
+    that declared it (`--set` for an override). A relative path is relative to the recipe file that declared it
+    (to the working directory in `--set` and in recipes shipped with llmforge); `llmforge:NAME` names a shipped
+    recipe or DeepSpeed config."""
+    origins: dict[str, str] = {}
+    DECLARED.pop(path, None)
+    data = _load_with_extends(path, origins)
+    for assignment in overrides or []:
+        try:
             apply_override(data, assignment)
-        return from_dict(Recipe, data)
+        except ConfigError as e:
+            raise RecipeError("--set", "" if e.key == "--set" else e.key, e.problem) from None
+        origins[assignment.split("=", 1)[0].strip()] = "--set"
+    resolve_paths(data, None)  # --set values: `llmforge:` names only
+    DECLARED[path] = origins
+    try:
+        recipe = from_dict(Recipe, data)
     except ConfigError as e:
         raise RecipeError(path, e.key, e.problem) from None
+    recipe.deepspeed.config = shipped_path(recipe.deepspeed.config)  # the default names a shipped config
+    return recipe
 
 
 def recipe_to_dict(recipe: Recipe) -> dict:

@@ -262,7 +262,11 @@ class ParallelConfig:
 
 @dataclass
 class DeepSpeedSection:
-    config: str = doc("ds_configs/zero2.json", "Plain DeepSpeed JSON the composed config starts from.")
+    config: str = doc(
+        "llmforge:zero2.json",
+        "Plain DeepSpeed JSON the composed config starts from; `llmforge:NAME` is one shipped with llmforge "
+        "(zero0-3.json, zero3_offload.json).",
+    )
     overrides: dict[str, Any] = doc(text="DeepSpeed keys merged over the JSON (nested dicts merge).", factory=dict)
 
 

@@ -33,7 +33,7 @@ class SFT(Task):
             raise RecipeError(
                 origin,
                 "posttrain.lora.rank",
-                "LoRA runs under ZeRO stage 0-2 (the adapters are small); use ds_configs/zero2.json",
+                "LoRA runs under ZeRO stage 0-2 (the adapters are small); use deepspeed.config: llmforge:zero2.json",
             )
         if recipe.parallel.sequence > 1:
             raise RecipeError(

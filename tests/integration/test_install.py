@@ -10,10 +10,13 @@ import re
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 
-from tests.helpers import REPO, run_cli, write_recipe
+from tests.helpers import REPO, free_port, run_cli, write_recipe
+from tests.real_inputs import STDLIB
 
 
 def runtime_closure(dist: str = "llmforge") -> set[str]:
@@ -106,25 +109,85 @@ def test_install_check_prepares_every_source_type():
         assert re.search(rf"^{kind}\s+[1-9]\d* documents", r.stdout, re.M), r.stdout
 
 
-def test_the_slurm_template_ships_in_the_wheel(tmp_path):
-    """llmforge/slurm.py reads its batch-script template as package data: a wheel (not only a checkout) holds it."""
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
     r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "-q",
-            "-w",
-            str(tmp_path),
-            str(REPO),
-        ],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(REPO)],
         capture_output=True,
         text=True,
     )
     assert r.returncode == 0, r.stderr[-2000:]
-    (wheel,) = tmp_path.glob("llmforge-*.whl")
+    (path,) = out.glob("llmforge-*.whl")
+    return path
+
+
+def test_the_wheel_ships_the_slurm_template_recipes_and_deepspeed_configs(wheel):
+    """llmforge/slurm.py reads its batch-script template as package data, and recipes extend shipped recipes: a
+    wheel (not only a checkout) holds them all."""
     with zipfile.ZipFile(wheel) as z:
-        assert "llmforge/templates/pretrain.sbatch" in z.namelist()
+        names = set(z.namelist())
+    assert "llmforge/templates/pretrain.sbatch" in names and "llmforge/__main__.py" in names
+    package = REPO / "llmforge"
+    shipped = [*package.glob("recipes/**/*.yaml"), *package.glob("ds_configs/*.json")]
+    assert len(shipped) >= 20 and {f"llmforge/{p.relative_to(package).as_posix()}" for p in shipped} <= names
+
+
+def test_a_newcomer_from_a_wheel_outside_the_checkout(tmp_path, wheel):
+    """The first day, as a user has it: the wheel in a fresh venv (its dependencies, not llmforge, reached through
+    a .pth to this venv's site-packages), a project directory outside the checkout with a recipe that extends a
+    shipped one and a raw corpus of one 5.6 MB text file (over data.max_chars' default), every command run from
+    another directory: tokenizer, prepare, 2-rank training, a resume on 1 rank that keeps the global batch, export."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True)
+    py = str(venv / "bin" / "python")
+
+    def purelib(exe: str) -> str:
+        code = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+        return subprocess.run([exe, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+
+    Path(purelib(py), "deps.pth").write_text(purelib(sys.executable) + "\n")
+    subprocess.run([py, "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)], check=True)
+
+    proj, elsewhere = tmp_path / "proj", tmp_path / "elsewhere"
+    (proj / "raw").mkdir(parents=True)
+    elsewhere.mkdir()
+    with open(proj / "raw" / "big.txt", "wb") as f:  # real text: standard-library sources, one file
+        for source in sorted(STDLIB.glob("*.py")):
+            f.write(source.read_bytes())
+            if f.tell() > 5_600_000:
+                break
+    (proj / "my.yaml").write_text(
+        "extends: llmforge:tiny-char.yaml\n"
+        "run: {name: first, output_dir: runs}\n"
+        "data: {sources: [{name: big, type: text, paths: [raw/big.txt]}], prepared_dir: data, seq_len: 64}\n"
+        "tokenizer: {path: data/tokenizer.json}\n"
+        "model: {d_model: 32, n_layers: 2, n_heads: 4, n_kv_heads: 2}\n"
+        "train: {max_steps: 4, micro_batch_size: 4, warmup_steps: 2, precision: fp32}\n"
+        "checkpoint: {interval: 4}\neval: {interval: 4, batches: 2}\nlogging: {interval: 1, tensorboard: false}\n"
+    )
+    recipe = "../proj/my.yaml"
+
+    def run(*args: str) -> str:
+        r = run_cli(py, "-m", "llmforge", *args, cwd=elsewhere, timeout=400)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+        return r.stdout
+
+    assert run_cli(py, "-c", "import llmforge; print(llmforge.__file__)", cwd=elsewhere).stdout.startswith(str(venv))
+    run("train-tokenizer", "--recipe", recipe)
+    summary = run("prepare", "--recipe", recipe)
+    manifest = json.loads((proj / "data" / "big" / "manifest.json").read_text())
+    assert manifest["stats"]["read"] == 1 and manifest["stats"]["kept"] > 50, summary  # cut first, none too long
+    assert "WARNING" not in summary and manifest["splits"]["val"]["documents"] >= 1
+    launch = [py, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port())]
+    r = run_cli(*launch, "--module", "llmforge", "pretrain", "--recipe", recipe, cwd=elsewhere, timeout=400)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    run("pretrain", "--recipe", recipe, "--set", "train.max_steps=6")  # 1 rank: accumulation 2 keeps 8 per step
+    rows = [json.loads(x) for x in (proj / "runs" / "first" / "metrics.jsonl").read_text().splitlines()]
+    (resumed,) = [x for x in rows if x.get("event") == "resumed"]
+    assert resumed["changed"] == {"world_size": [2, 1], "grad_accum_steps": [1, 2], "max_steps": [4, 6]}
+    steps = [x for x in rows if "loss" in x and "event" not in x]
+    assert [x["step"] for x in steps] == [1, 2, 3, 4, 5, 6]
+    assert steps[5]["tokens"] - steps[4]["tokens"] == steps[1]["tokens"] - steps[0]["tokens"] == 8 * 64
+    run("export-hf", "--checkpoint", "../proj/runs/first", "--out", "hf")
+    assert json.loads((elsewhere / "hf" / "config.json").read_text())["num_hidden_layers"] == 2

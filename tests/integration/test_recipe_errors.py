@@ -37,7 +37,8 @@ def test_bad_recipe_one_line_exit_2_nothing_written(tmp_path, prepared, edits, a
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2, result.stderr[-2000:]
     assert len(lines) == 1, result.stderr
-    assert lines[0].startswith(f"recipe error: {path}: {key}: "), lines[0]
+    origin = "--set" if args else str(path)  # the error names the file that declared the key, or --set
+    assert lines[0].startswith(f"recipe error: {origin}: {key}: " if key != "--set" else "recipe error: --set: ")
     assert fragment in lines[0]
     assert not (tmp_path / "runs").exists()
 

@@ -71,7 +71,7 @@ def test_dry_run_passes_the_layout_and_keeps_tensor_groups_in_a_node(tmp_path, p
     assert "--set parallel.tensor=2 --set parallel.sequence=2" in r.stdout and "--distribution=block" in r.stdout
     r = run_cli(*submit, "--gpus-per-node", "2", "--tensor", "4")  # a tensor group would span two nodes
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
-        f"recipe error: {recipe}: parallel.tensor: tensor groups stay inside a node: tensor=4 must divide the 2 "
+        "recipe error: --set: parallel.tensor: tensor groups stay inside a node: tensor=4 must divide the 2 "
         "ranks per node"
     ]
 

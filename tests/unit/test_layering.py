@@ -22,6 +22,7 @@ LAYERS = [
     {"posttrain", "eval"},
     {"plan", "plots", "slurm", "demo", "parity"},
     {"cli"},
+    {"__main__"},
 ]
 LEVEL = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 # Imported inside functions on purpose: each costs a second or more to import (or is an optional extra) and only some

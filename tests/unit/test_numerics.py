@@ -104,13 +104,13 @@ def test_parity_variant_names():
     z3, acc = parse_layouts("z3off.bf16.acc2.dp2,ckpt-every2.untied.compile")
     assert (z3.zero, z3.precision, z3.accum, z3.data, z3.ranks) == ("zero3_offload.json", "bf16", 2, 2, 2)
     assert (acc.checkpointing, acc.tied, acc.compile, acc.ranks) == ("every_k:2", False, True, 1)
-    assert z3.sets("/d") == [
+    assert z3.sets() == [
         "parallel.tensor=1",
         "parallel.sequence=1",
-        "deepspeed.config=/d/zero3_offload.json",
+        "deepspeed.config=llmforge:zero3_offload.json",
         "train.precision=bf16",
     ]
-    assert acc.sets("/d")[2:] == [
+    assert acc.sets()[2:] == [
         "model.activation_checkpointing.mode=every_k",
         "model.activation_checkpointing.every=2",
         "train.compile=true",

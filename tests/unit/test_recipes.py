@@ -96,3 +96,68 @@ def test_unnamed_sources_are_named_after_their_type(tmp_path):
     )
     names = [s.name for s in load_recipe(str(path)).data.sources]
     assert names == ["text", "text-3", "text-2", "code"]
+
+
+def test_paths_are_relative_to_the_recipe_that_declares_them(tmp_path, monkeypatch):
+    from llmforge.config.loader import PACKAGE_DIR
+
+    (tmp_path / "base").mkdir()
+    (tmp_path / "proj").mkdir()
+    (tmp_path / "base" / "ds.json").write_text("{}")
+    (tmp_path / "base" / "parent.yaml").write_text(
+        "deepspeed: {config: ds.json}\ndata: {prepared_dir: shared/data}\ntrain: {init_from: ../weights}\n"
+    )
+    (tmp_path / "proj" / "my.yaml").write_text(
+        "extends: ../base/parent.yaml\nrun: {output_dir: runs}\n"
+        "data: {sources: [{type: text, paths: [raw/*.txt, /abs/x.txt]}], datasets: [{path: ready}]}\n"
+        "tokenizer: {path: '~/tok.json'}\n"
+    )
+    monkeypatch.chdir(tmp_path / "base")  # anywhere but the recipe's directory
+    r = load_recipe("../proj/my.yaml", ["data.prepared_dir=here"])
+    assert r.deepspeed.config == str(tmp_path / "base" / "ds.json")  # the parent's key, against the parent's dir
+    assert r.train.init_from == str(tmp_path / "weights")
+    assert r.run.output_dir == str(tmp_path / "proj" / "runs")
+    assert r.data.sources[0].paths == [str(tmp_path / "proj" / "raw" / "*.txt"), "/abs/x.txt"]
+    assert r.data.datasets[0].path == str(tmp_path / "proj" / "ready")
+    assert r.tokenizer.path == os.path.expanduser("~/tok.json")
+    assert r.data.prepared_dir == "here"  # --set: the shell's working directory, as a command-line path is
+    # a recipe shipped with llmforge: its DeepSpeed config is the shipped file, its data and run paths the project's
+    (tmp_path / "proj" / "demo.yaml").write_text("extends: llmforge:tiny-char.yaml\n")
+    shipped = load_recipe(str(tmp_path / "proj" / "demo.yaml"))
+    assert shipped.deepspeed.config == os.path.join(PACKAGE_DIR, "ds_configs", "zero2.json")
+    assert os.path.isfile(shipped.deepspeed.config)
+    assert (shipped.data.prepared_dir, shipped.run.output_dir) == ("data/tiny-char", "runs")
+    assert load_recipe(
+        str(tmp_path / "proj" / "demo.yaml"), ["deepspeed.config=llmforge:zero3.json"]
+    ).deepspeed.config == (os.path.join(PACKAGE_DIR, "ds_configs", "zero3.json"))
+
+
+def test_an_error_names_the_file_that_declared_the_key(tmp_path):
+    from llmforge.config.deepspeed import compose_ds_config
+    from llmforge.errors import RecipeError
+
+    (tmp_path / "base").mkdir()
+    parent = tmp_path / "base" / "parent.yaml"
+    parent.write_text("deepspeed: {config: missing.json}\ntrain: {lr: -1.0}\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("extends: base/parent.yaml\ntrain: {max_steps: 500}\n")
+    with pytest.raises(RecipeError) as e:
+        load_recipe(str(child))
+    assert str(e.value) == f"{parent}: train.lr: must be > 0, got -1.0"
+    recipe = load_recipe(str(child), ["train.lr=1e-3"])
+    with pytest.raises(RecipeError) as e:
+        compose_ds_config(recipe, 1, str(tmp_path / "run"), str(child), True)
+    assert str(e.value) == f"{parent}: deepspeed.config: file not found: {tmp_path / 'base' / 'missing.json'}"
+    with pytest.raises(RecipeError) as e:
+        load_recipe(str(child), ["train.max_steps=-2"])
+    assert str(e.value) == "--set: train.max_steps: must be > 0, got -2"
+    with pytest.raises(RecipeError) as e:
+        load_recipe(str(child), ["train.nope=1"])
+    assert str(e.value).startswith("--set: train.nope: unknown key")
+    (tmp_path / "lost.yaml").write_text("extends: recipes/llama-125m.yaml\n")
+    with pytest.raises(RecipeError) as e:
+        load_recipe(str(tmp_path / "lost.yaml"))
+    assert str(e.value) == (
+        f"{tmp_path / 'lost.yaml'}: extends: file not found: {tmp_path / 'recipes' / 'llama-125m.yaml'} (a recipe "
+        "shipped with llmforge: extends: llmforge:NAME)"
+    )

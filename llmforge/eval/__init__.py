@@ -1,0 +1,1 @@
+"""Evaluation: perplexity on val splits, lm-evaluation-harness tasks."""

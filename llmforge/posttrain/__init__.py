@@ -1,0 +1,1 @@
+"""After pre-training: SFT and DPO tasks, their data and losses."""
