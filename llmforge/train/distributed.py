@@ -41,6 +41,30 @@ def setup_env() -> None:
     env.setdefault("MASTER_PORT", str(free_port()))
 
 
+def port_in_use() -> str:
+    """A one-line problem when this rank hosts the rendezvous store (rank 0 of a multi-rank run not under torchrun,
+    whose agent holds the port itself) and MASTER_PORT is taken, by another job say; else "". Checked before
+    torch.distributed starts, which would otherwise wait minutes and then fail with a traceback (EADDRINUSE)."""
+    env = os.environ
+    if env.get("RANK") != "0" or env.get("WORLD_SIZE", "1") == "1" or env.get("TORCHELASTIC_RUN_ID"):
+        return ""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the store binds: a closing socket is no problem
+        try:
+            s.bind(("", int(env.get("MASTER_PORT", "29500"))))
+        except OSError:
+            return port_in_use_line()
+    return ""
+
+
+def port_in_use_line() -> str:
+    port = os.environ.get("MASTER_PORT", "29500")
+    return (
+        f"port {port} (MASTER_PORT) is in use on this node, by another job?: choose a free one with the launcher's "
+        f"--master_port N (deepspeed), --master-port N (torchrun) or MASTER_PORT"
+    )
+
+
 def _first_host(nodelist: str) -> str:
     """First host of a slurm node list like 'node[01-04,07],gpu3'."""
     head = nodelist.split(",")[0]

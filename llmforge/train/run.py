@@ -21,7 +21,7 @@ from llmforge.config import Recipe, load_recipe, recipe_to_yaml
 from llmforge.config.deepspeed import compose_ds_config, zero_stage
 from llmforge.config.parallel import check_layout, make_layout, ranks_per_node, resolve_batch
 from llmforge.config.recipe import TrainConfig
-from llmforge.errors import RecipeError
+from llmforge.errors import RecipeError, UserError
 from llmforge.model import GPT, apply_wraps, compile_unavailable
 from llmforge.model.flops import device_peak_flops, flops_per_token
 from llmforge.model.parallel import sequence_group, tensor_parallel_config
@@ -29,7 +29,7 @@ from llmforge.model.wraps import fp8_problem
 from llmforge.tokenizer import fingerprint
 from llmforge.train.checkpoint import Checkpointer, RunIdentity, check_resume, resolve_resume
 from llmforge.train.checkpoint_files import read_state
-from llmforge.train.distributed import release_shm_segment, setup_env, stale_build_locks
+from llmforge.train.distributed import port_in_use, port_in_use_line, release_shm_segment, setup_env, stale_build_locks
 from llmforge.train.guard import FaultInjector, StopSignal
 from llmforge.train.loading import load_weights
 from llmforge.train.metrics import Metrics
@@ -88,7 +88,14 @@ def run_training(
             lock,
             (time.time() - os.path.getmtime(lock)) / 60,
         )
-    deepspeed.init_distributed(dist_backend=accel.communication_backend_name())
+    if problem := port_in_use():
+        raise UserError(problem)
+    try:
+        deepspeed.init_distributed(dist_backend=accel.communication_backend_name())
+    except torch.distributed.DistNetworkError as e:  # taken between the check and the bind
+        if "EADDRINUSE" not in str(e):
+            raise
+        raise UserError(port_in_use_line()) from None
     release_shm_segment()
     seed_everything(recipe.run.seed)
     model = build_model(recipe, ds_config)

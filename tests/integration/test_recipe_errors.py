@@ -143,3 +143,30 @@ def test_a_corrupt_shard_stops_every_rank_in_one_line_each(tmp_path, prepared):
         and result.stdout.splitlines()[0] == f"FAIL {shards}/train-00000.bin: sha256 differs from the manifest's"
     )
     assert run_cli("llmforge", "verify-data", str(prepared / "prepared" / "stdlib")).stdout.startswith("ok ")
+
+
+def test_a_master_port_in_use_is_one_line_naming_the_flag(tmp_path, prepared):
+    """Another job holds DeepSpeed's rendezvous port: one line, at once (torch.distributed waited minutes, then
+    printed a DistNetworkError EADDRINUSE traceback)."""
+    import socket
+    import time
+
+    from tests.helpers import ds_cmd
+
+    path = write_recipe(tmp_path / "r.yaml", prepared, tmp_path / "runs")
+    with socket.socket() as other_job:
+        other_job.bind(("127.0.0.1", 0))
+        other_job.listen()
+        port = other_job.getsockname()[1]
+        cmd = ds_cmd(path)
+        cmd[cmd.index("--master_port") + 1] = str(port)
+        started = time.time()
+        result = run_cli(*cmd, timeout=240)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    lines = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+    assert lines == [
+        f"error: port {port} (MASTER_PORT) is in use on this node, by another job?: choose a free one with the "
+        "launcher's --master_port N (deepspeed), --master-port N (torchrun) or MASTER_PORT"
+    ]
+    assert time.time() - started < 120 and not (tmp_path / "runs").exists()
