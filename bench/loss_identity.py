@@ -42,6 +42,8 @@ def demo_losses(steps: int, ranks: int) -> list[float]:
         f"run.name={RUN}",
         "--set",
         "logging.interval=1",
+        "--set",
+        "train.precision=bf16",  # as recorded (the recipe's auto would pick fp32 on a CPU without native bf16)
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:

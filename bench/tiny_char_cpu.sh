@@ -9,7 +9,7 @@ run=bench-tiny-char-$RANKS
 rm -rf "runs/$run"
 start=$(date +%s)
 deepspeed --num_gpus "$RANKS" launch/pretrain.py --recipe recipes/tiny-char.yaml --resume none \
-  --set run.name="$run" --set train.max_steps="$STEPS" --set eval.interval=0 --set checkpoint.interval=0 >/dev/null 2>&1
+  --set run.name="$run" --set train.max_steps="$STEPS" --set eval.interval=0 --set train.precision=bf16 --set checkpoint.interval=0 >/dev/null 2>&1
 wall=$(( $(date +%s) - start ))
 summary=$(llmforge summary --run "runs/$run" || true)
 {

@@ -35,11 +35,15 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
+from tqdm import tqdm
+
 from llmforge.config import load_recipe
-from llmforge.config.deepspeed import compose_ds_config
+from llmforge.config.deepspeed import compose_ds_config, resolve_precision
 from llmforge.errors import UserError
 from llmforge.train.distributed import free_port
 from llmforge.train.metrics import read_metrics
@@ -207,11 +211,34 @@ def _run_sets(spec: LayoutSpec, sets: list[str], out: str) -> list[str]:
     ]
 
 
-def _launch(ranks: int, module_args: list[str]) -> subprocess.CompletedProcess:
+def _launch(ranks: int, module_args: list[str], specs: list[LayoutSpec], out: str, steps: int) -> tuple[int, str]:
+    """Launch `ranks` ranks on this node and wait, showing a bar of the steps the variants' runs have logged so
+    far (their metrics.jsonl, polled); (exit code, output). Output goes to a file, so no pipe fills up."""
     launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     cmd = [launcher, "--num_gpus", str(ranks), "--master_port", str(free_port()), "--no_local_rank", "--module"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([*cmd, *module_args], capture_output=True, text=True, env=env)
+    names = ",".join(spec.name for spec in specs) if len(specs) <= 2 else f"{len(specs)} variants"
+    bar = tqdm(
+        total=steps * len(specs), unit="step", desc=f"{names} ({ranks} rank{'s' * (ranks > 1)})", dynamic_ncols=True
+    )
+    with tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") as log:
+        proc = subprocess.Popen([*cmd, *module_args], stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
+        while proc.poll() is None:
+            time.sleep(1.0)
+            bar.update(sum(_logged_steps(os.path.join(out, f"parity-{s.name}")) for s in specs) - bar.n)
+        bar.close()
+        log.seek(0)
+        return proc.returncode, log.read()
+
+
+def _logged_steps(run_dir: str) -> int:
+    """Training rows a run has written so far (a partly written last line is not counted)."""
+    try:
+        with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
+            lines = f.read().split("\n")[:-1]
+    except OSError:
+        return 0
+    return sum('"loss"' in line and '"event"' not in line for line in lines)
 
 
 def _read_run(spec: LayoutSpec, out: str) -> LayoutResult:
@@ -229,21 +256,21 @@ def _read_run(spec: LayoutSpec, out: str) -> LayoutResult:
     return result
 
 
-def run_layout(recipe: str, sets: list[str], spec: LayoutSpec, out: str) -> LayoutResult:
+def run_layout(recipe: str, sets: list[str], spec: LayoutSpec, out: str, steps: int) -> LayoutResult:
     """Train `spec` with the recipe and `sets` in <out>/parity-<spec.name> (one launch); its per-step loss and
     gradient norm."""
     args = ["llmforge.cli", "pretrain", "--recipe", recipe, "--resume", "none"]
     for s in _run_sets(spec, sets, out):
         args += ["--set", s]
-    proc = _launch(spec.ranks, args)
-    if proc.returncode != 0:
+    code, output = _launch(spec.ranks, args, [spec], out, steps)
+    if code != 0:
         result = LayoutResult(spec)
-        result.error = _last_error(proc.stdout + proc.stderr)
+        result.error = _last_error(output)
         return result
     return _read_run(spec, out)
 
 
-def run_group(recipe: str, plans: list[tuple[LayoutSpec, list[str]]], out: str) -> list[LayoutResult]:
+def run_group(recipe: str, plans: list[tuple[LayoutSpec, list[str]]], out: str, steps: int) -> list[LayoutResult]:
     """Train several variants of the same rank count one after another in one launch (the launcher and every
     import paid once): the worker below calls `run_training` for each. A variant that fails writes its error and
     the next one starts."""
@@ -251,11 +278,12 @@ def run_group(recipe: str, plans: list[tuple[LayoutSpec, list[str]]], out: str) 
     plan_path = os.path.join(out, f"plan-{ranks}-{plans[0][0].name}.json")
     with open(plan_path, "w", encoding="utf-8") as f:
         json.dump([{"name": spec.name, "sets": _run_sets(spec, sets, out)} for spec, sets in plans], f)
-    proc = _launch(ranks, ["llmforge.parity", "--worker", plan_path, "--recipe", recipe])
-    results = [_read_run(spec, out) for spec, _ in plans]
+    specs = [spec for spec, _ in plans]
+    code, output = _launch(ranks, ["llmforge.parity", "--worker", plan_path, "--recipe", recipe], specs, out, steps)
+    results = [_read_run(spec, out) for spec in specs]
     for r in results:
-        if proc.returncode != 0 and r.error is None and not r.losses:
-            r.error = _last_error(proc.stdout + proc.stderr)
+        if code != 0 and r.error is None and not r.losses:
+            r.error = _last_error(output)
     return results
 
 
@@ -300,7 +328,7 @@ def _refusal(recipe_path: str, sets: list[str], spec: LayoutSpec) -> Optional[st
     """llmforge's one-line refusal of this variant's recipe or DeepSpeed config, found without a launch."""
     try:
         recipe = load_recipe(recipe_path, sets)
-        compose_ds_config(recipe, spec.data, recipe.run_dir, recipe_path, on_cpu=True)
+        compose_ds_config(recipe, spec.data, recipe.run_dir, recipe_path, on_cpu=not torch.cuda.is_available())
     except UserError as e:
         return str(e)
     return None
@@ -324,7 +352,7 @@ def parity(
         raise UserError(f"--steps {steps}: must be >= 1")
     recipe = load_recipe(recipe_path, overrides)  # a recipe error stops here, before any launch
     if not oracle:  # layouts keep the recipe's stage and precision: a refused recipe refuses them all
-        compose_ds_config(recipe, 1, recipe.run_dir, recipe_path, on_cpu=True)
+        compose_ds_config(recipe, 1, recipe.run_dir, recipe_path, on_cpu=not torch.cuda.is_available())
         if specs[0].ranks != 1:
             specs.insert(0, LayoutSpec("1"))
     largest = max(s.data for s in specs)
@@ -355,6 +383,7 @@ def parity(
             refused = _refusal(recipe_path, sets, spec)
             if refused:
                 by_name[spec.name] = LayoutResult(spec, refused=refused, precision="-")
+                tqdm.write(f"{spec.name}: refused: {refused}", file=sys.stderr)
             else:
                 runnable.append((spec, sets))
         shared: dict[int, list[tuple[LayoutSpec, list[str]]]] = {}
@@ -362,12 +391,12 @@ def parity(
             if one_launch and spec.tensor == spec.sequence == 1:
                 shared.setdefault(spec.ranks, []).append((spec, sets))
             else:
-                by_name[spec.name] = run_layout(recipe_path, sets, spec, out)
+                by_name[spec.name] = run_layout(recipe_path, sets, spec, out, steps)
         for group in shared.values():
-            for result in run_group(recipe_path, group, out):
+            for result in run_group(recipe_path, group, out, steps):
                 by_name[result.spec.name] = result
         for spec, sets in runnable:
-            train = load_recipe(recipe_path, sets).train
+            train = resolve_precision(load_recipe(recipe_path, sets), on_cpu=not torch.cuda.is_available())[0].train
             by_name[spec.name].precision = train.precision + ("+fp8" if train.fp8.enabled else "")
     finally:
         if own_dir:
@@ -378,6 +407,10 @@ def parity(
     if oracle:
         references = {}
         for model_sets, r in oracle_recipes.items():
+            tqdm.write(
+                f"oracle: {steps} plain-PyTorch fp32 steps{' (' + ', '.join(model_sets) + ')' if model_sets else ''}",
+                file=sys.stderr,
+            )
             run = oracle_steps(r, recipe_path, steps, global_batch, t.micro_batch_size)
             references[model_sets] = LayoutResult(LayoutSpec("oracle"), run.losses, run.grad_norms, precision="fp32")
         for result in results:

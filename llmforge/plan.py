@@ -51,7 +51,7 @@ from typing import Optional
 import torch
 
 from llmforge.config import Recipe
-from llmforge.config.deepspeed import compose_ds_config, refused_stage
+from llmforge.config.deepspeed import compose_ds_config, refused_stage, resolve_precision
 from llmforge.config.parallel import Layout, check_layout, make_layout
 from llmforge.config.recipe import ModelConfig
 from llmforge.errors import RecipeError
@@ -243,6 +243,7 @@ def plan(
     """One row per ZeRO stage (0-3) × activation checkpointing (none, selective, full) for `gpus` GPUs of
     `gpu_memory_gb` each, in the recipe's parallel layout (tensor parallelism: ZeRO stages 0-2 only; bf16/fp16:
     stages 1-3, as training refuses stage 0 with them: config/deepspeed.py refused_stage)."""
+    recipe, _ = resolve_precision(recipe, on_cpu=False)  # auto: what the GPUs will run
     cfg = planned_model(recipe, vocab_size)
     layout = make_layout(recipe, gpus, 0, origin)
     n_total, n_body = count_params(cfg)

@@ -198,7 +198,12 @@ class TrainConfig:
     betas: list[float] = doc(text="AdamW betas.", factory=lambda: [0.9, 0.95])
     eps: float = doc(1e-8, "AdamW epsilon.")
     grad_clip: float = doc(1.0, "Clip the global gradient norm to this; 0 disables.")
-    precision: Literal["bf16", "fp16", "fp32"] = doc("bf16", "Training precision.")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = doc(
+        "auto",
+        "Training precision. auto: bf16 where the hardware computes it natively (a CUDA GPU with bf16; a CPU with "
+        "AVX512-BF16, AMX or Arm BF16), fp16 on an older GPU, fp32 on other CPUs (bf16 is emulated there, ~2.3x "
+        "slower than fp32); resolved and logged at start.",
+    )
     compile: bool = doc(
         False,
         "torch.compile each transformer block (one shared graph) and the loss (a fused fp32 "
@@ -295,7 +300,7 @@ class EvalConfig:
 @dataclass
 class LoggingConfig:
     interval: int = doc(10, "Console line and metrics.jsonl row every this many steps.")
-    tensorboard: bool = doc(True, "Write TensorBoard events through DeepSpeed's monitor.")
+    tensorboard: bool = doc(True, "Write TensorBoard events to <run dir>/tensorboard (one series per quantity).")
 
     def __post_init__(self) -> None:
         positive(self, "interval")

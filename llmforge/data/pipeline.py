@@ -120,8 +120,9 @@ def chunks(text: str, size: int) -> list[str]:
 
 
 def process_unit(unit: WorkUnit, spec: SourceSpec, cfg: DataConfig, tok: Tokenizer, dataset_dir: str,
-                 eval_ngrams: set[int], key: str) -> dict:
-    """Write one part; returns its counters (documents, bytes, tokens and drop reasons)."""
+                 eval_ngrams: set[int], key: str, progress: Optional[Any] = None) -> dict:
+    """Write one part; returns its counters (documents, bytes, tokens and drop reasons). `progress`: a shared
+    [bytes, documents] array the bytes and documents read are added to as they are read (a progress bar's)."""
     started = time.time()
     prefix = part_prefix(dataset_dir, unit)
     os.makedirs(os.path.dirname(prefix), exist_ok=True)
@@ -144,18 +145,31 @@ def process_unit(unit: WorkUnit, spec: SourceSpec, cfg: DataConfig, tok: Tokeniz
             count(stats, f"tokens_before_dedup:{name}", len(ids))
         pending.clear()
 
+    def advance(nbytes: int, docs: int = 0) -> None:
+        if progress is not None:
+            with progress.get_lock():
+                progress[0] += nbytes
+                progress[1] += docs
+
     for doc in read_unit(unit, spec, stats):
+        size = len(doc.text.encode("utf-8", errors="replace"))
         count(stats, "read")
-        count(stats, "bytes", len(doc.text.encode("utf-8", errors="replace")))
+        count(stats, "bytes", size)
+        done = 0
         for piece, reason in document_pieces(doc, spec, cfg, eval_ngrams, stats):
+            piece_bytes = len(piece.encode("utf-8", errors="replace"))
             if reason is not None:
                 count(stats, f"dropped:{reason}")
-                count(stats, f"dropped_bytes:{reason}", len(piece.encode("utf-8", errors="replace")))
-                continue
-            sig = minhash_signature(piece, cfg.dedup) if cfg.dedup.near else np.zeros(0, dtype=np.uint64)
-            pending.append((piece, exact_hash(piece), sig))
-        if len(pending) >= BATCH:
-            flush()
+                count(stats, f"dropped_bytes:{reason}", piece_bytes)
+            else:
+                sig = minhash_signature(piece, cfg.dedup) if cfg.dedup.near else np.zeros(0, dtype=np.uint64)
+                pending.append((piece, exact_hash(piece), sig))
+                if len(pending) >= BATCH:
+                    flush()
+            step = min(piece_bytes, size - done)  # a large document moves the bar piece by piece
+            advance(step)
+            done += step
+        advance(size - done, 1)
     flush()
     for w in writers.values():
         w.finalize()

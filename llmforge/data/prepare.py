@@ -5,10 +5,13 @@ from __future__ import annotations
 
 from tqdm import tqdm
 import logging
+import multiprocessing
 import os
+import sys
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from llmforge.config.data import SourceSpec
 from llmforge.config.recipe import Recipe
@@ -16,7 +19,7 @@ from llmforge.data.dedup import load_eval_ngrams
 from llmforge.data.indexed import token_dtype
 from llmforge.data.merge import merge_dataset
 from llmforge.data.pipeline import document_pieces, part_complete, process_unit, processing_key
-from llmforge.data.sources import WorkUnit, read_unit, work_units
+from llmforge.data.sources import WorkUnit, expand_paths, read_unit, work_units
 from llmforge.errors import DataError, RecipeError
 from llmforge.tokenizer import Tokenizer, fingerprint, load_tokenizer, train_tokenizer_from_texts
 
@@ -49,7 +52,8 @@ def work_plan(recipe: Recipe) -> list[tuple[SourceSpec, WorkUnit]]:
 _WORKER: dict = {}
 
 
-def _init_worker(recipe: Recipe, origin: str) -> None:
+def _init_worker(recipe: Recipe, origin: str, counter: Optional[Any] = None) -> None:
+    _WORKER["counter"] = counter
     _WORKER["tok"] = load_tokenizer(recipe.tokenizer, origin)
     _WORKER["ngrams"] = load_eval_ngrams(recipe.data.decontaminate)
     _WORKER["recipe"] = recipe
@@ -61,7 +65,7 @@ def _run_unit(args: tuple[SourceSpec, WorkUnit]) -> dict:
     recipe = _WORKER["recipe"]
     out = os.path.join(recipe.data.prepared_dir, spec.name)
     key = processing_key(spec, recipe.data, _WORKER["fingerprint"])
-    return process_unit(unit, spec, recipe.data, _WORKER["tok"], out, _WORKER["ngrams"], key)
+    return process_unit(unit, spec, recipe.data, _WORKER["tok"], out, _WORKER["ngrams"], key, _WORKER["counter"])
 
 
 def prepare(recipe: Recipe, origin: str, shard_index: Optional[int] = None, num_shards: Optional[int] = None,
@@ -150,26 +154,46 @@ def dataset_report(name: str, manifest: dict, prepared_dir: str) -> list[str]:
 
 
 def _run(todo: list[tuple[SourceSpec, WorkUnit]], recipe: Recipe, origin: str, workers: int, progress: bool) -> None:
-    bar = tqdm(total=len(todo), unit="part", disable=not progress or not todo, dynamic_ncols=True)
-    started, docs, nbytes = time.time(), 0, 0
+    """Process the work units (in `workers` processes when > 1) under a bar of the bytes and documents read so far,
+    updated while units run (workers add to a shared counter)."""
+    counter = multiprocessing.get_context("fork").Array("q", 2)  # bytes, documents read
+    # A total where the text read is the files' bytes (plain text and code); other sources show a count and rates.
+    plain = all(s.type in ("text", "code") and not any(f.endswith(".gz") for f in u.files) for s, u in todo)
+    total = sum(os.path.getsize(f) for _, u in todo for f in u.files if os.path.isfile(f)) if plain else None
+    bar = tqdm(total=total or None, unit="B", unit_scale=True, disable=not progress or not todo, dynamic_ncols=True,
+               desc=f"prepare {len(todo)} units")
+    started = time.time()
 
-    def done(stats: dict) -> None:
-        nonlocal docs, nbytes
-        docs += stats.get("read", 0)
-        nbytes += stats.get("bytes", 0)
-        elapsed = max(time.time() - started, 1e-9)
-        bar.set_postfix_str(f"{docs / elapsed:.0f} docs/s, {nbytes / elapsed / 1e6:.2f} MB/s")
-        bar.update()
+    def show() -> None:
+        nbytes, docs = int(counter[0]), int(counter[1])
+        if bar.total is not None and nbytes > bar.total:
+            bar.total = nbytes
+        bar.update(nbytes - bar.n)
+        bar.set_postfix_str(f"{docs} docs, {docs / max(time.time() - started, 1e-9):.0f} docs/s", refresh=False)
 
-    if workers <= 1:
-        _init_worker(recipe, origin)
-        for job in todo:
-            done(_run_unit(job))
-    else:
-        with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(recipe, origin)) as pool:
-            for stats in pool.map(_run_unit, todo):
-                done(stats)
-    bar.close()
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.wait(0.25):
+            show()
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    try:
+        if workers <= 1:
+            _init_worker(recipe, origin, counter)
+            for job in todo:
+                _run_unit(job)
+        else:
+            context = multiprocessing.get_context("fork")
+            with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                                     initargs=(recipe, origin, counter)) as pool:
+                list(pool.map(_run_unit, todo))
+    finally:
+        stop.set()
+        poller.join()
+        show()
+        bar.close()
 
 
 def sample_texts(recipe: Recipe, origin: str) -> Iterator[str]:
@@ -192,6 +216,21 @@ def sample_texts(recipe: Recipe, origin: str) -> Iterator[str]:
                 break
 
 
-def train_tokenizer(recipe: Recipe, origin: str) -> Tokenizer:
-    """Train the recipe's tokenizer on a sample of its cleaned sources and save it to tokenizer.path."""
-    return train_tokenizer_from_texts(recipe.tokenizer, sample_texts(recipe, origin), origin)
+def train_tokenizer(recipe: Recipe, origin: str, progress: bool = True) -> Tokenizer:
+    """Train the recipe's tokenizer on a sample of its cleaned sources and save it to tokenizer.path; `progress`
+    shows a bar of the sample's bytes, then a line while the tokenizer trains."""
+    _require(recipe, origin)
+    on_disk = sum(os.path.getsize(f) for spec in recipe.data.sources for f in expand_paths(spec))
+    bar = tqdm(total=min(recipe.tokenizer.sample_bytes, on_disk), unit="B", unit_scale=True, desc="tokenizer sample",
+               disable=not progress, dynamic_ncols=True)
+
+    def sampled() -> Iterator[str]:
+        for text in sample_texts(recipe, origin):
+            bar.update(len(text.encode("utf-8")))
+            yield text
+        bar.close()
+        if progress:
+            tqdm.write(f"training the {recipe.tokenizer.type} tokenizer on {bar.n / 1e6:.1f} MB of cleaned text",
+                       file=sys.stderr)
+
+    return train_tokenizer_from_texts(recipe.tokenizer, sampled(), origin)

@@ -48,6 +48,8 @@ def port_in_use() -> str:
     env = os.environ
     if env.get("RANK") != "0" or env.get("WORLD_SIZE", "1") == "1" or env.get("TORCHELASTIC_RUN_ID"):
         return ""
+    if dist.is_available() and dist.is_initialized():  # a later run in the same process: the store is ours
+        return ""
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the store binds: a closing socket is no problem
         try:

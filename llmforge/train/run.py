@@ -18,7 +18,7 @@ from torch import nn
 
 from llmforge import allocator
 from llmforge.config import Recipe, load_recipe, recipe_to_yaml
-from llmforge.config.deepspeed import compose_ds_config, zero_stage
+from llmforge.config.deepspeed import compose_ds_config, resolve_precision, zero_stage
 from llmforge.config.parallel import check_layout, make_layout, ranks_per_node, resolve_batch
 from llmforge.config.recipe import TrainConfig
 from llmforge.errors import RecipeError, UserError
@@ -32,7 +32,7 @@ from llmforge.train.checkpoint_files import read_state
 from llmforge.train.distributed import port_in_use, port_in_use_line, release_shm_segment, setup_env, stale_build_locks
 from llmforge.train.guard import FaultInjector, StopSignal
 from llmforge.train.loading import load_weights
-from llmforge.train.metrics import Metrics
+from llmforge.train.metrics import Metrics, attach_log_files, record_error
 from llmforge.train.task import Task
 from llmforge.train.trainer import Trainer, TrainerConfig
 
@@ -54,6 +54,9 @@ def run_training(
     world, accel = int(os.environ["WORLD_SIZE"]), get_accelerator()
     on_cpu = accel.device_name() == "cpu"
     layout = make_layout(recipe, world, int(os.environ["RANK"]), recipe_path)
+    recipe, precision_note = resolve_precision(recipe, on_cpu)
+    if precision_note and layout.rank == 0:
+        log.log(logging.WARNING if "emulated, about" in precision_note else logging.INFO, precision_note)
     point = resolve_resume(resume, recipe.checkpoint_dir)
     saved = read_state(point.path) if point.path else {}
     recipe = resolve_batch(recipe, layout.data, recipe_path, saved.get("global_batch"))
@@ -65,8 +68,6 @@ def run_training(
     check_layout(recipe, world, stage, recipe_path, ranks_per_node())  # on the model the task resolved
     lora = task.lora(recipe)
     check_fp8(recipe, recipe_path, layout.tensor, lora.rank)
-    if (small_val := val_warning(recipe, data.val, layout.data)) and layout.rank == 0:
-        log.warning(small_val)
     if layout.tensor > 1:
         ds_config["tensor_parallel"] = tensor_parallel_config(layout.tensor)
     universal = check_resume(
@@ -110,6 +111,10 @@ def run_training(
     engine, *_ = deepspeed.initialize(model=model, config=ds_config, **optimizer_args(model, recipe.train))
     if engine.global_rank == 0:
         write_run_files(recipe, ds_config)
+    attach_log_files(recipe.run_dir, engine.global_rank)
+    if (small_val := val_warning(recipe, data.val, layout.data)) and layout.rank == 0:
+        log.warning(small_val)
+    if engine.global_rank == 0:
         sizes = f"{n_params / 1e6:.2f}M parameters ({(n_params - n_embed) / 1e6:.2f}M non-embedding)"
         log.info(
             "model: %s, %d ranks (%s), ZeRO stage %d, %s on %s",
@@ -121,19 +126,24 @@ def run_training(
             accel.device_name(),
         )
         log.info(allocator.describe())
-    metrics = Metrics(recipe.run_dir, engine.global_rank == 0, getattr(engine, "monitor", None))
-
-    faults = FaultInjector.from_env()
-    identity = RunIdentity(recipe, tok, data.train.fingerprint, world, stage)
-    checkpointer = Checkpointer(recipe.checkpoint_dir, recipe.checkpoint.keep_last, identity, metrics, faults)
-    state = checkpointer.resume(engine, point, universal)
-    objective = task.objective(engine, setup, recipe.run_dir, layout, fresh=point.path is None)
-    fpt = flops_per_token(n_params - n_embed, recipe.model, recipe.data.seq_len)
-    cfg = TrainerConfig.from_recipe(recipe, layout, fpt, None if on_cpu else peak_flops(accel), faults)
-    trainer = Trainer(engine, cfg, data, objective, checkpointer, metrics)
-    if state.step >= recipe.train.max_steps:
-        log.info("nothing to do: checkpoint is at step %d, train.max_steps=%d", state.step, recipe.train.max_steps)
-    status = trainer.train(state, stop)
+    metrics = Metrics(recipe.run_dir, engine.global_rank == 0, recipe.logging.tensorboard)
+    try:
+        faults = FaultInjector.from_env()
+        identity = RunIdentity(recipe, tok, data.train.fingerprint, world, stage)
+        checkpointer = Checkpointer(recipe.checkpoint_dir, recipe.checkpoint.keep_last, identity, metrics, faults)
+        state = checkpointer.resume(engine, point, universal)
+        objective = task.objective(engine, setup, recipe.run_dir, layout, fresh=point.path is None)
+        fpt = flops_per_token(n_params - n_embed, recipe.model, recipe.data.seq_len)
+        cfg = TrainerConfig.from_recipe(recipe, layout, fpt, None if on_cpu else peak_flops(accel), faults)
+        trainer = Trainer(engine, cfg, data, objective, checkpointer, metrics)
+        if state.step >= recipe.train.max_steps:
+            log.info("nothing to do: checkpoint is at step %d, train.max_steps=%d", state.step, recipe.train.max_steps)
+        status = trainer.train(state, stop)
+    except BaseException as e:  # the error the run ends with, in the run directory's log files too
+        record_error(e)
+        raise
+    finally:
+        metrics.close()
     return {"run_dir": recipe.run_dir, "step": state.step, "val_loss": trainer.last_val_loss, "status": status}
 
 

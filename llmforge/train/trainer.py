@@ -286,12 +286,14 @@ class Trainer:
         max_steps = cfg.schedule.max_steps
         if self.state.step == 0 and cfg.eval.interval and cfg.eval.at_start:
             self.evaluate()
-        window_start, window_steps, window_tokens = time.time(), 0, 0
+        window_start, window_steps, window_tokens, window_losses = time.time(), 0, 0, []
         run_start, run_start_step = time.time(), self.state.step
         while self.state.step < max_steps:
             result = self.train_step()
             window_steps += 1
             window_tokens += result.tokens
+            if math.isfinite(result.loss) and result.skipped is None:
+                window_losses.append(result.loss)
             step = self.state.step
             last = step == max_steps
             if result.skipped:
@@ -306,8 +308,9 @@ class Trainer:
                     result,
                     window_tokens / max(now - window_start, 1e-9),
                     (now - run_start) / max(1, step - run_start_step),
+                    sum(window_losses) / len(window_losses) if window_losses else None,
                 )
-                window_start, window_steps, window_tokens = time.time(), 0, 0
+                window_start, window_steps, window_tokens, window_losses = time.time(), 0, 0, []
             if cfg.eval.interval and (step % cfg.eval.interval == 0 or last):
                 self.evaluate()
             if result.stop:
@@ -349,10 +352,14 @@ class Trainer:
         )
         return "preempted"
 
-    def log(self, step: int, result: StepResult, tokens_per_s: float, s_per_step: float) -> None:
-        """One metrics row. tokens/s and MFU count the non-pad input tokens of the steps actually run (SFT rows are
-        padded to the longest row of their micro-batch; a DPO sample is two rows), so padding is not counted as
-        work; MFU = flops_per_token x tokens/s / (peak FLOP/s x ranks), every rank of every group counted."""
+    def log(
+        self, step: int, result: StepResult, tokens_per_s: float, s_per_step: float, loss_mean: Optional[float] = None
+    ) -> None:
+        """One metrics row: `loss` is this step's, `loss_mean` the mean over the steps since the last row (as
+        Megatron and GPT-NeoX log it; skipped steps left out). tokens/s and MFU count the non-pad input tokens of
+        the steps actually run (SFT rows are padded to the longest row of their micro-batch; a DPO sample is two
+        rows), so padding is not counted as work; MFU = flops_per_token x tokens/s / (peak FLOP/s x ranks), every
+        rank of every group counted."""
         grad_norm = result.grad_norm
         mfu = None
         if self.cfg.peak_flops:
@@ -362,6 +369,7 @@ class Trainer:
                 "step": step,
                 "tokens": self.state.consumed_tokens,
                 "loss": _json_float(result.loss),
+                "loss_mean": loss_mean,
                 "lr": result.lr,
                 "grad_norm": None if grad_norm is None else _json_float(float(grad_norm)),
                 "tokens_per_s": tokens_per_s,

@@ -153,7 +153,7 @@ def test_a_newcomer_from_a_wheel_outside_the_checkout(tmp_path, wheel):
     (proj / "raw").mkdir(parents=True)
     elsewhere.mkdir()
     with open(proj / "raw" / "big.txt", "wb") as f:  # real text: standard-library sources, one file
-        for source in sorted(STDLIB.glob("*.py")):
+        for source in sorted(STDLIB.rglob("*.py")):
             f.write(source.read_bytes())
             if f.tell() > 5_600_000:
                 break
@@ -168,14 +168,21 @@ def test_a_newcomer_from_a_wheel_outside_the_checkout(tmp_path, wheel):
     )
     recipe = "../proj/my.yaml"
 
-    def run(*args: str) -> str:
+    def run(*args: str) -> subprocess.CompletedProcess:
         r = run_cli(py, "-m", "llmforge", *args, cwd=elsewhere, timeout=400)
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-        return r.stdout
+        return r
 
     assert run_cli(py, "-c", "import llmforge; print(llmforge.__file__)", cwd=elsewhere).stdout.startswith(str(venv))
-    run("train-tokenizer", "--recipe", recipe)
-    summary = run("prepare", "--recipe", recipe)
+    assert re.search(
+        r"training the char tokenizer on \d\.\d MB of cleaned text", run("train-tokenizer", "--recipe", recipe).stderr
+    )
+    prepared = run("prepare", "--recipe", recipe)
+    summary = prepared.stdout
+    # progress while the one large unit runs (the bar used to count whole units: 0/1 until the end)
+    updates = [line for line in re.split(r"[\r\n]", prepared.stderr) if "prepare 1 units" in line]
+    assert len(set(updates)) >= 2 and "1 docs" in updates[-1], prepared.stderr
+    assert re.search(r"100%.*\| (5\.\d+M)/\1 ", updates[-1]), updates[-1]  # bytes, not units: 5.6 MB of 5.6
     manifest = json.loads((proj / "data" / "big" / "manifest.json").read_text())
     assert manifest["stats"]["read"] == 1 and manifest["stats"]["kept"] > 50, summary  # cut first, none too long
     assert "WARNING" not in summary and manifest["splits"]["val"]["documents"] >= 1

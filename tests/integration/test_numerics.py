@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 
 import deepspeed
@@ -65,6 +66,12 @@ def test_every_shipped_zero_config_trains_the_oracle_model(tmp_path, prepared):
         assert all(g is not None and g > 0 for g in row["grad_norms"].values()), row  # every stage logs a norm
     # bf16 really ran in bf16: it is further from the fp32 oracle than fp32 is
     assert min(rows[n]["max_loss_rel_diff"] for n in MATRIX if ".bf16." in n and not n.startswith("z0")) > 1e-5
+    # never silent: a line per refused variant, a bar of the launch's steps (18 variants x 4), the oracle's line
+    progress = re.split(r"[\r\n]", r.stderr)
+    assert sum(line.startswith("z0.bf16.acc") and ": refused: " in line for line in progress) == 2
+    bars = [line for line in progress if line.startswith("18 variants (2 ranks):")]
+    assert len(set(bars)) >= 3 and "72/72" in bars[-1], r.stderr[-3000:]
+    assert "oracle: 4 plain-PyTorch fp32 steps" in progress
 
 
 @pytest.mark.distributed

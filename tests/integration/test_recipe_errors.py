@@ -7,7 +7,7 @@ import yaml
 
 from llmforge.config import load_recipe
 from llmforge.errors import RecipeError
-from tests.helpers import REPO, run_cli, train_rows, write_recipe
+from tests.helpers import REPO, rows, run_cli, train_rows, write_recipe
 
 BAD = [
     # (recipe edits, extra CLI args, expected key, expected fragment)
@@ -108,6 +108,16 @@ def test_resolved_recipe_and_ds_config_saved(tmp_path, prepared):
     acc.Reload()
     losses = [e.value for e in acc.Scalars("train/loss")]
     assert losses == pytest.approx([r["loss"] for r in train], rel=1e-6)
+    # one series per quantity: no second copy of the loss and LR from DeepSpeed's own monitor
+    assert set(acc.Tags()["scalars"]) == {
+        f"train/{k}" for k in ("tokens", "loss", "loss_mean", "lr", "grad_norm", "tokens_per_s", "mem_gb", "eta_s")
+    }
+    # every row has its wall-clock time; the interval mean (interval 1 here: the step's loss)
+    assert all(isinstance(r["time"], float) for r in rows(run)) and train[0]["time"] <= train[1]["time"]
+    assert [r["loss_mean"] for r in train] == [r["loss"] for r in train]
+    # the console's lines are in the run directory too
+    log = (run / "train.log").read_text()
+    assert "model: " in log and "step 2 | loss " in log and not (run / "logs" / "rank0.log").exists()
 
 
 def test_a_corrupt_shard_stops_every_rank_in_one_line_each(tmp_path, prepared):
@@ -131,6 +141,8 @@ def test_a_corrupt_shard_stops_every_rank_in_one_line_each(tmp_path, prepared):
     assert len(lines) == 2, result.stdout[-3000:] + result.stderr[-3000:]
     for line in lines:
         assert f"{shards}/train-00000.bin: token id 65535 at document " in line and "outside the vocabulary" in line
+    for rank in (0, 1):  # each rank's error is in the run directory, not only on the terminal
+        assert "data error: " in (tmp_path / "runs" / "t" / "logs" / f"rank{rank}.log").read_text()
 
     result = run_cli("python", "launch/pretrain.py", "--recipe", str(path), "--set", "data.verify_mb=256")
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [

@@ -212,3 +212,24 @@ def test_parity_stops_before_any_launch_on_a_refused_recipe_or_an_oracle_it_cann
         parity(path, ["train.optimizer=muon", "train.grad_clip=0"], "z2.fp32", 3, oracle=True)
     with pytest.raises(RecipeError, match="model.dropout"):
         parity(path, ["model.dropout=0.1"], "z2.fp32", 3, oracle=True)
+
+
+def test_precision_auto_picks_what_the_hardware_computes_natively(tmp_path, monkeypatch):
+    """auto: bf16 on a CPU with AVX512-BF16 or AMX, fp32 on one without (bf16 is emulated there: the demo took
+    2.3x the time); an explicit bf16 there is a warning. Planted /proc/cpuinfo files of the two kinds of x86 CPU."""
+    from llmforge.config import deepspeed as ds
+
+    recipe = load_recipe(str(REPO / "recipes" / "tiny-char.yaml"))
+    assert recipe.train.precision == "auto"
+    flags = "fpu sse2 avx2 avx512f avx512bw avx512_vnni"
+    for extra, want in (("", "fp32"), (" avx512_bf16", "bf16"), (" amx_bf16 amx_tile", "bf16")):
+        (tmp_path / "cpuinfo").write_text(f"processor\t: 0\nflags\t\t: {flags}{extra}\n\nprocessor\t: 1\n")
+        monkeypatch.setattr(ds, "CPUINFO", str(tmp_path / "cpuinfo"))
+        resolved, note = ds.resolve_precision(recipe, on_cpu=True)
+        assert resolved.train.precision == want and note.startswith(f"train.precision auto: {want} (")
+        composed = ds.compose_ds_config(recipe, 2, "/tmp/r", "r.yaml", on_cpu=True)
+        assert composed["bf16"]["enabled"] == (want == "bf16")
+        explicit = load_recipe(str(REPO / "recipes" / "tiny-char.yaml"), ["train.precision=bf16"])
+        warning = ds.resolve_precision(explicit, on_cpu=True)[1]
+        assert ("emulated, about 2.3x the time of fp32" in warning) == (want == "fp32")
+    assert ds.resolve_precision(recipe, on_cpu=False)[0].train.precision in ("bf16", "fp16")  # GPUs
