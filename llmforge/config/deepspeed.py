@@ -15,7 +15,6 @@ from llmforge.config.loader import deep_merge
 from llmforge.config.recipe import Recipe, TrainConfig
 from llmforge.errors import RecipeError
 
-
 CPUINFO = "/proc/cpuinfo"
 
 
