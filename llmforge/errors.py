@@ -61,9 +61,12 @@ class DataError(UserError):
 
 
 class CorruptSampleError(DataError):
-    """A training sample read from a corrupt shard; the rank that read it names the shard and document."""
+    """A training sample read from a corrupt shard; the rank that read it names the shard and document. Every rank
+    raises it at the same step (the step's all-reduce tells them), so they meet at a barrier before exiting: a
+    launcher that kills the others at the first exit would cut their lines."""
 
     every_rank = True
+    synchronized = True
 
 
 class CheckpointError(UserError):
@@ -103,6 +106,6 @@ def exit_on_user_error(fn: F) -> F:
             # one rank's own (a failed write).
             if os.environ.get("RANK", "0") == "0" or getattr(e, "every_rank", False):
                 print(e.line(), file=sys.stderr, flush=True)
-            exit_process(2)
+            exit_process(2, synchronize=getattr(e, "synchronized", False))
 
     return wrapper  # type: ignore[return-value]

@@ -230,7 +230,7 @@ def train_tokenizer(recipe: Recipe, origin: str, progress: bool = True) -> Token
             yield text
         bar.close()
         if progress:
-            tqdm.write(f"training the {recipe.tokenizer.type} tokenizer on {bar.n / 1e6:.1f} MB of cleaned text",
-                       file=sys.stderr)
+            size = tqdm.format_sizeof(bar.n, "B")
+            tqdm.write(f"training the {recipe.tokenizer.type} tokenizer on {size} of cleaned text", file=sys.stderr)
 
     return train_tokenizer_from_texts(recipe.tokenizer, sampled(), origin)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 from llmforge.config import load_recipe
@@ -82,7 +83,11 @@ def test_prepare_cli_bad_input_is_one_line(tmp_path):
         f"tokenizer.path={tmp_path}/sp.model",
     )
     assert r.returncode == 2 and "recipe error:" in r.stderr and "tokenizer.vocab_size" in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
+    # the sample's progress bar and size, then the error in one line naming where the value came from
+    lines = [x for x in re.split(r"[\r\n]", r.stderr) if x.strip() and not x.startswith("tokenizer sample:")]
+    assert len(lines) == 2, r.stderr
+    assert re.fullmatch(r"training the sentencepiece tokenizer on [\d.]+kB of cleaned text", lines[0])
+    assert lines[1].startswith("recipe error: --set: tokenizer.vocab_size: "), r.stderr
     r = run_cli("python", "launch/prepare_data.py", "--recipe", origin, "--shard-index", "3", "--num-shards", "2")
     assert r.returncode == 2 and "outside 0..1" in r.stderr
 
