@@ -9,8 +9,11 @@ import re
 import unicodedata
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b\u200e\u200f\u202a-\u202e\u2060\ufeff]")
-_TAGS = re.compile(r"</?(?:p|div|span|br|a|b|i|em|strong|li|ul|ol|td|tr|table|h[1-6]|img|font|script|style)"
-                   r"\b[^<>]{0,500}>", re.I)
+_TAGS = re.compile(
+    r"</?(?:p|div|span|br|a|b|i|em|strong|li|ul|ol|td|tr|table|h[1-6]|img|font|script|style)"
+    r"\b[^<>]{0,500}>",
+    re.I,
+)
 _SPACES = re.compile(r"[ \t\u00a0\u2000-\u200a\u3000]+")
 _BLANKS = re.compile(r"\n{3,}")
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 
@@ -29,7 +29,7 @@ def _shingles(text: str, n: int) -> list[bytes]:
     words = normalized_for_hash(text).split()
     if len(words) < n:
         return [" ".join(words).encode("utf-8")]
-    return [" ".join(words[i:i + n]).encode("utf-8") for i in range(len(words) - n + 1)]
+    return [" ".join(words[i : i + n]).encode("utf-8") for i in range(len(words) - n + 1)]
 
 
 def minhash_signature(text: str, cfg: DedupConfig) -> np.ndarray:
@@ -58,8 +58,9 @@ def near_duplicates(signatures: Iterable[tuple[int, np.ndarray]], cfg: DedupConf
 def _word_ngrams(text: str, n: int) -> Iterator[int]:
     words = normalized_for_hash(text).split()
     for i in range(len(words) - n + 1):
-        yield int.from_bytes(hashlib.blake2b(" ".join(words[i:i + n]).encode("utf-8"), digest_size=8).digest(),
-                             "little")
+        yield int.from_bytes(
+            hashlib.blake2b(" ".join(words[i : i + n]).encode("utf-8"), digest_size=8).digest(), "little"
+        )
 
 
 def load_eval_ngrams(cfg: DecontamConfig) -> set[int]:
@@ -90,5 +91,3 @@ def is_contaminated(text: str, eval_ngrams: set[int], n: int) -> bool:
     if not eval_ngrams:
         return False
     return any(g in eval_ngrams for g in _word_ngrams(text, n))
-
-

@@ -52,8 +52,9 @@ def clean_lines(text: str, cfg: LineFilters, stats: Optional[dict] = None) -> st
             if cfg.citations:
                 line = CITATION.sub("", line)
             lower = line.lower()
-            if cfg.terminal_punctuation and (not line.endswith(tuple(cfg.terminal_punctuation))
-                                             or line.endswith(("...", "…"))):
+            if cfg.terminal_punctuation and (
+                not line.endswith(tuple(cfg.terminal_punctuation)) or line.endswith(("...", "…"))
+            ):
                 reason = "no_terminal_punctuation"
             elif cfg.min_words is not None and len(words) < cfg.min_words:
                 reason = "few_words"
@@ -85,7 +86,7 @@ def top_ngram_chars(words: list[str], n: int) -> int:
     """Characters of the most frequent word n-gram (joined by spaces) times its number of occurrences."""
     if len(words) < n:
         return 0
-    counts = collections.Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+    counts = collections.Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
     gram, c = counts.most_common(1)[0]
     return (sum(len(w) for w in gram) + n - 1) * c
 
@@ -95,7 +96,7 @@ def duplicate_ngram_chars(words: list[str], n: int) -> int:
     seen: set[tuple[str, ...]] = set()
     chars, i = 0, 0
     while i < len(words) - n + 1:
-        gram = tuple(words[i:i + n])
+        gram = tuple(words[i : i + n])
         if gram in seen:
             chars += sum(len(w) for w in gram)
             i += n
@@ -129,8 +130,10 @@ def web_quality(text: str, cfg: WebFilters) -> Optional[str]:
         alpha = sum(any(c.isalpha() for c in w) for w in words)
         if alpha / n < cfg.min_alpha_words:
             return "few_alphabetic_words"
-    if cfg.min_stop_words is not None and \
-            sum(w.lower().strip(".,;:!?\"'()") in STOP_WORDS for w in words) < cfg.min_stop_words:
+    if (
+        cfg.min_stop_words is not None
+        and sum(w.lower().strip(".,;:!?\"'()") in STOP_WORDS for w in words) < cfg.min_stop_words
+    ):
         return "few_stop_words"
     lines = [line for line in text.split("\n") if line.strip()]
     if lines:
@@ -181,11 +184,15 @@ def _c4_fineweb(text: str, lines: list[str], n_words: int, cfg: WebFilters) -> O
         return "too_few_sentences"
     if lines:
         stripped = [line.strip() for line in lines]
-        if cfg.min_punct_line_fraction is not None and \
-                sum(line.endswith(FINEWEB_PUNCT) for line in stripped) / len(lines) < cfg.min_punct_line_fraction:
+        if (
+            cfg.min_punct_line_fraction is not None
+            and sum(line.endswith(FINEWEB_PUNCT) for line in stripped) / len(lines) < cfg.min_punct_line_fraction
+        ):
             return "few_punctuated_lines"
-        if cfg.max_short_line_fraction is not None and \
-                sum(len(line) <= 30 for line in stripped) / len(lines) > cfg.max_short_line_fraction:
+        if (
+            cfg.max_short_line_fraction is not None
+            and sum(len(line) <= 30 for line in stripped) / len(lines) > cfg.max_short_line_fraction
+        ):
             return "short_lines"
     if cfg.max_newline_word_ratio is not None and text.count("\n") / max(n_words, 1) > cfg.max_newline_word_ratio:
         return "newline_word_ratio"

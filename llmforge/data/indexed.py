@@ -9,13 +9,21 @@ from __future__ import annotations
 
 import os
 import struct
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 
 HEADER = b"MMIDIDX\x00\x00"
-DTYPE_CODES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
-               8: np.uint16}
+DTYPE_CODES = {
+    1: np.uint8,
+    2: np.int8,
+    3: np.int16,
+    4: np.int32,
+    5: np.int64,
+    6: np.float64,
+    7: np.float32,
+    8: np.uint16,
+}
 CODE_OF = {np.dtype(v): k for k, v in DTYPE_CODES.items()}
 
 
@@ -30,7 +38,7 @@ class IndexedDatasetWriter:
         self.prefix, self.dtype = prefix, np.dtype(dtype)
         os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
         self._bin_tmp = prefix + ".bin.tmp"
-        self._bin = open(self._bin_tmp, "wb")
+        self._bin = open(self._bin_tmp, "wb")  # noqa: SIM115 (open across add_document calls; finalize closes it)
         self.lengths: list[int] = []
 
     def add_document(self, tokens: Iterable[int] | np.ndarray) -> None:
@@ -94,8 +102,7 @@ class IndexedDataset:
         offset += self.pointers.nbytes
         self.document_indices = np.frombuffer(idx, dtype=np.int64, count=n_doc, offset=offset)
         size = os.path.getsize(prefix + ".bin")
-        self.tokens = (np.memmap(prefix + ".bin", mode="r", dtype=self.dtype) if size
-                       else np.zeros(0, dtype=self.dtype))
+        self.tokens = np.memmap(prefix + ".bin", mode="r", dtype=self.dtype) if size else np.zeros(0, dtype=self.dtype)
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -106,4 +113,4 @@ class IndexedDataset:
 
     def __getitem__(self, i: int) -> np.ndarray:
         start = int(self.pointers[i]) // self.dtype.itemsize
-        return np.asarray(self.tokens[start:start + int(self.lengths[i])])
+        return np.asarray(self.tokens[start : start + int(self.lengths[i])])

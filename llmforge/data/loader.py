@@ -61,8 +61,9 @@ class FeistelPermutation:
 class TokenWindows:
     """Sample i of a split is seq_len+1 tokens of one shard's concatenated (EOS-separated) documents."""
 
-    def __init__(self, directory: str, shards: list[dict], seq_len: int, dtype: np.dtype,
-                 vocab_size: Optional[int] = None):
+    def __init__(
+        self, directory: str, shards: list[dict], seq_len: int, dtype: np.dtype, vocab_size: Optional[int] = None
+    ):
         self.directory, self.seq_len, self.dtype = directory, seq_len, np.dtype(dtype)
         self.vocab_size = vocab_size
         self.problem: Optional[str] = None  # the first token id outside the vocabulary read, as a one-line message
@@ -84,7 +85,7 @@ class TokenWindows:
         shard = int(np.searchsorted(self.cumulative, i, side="right"))
         local = i - (int(self.cumulative[shard - 1]) if shard else 0)
         start = local * self.seq_len
-        window = self._tokens(shard)[start:start + self.seq_len + 1]
+        window = self._tokens(shard)[start : start + self.seq_len + 1]
         if len(window) != self.seq_len + 1:
             raise DataError(f"{self.directory}/{self.prefixes[shard]}.bin is shorter than its manifest says")
         if self.vocab_size is not None:
@@ -102,8 +103,10 @@ class TokenWindows:
             where = f"document {int(np.searchsorted(bounds, position, side='right'))}, token {position}"
         except ValueError:
             where = f"token {position}"
-        return (f"{prefix}.bin: token id {token} at {where} is outside the vocabulary of {self.vocab_size} (the "
-                f"shard is corrupt: check it with llmforge verify-data {self.directory})")
+        return (
+            f"{prefix}.bin: token id {token} at {where} is outside the vocabulary of {self.vocab_size} (the "
+            f"shard is corrupt: check it with llmforge verify-data {self.directory})"
+        )
 
 
 def blend_pattern(weights: list[float], period: int = 1000) -> np.ndarray:
@@ -139,8 +142,9 @@ class BlendedOrder:
         if key not in self._perm:
             if len(self._perm) > 16:
                 self._perm.clear()
-            self._perm[key] = FeistelPermutation(self.sizes[dataset], _mix64(self.seed) ^ _mix64(dataset * 1_000_003
-                                                                                                  + epoch))
+            self._perm[key] = FeistelPermutation(
+                self.sizes[dataset], _mix64(self.seed) ^ _mix64(dataset * 1_000_003 + epoch)
+            )
         return self._perm[key]
 
     def locate(self, g: int) -> tuple[int, int]:
@@ -154,8 +158,10 @@ class BlendedOrder:
 def split_counts(manifest: dict, split: str) -> str:
     """What the manifest says of a split (and of the documents read and kept), for error messages."""
     sp, st = manifest["splits"][split], manifest.get("stats", {})
-    return (f"its {split} split holds {sp['tokens']} tokens in {sp['documents']} documents, {len(sp['shards'])} "
-            f"shards (manifest: read {st.get('read', 0)}, kept {st.get('kept', 0)} documents)")
+    return (
+        f"its {split} split holds {sp['tokens']} tokens in {sp['documents']} documents, {len(sp['shards'])} "
+        f"shards (manifest: read {st.get('read', 0)}, kept {st.get('kept', 0)} documents)"
+    )
 
 
 def micro_batch_indices(consumed: int, micro_step: int, rank: int, world: int, micro_batch: int) -> range:
@@ -173,8 +179,15 @@ def next_micro_batch(consumed: int, micro_step: int, accum: int, global_batch: i
 class PretrainData:
     """The train (or val) split of the recipe's datasets, blended, as (inputs, targets) batches."""
 
-    def __init__(self, specs: list[DatasetSpec], seq_len: int, seed: int, split: str = "train",
-                 tokenizer_fingerprint: Optional[str] = None, verify_mb: float = 0.0):
+    def __init__(
+        self,
+        specs: list[DatasetSpec],
+        seq_len: int,
+        seed: int,
+        split: str = "train",
+        tokenizer_fingerprint: Optional[str] = None,
+        verify_mb: float = 0.0,
+    ):
         """Opening checks every shard file's size and index header against the manifest (and sha256 when the
         split's files total at most `verify_mb` MB). A token id outside the vocabulary read later raises
         CorruptSampleError, or with `defer_errors` set (the trainer, which tells every rank at the step's
@@ -189,21 +202,27 @@ class PretrainData:
             try:
                 manifest = read_manifest(spec.path)
             except FileNotFoundError:
-                raise DataError(f"{spec.path}: not a prepared dataset (no manifest.json); "
-                                f"run launch/prepare_data.py first") from None
+                raise DataError(
+                    f"{spec.path}: not a prepared dataset (no manifest.json); run launch/prepare_data.py first"
+                ) from None
             have = manifest.get("tokenizer", {}).get("fingerprint")
             if tokenizer_fingerprint is not None and have != tokenizer_fingerprint:
-                raise DataError(f"{spec.path}: shards were tokenized with tokenizer {have}, the recipe's tokenizer is "
-                                f"{tokenizer_fingerprint}; re-run launch/prepare_data.py")
+                raise DataError(
+                    f"{spec.path}: shards were tokenized with tokenizer {have}, the recipe's tokenizer is "
+                    f"{tokenizer_fingerprint}; re-run launch/prepare_data.py"
+                )
             shards = manifest["splits"][split]["shards"]
             check_shard_files(spec.path, manifest, split, verify_mb)
             w = TokenWindows(spec.path, shards, seq_len, manifest["dtype"], manifest["tokenizer"].get("vocab_size"))
             if w.num_samples == 0 and split == "train":
-                raise DataError(f"{spec.path}: no training sample: {split_counts(manifest, 'train')}, and a sample "
-                                f"needs seq_len+1={seq_len + 1} tokens of one shard; add data (see the manifest's "
-                                f"dropped:* counts) or lower data.seq_len")
-            digests.extend(manifest["files"][f"{s['prefix']}.bin"]["sha256"]
-                           for s in manifest["splits"][split]["shards"])
+                raise DataError(
+                    f"{spec.path}: no training sample: {split_counts(manifest, 'train')}, and a sample "
+                    f"needs seq_len+1={seq_len + 1} tokens of one shard; add data (see the manifest's "
+                    f"dropped:* counts) or lower data.seq_len"
+                )
+            digests.extend(
+                manifest["files"][f"{s['prefix']}.bin"]["sha256"] for s in manifest["splits"][split]["shards"]
+            )
             if w.num_samples:
                 windows.append(w)
                 weights.append(spec.weight)

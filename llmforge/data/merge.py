@@ -7,7 +7,8 @@ import glob
 import json
 import math
 import os
-from typing import Iterator, Optional
+from collections.abc import Iterator
+from typing import Optional
 
 import numpy as np
 
@@ -71,8 +72,10 @@ def _load_parts(dataset_dir: str, units: list[WorkUnit]) -> list[tuple[str, dict
             arrays = {k: z[k] for k in z.files}
         parts.append((prefix, record, arrays))
     if missing:
-        raise DataError(f"{dataset_dir}: {len(missing)} of {len(units)} parts are not prepared yet "
-                        f"(e.g. {missing[0]}); run the remaining --shard-index jobs first")
+        raise DataError(
+            f"{dataset_dir}: {len(missing)} of {len(units)} parts are not prepared yet "
+            f"(e.g. {missing[0]}); run the remaining --shard-index jobs first"
+        )
     return parts
 
 
@@ -93,8 +96,9 @@ def _held_out_when_empty(parts: list, drop: np.ndarray, val_fraction: float) -> 
     return {int(k) for k in keys[np.argsort(hashes[keys], kind="stable")[:n]]}
 
 
-def merge_dataset(spec: SourceSpec, units: list[WorkUnit], dataset_dir: str, cfg: DataConfig,
-                  tokenizer_info: dict) -> dict:
+def merge_dataset(
+    spec: SourceSpec, units: list[WorkUnit], dataset_dir: str, cfg: DataConfig, tokenizer_info: dict
+) -> dict:
     manifest_path = os.path.join(dataset_dir, DATASET_MANIFEST)
     if os.path.exists(manifest_path):
         os.remove(manifest_path)  # the dataset is incomplete until the new manifest is written
@@ -116,12 +120,14 @@ def merge_dataset(spec: SourceSpec, units: list[WorkUnit], dataset_dir: str, cfg
         drop |= exact
         stats["dropped:exact_duplicate"] = int(exact.sum())
     if cfg.dedup.near and len(drop):
+
         def signatures() -> Iterator[tuple[int, np.ndarray]]:
             for p, (_, _, arrays) in enumerate(parts):
                 for row, sig in enumerate(arrays["sig"]):
                     key = int(offsets[p]) + row
                     if not drop[key]:
                         yield key, sig
+
         near = near_duplicates(signatures(), cfg.dedup)
         drop[list(near)] = True
         stats["dropped:near_duplicate"] = len(near)
@@ -150,8 +156,14 @@ def merge_dataset(spec: SourceSpec, units: list[WorkUnit], dataset_dir: str, cfg
         "tokenizer": tokenizer_info,
         "dtype": dtype.name,
         "val_fraction": cfg.val_fraction,
-        "splits": {s: {"documents": sum(x["documents"] for x in shards[s]),
-                       "tokens": sum(x["tokens"] for x in shards[s]), "shards": shards[s]} for s in SPLITS},
+        "splits": {
+            s: {
+                "documents": sum(x["documents"] for x in shards[s]),
+                "tokens": sum(x["tokens"] for x in shards[s]),
+                "shards": shards[s],
+            }
+            for s in SPLITS
+        },
         "stats": dict(sorted(stats.items())),
         "parts": len(parts),
         "files": {name: file_digest(os.path.join(dataset_dir, name)) for name in sorted(keep)},

@@ -31,11 +31,20 @@ PIPELINE_VERSION = 4  # bump when cleaning/filtering semantics change: parts mad
 
 def processing_key(spec: SourceSpec, cfg: DataConfig, tokenizer_fingerprint: str) -> str:
     """Everything that decides a part's content; a part made under another key is stale and is processed again."""
-    relevant: dict[str, Any] = {"version": PIPELINE_VERSION, "source": dataclasses.asdict(spec), "tokenizer": tokenizer_fingerprint,
-                "val_fraction": cfg.val_fraction, "chunk_chars": cfg.chunk_chars, "min_chars": cfg.min_chars,
-                "max_chars": cfg.max_chars, "lines": dataclasses.asdict(cfg.line_filters),
-                "web": dataclasses.asdict(cfg.web_filters), "code": dataclasses.asdict(cfg.code_filters),
-                "dedup": dataclasses.asdict(cfg.dedup), "decontaminate": dataclasses.asdict(cfg.decontaminate)}
+    relevant: dict[str, Any] = {
+        "version": PIPELINE_VERSION,
+        "source": dataclasses.asdict(spec),
+        "tokenizer": tokenizer_fingerprint,
+        "val_fraction": cfg.val_fraction,
+        "chunk_chars": cfg.chunk_chars,
+        "min_chars": cfg.min_chars,
+        "max_chars": cfg.max_chars,
+        "lines": dataclasses.asdict(cfg.line_filters),
+        "web": dataclasses.asdict(cfg.web_filters),
+        "code": dataclasses.asdict(cfg.code_filters),
+        "dedup": dataclasses.asdict(cfg.dedup),
+        "decontaminate": dataclasses.asdict(cfg.decontaminate),
+    }
     relevant["source"].pop("weight")  # blending weight does not change the data
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -88,8 +97,9 @@ def piece_reason(text: str, doc: Document, spec: SourceSpec, cfg: DataConfig, ev
     return reason
 
 
-def document_pieces(doc: Document, spec: SourceSpec, cfg: DataConfig, eval_ngrams: set[int],
-                    stats: Optional[Stats] = None) -> list[tuple[str, Optional[str]]]:
+def document_pieces(
+    doc: Document, spec: SourceSpec, cfg: DataConfig, eval_ngrams: set[int], stats: Optional[Stats] = None
+) -> list[tuple[str, Optional[str]]]:
     """(piece, None) to keep or (piece, reason) to drop, for every piece of one document. A long plain-text document
     is cut into data.chunk_chars pieces first and each piece is filtered on its own, so data.max_chars applies to
     pieces: one large text file is never dropped whole."""
@@ -119,8 +129,16 @@ def chunks(text: str, size: int) -> list[str]:
     return [p for p in out if p.strip()]
 
 
-def process_unit(unit: WorkUnit, spec: SourceSpec, cfg: DataConfig, tok: Tokenizer, dataset_dir: str,
-                 eval_ngrams: set[int], key: str, progress: Optional[Any] = None) -> dict:
+def process_unit(
+    unit: WorkUnit,
+    spec: SourceSpec,
+    cfg: DataConfig,
+    tok: Tokenizer,
+    dataset_dir: str,
+    eval_ngrams: set[int],
+    key: str,
+    progress: Optional[Any] = None,
+) -> dict:
     """Write one part; returns its counters (documents, bytes, tokens and drop reasons). `progress`: a shared
     [bytes, documents] array the bytes and documents read are added to as they are read (a progress bar's)."""
     started = time.time()
@@ -133,7 +151,7 @@ def process_unit(unit: WorkUnit, spec: SourceSpec, cfg: DataConfig, tok: Tokeniz
     pending: list[tuple[str, int, np.ndarray]] = []
 
     def flush() -> None:
-        for (text, h, sig), ids in zip(pending, encode_batch(tok, [p[0] for p in pending])):
+        for (_text, h, sig), ids in zip(pending, encode_batch(tok, [p[0] for p in pending])):
             split = 1 if is_validation(h, cfg.val_fraction) else 0
             name = SPLITS[split]
             rows_split.append(split)
@@ -173,14 +191,22 @@ def process_unit(unit: WorkUnit, spec: SourceSpec, cfg: DataConfig, tok: Tokeniz
     flush()
     for w in writers.values():
         w.finalize()
-    np.savez(prefix + ".npz.tmp.npz", split=np.asarray(rows_split, dtype=np.uint8),
-             index=np.asarray(rows_index, dtype=np.int64), hash=np.asarray(rows_hash, dtype=np.int64),
-             sig=np.asarray(rows_sig, dtype=np.uint64).reshape(len(rows_sig), cfg.dedup.num_perm if cfg.dedup.near
-                                                                 else 0))
+    np.savez(
+        prefix + ".npz.tmp.npz",
+        split=np.asarray(rows_split, dtype=np.uint8),
+        index=np.asarray(rows_index, dtype=np.int64),
+        hash=np.asarray(rows_hash, dtype=np.int64),
+        sig=np.asarray(rows_sig, dtype=np.uint64).reshape(len(rows_sig), cfg.dedup.num_perm if cfg.dedup.near else 0),
+    )
     os.replace(prefix + ".npz.tmp.npz", prefix + ".npz")
     stats["written"] = len(rows_split)
-    record = {"unit": unit.id, "files": unit.files, "key": key, "stats": stats,
-              "seconds": round(time.time() - started, 3)}
+    record = {
+        "unit": unit.id,
+        "files": unit.files,
+        "key": key,
+        "stats": stats,
+        "seconds": round(time.time() - started, 3),
+    }
     with open(prefix + ".json.tmp", "w", encoding="utf-8") as f:
         json.dump(record, f)
     os.replace(prefix + ".json.tmp", prefix + ".json")

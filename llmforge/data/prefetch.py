@@ -10,8 +10,9 @@ to, as it would be without prefetching.
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable, Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, Hashable, Optional
+from typing import Any, Optional
 
 import torch
 
@@ -34,8 +35,13 @@ class Prefetcher:
     that does not wait for the GPU), or None (CPU training: pinning gains nothing).
     """
 
-    def __init__(self, read: Callable[[Any], Any], successor: Callable[[Any], Hashable], depth: int,
-                 pin_device: Optional[torch.device] = None):
+    def __init__(
+        self,
+        read: Callable[[Any], Any],
+        successor: Callable[[Any], Hashable],
+        depth: int,
+        pin_device: Optional[torch.device] = None,
+    ):
         if depth < 0:
             raise ValueError(f"prefetch depth must be >= 0, got {depth}")
         self.read, self.successor, self.depth, self.pin_device = read, successor, depth, pin_device

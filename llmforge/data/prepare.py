@@ -3,15 +3,17 @@ then merge each dataset (global dedup + final shards + manifest). Reruns skip co
 
 from __future__ import annotations
 
-from tqdm import tqdm
 import logging
 import multiprocessing
 import os
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Optional
+
+from tqdm import tqdm
 
 from llmforge.config.data import SourceSpec
 from llmforge.config.recipe import Recipe
@@ -68,9 +70,17 @@ def _run_unit(args: tuple[SourceSpec, WorkUnit]) -> dict:
     return process_unit(unit, spec, recipe.data, _WORKER["tok"], out, _WORKER["ngrams"], key, _WORKER["counter"])
 
 
-def prepare(recipe: Recipe, origin: str, shard_index: Optional[int] = None, num_shards: Optional[int] = None,
-            workers: int = 1, merge: Optional[bool] = None, progress: bool = True, only_merge: bool = False,
-            report: Callable[[str], None] = log.info) -> dict:
+def prepare(
+    recipe: Recipe,
+    origin: str,
+    shard_index: Optional[int] = None,
+    num_shards: Optional[int] = None,
+    workers: int = 1,
+    merge: Optional[bool] = None,
+    progress: bool = True,
+    only_merge: bool = False,
+    report: Callable[[str], None] = log.info,
+) -> dict:
     """Process shard `shard_index` of `num_shards` (default: from slurm, else all), then merge if asked (default:
     when this process handled every shard). Returns {dataset name: manifest} for merged datasets; `report` gets
     each merged dataset's summary lines. A source that keeps no document stops it (DataError naming its top drop
@@ -85,17 +95,35 @@ def prepare(recipe: Recipe, origin: str, shard_index: Optional[int] = None, num_
     units = work_plan(recipe)
     mine = [u for i, u in enumerate(units) if i % count == index]
     tok_fp = fingerprint(tok)
-    todo = [] if only_merge else [(s, u) for s, u in mine
-                                  if not part_complete(os.path.join(out, s.name), u, processing_key(s, recipe.data, tok_fp))]
-    log.info("shard %d/%d: %d of %d work units, %d already complete", index, count, len(mine), len(units),
-             len(mine) - len(todo))
+    todo = (
+        []
+        if only_merge
+        else [
+            (s, u)
+            for s, u in mine
+            if not part_complete(os.path.join(out, s.name), u, processing_key(s, recipe.data, tok_fp))
+        ]
+    )
+    log.info(
+        "shard %d/%d: %d of %d work units, %d already complete",
+        index,
+        count,
+        len(mine),
+        len(units),
+        len(mine) - len(todo),
+    )
     _run(todo, recipe, origin, workers, progress)
     if merge is None:
         merge = count == 1
     if not merge:
         return {}
-    info = {"type": recipe.tokenizer.type, "fingerprint": fingerprint(tok), "vocab_size": tok.vocab_size,
-            "eos_id": tok.eos_id, "dtype": token_dtype(tok.vocab_size).name}
+    info = {
+        "type": recipe.tokenizer.type,
+        "fingerprint": fingerprint(tok),
+        "vocab_size": tok.vocab_size,
+        "eos_id": tok.eos_id,
+        "dtype": token_dtype(tok.vocab_size).name,
+    }
     manifests = {}
     for spec in recipe.data.sources:
         spec_units = [u for s, u in units if s.name == spec.name]
@@ -104,17 +132,27 @@ def prepare(recipe: Recipe, origin: str, shard_index: Optional[int] = None, num_
             report(line)
     empty = [name for name, m in manifests.items() if not m["stats"].get("kept")]
     if empty:
-        raise DataError("; ".join(f"data.sources[{name}] kept no documents: {_top_drops(manifests[name]['stats'])}"
-                                  for name in empty))
+        raise DataError(
+            "; ".join(
+                f"data.sources[{name}] kept no documents: {_top_drops(manifests[name]['stats'])}" for name in empty
+            )
+        )
     return manifests
 
 
 # The recipe key that controls each drop reason (the web and code rules each have a section of keys).
-REASON_KEYS = {"empty": "data.min_chars", "too_long": "data.max_chars, data.chunk_chars",
-               "contaminated": "data.decontaminate", "exact_duplicate": "data.dedup.exact",
-               "near_duplicate": "data.dedup.near, data.dedup.threshold", "file_too_large": "data.code_filters",
-               "line_too_long": "data.code_filters", "mean_line_too_long": "data.code_filters",
-               "low_alnum_fraction": "data.code_filters", "auto_generated": "data.code_filters"}
+REASON_KEYS = {
+    "empty": "data.min_chars",
+    "too_long": "data.max_chars, data.chunk_chars",
+    "contaminated": "data.decontaminate",
+    "exact_duplicate": "data.dedup.exact",
+    "near_duplicate": "data.dedup.near, data.dedup.threshold",
+    "file_too_large": "data.code_filters",
+    "line_too_long": "data.code_filters",
+    "mean_line_too_long": "data.code_filters",
+    "low_alnum_fraction": "data.code_filters",
+    "auto_generated": "data.code_filters",
+}
 
 
 def reason_key(reason: str) -> str:
@@ -122,8 +160,9 @@ def reason_key(reason: str) -> str:
 
 
 def _top_drops(stats: dict, n: int = 3) -> str:
-    drops = sorted(((v, k.removeprefix("dropped:")) for k, v in stats.items() if k.startswith("dropped:") and v),
-                   reverse=True)
+    drops = sorted(
+        ((v, k.removeprefix("dropped:")) for k, v in stats.items() if k.startswith("dropped:") and v), reverse=True
+    )
     if not drops:
         return f"read {stats.get('read', 0)} documents, none dropped by a rule (no input text?)"
     shown = ", ".join(f"{v} {r} ({reason_key(r)})" for v, r in drops[:n])
@@ -134,9 +173,11 @@ def dataset_report(name: str, manifest: dict, prepared_dir: str) -> list[str]:
     """prepare's summary of one dataset: a line of counts, then a warning line for a source that kept nothing or
     lost most of its bytes (or documents, for dedup) to one rule."""
     st, splits = manifest["stats"], manifest["splits"]
-    lines = [f"{name}: read {st.get('read', 0)}, kept {st.get('kept', 0)} documents; "
-             f"train {splits['train']['tokens']} tokens, val {splits['val']['tokens']} tokens "
-             f"-> {os.path.join(prepared_dir, name)}"]
+    lines = [
+        f"{name}: read {st.get('read', 0)}, kept {st.get('kept', 0)} documents; "
+        f"train {splits['train']['tokens']} tokens, val {splits['val']['tokens']} tokens "
+        f"-> {os.path.join(prepared_dir, name)}"
+    ]
     if not st.get("kept"):
         lines.append(f"WARNING {name}: kept no documents: {_top_drops(st)}")
         return lines
@@ -144,12 +185,16 @@ def dataset_report(name: str, manifest: dict, prepared_dir: str) -> list[str]:
     for key, value in sorted(st.items()):
         if key.startswith("dropped_bytes:") and read_bytes and value > read_bytes / 2:
             reason = key.removeprefix("dropped_bytes:")
-            lines.append(f"WARNING {name}: {100 * value / read_bytes:.0f}% of its bytes dropped as {reason} "
-                         f"({reason_key(reason)})")
+            lines.append(
+                f"WARNING {name}: {100 * value / read_bytes:.0f}% of its bytes dropped as {reason} "
+                f"({reason_key(reason)})"
+            )
         if key in ("dropped:exact_duplicate", "dropped:near_duplicate") and read_docs and value > read_docs / 2:
             reason = key.removeprefix("dropped:")
-            lines.append(f"WARNING {name}: {100 * value / read_docs:.0f}% of its documents dropped as {reason} "
-                         f"({reason_key(reason)})")
+            lines.append(
+                f"WARNING {name}: {100 * value / read_docs:.0f}% of its documents dropped as {reason} "
+                f"({reason_key(reason)})"
+            )
     return lines
 
 
@@ -160,8 +205,14 @@ def _run(todo: list[tuple[SourceSpec, WorkUnit]], recipe: Recipe, origin: str, w
     # A total where the text read is the files' bytes (plain text and code); other sources show a count and rates.
     plain = all(s.type in ("text", "code") and not any(f.endswith(".gz") for f in u.files) for s, u in todo)
     total = sum(os.path.getsize(f) for _, u in todo for f in u.files if os.path.isfile(f)) if plain else None
-    bar = tqdm(total=total or None, unit="B", unit_scale=True, disable=not progress or not todo, dynamic_ncols=True,
-               desc=f"prepare {len(todo)} units")
+    bar = tqdm(
+        total=total or None,
+        unit="B",
+        unit_scale=True,
+        disable=not progress or not todo,
+        dynamic_ncols=True,
+        desc=f"prepare {len(todo)} units",
+    )
     started = time.time()
 
     def show() -> None:
@@ -186,8 +237,9 @@ def _run(todo: list[tuple[SourceSpec, WorkUnit]], recipe: Recipe, origin: str, w
                 _run_unit(job)
         else:
             context = multiprocessing.get_context("fork")
-            with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                                     initargs=(recipe, origin, counter)) as pool:
+            with ProcessPoolExecutor(
+                workers, mp_context=context, initializer=_init_worker, initargs=(recipe, origin, counter)
+            ) as pool:
                 list(pool.map(_run_unit, todo))
     finally:
         stop.set()
@@ -221,8 +273,14 @@ def train_tokenizer(recipe: Recipe, origin: str, progress: bool = True) -> Token
     shows a bar of the sample's bytes, then a line while the tokenizer trains."""
     _require(recipe, origin)
     on_disk = sum(os.path.getsize(f) for spec in recipe.data.sources for f in expand_paths(spec))
-    bar = tqdm(total=min(recipe.tokenizer.sample_bytes, on_disk), unit="B", unit_scale=True, desc="tokenizer sample",
-               disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=min(recipe.tokenizer.sample_bytes, on_disk),
+        unit="B",
+        unit_scale=True,
+        desc="tokenizer sample",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
 
     def sampled() -> Iterator[str]:
         for text in sample_texts(recipe, origin):

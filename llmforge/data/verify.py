@@ -29,8 +29,10 @@ def check_shard_files(directory: str, manifest: dict, split: str, hash_limit_mb:
         except OSError:
             raise DataError(f"{path}: missing (listed in {directory}/manifest.json)") from None
         if size != files[name]["size"]:
-            raise DataError(f"{path}: {size} bytes, the manifest says {files[name]['size']} (truncated or "
-                            f"replaced); re-run launch/prepare_data.py")
+            raise DataError(
+                f"{path}: {size} bytes, the manifest says {files[name]['size']} (truncated or "
+                f"replaced); re-run launch/prepare_data.py"
+            )
     for shard in shards:
         path = os.path.join(directory, shard["prefix"] + ".idx")
         try:
@@ -38,19 +40,26 @@ def check_shard_files(directory: str, manifest: dict, split: str, hash_limit_mb:
         except ValueError as e:
             raise DataError(f"{e}; re-run launch/prepare_data.py") from None
         if dtype != np.dtype(manifest["dtype"]) or sequences != shard["documents"]:
-            raise DataError(f"{path}: its header says {sequences} documents of {dtype.name}, the manifest says "
-                            f"{shard['documents']} of {manifest['dtype']}; re-run launch/prepare_data.py")
+            raise DataError(
+                f"{path}: its header says {sequences} documents of {dtype.name}, the manifest says "
+                f"{shard['documents']} of {manifest['dtype']}; re-run launch/prepare_data.py"
+            )
     if hash_limit_mb > 0 and sum(files[n]["size"] for n in names) <= hash_limit_mb * 1e6:
         for name in names:
             if sha256_file(os.path.join(directory, name)) != files[name]["sha256"]:
-                raise DataError(f"{os.path.join(directory, name)}: its sha256 differs from the manifest's (the file "
-                                f"was changed after preparation); re-run launch/prepare_data.py")
+                raise DataError(
+                    f"{os.path.join(directory, name)}: its sha256 differs from the manifest's (the file "
+                    f"was changed after preparation); re-run launch/prepare_data.py"
+                )
 
 
 def out_of_vocabulary(tokens: np.ndarray, vocab_size: int) -> np.ndarray:
     """Positions of token ids outside [0, vocab_size)."""
-    return np.flatnonzero((tokens >= vocab_size) | (tokens < 0)) if tokens.dtype.kind == "i" else np.flatnonzero(
-        tokens >= vocab_size)
+    return (
+        np.flatnonzero((tokens >= vocab_size) | (tokens < 0))
+        if tokens.dtype.kind == "i"
+        else np.flatnonzero(tokens >= vocab_size)
+    )
 
 
 def verify_dataset(directory: str) -> list[str]:
@@ -69,7 +78,7 @@ def verify_dataset(directory: str) -> list[str]:
         elif sha256_file(path) != want["sha256"]:
             problems.append(f"{path}: sha256 differs from the manifest's")
     vocab = manifest["tokenizer"].get("vocab_size")
-    for split, info in manifest["splits"].items():
+    for info in manifest["splits"].values():
         for shard in info["shards"]:
             prefix = os.path.join(directory, shard["prefix"])
             if not (os.path.isfile(prefix + ".idx") and os.path.isfile(prefix + ".bin")):
@@ -86,8 +95,10 @@ def _verify_shard(prefix: str, shard: dict, vocab: int | None) -> list[str]:
     lengths = ds.lengths.astype(np.int64)
     item = ds.dtype.itemsize
     if len(ds) != shard["documents"] or int(lengths.sum()) != shard["tokens"]:
-        return [f"{prefix}.idx: {len(ds)} documents of {int(lengths.sum())} tokens, the manifest says "
-                f"{shard['documents']} of {shard['tokens']}"]
+        return [
+            f"{prefix}.idx: {len(ds)} documents of {int(lengths.sum())} tokens, the manifest says "
+            f"{shard['documents']} of {shard['tokens']}"
+        ]
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]) * item
     if not np.array_equal(ds.pointers, starts) or ds.num_tokens != int(lengths.sum()):
         return [f"{prefix}.idx: its document pointers do not match its lengths and {prefix}.bin"]
@@ -95,10 +106,12 @@ def _verify_shard(prefix: str, shard: dict, vocab: int | None) -> list[str]:
         return []
     bounds = np.cumsum(lengths)
     for start in range(0, ds.num_tokens, SCAN_TOKENS):
-        bad = out_of_vocabulary(np.asarray(ds.tokens[start:start + SCAN_TOKENS]), vocab)
+        bad = out_of_vocabulary(np.asarray(ds.tokens[start : start + SCAN_TOKENS]), vocab)
         if len(bad):
             pos = start + int(bad[0])
             doc = int(np.searchsorted(bounds, pos, side="right"))
-            return [f"{prefix}.bin: token id {int(ds.tokens[pos])} at token {pos} (document {doc}) is outside "
-                    f"the vocabulary of {vocab}"]
+            return [
+                f"{prefix}.bin: token id {int(ds.tokens[pos])} at token {pos} (document {doc}) is outside "
+                f"the vocabulary of {vocab}"
+            ]
     return []

@@ -13,8 +13,9 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Optional
 
 from llmforge.config.data import SourceSpec
 from llmforge.data.sources import code, latex, tabular, text, web
@@ -108,8 +109,15 @@ def work_units(spec: SourceSpec, max_files: int = 2000, max_bytes: int = 64 << 2
 
 
 def reader_for(kind: str) -> Callable[[str, SourceSpec, Stats], Iterator[Document]]:
-    return {"text": text.read_text, "html": web.read_html_file, "warc": web.read_warc, "code": code.read_code,
-            "latex": latex.read_latex, "jsonl": tabular.read_jsonl, "parquet": tabular.read_parquet}[kind]
+    return {
+        "text": text.read_text,
+        "html": web.read_html_file,
+        "warc": web.read_warc,
+        "code": code.read_code,
+        "latex": latex.read_latex,
+        "jsonl": tabular.read_jsonl,
+        "parquet": tabular.read_parquet,
+    }[kind]
 
 
 def read_unit(unit: WorkUnit, spec: SourceSpec, stats: Stats) -> Iterator[Document]:

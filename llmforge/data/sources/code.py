@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Iterator, Optional
+from collections.abc import Iterator
+from typing import Optional
 
 from llmforge.config.data import SourceSpec
 from llmforge.data.sources.base import Document, Stats, count
@@ -17,32 +18,133 @@ from llmforge.data.sources.encoding import read_text_file
 from llmforge.data.sources.tabular import iter_json_records
 
 LANGUAGES = {
-    ".py": "python", ".pyi": "python", ".pyx": "cython", ".pxd": "cython", ".c": "c", ".h": "c",
-    ".cc": "c++", ".cpp": "c++", ".cxx": "c++", ".c++": "c++", ".hpp": "c++", ".hh": "c++", ".hxx": "c++",
-    ".h++": "c++", ".ipp": "c++", ".inl": "c++", ".tpp": "c++", ".cu": "cuda", ".cuh": "cuda", ".m": "objective-c",
-    ".mm": "objective-c++", ".java": "java", ".kt": "kotlin", ".kts": "kotlin", ".scala": "scala", ".sc": "scala",
-    ".groovy": "groovy", ".gradle": "groovy", ".clj": "clojure", ".cljs": "clojure", ".js": "javascript",
-    ".mjs": "javascript", ".cjs": "javascript", ".jsx": "javascript", ".ts": "typescript", ".tsx": "typescript",
-    ".mts": "typescript", ".vue": "vue", ".svelte": "svelte", ".go": "go", ".rs": "rust", ".rb": "ruby",
-    ".php": "php", ".cs": "c#", ".fs": "f#", ".vb": "visual-basic", ".swift": "swift", ".dart": "dart",
-    ".sh": "shell", ".bash": "shell", ".zsh": "shell", ".fish": "shell", ".ps1": "powershell", ".bat": "batchfile",
-    ".cmd": "batchfile", ".lua": "lua", ".r": "r", ".jl": "julia", ".hs": "haskell", ".ml": "ocaml",
-    ".mli": "ocaml", ".ex": "elixir", ".exs": "elixir", ".erl": "erlang", ".el": "emacs-lisp", ".lisp": "lisp",
-    ".scm": "scheme", ".nim": "nim", ".zig": "zig", ".d": "d", ".pas": "pascal", ".f": "fortran", ".f77": "fortran",
-    ".f90": "fortran", ".f95": "fortran", ".f03": "fortran", ".pl": "perl", ".pm": "perl", ".tcl": "tcl",
-    ".awk": "awk", ".sql": "sql", ".proto": "protocol-buffer", ".graphql": "graphql", ".s": "assembly",
-    ".asm": "assembly", ".v": "verilog", ".sv": "systemverilog", ".vhd": "vhdl", ".vhdl": "vhdl",
-    ".html": "html", ".css": "css", ".scss": "scss", ".sass": "sass", ".less": "less", ".md": "markdown",
-    ".rst": "restructuredtext", ".tex": "tex", ".yaml": "yaml", ".yml": "yaml", ".toml": "toml", ".ini": "ini",
-    ".cfg": "ini", ".cmake": "cmake", ".mk": "makefile", ".bzl": "starlark", ".tf": "hcl", ".hcl": "hcl",
-    ".dockerfile": "dockerfile", ".ipynb": "jupyter",
+    ".py": "python",
+    ".pyi": "python",
+    ".pyx": "cython",
+    ".pxd": "cython",
+    ".c": "c",
+    ".h": "c",
+    ".cc": "c++",
+    ".cpp": "c++",
+    ".cxx": "c++",
+    ".c++": "c++",
+    ".hpp": "c++",
+    ".hh": "c++",
+    ".hxx": "c++",
+    ".h++": "c++",
+    ".ipp": "c++",
+    ".inl": "c++",
+    ".tpp": "c++",
+    ".cu": "cuda",
+    ".cuh": "cuda",
+    ".m": "objective-c",
+    ".mm": "objective-c++",
+    ".java": "java",
+    ".kt": "kotlin",
+    ".kts": "kotlin",
+    ".scala": "scala",
+    ".sc": "scala",
+    ".groovy": "groovy",
+    ".gradle": "groovy",
+    ".clj": "clojure",
+    ".cljs": "clojure",
+    ".js": "javascript",
+    ".mjs": "javascript",
+    ".cjs": "javascript",
+    ".jsx": "javascript",
+    ".ts": "typescript",
+    ".tsx": "typescript",
+    ".mts": "typescript",
+    ".vue": "vue",
+    ".svelte": "svelte",
+    ".go": "go",
+    ".rs": "rust",
+    ".rb": "ruby",
+    ".php": "php",
+    ".cs": "c#",
+    ".fs": "f#",
+    ".vb": "visual-basic",
+    ".swift": "swift",
+    ".dart": "dart",
+    ".sh": "shell",
+    ".bash": "shell",
+    ".zsh": "shell",
+    ".fish": "shell",
+    ".ps1": "powershell",
+    ".bat": "batchfile",
+    ".cmd": "batchfile",
+    ".lua": "lua",
+    ".r": "r",
+    ".jl": "julia",
+    ".hs": "haskell",
+    ".ml": "ocaml",
+    ".mli": "ocaml",
+    ".ex": "elixir",
+    ".exs": "elixir",
+    ".erl": "erlang",
+    ".el": "emacs-lisp",
+    ".lisp": "lisp",
+    ".scm": "scheme",
+    ".nim": "nim",
+    ".zig": "zig",
+    ".d": "d",
+    ".pas": "pascal",
+    ".f": "fortran",
+    ".f77": "fortran",
+    ".f90": "fortran",
+    ".f95": "fortran",
+    ".f03": "fortran",
+    ".pl": "perl",
+    ".pm": "perl",
+    ".tcl": "tcl",
+    ".awk": "awk",
+    ".sql": "sql",
+    ".proto": "protocol-buffer",
+    ".graphql": "graphql",
+    ".s": "assembly",
+    ".asm": "assembly",
+    ".v": "verilog",
+    ".sv": "systemverilog",
+    ".vhd": "vhdl",
+    ".vhdl": "vhdl",
+    ".html": "html",
+    ".css": "css",
+    ".scss": "scss",
+    ".sass": "sass",
+    ".less": "less",
+    ".md": "markdown",
+    ".rst": "restructuredtext",
+    ".tex": "tex",
+    ".yaml": "yaml",
+    ".yml": "yaml",
+    ".toml": "toml",
+    ".ini": "ini",
+    ".cfg": "ini",
+    ".cmake": "cmake",
+    ".mk": "makefile",
+    ".bzl": "starlark",
+    ".tf": "hcl",
+    ".hcl": "hcl",
+    ".dockerfile": "dockerfile",
+    ".ipynb": "jupyter",
 }
 # Files recognised by their whole name (no or a misleading extension).
 FILE_NAMES = {
-    "makefile": "makefile", "gnumakefile": "makefile", "cmakelists.txt": "cmake", "dockerfile": "dockerfile",
-    "containerfile": "dockerfile", "meson.build": "meson", "build": "starlark", "build.bazel": "starlark",
-    "workspace": "starlark", "jenkinsfile": "groovy", "vagrantfile": "ruby", "gemfile": "ruby", "rakefile": "ruby",
-    "sconstruct": "python", "sconscript": "python",
+    "makefile": "makefile",
+    "gnumakefile": "makefile",
+    "cmakelists.txt": "cmake",
+    "dockerfile": "dockerfile",
+    "containerfile": "dockerfile",
+    "meson.build": "meson",
+    "build": "starlark",
+    "build.bazel": "starlark",
+    "workspace": "starlark",
+    "jenkinsfile": "groovy",
+    "vagrantfile": "ruby",
+    "gemfile": "ruby",
+    "rakefile": "ruby",
+    "sconstruct": "python",
+    "sconscript": "python",
 }
 
 
@@ -69,10 +171,16 @@ def notebook_text(raw: str) -> Optional[tuple[str, str]]:
     if not isinstance(nb, dict) or not isinstance(nb.get("cells"), list):
         return None
     meta = nb.get("metadata") or {}
-    language = str((meta.get("kernelspec") or {}).get("language") or (meta.get("language_info") or {}).get("name")
-                   or "python").lower()
-    comment = "//" if language in ("c++", "c", "java", "javascript", "typescript", "scala", "go", "rust") else \
-        "--" if language in ("sql", "haskell", "lua") else "#"
+    language = str(
+        (meta.get("kernelspec") or {}).get("language") or (meta.get("language_info") or {}).get("name") or "python"
+    ).lower()
+    comment = (
+        "//"
+        if language in ("c++", "c", "java", "javascript", "typescript", "scala", "go", "rust")
+        else "--"
+        if language in ("sql", "haskell", "lua")
+        else "#"
+    )
     parts = []
     for cell in nb["cells"]:
         if not isinstance(cell, dict):

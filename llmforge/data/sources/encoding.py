@@ -18,30 +18,61 @@ from __future__ import annotations
 
 import codecs
 import re
+from typing import Optional
 
 from charset_normalizer import from_bytes
-from typing import Optional
 
 from llmforge.data.sources.base import Stats, count
 
 # File signatures of formats that are never text (the first bytes of the file).
 MAGIC = {
-    b"\x89PNG\r\n\x1a\n": "png", b"\xff\xd8\xff": "jpeg", b"GIF87a": "gif", b"GIF89a": "gif", b"\x7fELF": "elf",
-    b"\x1f\x8b": "gzip", b"PK\x03\x04": "zip", b"%PDF-": "pdf", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz",
-    b"7z\xbc\xaf\x27\x1c": "7z", b"\x28\xb5\x2f\xfd": "zstd", b"\xca\xfe\xba\xbe": "mach-o",
-    b"\xcf\xfa\xed\xfe": "mach-o", b"MZ": "pe", b"\x00asm": "wasm", b"RIFF": "riff", b"OggS": "ogg", b"ID3": "mp3", b"fLaC": "flac",
-    b"\x00\x00\x01\x00": "ico", b"wOFF": "woff", b"wOF2": "woff2", b"SQLite format 3\x00": "sqlite",
-    b"\x93NUMPY": "npy", b"!<arch>\n": "ar",
+    b"\x89PNG\r\n\x1a\n": "png",
+    b"\xff\xd8\xff": "jpeg",
+    b"GIF87a": "gif",
+    b"GIF89a": "gif",
+    b"\x7fELF": "elf",
+    b"\x1f\x8b": "gzip",
+    b"PK\x03\x04": "zip",
+    b"%PDF-": "pdf",
+    b"BZh": "bzip2",
+    b"\xfd7zXZ\x00": "xz",
+    b"7z\xbc\xaf\x27\x1c": "7z",
+    b"\x28\xb5\x2f\xfd": "zstd",
+    b"\xca\xfe\xba\xbe": "mach-o",
+    b"\xcf\xfa\xed\xfe": "mach-o",
+    b"MZ": "pe",
+    b"\x00asm": "wasm",
+    b"RIFF": "riff",
+    b"OggS": "ogg",
+    b"ID3": "mp3",
+    b"fLaC": "flac",
+    b"\x00\x00\x01\x00": "ico",
+    b"wOFF": "woff",
+    b"wOF2": "woff2",
+    b"SQLite format 3\x00": "sqlite",
+    b"\x93NUMPY": "npy",
+    b"!<arch>\n": "ar",
 }
-_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
-         (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF8, "utf-8-sig"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
 _CODING_LINE = re.compile(rb"^[ \t\f]*(?:#|//|/\*|--|;|%|<!--).*?coding[:=][ \t]*([-\w.]+)", re.M)
 _INPUTENC = re.compile(rb"\\usepackage\[([-\w.]+)\]\{inputenc\}")
 _XML_DECL = re.compile(rb"<\?xml[^>]{0,200}?encoding=[\"']([-\w.]+)[\"']")
 _META_CHARSET = re.compile(rb"<meta[^>]{0,200}?charset=[\"']?([-\w.]+)", re.I)
 # LaTeX inputenc option names that Python's codec registry does not know under that name.
-_ALIASES = {"latin9": "iso8859-15", "ansinew": "cp1252", "applemac": "mac-roman", "utf8x": "utf-8",
-            "decmulti": "latin-1", "next": "latin-1"}
+_ALIASES = {
+    "latin9": "iso8859-15",
+    "ansinew": "cp1252",
+    "applemac": "mac-roman",
+    "utf8x": "utf-8",
+    "decmulti": "latin-1",
+    "next": "latin-1",
+}
 SNIFF_BYTES = 8192
 MAX_REPLACEMENT_FRACTION = 0.01  # more U+FFFD than this in decoded text: not text
 
@@ -106,7 +137,7 @@ def _decode(data: bytes) -> tuple[str, Optional[str]]:
     bad = lossy.count("\ufffd")
     if sum(ord(c) > 127 for c in lossy) - bad >= bad:
         return lossy, "invalid-utf-8"  # UTF-8 with a few bad bytes (a mixed file), not a legacy encoding
-    best = from_bytes(data[:1 << 20]).best()
+    best = from_bytes(data[: 1 << 20]).best()
     if best is not None and best.encoding:
         try:
             return data.decode(best.encoding), codecs.lookup(best.encoding).name

@@ -8,7 +8,8 @@ import os
 import re
 import tarfile
 import zlib
-from typing import Iterator, Optional
+from collections.abc import Iterator
+from typing import Optional
 
 from llmforge.config.data import SourceSpec
 from llmforge.data.sources.base import Document, Stats, count
@@ -20,8 +21,10 @@ _COMMENT = re.compile(r"(?<!\\)%.*")
 _NEWCOMMAND = re.compile(r"\\(?:re)?newcommand\*?\s*\{?\s*(\\[A-Za-z]+)\s*\}?\s*\{")
 _DEF = re.compile(r"\\def\s*(\\[A-Za-z]+)\s*\{")
 _BIB_ENV = re.compile(r"\\begin\{thebibliography\}.*?\\end\{thebibliography\}", re.S)
-_BIB_CMDS = re.compile(r"\\(?:bibliographystyle|bibliography|printbibliography|addbibresource|nocite)(?![A-Za-z])"
-                       r"\*?(?:\[[^\]]*\])?(?:\{[^}]*\})?")
+_BIB_CMDS = re.compile(
+    r"\\(?:bibliographystyle|bibliography|printbibliography|addbibresource|nocite)(?![A-Za-z])"
+    r"\*?(?:\[[^\]]*\])?(?:\{[^}]*\})?"
+)
 
 
 def _braced(text: str, start: int) -> Optional[tuple[str, int]]:
@@ -61,7 +64,7 @@ def collect_macros(tex: str) -> tuple[dict[str, str], str]:
         value, end = body
         if "#" not in value:  # macros with arguments are left as they are
             macros[name] = value
-            out.append(tex[pos:m.start()])
+            out.append(tex[pos : m.start()])
             pos = end
     out.append(tex[pos:])
     return macros, "".join(out)
@@ -81,8 +84,9 @@ def expand_macros(tex: str, macros: dict[str, str], rounds: int = 3) -> str:
 
 _INCLUDE = re.compile(
     r"\\(?:input|include|subfile|subfileinclude)(?![A-Za-z])\s*\{([^{}]+)\}"  # \input{x}, \include{x}, \subfile{x}
-    r"|\\input(?![A-Za-z])[ \t]+([^\s{}\\%]+)"                               # TeX's \input x
-    r"|\\(?:sub)?(?:import|inputfrom|includefrom)\*?\s*\{([^{}]*)\}\s*\{([^{}]+)\}")  # \import{dir/}{x}
+    r"|\\input(?![A-Za-z])[ \t]+([^\s{}\\%]+)"  # TeX's \input x
+    r"|\\(?:sub)?(?:import|inputfrom|includefrom)\*?\s*\{([^{}]*)\}\s*\{([^{}]+)\}"
+)  # \import{dir/}{x}
 _DOCUMENT = re.compile(r"\\documentclass|\\begin\{document\}")
 MAX_INCLUDE_DEPTH = 20
 TEX_EXTENSIONS = (".tex", ".ltx")
@@ -105,8 +109,14 @@ class Sources:
         return None
 
 
-def resolve_includes(tex: str, sources: Sources, base: str, stats: Stats, stack: tuple[str, ...] = (),
-                     missing: Optional[list[str]] = None) -> str:
+def resolve_includes(
+    tex: str,
+    sources: Sources,
+    base: str,
+    stats: Stats,
+    stack: tuple[str, ...] = (),
+    missing: Optional[list[str]] = None,
+) -> str:
     """`tex` with every include replaced by the included file's text (comments removed first, so commented-out
     includes stay out), recursively. Missing files, includes of other formats, cycles and nesting deeper than
     MAX_INCLUDE_DEPTH are counted (`latex:missing_include`, `latex:include_not_tex`, `latex:include_cycle`,
@@ -156,7 +166,7 @@ def _clean_body(tex: str) -> str:
     macros, tex = collect_macros(tex)
     begin = tex.find("\\begin{document}")
     if begin >= 0:
-        tex = tex[begin + len("\\begin{document}"):]
+        tex = tex[begin + len("\\begin{document}") :]
     end = tex.find("\\end{document}")
     if end >= 0:
         tex = tex[:end]
@@ -188,18 +198,25 @@ def documents(sources: Sources, stats: Stats, label: str) -> list[tuple[str, str
     \\includes fifteen chapters is short itself). Other roots (a supplement, a response letter) are documents of
     their own (`latex:extra_documents`); .tex files no root reaches are counted as `skipped:latex_unreferenced`."""
     included = set().union(*(_referenced(sources, p) for p in sources.files)) if sources.files else set()
-    roots = [p for p in sorted(sources.files) if _DOCUMENT.search(strip_comments(sources.files[p]))
-             and p not in included]
+    roots = [
+        p for p in sorted(sources.files) if _DOCUMENT.search(strip_comments(sources.files[p])) and p not in included
+    ]
     if not roots:
         return []
     out, reached = [], set()
     for root in roots:
         missing: list[str] = []
-        text = _clean_body(resolve_includes(sources.files[root], sources, os.path.dirname(root), stats, (root,),
-                                            missing))
+        text = _clean_body(
+            resolve_includes(sources.files[root], sources, os.path.dirname(root), stats, (root,), missing)
+        )
         if missing:
-            log.warning("%s:%s: %d included file(s) not found: %s", label, root, len(missing),
-                        ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))
+            log.warning(
+                "%s:%s: %d included file(s) not found: %s",
+                label,
+                root,
+                len(missing),
+                ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""),
+            )
         reached |= _closure(sources, root)
         out.append((root, text))
     out.sort(key=lambda rt: -len(rt[1]))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import gzip
 import json
-from typing import Any, Iterator, Optional
+from collections.abc import Iterator
+from typing import Any, Optional
 
 from llmforge.config.data import SourceSpec
 from llmforge.data.sources.base import Document, Stats, count

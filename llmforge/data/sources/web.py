@@ -12,7 +12,8 @@ pages and takes 77 / 119 ms. resiliparse also writes one paragraph per line, whi
 from __future__ import annotations
 
 import zlib
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from warcio.archiveiterator import ArchiveIterator
 from warcio.exceptions import ArchiveLoadFailed
@@ -87,8 +88,9 @@ def read_warc(path: str, spec: SourceSpec, stats: Stats) -> Iterator[Document]:
             except (zlib.error, EOFError, OSError, ValueError):
                 count(stats, "skipped:corrupt_warc")
                 return
-            has_digest = record.rec_headers.get_header("WARC-Block-Digest") or \
-                record.rec_headers.get_header("WARC-Payload-Digest")
+            has_digest = record.rec_headers.get_header("WARC-Block-Digest") or record.rec_headers.get_header(
+                "WARC-Payload-Digest"
+            )
             if has_digest and record.digest_checker.passed is not True:
                 count(stats, "skipped:corrupt_warc")
                 return
