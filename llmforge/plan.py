@@ -55,7 +55,7 @@ from llmforge.config.deepspeed import compose_ds_config, refused_stage, resolve_
 from llmforge.config.parallel import Layout, check_layout, make_layout
 from llmforge.config.recipe import ModelConfig
 from llmforge.errors import RecipeError
-from llmforge.model.flops import flops_per_token
+from llmforge.model.flops import flops_per_token, inactive_params
 from llmforge.model.gpt import GPT
 from llmforge.model.parallel import tensor_shard_dim
 
@@ -276,7 +276,7 @@ def plan(
             comm = communication_bytes(
                 cfg, layout, n_rank, stage, recipe.data.seq_len, t.micro_batch_size, t.grad_accum_steps, mode
             )
-            fpt = flops_per_token(n_body, cfg, recipe.data.seq_len)
+            fpt = flops_per_token(n_body - inactive_params(cfg), cfg, recipe.data.seq_len)
             recompute = {
                 "none": 0.0,
                 "selective": 12.0 * cfg.n_layers * cfg.d_model * recipe.data.seq_len / 3,

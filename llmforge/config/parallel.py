@@ -110,6 +110,14 @@ def check_layout(recipe: Recipe, world: int, zero_stage: int, origin: str, ranks
     p, m = recipe.parallel, recipe.model
     tp, sp = p.tensor, p.sequence
     make_layout(recipe, world, 0, origin)
+    if m.moe.enabled and (tp > 1 or sp > 1):
+        key = "parallel.tensor" if tp > 1 else "parallel.sequence"
+        raise RecipeError(
+            origin,
+            key,
+            f"{key.split('.')[1]} parallelism is not yet checked with mixture-of-experts blocks (model.moe); "
+            "train an MoE model data-parallel (parallel.tensor: 1, parallel.sequence: 1)",
+        )
     if tp > 1:
         if zero_stage == 3:
             raise RecipeError(

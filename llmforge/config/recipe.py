@@ -55,6 +55,48 @@ class ActivationCheckpointingConfig:
 
 
 @dataclass
+class MoEConfig:
+    num_experts: int = doc(0, "Routed experts per MoE block; 0 = a dense model (every block has one SwiGLU MLP).")
+    top_k: int = doc(2, "Experts each token is routed to (softmax over all experts, then the top k, renormalised).")
+    every: int = doc(1, "Blocks 0, every, 2·every, ... are MoE blocks, the others dense; ignored when layers is set.")
+    layers: Optional[list[int]] = doc(None, "Exactly these blocks (0-based) are MoE blocks; null: see every.")
+    d_ff: Optional[int] = doc(None, "Hidden size of each expert's SwiGLU; null = model.d_ff's resolved width.")
+    shared_experts: int = doc(0, "Experts every token also passes through, unweighted (DeepSeek-MoE, Qwen2-MoE).")
+    capacity_factor: Optional[float] = doc(
+        None,
+        "null: dropless (every token reaches its top-k experts). A number c: an expert takes at most "
+        "ceil(c · tokens · top_k / num_experts) tokens of a micro-batch, in token order; the rest are dropped "
+        "(that expert adds nothing for them) and counted in the metrics.",
+    )
+    aux_loss_weight: float = doc(
+        0.01, "Weight of the load-balancing loss num_experts · sum_e f_e · P_e (Switch; Mixtral's form for top-k)."
+    )
+    router_z_loss_weight: float = doc(
+        0.001, "Weight of the router z-loss, the mean squared log-sum-exp of the router logits (ST-MoE)."
+    )
+    impl: Literal["grouped", "loop"] = doc(
+        "grouped",
+        "grouped: every expert in one grouped GEMM (torch grouped_mm) over tokens sorted by expert; loop: one "
+        "matmul per expert (the reference; same results).",
+    )
+
+    def __post_init__(self) -> None:
+        positive(self, "top_k", "every", "d_ff", "capacity_factor")
+        if self.num_experts < 0 or self.shared_experts < 0:
+            raise ConfigError("num_experts", "num_experts and shared_experts must be >= 0")
+        if self.num_experts and self.top_k > self.num_experts:
+            raise ConfigError("top_k", f"{self.top_k} is more than num_experts={self.num_experts}")
+        if self.aux_loss_weight < 0 or self.router_z_loss_weight < 0:
+            raise ConfigError("aux_loss_weight", "aux_loss_weight and router_z_loss_weight must be >= 0")
+        if self.layers is not None and (not self.layers or min(self.layers) < 0):
+            raise ConfigError("layers", f"must be non-empty block indices >= 0, got {self.layers}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.num_experts > 0
+
+
+@dataclass
 class ModelConfig:
     vocab_size: Optional[int] = doc(None, "Vocabulary size; null takes it from the tokenizer.")
     max_seq_len: Optional[int] = doc(None, "Longest sequence the model accepts; null takes data.seq_len.")
@@ -77,6 +119,7 @@ class ModelConfig:
     activation_checkpointing: ActivationCheckpointingConfig = doc(
         text="Recompute activations in the backward pass to save memory.", factory=ActivationCheckpointingConfig
     )
+    moe: MoEConfig = doc(text="Mixture of experts: which blocks route tokens to experts, and how.", factory=MoEConfig)
 
     def __post_init__(self) -> None:
         positive(
@@ -100,6 +143,18 @@ class ModelConfig:
             raise ConfigError("d_model", f"head dim {self.d_model // self.n_heads} must be even for rope")
         if self.n_heads % self.kv_heads:
             raise ConfigError("n_kv_heads", f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.kv_heads}")
+        if self.moe.enabled:
+            if self.mlp != "swiglu":
+                raise ConfigError("moe.num_experts", f"experts are SwiGLU MLPs; set model.mlp: swiglu (got {self.mlp})")
+            outside = [i for i in self.moe_layers if i >= self.n_layers]
+            if outside:
+                raise ConfigError("moe.layers", f"{outside} outside the {self.n_layers} blocks (0-based)")
+            if self.moe.impl == "grouped" and (self.d_model % 8 or self.expert_ff % 8):
+                raise ConfigError(
+                    "moe.impl",
+                    f"grouped GEMM needs d_model ({self.d_model}) and the expert width ({self.expert_ff}) divisible "
+                    "by 8; use moe.impl: loop",
+                )
 
     @property
     def kv_heads(self) -> int:
@@ -108,6 +163,20 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def moe_layers(self) -> list[int]:
+        """The blocks whose MLP is a mixture of experts (none for a dense model)."""
+        if not self.moe.enabled:
+            return []
+        if self.moe.layers is not None:
+            return sorted(set(self.moe.layers))
+        return list(range(0, self.n_layers, self.moe.every))
+
+    @property
+    def expert_ff(self) -> int:
+        """Hidden size of one expert."""
+        return self.moe.d_ff or self.ff_dim
 
     @property
     def ff_dim(self) -> int:

@@ -1,14 +1,16 @@
 """A decoder-only transformer in one file: embeddings → pre-norm blocks (attention + MLP) → final norm → LM head.
 
-Blocks hold `attn_norm, attn, mlp_norm, mlp`. Attention is causal with grouped-query heads, via
-`scaled_dot_product_attention` or an explicit mask + softmax reference path. Positions are rotary (RoPE, the
-half-split convention used by Llama) or learned. DeepSpeed, activation checkpointing and parallelism live elsewhere.
+Blocks hold `attn_norm, attn, mlp_norm` and either `mlp` (dense) or `moe` (a mixture of experts: a router `gate` and
+stacked SwiGLU experts, Mixtral's routing; its auxiliary losses come back beside the block's output). Attention is
+causal with grouped-query heads, via `scaled_dot_product_attention` or an explicit mask + softmax reference path.
+Positions are rotary (RoPE, the half-split convention used by Llama) or learned. DeepSpeed, activation checkpointing
+and parallelism live elsewhere.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -132,18 +134,114 @@ def reference_attention(
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, width: Optional[int] = None):
         super().__init__()
-        self.kind = cfg.mlp
+        self.kind, ff = cfg.mlp, width or cfg.ff_dim
         if cfg.mlp == "swiglu":
-            self.gate = nn.Linear(cfg.d_model, cfg.ff_dim, bias=False)
-        self.up = nn.Linear(cfg.d_model, cfg.ff_dim, bias=False)
-        self.down = nn.Linear(cfg.ff_dim, cfg.d_model, bias=False)
+            self.gate = nn.Linear(cfg.d_model, ff, bias=False)
+        self.up = nn.Linear(cfg.d_model, ff, bias=False)
+        self.down = nn.Linear(ff, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "swiglu":
             return self.down(F.silu(self.gate(x)) * self.up(x))
         return self.down(F.gelu(self.up(x), approximate="tanh"))
+
+
+class RouterOutput(NamedTuple):
+    """What an MoE block reports beside its output: the auxiliary loss it adds to the training objective, and
+    detached measurements for the metrics."""
+
+    loss: torch.Tensor  # aux_loss_weight · balance + router_z_loss_weight · z (carries gradient to the router)
+    balance: torch.Tensor  # load-balancing loss: num_experts · sum_e (assignments to e / tokens) · mean prob of e
+    z: torch.Tensor  # router z-loss: mean over tokens of logsumexp(router logits)²
+    load: torch.Tensor  # (num_experts,) token assignments each expert was chosen for (before any capacity drop)
+    dropped: torch.Tensor  # assignments dropped by the capacity limit (0 when dropless)
+    layer: int  # the block's index
+
+
+class Experts(nn.Module):
+    """`n` SwiGLU MLPs stored stacked, Mixtral's names per expert: w1 (gate) and w3 (up) of shape (n, ff, d_model), w2
+    (down) of shape (n, d_model, ff). `forward` takes tokens already sorted by expert and each expert's count."""
+
+    def __init__(self, n: int, d_model: int, ff: int, impl: str):
+        super().__init__()
+        self.impl = impl
+        self.w1 = nn.Parameter(torch.empty(n, ff, d_model))
+        self.w3 = nn.Parameter(torch.empty(n, ff, d_model))
+        self.w2 = nn.Parameter(torch.empty(n, d_model, ff))
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        if self.impl == "grouped":
+            # One grouped GEMM per projection: rows offs[e-1]..offs[e] of x go through expert e.
+            offs = counts.cumsum(0).to(torch.int32)
+            h = F.silu(F.grouped_mm(x, self.w1.transpose(1, 2), offs=offs))
+            h = h * F.grouped_mm(x, self.w3.transpose(1, 2), offs=offs)
+            return F.grouped_mm(h, self.w2.transpose(1, 2), offs=offs)
+        outs = []
+        for e, xe in enumerate(torch.split(x, counts.tolist())):  # the reference: one matmul per expert
+            outs.append((F.silu(xe @ self.w1[e].T) * (xe @ self.w3[e].T)) @ self.w2[e].T)
+        return torch.cat(outs)
+
+
+class MoE(nn.Module):
+    """A sparse MLP (Mixtral's routing): the router `gate` (no bias) scores the experts, a softmax over all of them
+    in fp32 picks each token's top_k, whose weights are renormalised to sum to 1; the token's output is the weighted
+    sum of those experts' outputs, plus the shared experts' (every token, unweighted) when there are any. With a
+    capacity factor each expert takes at most ceil(c · tokens · top_k / num_experts) assignments of the call, first
+    choices of every token before second choices (GShard's priority), in token order; a dropped assignment adds
+    nothing. Returns (output, RouterOutput)."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        m = cfg.moe
+        self.layer = layer
+        self.num_experts, self.top_k, self.capacity_factor = m.num_experts, m.top_k, m.capacity_factor
+        self.aux_weight, self.z_weight = m.aux_loss_weight, m.router_z_loss_weight
+        self.gate = nn.Linear(cfg.d_model, m.num_experts, bias=False)
+        self.experts = Experts(m.num_experts, cfg.d_model, cfg.expert_ff, m.impl)
+        self.shared = MLP(cfg, m.shared_experts * cfg.expert_ff) if m.shared_experts else None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:
+        shape, E, k = x.shape, self.num_experts, self.top_k
+        h = x.reshape(-1, shape[-1])
+        n = h.shape[0]
+        logits = self.gate(h).float()
+        probs = logits.softmax(dim=-1)
+        weights, chosen = probs.topk(k, dim=-1)  # (n, k)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        # Assignments in priority order: every token's first choice, then every token's second, ...
+        expert = chosen.T.reshape(-1)
+        token = torch.arange(n, device=h.device).repeat(k)
+        weight = weights.T.reshape(-1)
+        load = torch.bincount(expert, minlength=E)
+        dropped = load.new_zeros(())
+        if self.capacity_factor is not None:
+            capacity = math.ceil(self.capacity_factor * n * k / E)
+            onehot = F.one_hot(expert, E)
+            place = (onehot.cumsum(dim=0) * onehot).sum(dim=-1) - 1  # 0-based position in its expert's queue
+            kept = place < capacity
+            dropped = (~kept).sum()
+            expert, token, weight = expert[kept], token[kept], weight[kept]
+        order = torch.argsort(expert, stable=True)  # group by expert, keeping priority order within each
+        token, weight = token[order], weight[order]
+        counts = torch.bincount(expert, minlength=E)
+        y = self.experts(h[token], counts)
+        out = torch.zeros_like(h, dtype=torch.float32).index_add_(0, token, y.float() * weight[:, None])
+        out = out.to(h.dtype)
+        if self.shared is not None:
+            out = out + self.shared(h)
+        balance = E * (load.float() / n * probs.mean(dim=0)).sum()
+        z = torch.logsumexp(logits, dim=-1).pow(2).mean()
+        aux = RouterOutput(
+            self.aux_weight * balance + self.z_weight * z,
+            balance.detach(),
+            z.detach(),
+            load.detach(),
+            dropped,
+            self.layer,
+        )
+        return out.view(shape), aux
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -153,21 +251,28 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(attn_norm(x)), then + mlp(mlp_norm(x))."""
+    """Pre-norm residual block: x + attn(attn_norm(x)), then + mlp(mlp_norm(x)) (or + moe(mlp_norm(x)) in an MoE
+    block). Returns (x, the MoE block's RouterOutput or None)."""
 
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.attn_norm = make_norm(cfg)
         self.attn = Attention(cfg, layer)
         self.mlp_norm = make_norm(cfg)
-        self.mlp = MLP(cfg)
+        sparse = layer in cfg.moe_layers
+        self.mlp = None if sparse else MLP(cfg)
+        self.moe = MoE(cfg, layer) if sparse else None
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(
         self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None, cache: Optional[KVCache] = None
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, Optional[RouterOutput]]:
         x = x + self.dropout(self.attn(self.attn_norm(x), rope, cache))
-        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+        if self.moe is None:
+            assert self.mlp is not None
+            return x + self.dropout(self.mlp(self.mlp_norm(x))), None
+        y, router = self.moe(self.mlp_norm(x))
+        return x + self.dropout(y), router
 
 
 class TokenLoss(nn.Module):
@@ -212,7 +317,15 @@ class GPT(nn.Module):
         for block in self.blocks:
             assert isinstance(block, Block)
             nn.init.normal_(block.attn.wo.weight, mean=0.0, std=residual_std)
-            nn.init.normal_(block.mlp.down.weight, mean=0.0, std=residual_std)
+            if block.mlp is not None:
+                nn.init.normal_(block.mlp.down.weight, mean=0.0, std=residual_std)
+            else:
+                assert block.moe is not None
+                nn.init.normal_(block.moe.experts.w1, mean=0.0, std=std)
+                nn.init.normal_(block.moe.experts.w3, mean=0.0, std=std)
+                nn.init.normal_(block.moe.experts.w2, mean=0.0, std=residual_std)
+                if block.moe.shared is not None:
+                    nn.init.normal_(block.moe.shared.down.weight, mean=0.0, std=residual_std)
 
     def forward(
         self,
@@ -223,9 +336,13 @@ class GPT(nn.Module):
         z_loss: float = 0.0,
         offset: int = 0,
         totals: Optional[tuple[torch.Tensor, int]] = None,
+        router: Optional[list[RouterOutput]] = None,
     ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """Logits (B, T, vocab) and, given targets, the loss: mean next-token cross-entropy in fp32 over targets that
         are not IGNORE_INDEX, plus z_loss × the mean squared log-partition (PaLM's z-loss) when z_loss > 0.
+
+        The loss is the language-modelling loss only: MoE blocks append their RouterOutput (auxiliary losses, expert
+        load) to `router` when a list is given, and a training objective adds their `loss` (train/trainer.py).
 
         loss_chunk > 0 (with targets): the LM head and loss run over that many tokens at a time, each chunk's logits
         recomputed in the backward pass, so the (tokens × vocab) logits are never held whole; logits come back None.
@@ -246,7 +363,9 @@ class GPT(nn.Module):
             rope = rope_tables(T, self.cfg.head_dim, self.cfg.rope_theta, start, idx.device)
         x = self.drop(x)
         for block in self.blocks:
-            x = block(x, rope, cache)
+            x, routed = block(x, rope, cache)
+            if routed is not None and router is not None:
+                router.append(routed)
         h = self.norm(x)
         if targets is None:
             return self.lm_head(h), None
@@ -285,8 +404,15 @@ class GPT(nn.Module):
     def _chunk_loss(self, h: torch.Tensor, targets: torch.Tensor, with_z: bool) -> tuple[torch.Tensor, torch.Tensor]:
         return self.loss(self.lm_head(h), targets, with_z)
 
-    def num_params(self, non_embedding: bool = True) -> int:
+    def num_params(self, non_embedding: bool = True, active: bool = False) -> int:
+        """Parameters (without the embeddings when non_embedding); `active`: those one token uses (an MoE block's
+        top_k of its routed experts)."""
         n = sum(p.numel() for p in self.parameters())
+        if active:
+            for moe in self.modules():
+                if isinstance(moe, MoE):
+                    per_expert = sum(p[0].numel() for p in moe.experts.parameters())
+                    n -= per_expert * (moe.num_experts - moe.top_k)
         if non_embedding:
             n -= self.tok_emb.weight.numel()
             if self.pos_emb is not None:

@@ -69,7 +69,13 @@ def apply_fp8(model: GPT, cfg: Fp8Config) -> int:
     converted = []
 
     def chosen(module: nn.Module, fqn: str) -> bool:
-        take = isinstance(module, nn.Linear) and fqn.startswith("blocks.") and fqn.split(".")[-1] in cfg.layers
+        # An MoE block's router and shared experts stay in the training precision (experts are not Linear layers).
+        take = (
+            isinstance(module, nn.Linear)
+            and fqn.startswith("blocks.")
+            and ".moe." not in fqn
+            and fqn.split(".")[-1] in cfg.layers
+        )
         if take:
             converted.append(fqn)
         return take

@@ -66,6 +66,17 @@ class DPO(SFT):
     name = "dpo"
     data_class = PreferenceData
 
+    def setup(self, recipe: Recipe, origin: str, resume: ResumePoint, zero_stage: int) -> TaskSetup:
+        setup = super().setup(recipe, origin, resume, zero_stage)
+        if setup.recipe.model.moe.enabled:
+            raise RecipeError(
+                origin,
+                "train.init_from",
+                "is a mixture-of-experts model: DPO does not train one yet (its loss has no load-balancing term); "
+                "fine-tune it with launch/sft.py",
+            )
+        return setup
+
     def objective(self, engine: Any, setup: TaskSetup, run_dir: str, layout: Layout, fresh: bool) -> Objective:
         recipe = setup.recipe
         d = recipe.posttrain.dpo

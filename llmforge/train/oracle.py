@@ -23,6 +23,7 @@ from llmforge.config import Recipe
 from llmforge.data.loader import micro_batch_indices
 from llmforge.errors import RecipeError
 from llmforge.model import GPT
+from llmforge.model.gpt import RouterOutput
 from llmforge.train.checkpoint import ResumePoint
 from llmforge.train.loading import load_weights
 from llmforge.train.run import param_groups, seed_everything
@@ -79,7 +80,10 @@ def oracle_steps(recipe: Recipe, origin: str, steps: int, global_batch: int, mic
         total = 0.0
         for m in range(micros):
             inputs, targets = train.batch(micro_batch_indices(consumed, m, 0, 1, micro_batch))
-            _, loss = model(inputs, targets, loss_chunk=t.loss_chunk, z_loss=t.z_loss)
+            router: list[RouterOutput] = []
+            _, loss = model(inputs, targets, loss_chunk=t.loss_chunk, z_loss=t.z_loss, router=router)
+            if router:  # an MoE block's auxiliary losses are part of the objective (as in train/trainer.py)
+                loss = loss + torch.stack([r.loss for r in router]).sum()
             (loss / micros).backward()
             total += float(loss.detach())
         norm = float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))

@@ -23,7 +23,7 @@ from llmforge.config.parallel import check_layout, make_layout, ranks_per_node, 
 from llmforge.config.recipe import TrainConfig
 from llmforge.errors import RecipeError, UserError
 from llmforge.model import GPT, apply_wraps, compile_unavailable
-from llmforge.model.flops import device_peak_flops, flops_per_token
+from llmforge.model.flops import device_peak_flops, flops_per_token, inactive_params
 from llmforge.model.parallel import sequence_group, tensor_parallel_config
 from llmforge.model.wraps import fp8_problem
 from llmforge.tokenizer import fingerprint
@@ -108,6 +108,7 @@ def run_training(
     if adapters := apply_wraps(model, lora, recipe.model.activation_checkpointing, t.compile, group, fp8=t.fp8):
         log.info("LoRA rank %d on %s: %d trainable parameters", lora.rank, ",".join(lora.targets), adapters)
     n_params, n_embed = count_parameters(model)
+    inactive = inactive_params(recipe.model)
     engine, *_ = deepspeed.initialize(model=model, config=ds_config, **optimizer_args(model, recipe.train))
     if engine.global_rank == 0:
         write_run_files(recipe, ds_config)
@@ -115,7 +116,10 @@ def run_training(
     if (small_val := val_warning(recipe, data.val, layout.data)) and layout.rank == 0:
         log.warning(small_val)
     if engine.global_rank == 0:
-        sizes = f"{n_params / 1e6:.2f}M parameters ({(n_params - n_embed) / 1e6:.2f}M non-embedding)"
+        sizes = f"{n_params / 1e6:.2f}M parameters ({(n_params - n_embed) / 1e6:.2f}M non-embedding"
+        if inactive:
+            sizes += f", {(n_params - inactive) / 1e6:.2f}M active per token"
+        sizes += ")"
         log.info(
             "model: %s, %d ranks (%s), ZeRO stage %d, %s on %s",
             sizes,
@@ -133,7 +137,7 @@ def run_training(
         checkpointer = Checkpointer(recipe.checkpoint_dir, recipe.checkpoint.keep_last, identity, metrics, faults)
         state = checkpointer.resume(engine, point, universal)
         objective = task.objective(engine, setup, recipe.run_dir, layout, fresh=point.path is None)
-        fpt = flops_per_token(n_params - n_embed, recipe.model, recipe.data.seq_len)
+        fpt = flops_per_token(n_params - n_embed - inactive, recipe.model, recipe.data.seq_len)
         cfg = TrainerConfig.from_recipe(recipe, layout, fpt, None if on_cpu else peak_flops(accel), faults)
         trainer = Trainer(engine, cfg, data, objective, checkpointer, metrics)
         if state.step >= recipe.train.max_steps:

@@ -17,6 +17,7 @@ from llmforge.config.recipe import EvalConfig, Recipe, SpikeGuardConfig, TrainCo
 from llmforge.data.loader import micro_batch_indices, next_micro_batch
 from llmforge.data.prefetch import Prefetcher
 from llmforge.errors import CorruptSampleError
+from llmforge.model.gpt import RouterOutput
 from llmforge.model.parallel import SequenceSlice
 from llmforge.train.checkpoint import Checkpointer, TrainState
 from llmforge.train.guard import FaultInjector, SpikeGuard, StopSignal
@@ -45,19 +46,29 @@ class LMLoss:
     z-loss; loss_chunk > 0 computes the LM head and loss that many tokens at a time (see GPT.forward). Under
     sequence parallelism each rank runs its slice of the samples (model/parallel.py: SequenceSlice)."""
 
-    def __init__(self, z_loss: float = 0.0, loss_chunk: int = 0, sequence: Optional[SequenceSlice] = None):
-        self.z_loss, self.loss_chunk, self.sequence = z_loss, loss_chunk, sequence
+    def __init__(
+        self, z_loss: float = 0.0, loss_chunk: int = 0, sequence: Optional[SequenceSlice] = None, with_aux: bool = True
+    ):
+        self.z_loss, self.loss_chunk, self.sequence, self.with_aux = z_loss, loss_chunk, sequence, with_aux
 
     def __call__(self, engine: Any, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         inputs, targets = batch[0], batch[1]
         inputs = inputs.to(engine.device, non_blocking=True)
         targets = targets.to(engine.device, non_blocking=True)
-        if self.sequence is None:
-            _, loss = engine(inputs, targets, loss_chunk=self.loss_chunk, z_loss=self.z_loss)
+        router: list[RouterOutput] = []
+        kwargs: dict[str, Any] = {}
+        if self.sequence is not None:
+            inputs, targets, kwargs = self.sequence(inputs, targets)
+        _, loss = engine(inputs, targets, loss_chunk=self.loss_chunk, z_loss=self.z_loss, router=router, **kwargs)
+        if self.sequence is not None:
+            loss = loss * self.sequence.scale
+        if not router:
             return loss, {}
-        inputs, targets, kwargs = self.sequence(inputs, targets)
-        _, loss = engine(inputs, targets, loss_chunk=self.loss_chunk, z_loss=self.z_loss, **kwargs)
-        return loss * self.sequence.scale, {}
+        stats = router_stats(router)
+        if not self.with_aux:  # scoring: the language-modelling loss, with the routers' measurements beside it
+            return loss, stats
+        stats["lm_loss"] = loss.detach()
+        return loss + stats["aux_loss"], stats
 
 
 @dataclass
@@ -70,7 +81,25 @@ class Objective:
     @classmethod
     def language_modeling(cls, t: TrainConfig, layout: Optional[Layout] = None) -> Objective:
         sequence = SequenceSlice(layout) if layout is not None and layout.sequence > 1 else None
-        return cls(LMLoss(t.z_loss, t.loss_chunk, sequence), LMLoss(0.0, t.loss_chunk, sequence))
+        return cls(LMLoss(t.z_loss, t.loss_chunk, sequence), LMLoss(0.0, t.loss_chunk, sequence, with_aux=False))
+
+
+def router_stats(router: list[RouterOutput]) -> dict[str, torch.Tensor]:
+    """The MoE blocks' contribution to a micro-batch's objective and metrics: `aux_loss` (their weighted auxiliary
+    losses, summed over blocks as Megatron adds them; it carries gradient), the unweighted `balance_loss` and
+    `router_z_loss` averaged over blocks, `dropped` (the fraction of assignments over capacity), and per block L the
+    busiest and idlest expert's assignments over the mean (`expert_load_max.L`, `expert_load_min.L`; 1 = balanced)."""
+    stats = {
+        "aux_loss": torch.stack([r.loss for r in router]).sum(),
+        "balance_loss": torch.stack([r.balance for r in router]).mean(),
+        "router_z_loss": torch.stack([r.z for r in router]).mean(),
+        "dropped": torch.stack([r.dropped.float() / r.load.sum() for r in router]).mean(),
+    }
+    for r in router:
+        load = r.load.float()
+        stats[f"expert_load_max.{r.layer}"] = load.max() / load.mean()
+        stats[f"expert_load_min.{r.layer}"] = load.min() / load.mean()
+    return stats
 
 
 @dataclass

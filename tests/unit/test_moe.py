@@ -1,0 +1,160 @@
+"""Mixture-of-experts blocks against definitions written out here: a per-token loop over each token's chosen experts,
+the load-balancing loss computed by hand on a planted routing and by transformers' Mixtral function, the z-loss,
+and the capacity limit's drops."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmforge.config.recipe import ModelConfig, MoEConfig
+from llmforge.config.recipe_base import ConfigError
+from llmforge.model.flops import inactive_params
+from llmforge.model.gpt import GPT, MoE
+
+
+def moe_config(**moe) -> ModelConfig:
+    return ModelConfig(vocab_size=61, max_seq_len=64, d_model=32, n_layers=2, n_heads=4, d_ff=48, moe=MoEConfig(**moe))
+
+
+def per_token(layer: MoE, x: torch.Tensor) -> torch.Tensor:
+    """Each token's output written from the definition: softmax over the router's logits, the top_k experts,
+    weights renormalised to 1, the weighted sum of those experts' SwiGLU outputs (plus shared experts)."""
+    w = layer.experts
+    x = x.detach()
+    out = []
+    for h in x.reshape(-1, x.shape[-1]):
+        probs = torch.softmax(h @ layer.gate.weight.detach().T, dim=-1)
+        top = sorted(range(layer.num_experts), key=lambda e: -float(probs[e]))[: layer.top_k]
+        total = sum(float(probs[e]) for e in top)
+        y = torch.zeros_like(h)
+        for e in top:
+            y = y + float(probs[e]) / total * ((F.silu(w.w1[e] @ h) * (w.w3[e] @ h)) @ w.w2[e].T)
+        if layer.shared is not None:
+            y = y + layer.shared(h)
+        out.append(y)
+    return torch.stack(out).view(x.shape)
+
+
+@pytest.mark.parametrize(
+    "moe", [dict(num_experts=4, top_k=2), dict(num_experts=6, top_k=1), dict(num_experts=4, top_k=3, shared_experts=1)]
+)
+@pytest.mark.parametrize("impl", ["grouped", "loop"])
+def test_routing_equals_the_per_token_definition(moe, impl):
+    torch.manual_seed(0)
+    layer = GPT(moe_config(impl=impl, **moe)).blocks[0].moe
+    x = torch.randn(3, 10, 32)
+    y, router = layer(x)
+    assert (y - per_token(layer, x)).abs().max() < 1e-6
+    assert int(router.load.sum()) == 30 * moe["top_k"] and int(router.dropped) == 0
+
+
+def test_grouped_gemm_and_the_loop_give_the_same_outputs_and_gradients():
+    torch.manual_seed(1)
+    grouped = GPT(moe_config(num_experts=4, top_k=2))
+    loop = copy.deepcopy(grouped)
+    for module in loop.modules():
+        if isinstance(module, MoE):
+            module.experts.impl = "loop"
+    x = torch.randint(0, 61, (2, 24))
+    for model in (grouped, loop):
+        router: list = []
+        _, loss = model(x, x, router=router)
+        (loss + sum(r.loss for r in router)).backward()
+    for (name, a), b in zip(grouped.named_parameters(), loop.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6, rtol=1e-5), name
+
+
+def planted(logits: list[list[float]], top_k: int, capacity_factor=None) -> MoE:
+    """An MoE layer whose router logits for input row i are exactly logits[i] (gate = identity on the first
+    num_experts dimensions)."""
+    E = len(logits[0])
+    layer = GPT(moe_config(num_experts=E, top_k=top_k, capacity_factor=capacity_factor)).blocks[0].moe
+    with torch.no_grad():
+        layer.gate.weight.zero_()
+        layer.gate.weight[:, :E] = torch.eye(E)
+    return layer
+
+
+def test_balance_and_z_loss_on_a_planted_routing():
+    rows = [[2.0, 0, 0, 0], [2.0, 0, 0, 0], [0, 2.0, 0, 0], [0, 0, 0, 2.0]]
+    layer = planted(rows, top_k=1)
+    x = torch.zeros(1, 4, 32)
+    x[0, :, :4] = torch.tensor(rows)
+    _, router = layer(x)
+    assert router.load.tolist() == [2, 1, 0, 1]
+    # softmax of a row with one 2 and three 0s: e²/(e²+3) on the 2, 1/(e²+3) elsewhere
+    hi, lo = math.exp(2) / (math.exp(2) + 3), 1 / (math.exp(2) + 3)
+    mean_prob = [(2 * hi + 2 * lo) / 4, (hi + 3 * lo) / 4, (4 * lo) / 4, (hi + 3 * lo) / 4]
+    fraction = [2 / 4, 1 / 4, 0, 1 / 4]
+    balance = 4 * sum(f * p for f, p in zip(fraction, mean_prob))
+    assert abs(float(router.balance) - balance) < 1e-6
+    assert abs(float(router.z) - math.log(math.exp(2) + 3) ** 2) < 1e-5
+    w = layer.aux_weight, layer.z_weight
+    assert abs(float(router.loss) - (w[0] * balance + w[1] * math.log(math.exp(2) + 3) ** 2)) < 1e-6
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_balance_loss_equals_transformers_mixtral(top_k):
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    torch.manual_seed(top_k)
+    layer = GPT(moe_config(num_experts=8, top_k=top_k)).blocks[0].moe
+    x = torch.randn(4, 16, 32)
+    _, router = layer(x)
+    logits = layer.gate(x.reshape(-1, 32))
+    want = load_balancing_loss_func((logits,), num_experts=8, top_k=top_k)
+    assert abs(float(router.balance) - float(want)) < 1e-6
+
+
+def test_capacity_drops_later_assignments_first_choices_first():
+    # 4 tokens, 2 experts, top_k 1, capacity ceil(1.0 * 4 * 1 / 2) = 2: expert 0 is every token's first choice
+    # but takes only tokens 0 and 1; tokens 2 and 3 are dropped and their output is zero.
+    rows = [[3.0, 0], [2.0, 0], [1.0, 0], [4.0, 0]]
+    layer = planted(rows, top_k=1, capacity_factor=1.0)
+    x = torch.zeros(1, 4, 32)
+    x[0, :, :2] = torch.tensor(rows)
+    y, router = layer(x)
+    assert int(router.dropped) == 2 and router.load.tolist() == [4, 0]
+    full = per_token(layer, x)
+    assert torch.allclose(y[0, :2], full[0, :2], atol=1e-6) and torch.equal(y[0, 2:], torch.zeros(2, 32))
+    # top_k 2 with capacity 2 per expert: first choices fill expert 0 (tokens 0, 1) before any second choice
+    layer = planted(rows, top_k=2, capacity_factor=0.5)  # ceil(0.5 * 4 * 2 / 2) = 2
+    y, router = layer(x)
+    assert int(router.dropped) == 4 and router.load.tolist() == [4, 4]
+
+
+def test_aux_losses_train_the_router_and_reach_the_objective_only_through_the_list():
+    torch.manual_seed(2)
+    model = GPT(moe_config(num_experts=4, top_k=2))
+    x = torch.randint(0, 61, (2, 16))
+    _, plain = model(x, x)
+    router: list = []
+    _, loss = model(x, x, router=router)
+    assert torch.equal(plain, loss) and len(router) == 2  # both blocks are MoE blocks (every: 1)
+    sum(r.loss for r in router).backward()
+    gate = model.blocks[0].moe.gate.weight.grad
+    assert gate is not None and gate.abs().sum() > 0
+    # the aux losses reach the last block's router, not its experts, nor the final norm
+    assert model.blocks[1].moe.experts.w1.grad is None and model.norm.weight.grad is None
+
+
+def test_layers_parameters_and_config_errors():
+    cfg = moe_config(num_experts=4, top_k=2, every=2, shared_experts=1)
+    model = GPT(cfg)
+    assert cfg.moe_layers == [0] and model.blocks[1].moe is None and model.blocks[1].mlp is not None
+    expert = 3 * 32 * 48
+    assert model.num_params(active=True) == model.num_params() - 2 * expert == model.num_params() - inactive_params(cfg)
+    assert moe_config(num_experts=4, layers=[1]).moe_layers == [1]
+    for kw, key in [
+        (dict(num_experts=2, top_k=3), "top_k"),
+        (dict(num_experts=4, layers=[5]), "moe.layers"),
+        (dict(num_experts=4, d_ff=20), "moe.impl"),
+    ]:
+        with pytest.raises(ConfigError) as e:
+            moe_config(**kw)
+        assert e.value.key == key
