@@ -370,9 +370,18 @@ def parity(
     out = os.path.abspath(out or tempfile.mkdtemp(prefix="llmforge-parity-"))
     os.makedirs(out, exist_ok=True)
     table = ORACLE_TOLERANCES if oracle else TOLERANCES
+    # An MoE block's load-balancing loss is a statistic of each micro-batch, so the objective depends on the
+    # micro-batch size: such a model gets an oracle per micro-batch size (over the same micro-batches, in the same
+    # order); a dense model's loss does not, and one oracle at the recipe's micro-batch serves every variant.
+    per_micro = recipe.model.moe.enabled
+    micro_of = {s.name: int(_batch_sets(s, global_batch, t.micro_batch_size)[0].split("=")[1]) for s in specs}
+
+    def oracle_key(spec: LayoutSpec) -> tuple[tuple[str, ...], int]:
+        return tuple(spec.model_sets()), micro_of[spec.name] if per_micro else t.micro_batch_size
+
     oracle_recipes = {
-        model_sets: load_recipe(recipe_path, [*overrides, *schedule, *model_sets])
-        for model_sets in ({tuple(s.model_sets()) for s in specs} if oracle else set())
+        key: load_recipe(recipe_path, [*overrides, *schedule, *key[0]])
+        for key in ({oracle_key(s) for s in specs} if oracle else set())
     }
     for r in oracle_recipes.values():
         check_oracle_recipe(r, recipe_path)  # before any launch
@@ -406,16 +415,19 @@ def parity(
         result.tolerances = table.get("fp8" if "+fp8" in result.precision else result.precision, (0.0, 0.0))
     if oracle:
         references = {}
-        for model_sets, r in oracle_recipes.items():
+        for key, r in sorted(oracle_recipes.items()):
+            model_sets, micro = key
+            notes = [*model_sets, *([f"micro-batch {micro}"] if per_micro else [])]
             tqdm.write(
-                f"oracle: {steps} plain-PyTorch fp32 steps{' (' + ', '.join(model_sets) + ')' if model_sets else ''}",
+                f"oracle: {steps} plain-PyTorch fp32 steps{' (' + ', '.join(notes) + ')' if notes else ''}",
                 file=sys.stderr,
             )
-            run = oracle_steps(r, recipe_path, steps, global_batch, t.micro_batch_size)
-            references[model_sets] = LayoutResult(LayoutSpec("oracle"), run.losses, run.grad_norms, precision="fp32")
+            run = oracle_steps(r, recipe_path, steps, global_batch, micro)
+            references[key] = LayoutResult(LayoutSpec("oracle"), run.losses, run.grad_norms, precision="fp32")
         for result in results:
-            compare(result, references[tuple(result.spec.model_sets())], steps)
-        reference = references[()] if () in references else next(iter(references.values()))
+            compare(result, references[oracle_key(result.spec)], steps)
+        first = ((), t.micro_batch_size)  # the recipe's own model and micro-batch when a variant uses them
+        reference = references[first] if first in references else next(iter(references.values()))
         reference.passed = True
         results.insert(0, reference)
     else:

@@ -68,6 +68,7 @@ def run_training(
     check_layout(recipe, world, stage, recipe_path, ranks_per_node())  # on the model the task resolved
     lora = task.lora(recipe)
     check_fp8(recipe, recipe_path, layout.tensor, lora.rank)
+    check_moe(recipe, recipe_path)
     if layout.tensor > 1:
         ds_config["tensor_parallel"] = tensor_parallel_config(layout.tensor)
     universal = check_resume(
@@ -194,6 +195,20 @@ def check_fp8(recipe: Recipe, origin: str, tensor: int, lora_rank: int) -> None:
         raise RecipeError(origin, key, problem)
     if importlib.util.find_spec("torchao") is None:
         raise RecipeError(origin, key, "FP8 training needs torchao: pip install torchao")
+
+
+def check_moe(recipe: Recipe, origin: str) -> None:
+    """What a mixture-of-experts model cannot be trained with yet, checked before anything starts."""
+    if not recipe.model.moe.enabled:
+        return
+    if recipe.train.optimizer == "muon":
+        raise RecipeError(
+            origin, "train.optimizer", "Muon is not set up for stacked expert weights (model.moe); use adamw"
+        )
+    if recipe.train.compile:
+        raise RecipeError(
+            origin, "train.compile", "torch.compile is not yet checked on mixture-of-experts blocks; set it to false"
+        )
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

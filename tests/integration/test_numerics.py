@@ -28,24 +28,32 @@ ZERO = ("z0", "z1", "z2", "z3", "z3off")
 MATRIX = [f"{z}.{p}.acc{a}.dp2" for z in ZERO for p in ("fp32", "bf16") for a in (1, 2)]
 
 
-def _recipe(tmp_path, prepared, **train):
+# One MoE block (4 experts, top 2) and one dense block: every variant checks both MLP kinds against the oracle.
+MIXED = {"d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "moe": {"num_experts": 4, "layers": [0]}}
+
+
+def _recipe(tmp_path, prepared, model=None, **train):
     return write_recipe(
         tmp_path / "numerics.yaml",
         prepared,
         tmp_path / "runs",
         train={"warmup_steps": 1, **train},
         deepspeed={"config": str(REPO / "ds_configs" / "zero2.json")},
+        **({"model": model} if model else {}),
     )
 
 
 @pytest.mark.distributed
 def test_every_shipped_zero_config_trains_the_oracle_model(tmp_path, prepared):
-    """20 variants, one 2-rank launch: fp32 within 2e-6 of the oracle, bf16 within 2e-3, ZeRO-0 with bf16 refused in
-    one line. ZeRO-3 without weight decay, the llmforge defect this found, fails it: with the fix reverted the ZeRO-3
-    and ZeRO-3-offload fp32 rows were 5.5e-6 to 5.6e-6 off by step 4 (its bf16 rows are not sharp enough to see it)."""
+    """20 variants, one 2-rank launch, a model with an MoE block and a dense one: fp32 within 2e-6 of the oracle,
+    bf16 within 2e-3, ZeRO-0 with bf16 refused in one line. The MoE block's balance loss is a statistic of each
+    micro-batch, so accumulation 2 (micro-batch 2) is held to an oracle over the same micro-batches; against the
+    micro-batch-4 oracle it was 3.2e-5 off in loss. ZeRO-3 without weight decay, the llmforge defect this found,
+    fails it: with the fix reverted the ZeRO-3 and ZeRO-3-offload fp32 rows were 5.5e-6 to 5.6e-6 off by step 4
+    (its bf16 rows are not sharp enough to see it)."""
     out = tmp_path / "parity"
     r = run_cli(
-        "llmforge", "parity", "--recipe", str(_recipe(tmp_path, prepared)), "--variants", ",".join(MATRIX),
+        "llmforge", "parity", "--recipe", str(_recipe(tmp_path, prepared, MIXED)), "--variants", ",".join(MATRIX),
         "--steps", "4", "--one-launch", "--out", str(out), timeout=900,
     )  # fmt: skip
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-3000:]
@@ -71,7 +79,9 @@ def test_every_shipped_zero_config_trains_the_oracle_model(tmp_path, prepared):
     assert sum(line.startswith("z0.bf16.acc") and ": refused: " in line for line in progress) == 2
     bars = [line for line in progress if line.startswith("18 variants (2 ranks):")]
     assert len(set(bars)) >= 3 and "72/72" in bars[-1], r.stderr[-3000:]
-    assert "oracle: 4 plain-PyTorch fp32 steps" in progress
+    assert {x for x in progress if x.startswith("oracle:")} == {
+        f"oracle: 4 plain-PyTorch fp32 steps (micro-batch {m})" for m in (2, 4)
+    }
 
 
 @pytest.mark.distributed
