@@ -1,5 +1,5 @@
-"""Hugging Face directories <-> llmforge runs: export a checkpoint as a transformers Llama directory, import one as a
-run directory with a committed step-0 checkpoint."""
+"""Hugging Face directories <-> llmforge runs: export a checkpoint as a transformers Llama (or Mixtral) directory,
+import one as a run directory with a committed step-0 checkpoint."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 from llmforge.config import Recipe, recipe_to_yaml
 from llmforge.config.recipe import DataConfig, RunConfig, TokenizerConfig, TrainConfig
-from llmforge.model.hf import ExportError, from_llama, to_llama
+from llmforge.model.hf import ExportError, from_hf, to_hf
 from llmforge.tokenizer.export import save_hf_tokenizer
 from llmforge.tokenizer.hf import HFTokenizer
 from llmforge.train.checkpoint import Checkpointer, RunIdentity, TrainState
@@ -24,7 +24,7 @@ def export_hf(checkpoint: str, out: str) -> str:
     if os.path.exists(out) and not os.path.isdir(out):
         raise ExportError(f"--out {out}: is a file; give a directory (new, or one to write the model files into)")
     model, tok, _ = load_model(checkpoint)
-    hf = to_llama(model)
+    hf = to_hf(model)
     bos = getattr(tok, "bos_id", -1)
     special_ids = {"eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id, "bos_token_id": bos if bos >= 0 else None}
     for key, value in special_ids.items():
@@ -44,7 +44,7 @@ def import_hf(directory: str, out: str) -> str:
 
     if not os.path.isfile(os.path.join(directory, "tokenizer.json")):
         raise ExportError(f"{directory}: no tokenizer.json (a Hugging Face fast tokenizer is needed)")
-    model = from_llama(directory)
+    model = from_hf(directory)
     tok = HFTokenizer.load(directory)
     if tok.vocab_size > model.cfg.vocab_size:
         raise ExportError(

@@ -19,7 +19,7 @@ from llmforge.config import Recipe, recipe_from_dict
 from llmforge.errors import CheckpointError, RecipeError
 from llmforge.model.generate import generate
 from llmforge.model.gpt import GPT
-from llmforge.model.hf import from_llama
+from llmforge.model.hf import from_hf
 from llmforge.model.lora import apply_lora, merge_lora
 from llmforge.model.parallel import merge_tensor_shards
 from llmforge.tokenizer import Tokenizer, tokenizer_from_json
@@ -73,7 +73,7 @@ def load_pretrained(path: str) -> tuple[GPT, Tokenizer]:
     if os.path.isfile(os.path.join(path, "config.json")):
         if not os.path.isfile(os.path.join(path, "tokenizer.json")):
             raise CheckpointError(f"{path}: a Hugging Face model directory needs its tokenizer.json")
-        return from_llama(path), HFTokenizer.load(path)
+        return from_hf(path), HFTokenizer.load(path)
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: not found (expected an llmforge run dir / checkpoint or a Hugging Face dir)")
     model, tok, _ = load_model(path, flag="train.init_from")

@@ -9,7 +9,7 @@ import torch
 
 from llmforge.config.recipe import ModelConfig
 from llmforge.model import GPT
-from llmforge.model.hf import to_llama
+from llmforge.model.hf import to_hf
 from tests.helpers import REPO, run_cli, stdlib_texts, write_recipe
 
 
@@ -105,7 +105,7 @@ def test_import_hf_then_export_is_identical(tmp_path):
         )
     )
     src = tmp_path / "src"
-    to_llama(model).save_pretrained(src)
+    to_hf(model).save_pretrained(src)
     save_hf_tokenizer(tok, str(src))
     r = run_cli(sys.executable, "-m", "llmforge.cli", "import-hf", "--hf", str(src), "--out", str(tmp_path / "run"))
     assert r.returncode == 0, r.stderr[-2000:]
