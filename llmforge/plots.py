@@ -1,4 +1,5 @@
-"""`llmforge plot RUN_DIR`: PNG charts of a run's metrics.jsonl (loss and val loss, lr, grad norm, tokens/s)."""
+"""`llmforge plot RUN_DIR`: PNG charts of a run's metrics.jsonl (loss and val loss, lr, grad norm, tokens/s; for a
+mixture of experts, the router losses and each block's expert load)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,16 @@ CHARTS = (
     ("lr", "learning rate", [("lr", "lr")]),
     ("grad_norm", "gradient norm", [("grad_norm", "grad norm")]),
     ("tokens_per_s", "tokens/s", [("tokens_per_s", "tokens/s")]),
+    # mixture of experts (rows of dense runs have none of these keys, so no chart is drawn)
+    ("router", "router losses", [("balance_loss", "load balancing"), ("router_z_loss", "router z-loss")]),
 )
+
+
+def expert_load_chart(rows: list[dict]) -> tuple[str, str, list[tuple[str, str]]]:
+    """Per MoE block, its busiest and idlest expert's assignments over the mean (1 = balanced)."""
+    keys = sorted({k for r in rows for k in r if k.startswith("expert_load_")}, key=lambda k: (int(k.split(".")[1]), k))
+    labels = [(k, f"block {k.split('.')[1]} {'max' if 'max' in k else 'min'}") for k in keys]
+    return ("expert_load", "expert load / mean", labels)
 
 
 def plot_run(run_dir: str) -> list[str]:
@@ -25,7 +35,7 @@ def plot_run(run_dir: str) -> list[str]:
     out_dir = os.path.join(run_dir, "plots")
     os.makedirs(out_dir, exist_ok=True)
     written = []
-    for name, title, series in CHARTS:
+    for name, title, series in (*CHARTS, expert_load_chart(rows)):
         fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
         drawn = False
         for key, label in series:

@@ -10,7 +10,7 @@ import torch
 from llmforge.config.recipe import ModelConfig
 from llmforge.model import GPT
 from llmforge.model.hf import to_hf
-from tests.helpers import REPO, run_cli, stdlib_texts, write_recipe
+from tests.helpers import REPO, run_cli, stdlib_texts, train_rows, write_recipe
 
 
 def test_export_cli_from_a_checkpoint(tmp_path, prepared):
@@ -65,21 +65,37 @@ def test_export_cli_from_a_checkpoint(tmp_path, prepared):
     assert not (tmp_path / "hf2").exists()
 
 
-def test_plot_writes_pngs(tmp_path, prepared):
+def test_an_moe_run_logs_its_routers_plots_them_and_refuses_a_mixtral_export_it_cannot_be(tmp_path, prepared):
+    """A model with one MoE block (of 2): every train row has the router metrics and loss = lm_loss + aux_loss;
+    `llmforge plot` adds the router and expert-load charts; export-hf refuses it in one line (Mixtral routes in
+    every block) and writes nothing."""
     recipe = write_recipe(
         tmp_path / "r.yaml",
         prepared,
         tmp_path / "runs",
+        model={"d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "moe": {"num_experts": 4, "layers": [1]}},
         train={"max_steps": 4, "warmup_steps": 1},
         eval={"interval": 2},
         deepspeed={"config": str(REPO / "ds_configs/zero0.json")},
     )
-    assert run_cli(sys.executable, "launch/pretrain.py", "--recipe", str(recipe)).returncode == 0
+    r = run_cli(sys.executable, "launch/pretrain.py", "--recipe", str(recipe))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "active per token" in r.stderr
+    train = train_rows(tmp_path / "runs" / "t")
+    assert [x["step"] for x in train] == [1, 2, 3, 4]
+    for x in train:
+        assert abs(x["loss"] - (x["lm_loss"] + x["aux_loss"])) < 1e-5, x
+        assert x["balance_loss"] > 0 and x["router_z_loss"] > 0 and x["dropped"] == 0.0
+        assert x["expert_load_max.1"] >= 1.0 >= x["expert_load_min.1"] and "expert_load_max.0" not in x
     r = run_cli("llmforge", "plot", str(tmp_path / "runs" / "t"))
     assert r.returncode == 0, r.stderr[-2000:]
     pngs = sorted(p.name for p in (tmp_path / "runs" / "t" / "plots").glob("*.png"))
-    assert pngs == ["grad_norm.png", "loss.png", "lr.png", "tokens_per_s.png"]
+    assert pngs == ["expert_load.png", "grad_norm.png", "loss.png", "lr.png", "router.png", "tokens_per_s.png"]
     assert all((tmp_path / "runs" / "t" / "plots" / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    r = run_cli(sys.executable, "launch/export_hf.py", "--checkpoint", str(tmp_path / "runs" / "t"), "--out",
+                str(tmp_path / "hf"))  # fmt: skip
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("export error: MoE blocks [1] of 2")
+    assert not (tmp_path / "hf").exists()
 
 
 def test_import_hf_then_export_is_identical(tmp_path):
