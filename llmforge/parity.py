@@ -63,7 +63,7 @@ TOLERANCES = {"fp32": (1e-5, 1e-4), "bf16": (2e-3, 2e-2), "fp16": (2e-3, 2e-2)}
 # update and 1.3e-2 / 8.5e-2 at most over 20 steps. Over hundreds of steps runs drift apart like any two chaotic
 # trajectories (300 steps: fp32 3.9e-6, bf16 1.7e-2 at some step): compare long runs by a window's mean loss.
 ORACLE_TOLERANCES = {"fp32": (2e-6, 2e-5), "bf16": (2e-3, 2e-2), "fp16": (2e-3, 2e-2), "fp8": (3e-3, 5e-2)}
-_PART = re.compile(r"^(tp|sp|dp|acc)(\d+)$")
+_PART = re.compile(r"^(tp|sp|dp|ep|acc)(\d+)$")
 _ZERO = {"z0": "zero0.json", "z1": "zero1.json", "z2": "zero2.json", "z3": "zero3.json", "z3off": "zero3_offload.json"}
 _CKPT = re.compile(r"^ckpt-(none|full|selective|every(\d+))$")
 _FLAGS = {
@@ -94,6 +94,11 @@ class LayoutSpec:
     compile: Optional[bool] = None
     tied: Optional[bool] = None
     fp8: Optional[str] = None  # tensorwise | rowwise
+    expert: int = 1  # expert-parallel ranks, inside the data-parallel replicas (epN alone implies dpN)
+
+    def __post_init__(self) -> None:
+        if self.expert > 1 and self.data == 1:
+            object.__setattr__(self, "data", self.expert)
 
     @property
     def ranks(self) -> int:
@@ -101,7 +106,7 @@ class LayoutSpec:
 
     def sets(self) -> list[str]:
         """The --set overrides this variant adds to the recipe (layout, ZeRO config, numerics)."""
-        out = [f"parallel.tensor={self.tensor}", f"parallel.sequence={self.sequence}"]
+        out = [f"parallel.tensor={self.tensor}", f"parallel.sequence={self.sequence}", f"parallel.expert={self.expert}"]
         if self.zero is not None:
             out.append(f"deepspeed.config=llmforge:{self.zero}")  # the shipped config
         if self.precision is not None:
@@ -133,7 +138,7 @@ def parse_layouts(text: str) -> list[LayoutSpec]:
                 key, value = _parse_part(part)
                 if key is None or key in seen:
                     raise UserError(
-                        f"{text!r}: {name!r} is not a variant; write '1' or parts joined by '.': tpN, spN, dpN "
+                        f"{text!r}: {name!r} is not a variant; write '1' or parts joined by '.': tpN, spN, dpN, epN "
                         f"(layout), {', '.join(_ZERO)} (ZeRO config), fp32/bf16/fp16, accN, "
                         "ckpt-none/full/selective/everyN, compile/nocompile, tied/untied, fp8/fp8row; "
                         "e.g. tp2.dp2, z3.bf16.acc2"
@@ -149,7 +154,7 @@ def parse_layouts(text: str) -> list[LayoutSpec]:
 def _parse_part(part: str) -> tuple[Optional[str], object]:
     if m := _PART.match(part):
         value = int(m.group(2))
-        key = {"tp": "tensor", "sp": "sequence", "dp": "data", "acc": "accum"}[m.group(1)]
+        key = {"tp": "tensor", "sp": "sequence", "dp": "data", "ep": "expert", "acc": "accum"}[m.group(1)]
         return (key, value) if value >= 1 else (None, None)
     if part in _ZERO:
         return "zero", _ZERO[part]
@@ -397,7 +402,7 @@ def parity(
                 runnable.append((spec, sets))
         shared: dict[int, list[tuple[LayoutSpec, list[str]]]] = {}
         for spec, sets in runnable:
-            if one_launch and spec.tensor == spec.sequence == 1:
+            if one_launch and spec.tensor == spec.sequence == spec.expert == 1:
                 shared.setdefault(spec.ranks, []).append((spec, sets))
             else:
                 by_name[spec.name] = run_layout(recipe_path, sets, spec, out, steps)

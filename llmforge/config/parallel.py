@@ -25,6 +25,7 @@ class Layout:
     tensor: int = 1
     sequence: int = 1
     rank: int = 0
+    expert: int = 1  # expert-parallel ranks, inside the data-parallel replicas (consecutive replicas form a group)
 
     @property
     def data(self) -> int:
@@ -54,7 +55,8 @@ class Layout:
         return [[(d * sp + s) * tp + t for s in range(sp)] for d in range(self.data) for t in range(tp)]
 
     def describe(self) -> str:
-        return f"data {self.data} x sequence {self.sequence} x tensor {self.tensor}"
+        experts = f" (experts over {self.expert})" if self.expert > 1 else ""
+        return f"data {self.data}{experts} x sequence {self.sequence} x tensor {self.tensor}"
 
 
 def make_layout(recipe: Recipe, world: int, rank: int, origin: str) -> Layout:
@@ -64,7 +66,7 @@ def make_layout(recipe: Recipe, world: int, rank: int, origin: str) -> Layout:
         raise RecipeError(
             origin, "parallel", f"tensor {tp} x sequence {sp} = {tp * sp} does not divide the {world} ranks"
         )
-    return Layout(world, tp, sp, rank)
+    return Layout(world, tp, sp, rank, recipe.parallel.expert)
 
 
 def resolve_batch(recipe: Recipe, replicas: int, origin: str, saved_batch: Optional[int] = None) -> Recipe:
@@ -109,7 +111,9 @@ def check_layout(recipe: Recipe, world: int, zero_stage: int, origin: str, ranks
     """Refuse, in one line naming the recipe key, a layout this run cannot hold. `ranks_per_node` 0: not checked."""
     p, m = recipe.parallel, recipe.model
     tp, sp = p.tensor, p.sequence
-    make_layout(recipe, world, 0, origin)
+    layout = make_layout(recipe, world, 0, origin)
+    if p.expert > 1:
+        check_expert_layout(recipe, layout, zero_stage, origin)
     if m.moe.enabled and (tp > 1 or sp > 1):
         key = "parallel.tensor" if tp > 1 else "parallel.sequence"
         raise RecipeError(
@@ -157,6 +161,30 @@ def check_layout(recipe: Recipe, world: int, zero_stage: int, origin: str, ranks
                 "parallel.sequence",
                 f"{per} are not divisible by sequence={sp}: Ulysses attention gives each sequence rank whole heads",
             )
+
+
+def check_expert_layout(recipe: Recipe, layout: Layout, zero_stage: int, origin: str) -> None:
+    """What expert parallelism (DeepSpeed AutoEP) needs, each refused in one line naming the key."""
+    m, ep = recipe.model.moe, layout.expert
+    key = "parallel.expert"
+    if not m.enabled:
+        raise RecipeError(origin, key, f"{ep} needs mixture-of-experts blocks (model.moe.num_experts > 0)")
+    if m.num_experts % ep:
+        raise RecipeError(origin, key, f"{ep} does not divide model.moe.num_experts={m.num_experts}")
+    if layout.data % ep:
+        raise RecipeError(
+            origin, key, f"{ep} does not divide the {layout.data} data-parallel replicas (experts split over them)"
+        )
+    if m.capacity_factor is not None:
+        raise RecipeError(
+            origin, key, "expert parallelism (DeepSpeed AutoEP) routes dropless; set model.moe.capacity_factor: null"
+        )
+    if m.shared_experts:
+        raise RecipeError(origin, key, "shared experts are not yet checked with expert parallelism; use expert: 1")
+    if zero_stage == 0:
+        raise RecipeError(
+            origin, key, "expert parallelism runs under ZeRO stages 1-3; use deepspeed.config: llmforge:zero1.json"
+        )
 
 
 def ranks_per_node() -> int:

@@ -324,9 +324,14 @@ class ParallelConfig:
         1, "Tensor-parallel ranks (DeepSpeed AutoTP): each holds 1/tensor of every attention and MLP matrix."
     )
     sequence: int = doc(1, "Sequence-parallel ranks (Ulysses): each holds seq_len/sequence tokens of the same samples.")
+    expert: int = doc(
+        1,
+        "Expert-parallel ranks (DeepSpeed AutoEP): each MoE block's experts are split over this many data-parallel "
+        "ranks, tokens travel to their experts' rank and back (all-to-all). Needs model.moe.",
+    )
 
     def __post_init__(self) -> None:
-        positive(self, "tensor", "sequence")
+        positive(self, "tensor", "sequence", "expert")
 
     @property
     def model_parallel(self) -> int:

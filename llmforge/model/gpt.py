@@ -160,6 +160,31 @@ class RouterOutput(NamedTuple):
     layer: int  # the block's index
 
 
+def router_output(
+    logits: torch.Tensor,
+    chosen: torch.Tensor,
+    aux_weight: float,
+    z_weight: float,
+    layer: int,
+    dropped: Optional[torch.Tensor] = None,
+) -> RouterOutput:
+    """An MoE block's RouterOutput from its router's fp32 logits (tokens, experts) and each token's chosen experts
+    (tokens, top_k): the load-balancing loss num_experts · sum_e (assignments to e / tokens) · mean probability of e
+    (Switch; Mixtral's form for top-k, top_k at perfect balance) and the z-loss mean(logsumexp(logits)²) (ST-MoE)."""
+    n, E = logits.shape
+    load = torch.bincount(chosen.reshape(-1), minlength=E)
+    balance = E * (load.float() / n * logits.softmax(dim=-1).mean(dim=0)).sum()
+    z = torch.logsumexp(logits, dim=-1).pow(2).mean()
+    return RouterOutput(
+        aux_weight * balance + z_weight * z,
+        balance.detach(),
+        z.detach(),
+        load.detach(),
+        load.new_zeros(()) if dropped is None else dropped,
+        layer,
+    )
+
+
 class Experts(nn.Module):
     """`n` SwiGLU MLPs stored stacked, Mixtral's names per expert: w1 (gate) and w3 (up) of shape (n, ff, d_model), w2
     (down) of shape (n, d_model, ff). `forward` takes tokens already sorted by expert and each expert's count."""
@@ -214,8 +239,7 @@ class MoE(nn.Module):
         expert = chosen.T.reshape(-1)
         token = torch.arange(n, device=h.device).repeat(k)
         weight = weights.T.reshape(-1)
-        load = torch.bincount(expert, minlength=E)
-        dropped = load.new_zeros(())
+        dropped = None
         if self.capacity_factor is not None:
             capacity = math.ceil(self.capacity_factor * n * k / E)
             onehot = F.one_hot(expert, E)
@@ -231,16 +255,7 @@ class MoE(nn.Module):
         out = out.to(h.dtype)
         if self.shared is not None:
             out = out + self.shared(h)
-        balance = E * (load.float() / n * probs.mean(dim=0)).sum()
-        z = torch.logsumexp(logits, dim=-1).pow(2).mean()
-        aux = RouterOutput(
-            self.aux_weight * balance + self.z_weight * z,
-            balance.detach(),
-            z.detach(),
-            load.detach(),
-            dropped,
-            self.layer,
-        )
+        aux = router_output(logits, chosen, self.aux_weight, self.z_weight, self.layer, dropped)
         return out.view(shape), aux
 
 

@@ -21,14 +21,15 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from llmforge.config.parallel import Layout
-from llmforge.model.gpt import GPT, IGNORE_INDEX, Attention, CoreAttention
+from llmforge.config.recipe import ModelConfig
+from llmforge.model.gpt import GPT, IGNORE_INDEX, Attention, CoreAttention, RouterOutput, router_output
 
 # AutoTP's rules for llmforge's layer names (regular expressions over parameter names).
 COLUMN_PARALLEL = [r".*\.attn\.w[qkv]\.weight$", r".*\.mlp\.(gate|up)\.weight$"]
@@ -47,6 +48,73 @@ def tensor_parallel_config(tensor: int) -> dict:
             ],
         },
     }
+
+
+# AutoEP finds llmforge's MoE blocks by these names (the block may sit inside an activation-checkpoint wrapper).
+MOE_LAYER_PATTERN = r"blocks\.\d+\.(?:_checkpoint_wrapped_module\.)?moe"
+
+
+def expert_parallel_config(expert: int, cfg: ModelConfig) -> dict:
+    """The DeepSpeed `expert_parallel` section (AutoEP) that splits llmforge's MoE blocks over `expert` ranks: the
+    router `gate` and the stacked experts w1 (gate), w3 (up), w2 (down) named for it; softmax scores, top_k,
+    renormalised (Mixtral's routing, as MoE.forward does)."""
+    return {
+        "enabled": True,
+        "autoep_size": expert,
+        "moe_layer_pattern": MOE_LAYER_PATTERN,
+        "router_pattern": "gate",
+        "expert_pattern": "experts",
+        "expert_w1": "w1",
+        "expert_w2": "w2",
+        "expert_w3": "w3",
+        "num_experts_attr": "num_experts",
+        "top_k_attr": "top_k",
+        "score_func": "softmax",
+        "route_norm": True,
+        "top_k": cfg.moe.top_k,
+        "use_grouped_mm": True,
+    }
+
+
+def attach_router_outputs(model: nn.Module, cfg: ModelConfig) -> int:
+    """After AutoEP replaced the MoE blocks (at deepspeed.initialize): make each replacement return (output,
+    RouterOutput) as MoE.forward does, through a forward hook that scores the block's input with the replacement's
+    router weights (the same parameter AutoEP routes with, so the auxiliary losses train it). Returns the number
+    of blocks hooked."""
+    m = cfg.moe
+    hooked = 0
+    for name, module in model.named_modules():
+        if type(module).__name__ != "AutoEPMoELayer":
+            continue
+        layer = int(name.split(".")[1])
+
+        def hook(module: nn.Module, args: tuple, output: Any, layer: int = layer) -> tuple[torch.Tensor, RouterOutput]:
+            x = args[0]
+            gate = cast(nn.Module, cast(nn.Module, module.router).gate)
+            logits = gate(x.reshape(-1, x.shape[-1])).float()
+            _, chosen = logits.softmax(dim=-1).topk(m.top_k, dim=-1)
+            routed = router_output(logits, chosen, m.aux_loss_weight, m.router_z_loss_weight, layer)
+            return (output[0] if isinstance(output, tuple) else output), routed
+
+        module.register_forward_hook(hook)
+        hooked += 1
+    return hooked
+
+
+def merge_expert_files(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """GPT state-dict entries from the per-expert files an AutoEP checkpoint holds (DeepSpeed writes one per MoE
+    block and expert, its keys `<block>.moe.experts.<w>.<global expert>`): each block's experts stacked in order."""
+    pieces: dict[str, dict[int, torch.Tensor]] = {}
+    for state in states:
+        for key, tensor in state.items():
+            name, _, expert = key.rpartition(".")
+            pieces.setdefault(name, {})[int(expert)] = tensor
+    return {name: torch.stack([by[e] for e in sorted(by)]) for name, by in pieces.items()}
+
+
+def autoep_to_gpt_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """AutoEP keeps an MoE block's router as `moe.router.gate`; GPT names it `moe.gate`."""
+    return {k.replace(".moe.router.gate.", ".moe.gate."): v for k, v in state.items()}
 
 
 def tensor_shard_dim(name: str) -> Optional[int]:

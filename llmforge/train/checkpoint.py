@@ -141,6 +141,7 @@ def check_resume(
     world: int,
     stage: int,
     tensor: int = 1,
+    expert: int = 1,
 ) -> bool:
     """Refuse a checkpoint trained with another tokenizer or (unless allowed) other data; True when it was saved at
     another world size or ZeRO stage, so it must be loaded through DeepSpeed's universal form. Before the engine."""
@@ -148,10 +149,10 @@ def check_resume(
         return False
     saved = read_state(point.path)
     _check_compatible(saved, point.path, tok_fp, data_fp, allow_data_change)
-    return _needs_universal(saved, point.path, world, stage, tensor)
+    return _needs_universal(saved, point.path, world, stage, tensor, expert)
 
 
-def _needs_universal(saved: dict, path: str, world: int, stage: int, tensor: int = 1) -> bool:
+def _needs_universal(saved: dict, path: str, world: int, stage: int, tensor: int = 1, expert: int = 1) -> bool:
     """True when the checkpoint was saved at another world size or ZeRO stage: DeepSpeed's sharded files do not fit,
     so it is loaded through a universal checkpoint. Moves DeepSpeed's universal loader cannot make are refused.
     The sequence size may change freely: sequence ranks hold whole weights, and ZeRO shards over world ÷ tensor."""
@@ -162,6 +163,14 @@ def _needs_universal(saved: dict, path: str, world: int, stage: int, tensor: int
             f"{path} was saved with parallel.tensor={before_tensor}; resuming it under tensor={tensor} is not "
             f"supported (its layers are stored as {before_tensor} shards): resume with parallel.tensor: "
             f"{before_tensor}, or export it (export_hf.py) and start from the export"
+        )
+    before_expert = saved.get("expert_parallel", 1)
+    if before_expert != expert or (expert > 1 and (before_world, before_stage) != (world, stage)):
+        raise CheckpointError(
+            f"{path} was saved on {before_world} ranks under ZeRO-{before_stage} with parallel.expert="
+            f"{before_expert}; an expert-parallel checkpoint resumes only on the same ranks, ZeRO stage and expert "
+            f"size ({world} ranks, ZeRO-{stage}, expert={expert} asked): resume as saved, or export it "
+            "(export_hf.py) and start from the export"
         )
     if before_world == world and before_stage == stage:
         return False
@@ -261,6 +270,7 @@ class Checkpointer:
             "zero_stage": ident.zero_stage,
             "tensor_parallel": ident.recipe.parallel.tensor,
             "sequence_parallel": ident.recipe.parallel.sequence,
+            "expert_parallel": ident.recipe.parallel.expert,
             "global_batch": ident.recipe.train.global_batch(ident.world_size // ident.recipe.parallel.model_parallel),
             "micro_batch_size": ident.recipe.train.micro_batch_size,
             "grad_accum_steps": ident.recipe.train.grad_accum_steps,
@@ -275,6 +285,9 @@ class Checkpointer:
         """Commit a checkpoint of `state` (every rank calls it). None when the disk could not hold it."""
         started = time.time()
         client = self.client_state(state)
+        if getattr(engine, "has_moe_layers", False):
+            # DeepSpeed's MoE save path writes this key itself and refuses it in the client state
+            client.pop(UNIVERSAL_INFO, None)
         files = {
             "tokenizer.json": self._tokenizer_json,
             STATE: json.dumps(client, indent=1),
@@ -353,6 +366,7 @@ class Checkpointer:
             "world_size",
             "tensor_parallel",
             "sequence_parallel",
+            "expert_parallel",
             "micro_batch_size",
             "grad_accum_steps",
             "global_batch",

@@ -21,7 +21,7 @@ from llmforge.model.generate import generate
 from llmforge.model.gpt import GPT
 from llmforge.model.hf import from_hf
 from llmforge.model.lora import apply_lora, merge_lora
-from llmforge.model.parallel import merge_tensor_shards
+from llmforge.model.parallel import autoep_to_gpt_names, merge_expert_files, merge_tensor_shards
 from llmforge.tokenizer import Tokenizer, tokenizer_from_json
 from llmforge.tokenizer.hf import HFTokenizer
 from llmforge.train.checkpoint_files import find_checkpoint, load_model_states
@@ -40,6 +40,9 @@ def _state_dict(path: str) -> dict[str, torch.Tensor]:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         state = get_fp32_state_dict_from_zero_checkpoint(load_dir, tag=tag)
+    experts = sorted(glob.glob(os.path.join(path, "layer_*_expert_*_model_states.pt")))
+    if experts:  # expert-parallel (AutoEP): the experts are in files of their own
+        state = {**autoep_to_gpt_names(state), **merge_expert_files([load_model_states(f) for f in experts])}
     return {k.replace(WRAPPER_PREFIX, ""): v for k, v in state.items()}
 
 

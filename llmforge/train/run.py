@@ -24,7 +24,12 @@ from llmforge.config.recipe import TrainConfig
 from llmforge.errors import RecipeError, UserError
 from llmforge.model import GPT, apply_wraps, compile_unavailable
 from llmforge.model.flops import device_peak_flops, flops_per_token, inactive_params
-from llmforge.model.parallel import sequence_group, tensor_parallel_config
+from llmforge.model.parallel import (
+    attach_router_outputs,
+    expert_parallel_config,
+    sequence_group,
+    tensor_parallel_config,
+)
 from llmforge.model.wraps import fp8_problem
 from llmforge.tokenizer import fingerprint
 from llmforge.train.checkpoint import Checkpointer, RunIdentity, check_resume, resolve_resume
@@ -71,6 +76,8 @@ def run_training(
     check_moe(recipe, recipe_path)
     if layout.tensor > 1:
         ds_config["tensor_parallel"] = tensor_parallel_config(layout.tensor)
+    if layout.expert > 1:
+        ds_config["expert_parallel"] = expert_parallel_config(layout.expert, recipe.model)
     universal = check_resume(
         point,
         fingerprint(tok),
@@ -79,6 +86,7 @@ def run_training(
         world,
         stage,
         layout.tensor,
+        layout.expert,
     )
     if universal:
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
@@ -111,6 +119,8 @@ def run_training(
     n_params, n_embed = count_parameters(model)
     inactive = inactive_params(recipe.model)
     engine, *_ = deepspeed.initialize(model=model, config=ds_config, **optimizer_args(model, recipe.train))
+    if layout.expert > 1:
+        attach_router_outputs(engine.module, recipe.model)
     if engine.global_rank == 0:
         write_run_files(recipe, ds_config)
     attach_log_files(recipe.run_dir, engine.global_rank)
@@ -223,7 +233,11 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             continue
         matrix = len(getattr(p, "ds_shape", p.shape)) >= 2
         (decay if matrix and id(p) not in embedding_ids else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # named: DeepSpeed splits each group by expert-parallel group under AutoEP and names the parts after it
+    return [
+        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+    ]
 
 
 def optimizer_args(model: nn.Module, t: TrainConfig) -> dict:

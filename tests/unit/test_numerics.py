@@ -107,17 +107,21 @@ def test_parity_variant_names():
     assert z3.sets() == [
         "parallel.tensor=1",
         "parallel.sequence=1",
+        "parallel.expert=1",
         "deepspeed.config=llmforge:zero3_offload.json",
         "train.precision=bf16",
     ]
-    assert acc.sets()[2:] == [
+    assert acc.sets()[3:] == [
         "model.activation_checkpointing.mode=every_k",
         "model.activation_checkpointing.every=2",
         "train.compile=true",
         "model.tie_embeddings=false",
     ]
     assert acc.model_sets() == ["model.tie_embeddings=false"] and LayoutSpec("1").model_sets() == []
-    for bad in ("z4", "fp32.bf16", "acc0", "ckpt-every0", "ckpt-some", "bf16.", "z1,z1"):
+    (ep,) = parse_layouts("ep2.z2")  # experts split inside the data-parallel replicas: ep2 alone is 2 ranks
+    assert (ep.expert, ep.data, ep.ranks) == (2, 2, 2) and "parallel.expert=2" in ep.sets()
+    assert parse_layouts("ep2.dp4")[0].ranks == 4
+    for bad in ("z4", "fp32.bf16", "acc0", "ep0", "ckpt-every0", "ckpt-some", "bf16.", "z1,z1"):
         with pytest.raises(UserError):
             parse_layouts(bad)
 
