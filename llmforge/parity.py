@@ -402,7 +402,7 @@ def parity(
                 runnable.append((spec, sets))
         shared: dict[int, list[tuple[LayoutSpec, list[str]]]] = {}
         for spec, sets in runnable:
-            if one_launch and spec.tensor == spec.sequence == spec.expert == 1:
+            if one_launch and spec.tensor == spec.sequence == 1:
                 shared.setdefault(spec.ranks, []).append((spec, sets))
             else:
                 by_name[spec.name] = run_layout(recipe_path, sets, spec, out, steps)

@@ -26,6 +26,8 @@ from tests.helpers import rows as rows_of
 
 ZERO = ("z0", "z1", "z2", "z3", "z3off")
 MATRIX = [f"{z}.{p}.acc{a}.dp2" for z in ZERO for p in ("fp32", "bf16") for a in (1, 2)]
+# the MoE block's experts split over the 2 ranks (DeepSpeed AutoEP), under each ZeRO stage it runs with
+EXPERT = ["ep2.z1.fp32.acc2", "ep2.z2.bf16.acc1", "ep2.z3.fp32.acc1"]
 
 
 # One MoE block (4 experts, top 2) and one dense block: every variant checks both MLP kinds against the oracle.
@@ -45,23 +47,24 @@ def _recipe(tmp_path, prepared, model=None, **train):
 
 @pytest.mark.distributed
 def test_every_shipped_zero_config_trains_the_oracle_model(tmp_path, prepared):
-    """20 variants, one 2-rank launch, a model with an MoE block and a dense one: fp32 within 2e-6 of the oracle,
-    bf16 within 2e-3, ZeRO-0 with bf16 refused in one line. The MoE block's balance loss is a statistic of each
-    micro-batch, so accumulation 2 (micro-batch 2) is held to an oracle over the same micro-batches; against the
-    micro-batch-4 oracle it was 3.2e-5 off in loss. ZeRO-3 without weight decay, the llmforge defect this found,
-    fails it: with the fix reverted the ZeRO-3 and ZeRO-3-offload fp32 rows were 5.5e-6 to 5.6e-6 off by step 4
-    (its bf16 rows are not sharp enough to see it)."""
+    """23 variants, one 2-rank launch, a model with an MoE block and a dense one (the experts split over the ranks
+    in 3 variants): fp32 within 2e-6 of the oracle, bf16 within 2e-3, ZeRO-0 with bf16 refused in one line. The
+    MoE block's balance loss is a statistic of each micro-batch, so accumulation 2 (micro-batch 2) is held to an
+    oracle over the same micro-batches; against the micro-batch-4 oracle it was 3.2e-5 off in loss. ZeRO-3 without
+    weight decay, the llmforge defect this found, fails it: with the fix reverted the ZeRO-3 and ZeRO-3-offload fp32
+    rows were 5.5e-6 to 5.6e-6 off by step 4 (its bf16 rows are not sharp enough to see it)."""
     out = tmp_path / "parity"
+    variants = ",".join(MATRIX + EXPERT)
     r = run_cli(
-        "llmforge", "parity", "--recipe", str(_recipe(tmp_path, prepared, MIXED)), "--variants", ",".join(MATRIX),
+        "llmforge", "parity", "--recipe", str(_recipe(tmp_path, prepared, MIXED)), "--variants", variants,
         "--steps", "4", "--one-launch", "--out", str(out), timeout=900,
     )  # fmt: skip
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-3000:]
     report = json.loads((out / "parity.json").read_text())
     assert report["reference"] == "oracle"
     rows = {row["variant"]: row for row in report["layouts"]}
-    assert list(rows) == ["oracle", *MATRIX]
-    for name in MATRIX:
+    assert list(rows) == ["oracle", *MATRIX, *EXPERT]
+    for name in MATRIX + EXPERT:
         row = rows[name]
         if name.startswith("z0.bf16"):
             assert row["refused"] and "zero1.json" in row["refused"] and row["losses"] == {}, row
@@ -77,8 +80,8 @@ def test_every_shipped_zero_config_trains_the_oracle_model(tmp_path, prepared):
     # never silent: a line per refused variant, a bar of the launch's steps (18 variants x 4), the oracle's line
     progress = re.split(r"[\r\n]", r.stderr)
     assert sum(line.startswith("z0.bf16.acc") and ": refused: " in line for line in progress) == 2
-    bars = [line for line in progress if line.startswith("18 variants (2 ranks):")]
-    assert len(set(bars)) >= 3 and "72/72" in bars[-1], r.stderr[-3000:]
+    bars = [line for line in progress if line.startswith("21 variants (2 ranks):")]
+    assert len(set(bars)) >= 3 and "84/84" in bars[-1], r.stderr[-3000:]
     assert {x for x in progress if x.startswith("oracle:")} == {
         f"oracle: 4 plain-PyTorch fp32 steps (micro-batch {m})" for m in (2, 4)
     }
