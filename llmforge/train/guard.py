@@ -10,7 +10,7 @@ import math
 import os
 import signal
 import time
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -102,7 +102,8 @@ class FaultInjector:
     "unsummed_sequence" (every step) averages a sequence group's gradients instead of summing its slices' shares,
     the kind of missing reduction `llmforge parity` is there to catch; "dropped_micro" (every step with
     accumulation) loses the last micro-batch's gradients while its loss is still counted, the kind of accumulation
-    bug DeepSpeed has shipped (its #7985)."""
+    bug DeepSpeed has shipped (its #7985); "lost_expert_grads" keeps one expert-data-parallel rank's expert
+    gradients only (see lose_expert_gradients)."""
 
     ENV = "LLMFORGE_FAULTS"
 
@@ -127,6 +128,24 @@ class FaultInjector:
             del self.faults[step]
             return kind.split("_")[0]
         return None
+
+    def lose_expert_gradients(self, model: Any) -> int:
+        """ "lost_expert_grads": every expert-parallel parameter keeps one expert-data-parallel rank's gradient only
+        (that rank's scaled by the group's size, the others' zeroed before DeepSpeed averages them), as when the
+        reduction across the experts' data-parallel group is missing. Returns the number of parameters hooked."""
+        if "lost_expert_grads" not in self.flags:
+            return 0
+        from deepspeed.moe.utils import is_moe_param
+        from deepspeed.utils import groups
+
+        hooked = 0
+        for p in model.parameters():
+            if is_moe_param(p):
+                size = groups._get_expert_data_parallel_world_size(p.group_name)
+                scale = float(size) if groups._get_expert_data_parallel_rank(p.group_name) == 0 else 0.0
+                p.register_hook(lambda g, scale=scale: g * scale)
+                hooked += 1
+        return hooked
 
     def drops_gradients(self, micro: int, accum: int) -> bool:
         """Whether this micro-batch's gradients are to be lost ("dropped_micro": the last of each step)."""

@@ -121,6 +121,7 @@ def run_training(
     engine, *_ = deepspeed.initialize(model=model, config=ds_config, **optimizer_args(model, recipe.train))
     if layout.expert > 1:
         attach_router_outputs(engine.module, recipe.model)
+        FaultInjector.from_env().lose_expert_gradients(engine.module)  # a test hook; nothing unless asked
     if engine.global_rank == 0:
         write_run_files(recipe, ds_config)
     attach_log_files(recipe.run_dir, engine.global_rank)

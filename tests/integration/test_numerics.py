@@ -99,6 +99,23 @@ def test_a_micro_batch_whose_gradients_are_lost_fails_parity(tmp_path, prepared)
     assert next(x for x in r.stdout.splitlines() if x.startswith("z2.fp32.acc2.dp2 ")).endswith("FAIL"), r.stdout
 
 
+@pytest.mark.distributed
+def test_expert_gradients_kept_by_one_replica_fail_parity(tmp_path, prepared):
+    """4 ranks, one launch, the planted fault on: expert gradients of one expert-data-parallel rank only (a missing
+    reduction across the experts' data-parallel group). ep2.dp4 (experts over 2 ranks, 2 copies of each) fails;
+    ep4 (every expert on one rank: nothing to reduce) and dp4 (no expert parallelism) pass, so all-to-all over 4
+    ranks trains the oracle's model and the fault is what parity sees."""
+    r = run_cli(
+        "llmforge", "parity", "--recipe", str(_recipe(tmp_path, prepared, MIXED)), "--variants", "ep2.dp4,ep4,dp4",
+        "--steps", "3", "--one-launch", timeout=600, env={FaultInjector.ENV: "lost_expert_grads"},
+    )  # fmt: skip
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
+    results = {
+        x.split()[0]: x.split()[-1] for x in r.stdout.splitlines() if x.split()[:1] in (["ep2.dp4"], ["ep4"], ["dp4"])
+    }
+    assert results == {"ep2.dp4": "FAIL", "ep4": "pass", "dp4": "pass"}, r.stdout
+
+
 def test_zero0_fp32_logs_a_gradient_norm_and_skips_a_step_with_nan_gradients(tmp_path, prepared):
     """ZeRO-0 in fp32 hands gradients to the bare optimizer: DeepSpeed reports no norm there and applies NaN
     gradients. The trainer computes the norm itself and skips the step."""
