@@ -88,32 +88,21 @@ def test_every_shipped_zero_config_trains_the_oracle_model(tmp_path, prepared):
 
 
 @pytest.mark.distributed
-def test_a_micro_batch_whose_gradients_are_lost_fails_parity(tmp_path, prepared):
-    """The planted fault drops the last micro-batch's gradients and still counts its loss (DeepSpeed #7985's class):
-    the logged losses stay plausible, the oracle shows the model differs."""
+def test_planted_gradient_losses_fail_parity(tmp_path, prepared):
+    """4 ranks, one launch, two planted faults on. "dropped_micro" drops the last micro-batch's gradients and still
+    counts its loss (DeepSpeed #7985's class): the logged losses stay plausible, the oracle shows the model differs
+    (z2.fp32.acc2.dp4). "lost_expert_grads" keeps the expert gradients of one expert-data-parallel rank only (a
+    missing reduction across the experts' data-parallel group): ep2.dp4 (experts over 2 ranks, 2 copies of each)
+    fails; ep4 (every expert on one rank: nothing to reduce) and dp4 (no expert parallelism, no accumulation) pass,
+    so all-to-all over 4 ranks trains the oracle's model and each fault is what parity sees."""
+    variants = {"z2.fp32.acc2.dp4": "FAIL", "ep2.dp4": "FAIL", "ep4": "pass", "dp4": "pass"}
     r = run_cli(
-        "llmforge", "parity", "--recipe", str(_recipe(tmp_path, prepared)), "--variants", "z2.fp32.acc2.dp2",
-        "--steps", "3", "--one-launch", timeout=600, env={FaultInjector.ENV: "dropped_micro"},
+        "llmforge", "parity", "--recipe", str(_recipe(tmp_path, prepared, MIXED)), "--variants", ",".join(variants),
+        "--steps", "3", "--one-launch", timeout=600, env={FaultInjector.ENV: "dropped_micro,lost_expert_grads"},
     )  # fmt: skip
     assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
-    assert next(x for x in r.stdout.splitlines() if x.startswith("z2.fp32.acc2.dp2 ")).endswith("FAIL"), r.stdout
-
-
-@pytest.mark.distributed
-def test_expert_gradients_kept_by_one_replica_fail_parity(tmp_path, prepared):
-    """4 ranks, one launch, the planted fault on: expert gradients of one expert-data-parallel rank only (a missing
-    reduction across the experts' data-parallel group). ep2.dp4 (experts over 2 ranks, 2 copies of each) fails;
-    ep4 (every expert on one rank: nothing to reduce) and dp4 (no expert parallelism) pass, so all-to-all over 4
-    ranks trains the oracle's model and the fault is what parity sees."""
-    r = run_cli(
-        "llmforge", "parity", "--recipe", str(_recipe(tmp_path, prepared, MIXED)), "--variants", "ep2.dp4,ep4,dp4",
-        "--steps", "3", "--one-launch", timeout=600, env={FaultInjector.ENV: "lost_expert_grads"},
-    )  # fmt: skip
-    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
-    results = {
-        x.split()[0]: x.split()[-1] for x in r.stdout.splitlines() if x.split()[:1] in (["ep2.dp4"], ["ep4"], ["dp4"])
-    }
-    assert results == {"ep2.dp4": "FAIL", "ep4": "pass", "dp4": "pass"}, r.stdout
+    rows = {x.split()[0]: x.split()[-1] for x in r.stdout.splitlines() if x.split()[:1] and x.split()[0] in variants}
+    assert rows == variants, r.stdout
 
 
 def test_zero0_fp32_logs_a_gradient_norm_and_skips_a_step_with_nan_gradients(tmp_path, prepared):
