@@ -83,23 +83,24 @@ def parity_recipe(tmp_path: Path, prepared: Path, **train) -> Path:
 
 @pytest.mark.distributed
 def test_parity_passes_for_the_combined_tensor_and_sequence_layout(tmp_path, prepared):
-    """tp2.sp2 on 4 ranks (the combination DeepSpeed #8316 reports broken with DeepSpeed's own Ulysses groups).
+    """tp2.sp2 on 4 ranks (the combination DeepSpeed #8316 reports broken with DeepSpeed's own Ulysses groups)
+    against the plain-PyTorch oracle.
     tp2 alone is held to one rank by test_export_gathers_tensor_shards, sp2 alone by the gradient test above and the
     planted-fault test below; the 20-step table of every layout is in bench/results."""
     recipe = parity_recipe(tmp_path, prepared)
     out = tmp_path / "parity"
     r = run_cli(
-        "llmforge", "parity", "--recipe", str(recipe), "--layouts", "1,tp2.sp2", "--steps", "3",
+        "llmforge", "parity", "--recipe", str(recipe), "--variants", "tp2.sp2", "--steps", "3",
         "--out", str(out), timeout=600,
     )  # fmt: skip
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     report = json.loads((out / "parity.json").read_text())
-    assert report["reference"] == "1"
+    assert report["reference"] == "oracle"  # plain PyTorch on one process: no launch to wait for
     by_name = {row["layout"]: row for row in report["layouts"]}
-    assert list(by_name) == ["1", "tp2.sp2"]
+    assert list(by_name) == ["oracle", "tp2.sp2"]
     row = by_name["tp2.sp2"]
-    assert row["precision"] == "fp32" and row["tolerances"] == [1e-5, 1e-4]
-    assert row["passed"] and row["max_loss_rel_diff"] <= 1e-5 and row["max_grad_norm_rel_diff"] <= 1e-4, row
+    assert row["precision"] == "fp32" and row["tolerances"] == [2e-6, 2e-5]
+    assert row["passed"] and row["max_loss_rel_diff"] <= 2e-6 and row["max_grad_norm_rel_diff"] <= 2e-5, row
     assert sorted(row["losses"]) == ["1", "2", "3"]
     assert next(x for x in r.stdout.splitlines() if x.startswith("tp2.sp2 ")).endswith("pass"), r.stdout
 
