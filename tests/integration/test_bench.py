@@ -49,6 +49,15 @@ from tests.helpers import run_cli
             ],
         ),
         ("bench/parallel_layouts.py", [], ["| 1 | 1 |", "| sp2 | 2 |"]),
+        (
+            "bench/moe.py",
+            [],
+            [
+                "| dense (tiny-char) | float32 |",
+                "| moe-tiny, grouped GEMM | bfloat16 |",
+                "| moe-tiny, loop over experts |",
+            ],
+        ),
         pytest.param(
             "bench/allocator.py",
             [],
