@@ -173,8 +173,11 @@ def dataset_report(name: str, manifest: dict, prepared_dir: str) -> list[str]:
     """prepare's summary of one dataset: a line of counts, then a warning line for a source that kept nothing or
     lost most of its bytes (or documents, for dedup) to one rule."""
     st, splits = manifest["stats"], manifest["splits"]
+    # documents longer than data.chunk_chars are cut into pieces before the rules: kept counts pieces then
+    cut = f" ({st['chunked:documents']} cut into {st['chunked:pieces']} pieces)" if st.get("chunked:documents") else ""
+    unit = "documents and pieces" if cut else "documents"
     lines = [
-        f"{name}: read {st.get('read', 0)}, kept {st.get('kept', 0)} documents; "
+        f"{name}: read {st.get('read', 0)} documents{cut}, kept {st.get('kept', 0)} {unit}; "
         f"train {splits['train']['tokens']} tokens, val {splits['val']['tokens']} tokens "
         f"-> {os.path.join(prepared_dir, name)}"
     ]

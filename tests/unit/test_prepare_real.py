@@ -87,7 +87,11 @@ def test_a_text_file_longer_than_max_chars_is_cut_before_it_is_filtered(tmp_path
     m = prepare(recipe, origin, progress=False, report=lines.append)["book"]
     assert m["stats"]["read"] == 1 and m["stats"]["kept"] >= 10 and "dropped:too_long" not in m["stats"]
     assert m["splits"]["train"]["tokens"] + m["splits"]["val"]["tokens"] > 700_000  # characters: every one kept
-    assert len(lines) == 1 and lines[0].startswith("book: read 1, kept ")
+    pieces = m["stats"]["chunked:pieces"]
+    assert m["stats"]["kept"] == pieces and m["stats"]["chunked:documents"] == 1
+    assert len(lines) == 1 and lines[0].startswith(
+        f"book: read 1 documents (1 cut into {pieces} pieces), kept {pieces} documents and pieces; "
+    )
 
 
 def test_a_source_that_keeps_nothing_stops_prepare_naming_the_reason_and_its_key(tmp_path):
