@@ -17,6 +17,7 @@ from llmforge.demo.toy_chat import write_toy_sets
 from llmforge.errors import UserError, exit_on_user_error, exit_process
 from llmforge.eval.harness import run_lm_eval
 from llmforge.eval.perplexity import evaluate_checkpoint
+from llmforge.model.flops import inactive_params
 from llmforge.parity import failed as parity_failed
 from llmforge.parity import format_report, parity
 from llmforge.plan import count_params, format_plan, loss_chunk_hint, plan, planned_model, suggest_layout
@@ -241,7 +242,9 @@ def main(argv: Optional[list[str]] = None) -> None:
                 vocab = load_tokenizer(recipe.tokenizer, args.recipe).vocab_size
         rows = plan(recipe, args.recipe, args.gpus, memory, args.peak_tflops, args.mfu, vocab)
         layout = make_layout(recipe, args.gpus, 0, args.recipe)
-        print(format_plan(rows, count_params(planned_model(recipe, vocab))[0], args.gpus, memory, layout))
+        cfg = planned_model(recipe, vocab)
+        total = count_params(cfg)[0]
+        print(format_plan(rows, total, args.gpus, memory, layout, total - inactive_params(cfg)))
         if suggestion := suggest_layout(recipe, args.recipe, args.gpus, memory, vocab):
             tp, sp, row = suggestion
             print(

@@ -70,11 +70,25 @@ def count_params(cfg: ModelConfig) -> tuple[int, int]:
     return total, model.num_params(non_embedding=True)
 
 
-def params_per_rank(cfg: ModelConfig, tensor: int) -> int:
-    """Parameters one tensor rank holds: 1/tensor of each sharded block Linear, the rest whole."""
+def params_per_rank(cfg: ModelConfig, tensor: int, expert: int = 1) -> int:
+    """Parameters one rank holds: 1/tensor of each sharded block Linear, 1/expert of each MoE block's experts,
+    the rest whole."""
+    dense, experts = split_params(cfg, tensor)
+    return dense + experts // expert
+
+
+def split_params(cfg: ModelConfig, tensor: int = 1) -> tuple[int, int]:
+    """(parameters outside the experts per tensor rank, routed experts' parameters): ZeRO shards the first over
+    the data-parallel ranks and the second over the expert-data-parallel ranks (data ÷ expert)."""
     with torch.device("meta"):
         model = GPT(cfg)
-    return sum(p.numel() // (tensor if tensor_shard_dim(n) is not None else 1) for n, p in model.named_parameters())
+    dense = experts = 0
+    for name, p in model.named_parameters():
+        if ".moe.experts." in name:
+            experts += p.numel()
+        else:
+            dense += p.numel() // (tensor if tensor_shard_dim(name) is not None else 1)
+    return dense, experts
 
 
 def model_state_bytes(n_params: int, stage: int, dp: int, precision: str = "bf16") -> dict[str, float]:
@@ -140,6 +154,14 @@ def activation_bytes(
     if not fused_attention:
         attn += elem * cfg.n_heads * s * s * b / tensor
     mlp = elem * T * ((3 if compiled else 4) if cfg.mlp == "swiglu" else 2) * ff / tensor
+    if cfg.moe.enabled:
+        # an MoE block keeps, per token: fp32 router logits and probabilities, and for each of its top_k
+        # assignments the gathered input, gate, up, their product and the expert's output (the MLP's share of
+        # the dense and MoE blocks averaged over the layers)
+        m, moe_layers = cfg.moe, len(cfg.moe_layers)
+        routed = T * (8 * m.num_experts + elem * m.top_k * (2 * d + 3 * cfg.expert_ff))
+        shared = elem * T * 4 * m.shared_experts * cfg.expert_ff
+        mlp = (mlp * (L - moe_layers) + (routed + shared) * moe_layers) / L
     layer = 2 * norm + attn + mlp
     boundary = elem * T * d
     recompute = layer if transients else 0
@@ -202,7 +224,14 @@ def communication_bytes(
     if sp > 1:
         per_layer = elem * T * (2 * cfg.d_model + 2 * cfg.kv_heads * cfg.head_dim) / tp  # q, output, k, v
         sequence = L * accum * 2 * (sp - 1) / sp * per_layer * (1.5 if mode == "full" else 1.0)
-    return {"data": data, "tensor": tensor, "sequence": sequence}
+    expert = 0.0
+    if layout.expert > 1:
+        # all-to-all of each token's top_k copies to its experts' ranks and back, in forward and backward (and the
+        # forward again when the block is recomputed)
+        ep, m = layout.expert, cfg.moe
+        per_layer = 4 * (ep - 1) / ep * elem * T * m.top_k * cfg.d_model
+        expert = len(cfg.moe_layers) * accum * per_layer * (1.5 if mode == "full" else 1.0)
+    return {"data": data, "tensor": tensor, "sequence": sequence, "expert": expert}
 
 
 @dataclass
@@ -247,7 +276,8 @@ def plan(
     cfg = planned_model(recipe, vocab_size)
     layout = make_layout(recipe, gpus, 0, origin)
     n_total, n_body = count_params(cfg)
-    n_rank = params_per_rank(cfg, layout.tensor)
+    n_dense, n_experts = split_params(cfg, layout.tensor)
+    n_rank = n_dense + n_experts // layout.expert
     t = recipe.train
     tokens_per_step = t.global_batch(layout.data) * recipe.data.seq_len
     budget = tokens_per_step * t.max_steps
@@ -258,7 +288,10 @@ def plan(
             continue
         ds = compose_ds_config(recipe, layout.data, recipe.run_dir, origin, on_cpu=False)
         ds["zero_optimization"] = {**ds.get("zero_optimization", {}), "stage": stage}
-        states = model_state_bytes(n_rank, stage, zero_group, t.precision)
+        states = model_state_bytes(n_dense, stage, zero_group, t.precision)
+        if n_experts:  # a rank's experts, sharded by ZeRO over the ranks holding the same ones
+            local = model_state_bytes(n_experts // layout.expert, stage, zero_group // layout.expert, t.precision)
+            states = {k: v + local[k] for k, v in states.items()}
         buffers = buffer_bytes(ds, n_rank)
         for mode in ("none", "selective", "full"):
             acts = activation_bytes(
@@ -360,12 +393,23 @@ def suggest_layout(
 
 
 def format_plan(
-    rows: list[PlanRow], n_params: int, gpus: int, gpu_memory_gb: float, layout: Optional[Layout] = None
+    rows: list[PlanRow],
+    n_params: int,
+    gpus: int,
+    gpu_memory_gb: float,
+    layout: Optional[Layout] = None,
+    active: Optional[int] = None,
 ) -> str:
+    """The plan's table; `active`: parameters a token uses (an MoE model's), when fewer than n_params."""
     layout = layout or Layout(gpus)
+    sizes = f"{n_params / 1e6:.1f}M parameters"
+    if active is not None and active < n_params:
+        sizes += f" ({active / 1e6:.1f}M active per token: FLOPs and time count these)"
+    keys = ("data", "tensor", "sequence", "expert") if layout.expert > 1 else ("data", "tensor", "sequence")
+    dims = " / ".join(keys)
     head = (
-        f"{n_params / 1e6:.1f}M parameters, {gpus} GPUs x {gpu_memory_gb:g} GB as {layout.describe()} "
-        "(fits: total <= 95% of memory; comm: GB sent per GPU and step, data / tensor / sequence)\n"
+        f"{sizes}, {gpus} GPUs x {gpu_memory_gb:g} GB as {layout.describe()} "
+        f"(fits: total <= 95% of memory; comm: GB sent per GPU and step, {dims})\n"
         "| ZeRO | ckpt | params GB | grads GB | optim GB | activ. GB | buffers GB | total GB | fits | tokens/s "
         "| step s | hours to budget | comm GB |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
@@ -373,7 +417,7 @@ def format_plan(
         f"| {r.stage} | {r.checkpointing} | {r.params_gb:.2f} | {r.grads_gb:.2f} | {r.optimizer_gb:.2f} | "
         f"{r.activations_gb:.2f} | {r.buffers_gb:.2f} | {r.total_gb:.2f} | {'yes' if r.fits else 'NO'} | "
         f"{r.tokens_per_s:,.0f} | {r.step_s:.3f} | {r.hours_to_budget:.1f} | "
-        f"{' / '.join(f'{r.comm_gb.get(k, 0.0):.2f}' for k in ('data', 'tensor', 'sequence'))} |"
+        f"{' / '.join(f'{r.comm_gb.get(k, 0.0):.2f}' for k in keys)} |"
         for r in rows
     ]
     return head + "\n".join(lines)

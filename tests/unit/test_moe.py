@@ -158,3 +158,60 @@ def test_layers_parameters_and_config_errors():
         with pytest.raises(ConfigError) as e:
             moe_config(**kw)
         assert e.value.key == key
+
+
+def test_plan_counts_active_parameters_and_splits_experts_over_the_expert_layout():
+    import dataclasses
+
+    from llmforge.config import load_recipe
+    from llmforge.plan import count_params, format_plan, params_per_rank, plan, planned_model, split_params
+
+    recipe = load_recipe("recipes/moe-tiny.yaml")
+    cfg = planned_model(recipe, 256)
+    dense, experts = split_params(cfg)
+    assert experts == 4 * 8 * 3 * 128 * 192 and dense + experts == count_params(cfg)[0]
+    assert params_per_rank(cfg, 1, 2) == dense + experts // 2
+
+    def rows(expert: int) -> dict:
+        r = dataclasses.replace(recipe, parallel=dataclasses.replace(recipe.parallel, expert=expert))
+        return {(x.stage, x.checkpointing): x for x in plan(r, "recipes/moe-tiny.yaml", 4, 80, vocab_size=256)}
+
+    ep1, ep2 = rows(1), rows(2)
+    # ZeRO-1 keeps whole weights: an expert-parallel rank holds half the experts; the optimizer state is the same
+    # per rank (dense state over 4 ranks, each expert's over the 2 that hold it)
+    assert ep2[1, "none"].params_gb == pytest.approx(
+        ep1[1, "none"].params_gb * (dense + experts / 2) / (dense + experts)
+    )
+    assert ep2[1, "none"].optimizer_gb == pytest.approx(ep1[1, "none"].optimizer_gb)
+    assert ep1[1, "none"].comm_gb["expert"] == 0 < ep2[1, "none"].comm_gb["expert"] < ep2[1, "full"].comm_gb["expert"]
+    # time counts active parameters: the same as the dense demo model's MLP width (2 experts of 192 = 384)
+    dense_rows = plan(load_recipe("recipes/tiny-char.yaml"), "recipes/tiny-char.yaml", 4, 80, vocab_size=256)
+    assert ep1[1, "none"].tokens_per_s == pytest.approx(dense_rows[0].tokens_per_s, rel=0.01)
+    total = count_params(cfg)[0]
+    head = format_plan(list(ep2.values()), total, 4, 80, active=total - 3 * experts // 4).splitlines()[0]
+    assert f"{total / 1e6:.1f}M parameters ({(total - 3 * experts // 4) / 1e6:.1f}M active per token" in head
+
+
+@pytest.mark.parametrize(
+    "sets, problem",
+    [
+        (["model.moe.num_experts=0"], "needs mixture-of-experts blocks"),
+        (["parallel.expert=4", "model.moe.num_experts=6"], "4 does not divide model.moe.num_experts=6"),
+        (["parallel.expert=8", "model.moe.num_experts=8"], "8 does not divide the 4 data-parallel replicas"),
+        (["model.moe.capacity_factor=1.25"], "routes dropless"),
+        (["model.moe.shared_experts=1"], "shared experts"),
+        (["deepspeed.config=llmforge:zero0.json", "train.precision=fp32"], "ZeRO stages 1-3"),
+        (["parallel.tensor=2"], "tensor parallelism is not yet checked"),
+    ],
+)
+def test_expert_layouts_refused_in_one_line(sets, problem):
+    from llmforge.config import load_recipe
+    from llmforge.config.deepspeed import compose_ds_config, zero_stage
+    from llmforge.config.parallel import check_layout
+    from llmforge.errors import RecipeError
+
+    recipe = load_recipe("recipes/moe-tiny.yaml", ["parallel.expert=2", *sets])
+    stage = zero_stage(compose_ds_config(recipe, 4, recipe.run_dir, "r.yaml", on_cpu=True))
+    with pytest.raises(RecipeError) as e:
+        check_layout(recipe, 4, stage, "r.yaml")
+    assert problem in str(e.value) and "\n" not in str(e.value)
