@@ -247,9 +247,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(format_plan(rows, total, args.gpus, memory, layout, total - inactive_params(cfg)))
         if suggestion := suggest_layout(recipe, args.recipe, args.gpus, memory, vocab):
             tp, sp, row = suggestion
+            experts = f", experts over {layout.expert}" if layout.expert > 1 else ""
             print(
                 f"suggested layout: parallel.tensor={tp} parallel.sequence={sp} "
-                f"({args.gpus // (tp * sp)} data-parallel), ZeRO-{row.stage}, activation checkpointing "
+                f"({args.gpus // (tp * sp)} data-parallel{experts}), ZeRO-{row.stage}, activation checkpointing "
                 f"{row.checkpointing}: {row.total_gb:.1f} GB per GPU"
             )
         else:

@@ -185,6 +185,10 @@ def check_expert_layout(recipe: Recipe, layout: Layout, zero_stage: int, origin:
         raise RecipeError(
             origin, key, "expert parallelism runs under ZeRO stages 1-3; use deepspeed.config: llmforge:zero1.json"
         )
+    if recipe.posttrain.lora.rank:
+        raise RecipeError(
+            origin, key, "LoRA freezes the experts (adapters go on attention and dense MLPs); use parallel.expert: 1"
+        )
 
 
 def ranks_per_node() -> int:

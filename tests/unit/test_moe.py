@@ -202,6 +202,7 @@ def test_plan_counts_active_parameters_and_splits_experts_over_the_expert_layout
         (["model.moe.shared_experts=1"], "shared experts"),
         (["deepspeed.config=llmforge:zero0.json", "train.precision=fp32"], "ZeRO stages 1-3"),
         (["parallel.tensor=2"], "tensor parallelism is not yet checked"),
+        (["posttrain.lora.rank=4"], "LoRA freezes the experts"),
     ],
 )
 def test_expert_layouts_refused_in_one_line(sets, problem):
