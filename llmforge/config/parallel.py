@@ -114,13 +114,13 @@ def check_layout(recipe: Recipe, world: int, zero_stage: int, origin: str, ranks
     layout = make_layout(recipe, world, 0, origin)
     if p.expert > 1:
         check_expert_layout(recipe, layout, zero_stage, origin)
-    if m.moe.enabled and (tp > 1 or sp > 1):
-        key = "parallel.tensor" if tp > 1 else "parallel.sequence"
+    if m.moe.enabled and sp > 1:
+        # each sequence rank would balance its slice's tokens: another objective than one rank's
         raise RecipeError(
             origin,
-            key,
-            f"{key.split('.')[1]} parallelism is not yet checked with mixture-of-experts blocks (model.moe); "
-            "train an MoE model data-parallel (parallel.tensor: 1, parallel.sequence: 1)",
+            "parallel.sequence",
+            "sequence parallelism is not yet checked with mixture-of-experts blocks (model.moe); use "
+            "parallel.sequence: 1 (tensor and expert parallelism work)",
         )
     if tp > 1:
         if zero_stage == 3:
@@ -188,6 +188,10 @@ def check_expert_layout(recipe: Recipe, layout: Layout, zero_stage: int, origin:
     if recipe.posttrain.lora.rank:
         raise RecipeError(
             origin, key, "LoRA freezes the experts (adapters go on attention and dense MLPs); use parallel.expert: 1"
+        )
+    if layout.tensor > 1:
+        raise RecipeError(
+            origin, key, "expert with tensor parallelism is not yet checked; use one of them (parallel.tensor: 1)"
         )
 
 

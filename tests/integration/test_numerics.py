@@ -27,7 +27,7 @@ from tests.helpers import rows as rows_of
 ZERO = ("z0", "z1", "z2", "z3", "z3off")
 MATRIX = [f"{z}.{p}.acc{a}.dp2" for z in ZERO for p in ("fp32", "bf16") for a in (1, 2)]
 # the MoE block's experts split over the 2 ranks (DeepSpeed AutoEP), under each ZeRO stage it runs with
-EXPERT = ["ep2.z1.fp32.acc2", "ep2.z2.bf16.acc1", "ep2.z3.fp32.acc1"]
+EXPERT = ["ep2.z1.fp32.acc2", "ep2.z2.bf16.acc1", "ep2.z3.fp32.acc1", "tp2.z1.fp32.acc2"]  # tp2: experts whole per rank
 
 
 # One MoE block (4 experts, top 2) and one dense block: every variant checks both MLP kinds against the oracle.
@@ -47,12 +47,13 @@ def _recipe(tmp_path, prepared, model=None, **train):
 
 @pytest.mark.distributed
 def test_every_shipped_zero_config_trains_the_oracle_model(tmp_path, prepared):
-    """23 variants, one 2-rank launch, a model with an MoE block and a dense one (the experts split over the ranks
-    in 3 variants): fp32 within 2e-6 of the oracle, bf16 within 2e-3, ZeRO-0 with bf16 refused in one line. The
-    MoE block's balance loss is a statistic of each micro-batch, so accumulation 2 (micro-batch 2) is held to an
-    oracle over the same micro-batches; against the micro-batch-4 oracle it was 3.2e-5 off in loss. ZeRO-3 without
-    weight decay, the llmforge defect this found, fails it: with the fix reverted the ZeRO-3 and ZeRO-3-offload fp32
-    rows were 5.5e-6 to 5.6e-6 off by step 4 (its bf16 rows are not sharp enough to see it)."""
+    """24 variants, a model with an MoE block and a dense one (the experts split over the ranks in 3 variants,
+    the attention in tp2, a launch of its own), the others in one 2-rank launch: fp32 within 2e-6 of the oracle,
+    bf16 within 2e-3, ZeRO-0 with bf16 refused in one line. The MoE block's balance loss is a statistic of each
+    micro-batch, so accumulation 2 (micro-batch 2) is held to an oracle over the same micro-batches; against the
+    micro-batch-4 oracle it was 3.2e-5 off in loss. ZeRO-3 without weight decay, the llmforge defect this found,
+    fails it: with the fix reverted the ZeRO-3 and ZeRO-3-offload fp32 rows were 5.5e-6 to 5.6e-6 off by step 4
+    (its bf16 rows are not sharp enough to see it)."""
     out = tmp_path / "parity"
     variants = ",".join(MATRIX + EXPERT)
     r = run_cli(

@@ -201,7 +201,8 @@ def test_plan_counts_active_parameters_and_splits_experts_over_the_expert_layout
         (["model.moe.capacity_factor=1.25"], "routes dropless"),
         (["model.moe.shared_experts=1"], "shared experts"),
         (["deepspeed.config=llmforge:zero0.json", "train.precision=fp32"], "ZeRO stages 1-3"),
-        (["parallel.tensor=2"], "tensor parallelism is not yet checked"),
+        (["parallel.tensor=2"], "expert with tensor parallelism is not yet checked"),
+        (["parallel.expert=1", "parallel.sequence=2"], "sequence parallelism is not yet checked"),
         (["posttrain.lora.rank=4"], "LoRA freezes the experts"),
     ],
 )
