@@ -65,15 +65,12 @@ def check_mixtral_compatible(cfg: ModelConfig) -> None:
             raise ExportError(f"{hint}; export writes MixtralForCausalLM, which cannot express it")
 
 
-def mixtral_config(cfg: ModelConfig) -> Any:
-    from transformers import MixtralConfig
-
-    check_llama_compatible(cfg)
-    check_mixtral_compatible(cfg)
-    return MixtralConfig(  # type: ignore[call-arg]  # rope_theta: accepted through **kwargs
+def _shared_config(cfg: ModelConfig, intermediate_size: int) -> dict:
+    """The config fields Llama and Mixtral share (their attention, norms, positions and embeddings are the same)."""
+    return dict(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.d_model,
-        intermediate_size=cfg.expert_ff,
+        intermediate_size=intermediate_size,
         num_hidden_layers=cfg.n_layers,
         num_attention_heads=cfg.n_heads,
         num_key_value_heads=cfg.kv_heads,
@@ -83,12 +80,23 @@ def mixtral_config(cfg: ModelConfig) -> Any:
         rms_norm_eps=cfg.norm_eps,
         rope_theta=cfg.rope_theta,
         tie_word_embeddings=cfg.tie_embeddings,
-        num_local_experts=cfg.moe.num_experts,
-        num_experts_per_tok=cfg.moe.top_k,
-        router_aux_loss_coef=cfg.moe.aux_loss_weight,
-        router_jitter_noise=0.0,
         attention_dropout=0.0,
         dtype="float32",
+    )
+
+
+def mixtral_config(cfg: ModelConfig) -> Any:
+    from transformers import MixtralConfig
+
+    check_llama_compatible(cfg)
+    check_mixtral_compatible(cfg)
+    m = cfg.moe
+    return MixtralConfig(
+        **_shared_config(cfg, cfg.expert_ff),
+        num_local_experts=m.num_experts,
+        num_experts_per_tok=m.top_k,
+        router_aux_loss_coef=m.aux_loss_weight,
+        router_jitter_noise=0.0,
     )
 
 
@@ -96,24 +104,7 @@ def llama_config(cfg: ModelConfig) -> Any:
     from transformers import LlamaConfig
 
     check_llama_compatible(cfg)
-    return LlamaConfig(  # type: ignore[call-arg]  # rope_theta: accepted through **kwargs
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.d_model,
-        intermediate_size=cfg.ff_dim,
-        num_hidden_layers=cfg.n_layers,
-        num_attention_heads=cfg.n_heads,
-        num_key_value_heads=cfg.kv_heads,
-        head_dim=cfg.head_dim,
-        hidden_act="silu",
-        max_position_embeddings=cfg.max_seq_len,
-        rms_norm_eps=cfg.norm_eps,
-        rope_theta=cfg.rope_theta,
-        tie_word_embeddings=cfg.tie_embeddings,
-        attention_bias=False,
-        mlp_bias=False,
-        attention_dropout=0.0,
-        dtype="float32",
-    )
+    return LlamaConfig(**_shared_config(cfg, cfg.ff_dim), attention_bias=False, mlp_bias=False)
 
 
 def _names(n_layers: int) -> list[tuple[str, str]]:
