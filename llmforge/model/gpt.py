@@ -185,6 +185,16 @@ def router_output(
     )
 
 
+def grouped_mm_runs(x: torch.Tensor) -> bool:
+    """Whether torch's grouped GEMM takes x: on CPU in fp32 and bf16; on CUDA bf16 on compute capability >= 8.0
+    (its documented requirement). Elsewhere the experts loop."""
+    if x.device.type == "cpu":
+        return True
+    return (
+        x.device.type == "cuda" and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
+    )
+
+
 class Experts(nn.Module):
     """`n` SwiGLU MLPs stored stacked, Mixtral's names per expert: w1 (gate) and w3 (up) of shape (n, ff, d_model), w2
     (down) of shape (n, d_model, ff). `forward` takes tokens already sorted by expert and each expert's count."""
@@ -197,8 +207,7 @@ class Experts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(n, d_model, ff))
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        # torch's CUDA grouped GEMM takes bf16 only (its CPU kernel takes fp32 too): other dtypes loop there
-        if self.impl == "grouped" and (x.device.type == "cpu" or x.dtype == torch.bfloat16):
+        if self.impl == "grouped" and grouped_mm_runs(x):
             # One grouped GEMM per projection: rows offs[e-1]..offs[e] of x go through expert e.
             offs = counts.cumsum(0).to(torch.int32)
             h = F.silu(F.grouped_mm(x, self.w1.transpose(1, 2), offs=offs))
