@@ -46,7 +46,7 @@ lint: $(VENV)/.lint
 test: $(VENV)/.dev
 	$(PY) -m pytest -q -ra --durations=25 tests
 
-# In-process tests only (no subprocess, no launcher; enforced by tests/unit/conftest.py): under 2 minutes on 2 cores.
+# In-process tests only (no subprocess, no launcher; enforced by tests/unit/conftest.py): under a minute on 2 cores.
 test-fast: $(VENV)/.dev
 	$(PY) -m pytest -q -ra tests/unit
 
