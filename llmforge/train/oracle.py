@@ -29,6 +29,7 @@ from llmforge.train.loading import load_weights
 from llmforge.train.run import param_groups, seed_everything
 from llmforge.train.schedule import lr_at
 from llmforge.train.task import Task
+from llmforge.train.trainer import router_stats
 
 
 @dataclass
@@ -82,8 +83,8 @@ def oracle_steps(recipe: Recipe, origin: str, steps: int, global_batch: int, mic
             inputs, targets = train.batch(micro_batch_indices(consumed, m, 0, 1, micro_batch))
             router: list[RouterOutput] = []
             _, loss = model(inputs, targets, loss_chunk=t.loss_chunk, z_loss=t.z_loss, router=router)
-            if router:  # an MoE block's auxiliary losses are part of the objective (as in train/trainer.py)
-                loss = loss + torch.stack([r.loss for r in router]).sum()
+            if router:  # an MoE block's auxiliary losses are part of the objective, as the trainer adds them
+                loss = loss + router_stats(router)["aux_loss"]
             (loss / micros).backward()
             total += float(loss.detach())
         norm = float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
