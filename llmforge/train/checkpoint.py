@@ -96,26 +96,22 @@ def ensure_universal(path: str) -> str:
     if rank() == 0 and not os.path.isdir(out):
         tmp = out + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        cmd = [
-            sys.executable,
-            "-m",
-            "deepspeed.checkpoint.ds_to_universal",
-            "--input_folder",
-            path,
-            "--output_folder",
-            tmp,
-            "--num_extract_workers",
-            "1",
-            "--num_merge_workers",
-            "1",
-        ]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise CheckpointError(f"{path}: conversion to a universal checkpoint failed: {tail[0]}")
+        convert_to_universal(path, tmp)
         os.replace(tmp, out)
     barrier()
     return out
+
+
+def convert_to_universal(path: str, out: str) -> None:
+    """DeepSpeed's ds_to_universal from the checkpoint at `path` into the new directory `out` (one parameter per
+    directory, fp32 and optimizer moments; an AutoEP block's experts consolidated), one line when it fails."""
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", path, "--output_folder", out]
+    done = subprocess.run(
+        [*cmd, "--num_extract_workers", "1", "--num_merge_workers", "1"], capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise CheckpointError(f"{path}: conversion to a universal checkpoint failed: {tail[0]}")
 
 
 def load_checkpoint(engine: Any, path: str) -> dict:

@@ -9,6 +9,7 @@ import glob
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Callable
 from typing import Optional
 
@@ -24,7 +25,8 @@ from llmforge.model.lora import apply_lora, merge_lora
 from llmforge.model.parallel import autoep_to_gpt_names, merge_expert_files, merge_tensor_shards
 from llmforge.tokenizer import Tokenizer, tokenizer_from_json
 from llmforge.tokenizer.hf import HFTokenizer
-from llmforge.train.checkpoint_files import find_checkpoint, load_model_states
+from llmforge.train.checkpoint import convert_to_universal
+from llmforge.train.checkpoint_files import STATE, find_checkpoint, load_model_states
 
 WRAPPER_PREFIX = "_checkpoint_wrapped_module."
 
@@ -36,14 +38,37 @@ def _state_dict(path: str) -> dict[str, torch.Tensor]:
         state = merge_tensor_shards([load_model_states(f)["module"] for f in dense])
     elif dense:  # ZeRO 0-2: rank 0 holds the full (training-precision) module state
         state = load_model_states(dense[0])["module"]
-    else:  # ZeRO-3: gather the fp32 partitions
+    elif not _expert_parallel(path):  # ZeRO-3: gather the fp32 partitions
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         state = get_fp32_state_dict_from_zero_checkpoint(load_dir, tag=tag)
+    else:  # ZeRO-3 with expert parallelism: zero_to_fp32 cannot gather experts; DeepSpeed's universal form does
+        state = _universal_state_dict(path)
     experts = sorted(glob.glob(os.path.join(path, "layer_*_expert_*_model_states.pt")))
     if experts:  # expert-parallel (AutoEP): the experts are in files of their own
         state = {**autoep_to_gpt_names(state), **merge_expert_files([load_model_states(f) for f in experts])}
     return {k.replace(WRAPPER_PREFIX, ""): v for k, v in state.items()}
+
+
+def _expert_parallel(path: str) -> bool:
+    with open(os.path.join(path, STATE), encoding="utf-8") as f:
+        return json.load(f).get("expert_parallel", 1) > 1
+
+
+def _universal_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """Every parameter's fp32 value from the checkpoint converted to DeepSpeed's universal form (in a temporary
+    directory: the checkpoint is not changed)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "universal")
+        convert_to_universal(path, out)
+        zero = os.path.join(out, "zero")
+        state = {}
+        for name in os.listdir(zero):
+            if not os.path.isfile(os.path.join(zero, name, "fp32.pt")):
+                continue  # optimizer_state.pt and other files beside the parameters' directories
+            value = torch.load(os.path.join(zero, name, "fp32.pt"), map_location="cpu", weights_only=True)
+            state[name] = value["param"] if isinstance(value, dict) else value  # experts come with metadata
+    return autoep_to_gpt_names(state)
 
 
 def load_model(
@@ -61,6 +86,11 @@ def load_model(
     if lora.rank:
         apply_lora(model, lora)
     state = _state_dict(path)
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    # DeepSpeed's universal form keeps parameters flat: give them the model's shapes back
+    state = {
+        k: v.view(shapes[k]) if k in shapes and v.dim() == 1 and len(shapes[k]) > 1 else v for k, v in state.items()
+    }
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and recipe.model.tie_embeddings)]
     if missing or unexpected:
