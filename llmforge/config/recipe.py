@@ -65,8 +65,8 @@ class MoEConfig:
     capacity_factor: Optional[float] = doc(
         None,
         "null: dropless (every token reaches its top-k experts). A number c: an expert takes at most "
-        "ceil(c · tokens · top_k / num_experts) tokens of a micro-batch, in token order; the rest are dropped "
-        "(that expert adds nothing for them) and counted in the metrics.",
+        "ceil(c · tokens · top_k / num_experts) assignments of a micro-batch, every token's first choice before "
+        "any second one, in token order; the rest are dropped (that expert adds nothing for them) and counted.",
     )
     aux_loss_weight: float = doc(
         0.01, "Weight of the load-balancing loss num_experts · sum_e f_e · P_e (Switch; Mixtral's form for top-k)."
