@@ -167,13 +167,15 @@ def router_output(
     z_weight: float,
     layer: int,
     dropped: Optional[torch.Tensor] = None,
+    probs: Optional[torch.Tensor] = None,
 ) -> RouterOutput:
     """An MoE block's RouterOutput from its router's fp32 logits (tokens, experts) and each token's chosen experts
     (tokens, top_k): the load-balancing loss num_experts · sum_e (assignments to e / tokens) · mean probability of e
     (Switch; Mixtral's form for top-k, top_k at perfect balance) and the z-loss mean(logsumexp(logits)²) (ST-MoE)."""
     n, E = logits.shape
     load = torch.bincount(chosen.reshape(-1), minlength=E)
-    balance = E * (load.float() / n * logits.softmax(dim=-1).mean(dim=0)).sum()
+    probs = logits.softmax(dim=-1) if probs is None else probs  # the caller's, when it routed with them
+    balance = E * (load.float() / n * probs.mean(dim=0)).sum()
     z = torch.logsumexp(logits, dim=-1).pow(2).mean()
     return RouterOutput(
         aux_weight * balance + z_weight * z,
@@ -265,7 +267,7 @@ class MoE(nn.Module):
         out = out.to(h.dtype)
         if self.shared is not None:
             out = out + self.shared(h)
-        aux = router_output(logits, chosen, self.aux_weight, self.z_weight, self.layer, dropped)
+        aux = router_output(logits, chosen, self.aux_weight, self.z_weight, self.layer, dropped, probs)
         return out.view(shape), aux
 
 

@@ -92,8 +92,9 @@ def attach_router_outputs(model: nn.Module, cfg: ModelConfig) -> int:
             x = args[0]
             gate = cast(nn.Module, cast(nn.Module, module.router).gate)
             logits = gate(x.reshape(-1, x.shape[-1])).float()
-            _, chosen = logits.softmax(dim=-1).topk(m.top_k, dim=-1)
-            routed = router_output(logits, chosen, m.aux_loss_weight, m.router_z_loss_weight, layer)
+            probs = logits.softmax(dim=-1)
+            _, chosen = probs.topk(m.top_k, dim=-1)
+            routed = router_output(logits, chosen, m.aux_loss_weight, m.router_z_loss_weight, layer, probs=probs)
             return (output[0] if isinstance(output, tuple) else output), routed
 
         module.register_forward_hook(hook)
