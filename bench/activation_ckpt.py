@@ -41,12 +41,12 @@ def one_mode(args: argparse.Namespace) -> None:
     from llmforge.config import load_recipe
     from llmforge.config.deepspeed import compose_ds_config
     from llmforge.config.parallel import Layout
-    from llmforge.model import apply_activation_checkpointing, compile_model
     from llmforge.model.gpt import GPT
     from llmforge.train.distributed import release_shm_segment, setup_env
+    from llmforge.train.engine import build_engine
     from llmforge.train.guard import FaultInjector
     from llmforge.train.metrics import Metrics
-    from llmforge.train.run import param_groups, seed_everything
+    from llmforge.train.run import seed_everything
     from llmforge.train.task import resolve_model_config
     from llmforge.train.trainer import Objective, TaskData, Trainer, TrainerConfig
 
@@ -66,12 +66,7 @@ def one_mode(args: argparse.Namespace) -> None:
     release_shm_segment()
     seed_everything(0)
     model = GPT(recipe.model)
-    apply_activation_checkpointing(model, recipe.model.activation_checkpointing)
-    if recipe.train.compile:
-        compile_model(model)
-    engine, *_ = deepspeed.initialize(
-        model=model, model_parameters=param_groups(model, recipe.train.weight_decay), config=ds_config
-    )
+    engine = build_engine(model, ds_config, Layout(1), recipe.train, recipe.model.activation_checkpointing).engine
     trainer = Trainer(
         engine,
         TrainerConfig.from_recipe(recipe, Layout(1), 0.0, None, FaultInjector()),

@@ -42,10 +42,11 @@ def main() -> None:
     import torch
     from deepspeed.accelerator import get_accelerator
 
-    from llmforge.config.recipe import ModelConfig
-    from llmforge.model.gpt import GPT
+    from llmforge.config.parallel import Layout
+    from llmforge.config.recipe import ModelConfig, TrainConfig
     from llmforge.plan import model_state_bytes
     from llmforge.train.distributed import release_shm_segment, setup_env
+    from llmforge.train.engine import build_engine, build_model
 
     setup_env()
     accel = get_accelerator()
@@ -75,13 +76,9 @@ def main() -> None:
         },
     }
     before = torch.cuda.memory_allocated() if on_gpu else rss_bytes()
-    if args.stage == 3:
-        with deepspeed.zero.Init(config_dict_or_path=ds):
-            model = GPT(cfg)
-    else:
-        model = GPT(cfg)
+    model = build_model(cfg, ds)
     n = sum(getattr(q, "ds_numel", q.numel()) for q in model.parameters())
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
+    engine = build_engine(model, ds, Layout(world, rank=torch.distributed.get_rank()), TrainConfig()).engine
     x = torch.randint(0, args.vocab, (1, 16), device=engine.device)
     for step in range(2):
         if step == 1:  # the peak of a steady-state step, without start-up transients (the fp32 model built first)

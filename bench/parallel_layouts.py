@@ -33,11 +33,12 @@ def worker(args: argparse.Namespace) -> None:
     from deepspeed.accelerator import get_accelerator
 
     from llmforge.config.parallel import Layout
-    from llmforge.config.recipe import ActivationCheckpointingConfig, LoraConfig, ModelConfig
-    from llmforge.model import GPT, apply_wraps
-    from llmforge.model.parallel import SequenceSlice, sequence_group, tensor_parallel_config
+    from llmforge.config.recipe import ModelConfig, TrainConfig
+    from llmforge.model import GPT
+    from llmforge.model.parallel import SequenceSlice
     from llmforge.plan import activation_bytes, buffer_bytes, model_state_bytes, params_per_rank
     from llmforge.train.distributed import release_shm_segment, setup_env
+    from llmforge.train.engine import build_engine
 
     setup_env()
     accel = get_accelerator()
@@ -56,15 +57,11 @@ def worker(args: argparse.Namespace) -> None:
         "zero_optimization": {"stage": 1, "reduce_bucket_size": 1e6, "allgather_bucket_size": 1e6},
         "steps_per_print": 10**9,
     }
-    if layout.tensor > 1:
-        ds["tensor_parallel"] = tensor_parallel_config(layout.tensor)
     on_gpu = accel.device_name() != "cpu"
     before = torch.cuda.memory_allocated() if on_gpu else rss_bytes()
     torch.manual_seed(0)
     model = GPT(cfg)
-    group = sequence_group(layout) if layout.sequence > 1 else None
-    apply_wraps(model, LoraConfig(), ActivationCheckpointingConfig(), False, group)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
+    engine = build_engine(model, ds, layout, TrainConfig()).engine
     piece = SequenceSlice(layout)
     g = torch.Generator().manual_seed(layout.data_rank)
     times = []
@@ -89,7 +86,7 @@ def worker(args: argparse.Namespace) -> None:
             times.append(time.perf_counter() - started)
     peak = torch.cuda.max_memory_allocated() if on_gpu else rss_bytes("VmHWM")
     n_rank = params_per_rank(cfg, layout.tensor)
-    states = sum(model_state_bytes(n_rank, 1, layout.data * layout.sequence).values()) + buffer_bytes(ds, n_rank)
+    states = sum(model_state_bytes(n_rank, 1, layout.zero).values()) + buffer_bytes(ds, n_rank)
     # what a step adds: activations kept for backward (+ transients) and the 16-bit gradients until the reduce
     step_adds = (
         activation_bytes(cfg, args.seq_len // layout.sequence, 1, "none", fused_norm=on_gpu, tensor=layout.tensor)
@@ -142,7 +139,14 @@ def main() -> None:
     ]
     for spec in parse_layouts(args.layouts):
         cmd = [launcher, "--num_gpus", str(spec.ranks), "--master_port", str(free_port()), __file__, "--worker"]
-        cmd += ["--tensor", str(spec.tensor), "--sequence", str(spec.sequence), "--seq-len", str(args.seq_len)]
+        cmd += [
+            "--tensor",
+            str(spec.layout.tensor),
+            "--sequence",
+            str(spec.layout.sequence),
+            "--seq-len",
+            str(args.seq_len),
+        ]
         cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]

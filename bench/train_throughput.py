@@ -125,14 +125,14 @@ def main() -> None:
     from llmforge.config import load_recipe
     from llmforge.config.deepspeed import compose_ds_config, zero_stage
     from llmforge.config.parallel import Layout
-    from llmforge.config.recipe import LoraConfig
-    from llmforge.model import GPT, apply_activation_checkpointing, apply_wraps, compile_model
+    from llmforge.model import GPT, apply_activation_checkpointing, compile_model
     from llmforge.model.flops import device_peak_flops, flops_per_token
     from llmforge.model.hf import llama_config
     from llmforge.train.distributed import release_shm_segment, setup_env
+    from llmforge.train.engine import build_engine, param_groups
     from llmforge.train.guard import FaultInjector
     from llmforge.train.metrics import Metrics
-    from llmforge.train.run import param_groups, seed_everything
+    from llmforge.train.run import seed_everything
     from llmforge.train.task import resolve_model_config
     from llmforge.train.trainer import Objective, TaskData, Trainer, TrainerConfig
 
@@ -179,10 +179,8 @@ def main() -> None:
 
     def run_llmforge(compiled: bool):
         model = copy.deepcopy(base)
-        apply_wraps(model, LoraConfig(), ckpt, compiled, None, t.fp8)  # train.fp8 too: the FP8 rows of the GPU suite
-        engine, *_ = deepspeed.initialize(
-            model=model, model_parameters=param_groups(model, t.weight_decay), config=copy.deepcopy(ds_config)
-        )
+        # train.fp8 too: the FP8 rows of the GPU suite
+        engine = build_engine(model, ds_config, Layout(1), dataclasses.replace(t, compile=compiled), ckpt).engine
         trainer = Trainer(
             engine,
             TrainerConfig.from_recipe(recipe, Layout(1), 0.0, None, FaultInjector()),

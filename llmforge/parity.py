@@ -44,6 +44,7 @@ from tqdm import tqdm
 
 from llmforge.config import load_recipe
 from llmforge.config.deepspeed import compose_ds_config, resolve_precision
+from llmforge.config.parallel import Layout
 from llmforge.errors import UserError
 from llmforge.train.distributed import free_port
 from llmforge.train.metrics import read_metrics
@@ -84,9 +85,7 @@ class LayoutSpec:
     """One run of the comparison: a layout and the numerics settings it changes from the recipe."""
 
     name: str
-    tensor: int = 1
-    sequence: int = 1
-    data: int = 1
+    layout: Layout = Layout(1)  # its world is the ranks the variant launches
     zero: Optional[str] = None  # a shipped DeepSpeed config's name (zero2.json, ...)
     precision: Optional[str] = None
     accum: Optional[int] = None
@@ -94,19 +93,18 @@ class LayoutSpec:
     compile: Optional[bool] = None
     tied: Optional[bool] = None
     fp8: Optional[str] = None  # tensorwise | rowwise
-    expert: int = 1  # expert-parallel ranks, inside the data-parallel replicas (epN alone implies dpN)
-
-    def __post_init__(self) -> None:
-        if self.expert > 1 and self.data == 1:
-            object.__setattr__(self, "data", self.expert)
 
     @property
     def ranks(self) -> int:
-        return self.tensor * self.sequence * self.data
+        return self.layout.world
+
+    @property
+    def data(self) -> int:
+        return self.layout.data
 
     def sets(self) -> list[str]:
         """The --set overrides this variant adds to the recipe (layout, ZeRO config, numerics)."""
-        out = [f"parallel.tensor={self.tensor}", f"parallel.sequence={self.sequence}", f"parallel.expert={self.expert}"]
+        out = self.layout.recipe_sets()
         if self.zero is not None:
             out.append(f"deepspeed.config=llmforge:{self.zero}")  # the shipped config
         if self.precision is not None:
@@ -145,7 +143,12 @@ def parse_layouts(text: str) -> list[LayoutSpec]:
                     )
                 seen.add(key)
                 fields[key] = value
-        specs.append(LayoutSpec(name, **fields))
+        sizes = {k: fields.pop(k) for k in ("tensor", "sequence", "data", "expert") if k in fields}
+        data = sizes.pop("data")
+        if sizes.get("expert", 1) > 1 and data == 1:
+            data = sizes["expert"]  # epN alone implies dpN
+        world = data * sizes["tensor"] * sizes["sequence"]
+        specs.append(LayoutSpec(name, Layout(world, **sizes), **fields))
     if len({s.name for s in specs}) != len(specs):
         raise UserError(f"{text!r}: a variant is named twice")
     return specs
@@ -402,7 +405,7 @@ def parity(
                 runnable.append((spec, sets))
         shared: dict[int, list[tuple[LayoutSpec, list[str]]]] = {}
         for spec, sets in runnable:
-            if one_launch and spec.tensor == spec.sequence == 1:
+            if one_launch and spec.layout.tensor == spec.layout.sequence == 1:
                 shared.setdefault(spec.ranks, []).append((spec, sets))
             else:
                 by_name[spec.name] = run_layout(recipe_path, sets, spec, out, steps)

@@ -211,7 +211,7 @@ def communication_bytes(
 ) -> dict[str, float]:
     """Bytes each GPU sends per optimizer step in each parallel dimension (16-bit gradients and activations)."""
     elem, L = 2, cfg.n_layers
-    zero_group = layout.data * layout.sequence
+    zero_group = layout.zero
     ring = 2 * (zero_group - 1) / zero_group if zero_group > 1 else 0.0
     data = ring * elem * n_rank * (1 + (2 if stage == 3 else 0))
     T = micro_batch * seq_len // layout.sequence  # tokens per rank and micro-batch
@@ -281,7 +281,7 @@ def plan(
     t = recipe.train
     tokens_per_step = t.global_batch(layout.data) * recipe.data.seq_len
     budget = tokens_per_step * t.max_steps
-    zero_group = layout.data * layout.sequence  # ZeRO shards over the ranks that share a tensor rank
+    zero_group = layout.zero  # ZeRO shards over the ranks that share a tensor rank
     rows = []
     for stage in (0, 1, 2) if layout.tensor > 1 else (0, 1, 2, 3):
         if refused_stage(stage, t.precision):

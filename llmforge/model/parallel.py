@@ -1,7 +1,7 @@
 """Tensor and sequence parallelism for the GPT, applied from model/wraps.py; gpt.py knows nothing of either.
 
 Tensor parallelism is DeepSpeed's AutoTP: the composed DeepSpeed config names which Linear layers it shards
-(`tensor_parallel_config`) and the engine replaces them at `deepspeed.initialize`. Column-parallel (output rows
+(config/parallel.py) and the engine replaces them at `deepspeed.initialize`. Column-parallel (output rows
 split): wq, wk, wv, gate, up; row-parallel (input columns split, outputs all-reduced): wo, down. A rank holds whole
 heads (the layout check requires n_heads and n_kv_heads divisible by the tensor size), and attention reads its head
 counts off the shards. The token embedding, the final norm and the LM head stay replicated: AutoTP can split the
@@ -27,53 +27,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from llmforge.config.parallel import Layout
+from llmforge.config.parallel import COLUMN_PARALLEL, ROW_PARALLEL, Layout
 from llmforge.config.recipe import ModelConfig
 from llmforge.model.gpt import GPT, IGNORE_INDEX, Attention, CoreAttention, RouterOutput, router_output
-
-# AutoTP's rules for llmforge's layer names (regular expressions over parameter names).
-COLUMN_PARALLEL = [r".*\.attn\.w[qkv]\.weight$", r".*\.mlp\.(gate|up)\.weight$"]
-ROW_PARALLEL = [r".*\.attn\.wo\.weight$", r".*\.mlp\.down\.weight$"]
-
-
-def tensor_parallel_config(tensor: int) -> dict:
-    """The DeepSpeed `tensor_parallel` section that shards llmforge's GPT over `tensor` ranks (AutoTP training)."""
-    return {
-        "autotp_size": tensor,
-        "partition_config": {
-            "use_default_specs": False,
-            "layer_specs": [
-                {"patterns": COLUMN_PARALLEL, "partition_type": "column"},
-                {"patterns": ROW_PARALLEL, "partition_type": "row"},
-            ],
-        },
-    }
-
-
-# AutoEP finds llmforge's MoE blocks by these names (the block may sit inside an activation-checkpoint wrapper).
-MOE_LAYER_PATTERN = r"blocks\.\d+\.(?:_checkpoint_wrapped_module\.)?moe"
-
-
-def expert_parallel_config(expert: int, cfg: ModelConfig) -> dict:
-    """The DeepSpeed `expert_parallel` section (AutoEP) that splits llmforge's MoE blocks over `expert` ranks: the
-    router `gate` and the stacked experts w1 (gate), w3 (up), w2 (down) named for it; softmax scores, top_k,
-    renormalised (Mixtral's routing, as MoE.forward does)."""
-    return {
-        "enabled": True,
-        "autoep_size": expert,
-        "moe_layer_pattern": MOE_LAYER_PATTERN,
-        "router_pattern": "gate",
-        "expert_pattern": "experts",
-        "expert_w1": "w1",
-        "expert_w2": "w2",
-        "expert_w3": "w3",
-        "num_experts_attr": "num_experts",
-        "top_k_attr": "top_k",
-        "score_func": "softmax",
-        "route_norm": True,
-        "top_k": cfg.moe.top_k,
-        "use_grouped_mm": True,
-    }
 
 
 def attach_router_outputs(model: nn.Module, cfg: ModelConfig) -> int:
@@ -163,17 +119,6 @@ class UlyssesAttention(nn.Module):
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
         out = self.dist(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0)
         return out.transpose(1, 2)
-
-
-def sequence_group(layout: Layout) -> Any:
-    """This rank's sequence process group. Every rank creates every group, in the same order (torch.distributed
-    requires it)."""
-    mine = None
-    for ranks in layout.sequence_groups():
-        group = dist.new_group(ranks)
-        if layout.rank in ranks:
-            mine = group
-    return mine
 
 
 def apply_sequence_parallel(model: GPT, group: Any) -> GPT:

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from llmforge.config import Recipe, recipe_to_dict, recipe_to_yaml
+from llmforge.config.parallel import Layout
 from llmforge.errors import CheckpointError
 from llmforge.tokenizer import Tokenizer, fingerprint
 from llmforge.train.checkpoint_files import (
@@ -89,17 +91,63 @@ def universal_info() -> dict:
     return {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}
 
 
-def ensure_universal(path: str) -> str:
+def ensure_universal(path: str, expert: int = 1) -> str:
     """Convert the checkpoint at `path` to DeepSpeed's universal format once (rank 0; every rank waits) and return
-    the directory to load from. Used to resume at another world size or ZeRO stage."""
+    the directory to load from. Used to resume at another world size, ZeRO stage or expert size: `expert` names
+    the routers as the resuming engine does (`fit_universal_to_experts`)."""
     out = os.path.join(path, UNIVERSAL)
-    if rank() == 0 and not os.path.isdir(out):
-        tmp = out + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        convert_to_universal(path, tmp)
-        os.replace(tmp, out)
+    if rank() == 0:
+        if not os.path.isdir(out):
+            tmp = out + ".tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            convert_to_universal(path, tmp)
+            os.replace(tmp, out)
+        fit_universal_to_experts(out, expert)
     barrier()
     return out
+
+
+def fit_universal_to_experts(universal: str, expert: int) -> None:
+    """Make a universal checkpoint fit an engine with `expert` expert-parallel ranks (rank 0, before any loads it).
+    - Each MoE block's router is named as that engine names it: AutoEP's replacement block keeps it as
+      `moe.router.gate.weight`, the GPT's own block as `moe.gate.weight`.
+    - The stacked E x ... expert weights and their moments are stored alike either way, but DeepSpeed gives each
+      expert-parallel rank its experts' rows only of files marked as expert parameters, which a checkpoint saved
+      without expert parallelism does not mark (every rank would load the first E/expert experts): marked here.
+    - DeepSpeed pairs the engine's optimizer groups with the checkpoint's by position and stops at the shorter
+      list: under AutoEP the experts are a third group (`ep_size_<E>`, after decay and no-decay), so a checkpoint
+      without one would leave the experts at their initial values. It gets one (the decay group's settings: the
+      experts are matrices), and an existing one is renamed for the new expert size."""
+    import torch
+
+    zero = os.path.join(universal, "zero")
+    ours, autoep = ".moe.gate.weight", ".moe.router.gate.weight"
+    have, want = (ours, autoep) if expert > 1 else (autoep, ours)
+    for name in sorted(os.listdir(zero)):
+        if name.endswith(have):
+            os.replace(os.path.join(zero, name), os.path.join(zero, name[: -len(have)] + want))
+        elif expert > 1 and re.search(r"\.moe\.experts\.w[123]$", name):
+            for file in sorted(os.listdir(os.path.join(zero, name))):
+                saved = torch.load(os.path.join(zero, name, file), weights_only=False)
+                if file != "step.pt" and not saved.get("is_expert_param"):
+                    saved.update(is_expert_param=True, ep_num_experts=saved["param"].shape[0])
+                    _torch_save(saved, os.path.join(zero, name, file))
+    state_path = os.path.join(zero, "optimizer_state.pt")
+    state = torch.load(state_path, weights_only=False)
+    groups = [g for g in state["param_groups"] if not g.get("moe")]
+    if expert > 1:
+        decay = next(g for g in groups if g.get("name") == "decay")
+        groups.append({**decay, "name": f"ep_size_{expert}", "moe": True})
+    if groups != state["param_groups"]:
+        state["param_groups"] = groups
+        _torch_save(state, state_path)
+
+
+def _torch_save(obj: Any, path: str) -> None:
+    import torch
+
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
 
 
 def convert_to_universal(path: str, out: str) -> None:
@@ -134,10 +182,8 @@ def check_resume(
     tok_fp: str,
     data_fp: Optional[str],
     allow_data_change: bool,
-    world: int,
+    layout: Layout,
     stage: int,
-    tensor: int = 1,
-    expert: int = 1,
 ) -> bool:
     """Refuse a checkpoint trained with another tokenizer or (unless allowed) other data; True when it was saved at
     another world size or ZeRO stage, so it must be loaded through DeepSpeed's universal form. Before the engine."""
@@ -145,31 +191,32 @@ def check_resume(
         return False
     saved = read_state(point.path)
     _check_compatible(saved, point.path, tok_fp, data_fp, allow_data_change)
-    return _needs_universal(saved, point.path, world, stage, tensor, expert)
+    return _needs_universal(saved, point.path, layout, stage)
 
 
-def _needs_universal(saved: dict, path: str, world: int, stage: int, tensor: int = 1, expert: int = 1) -> bool:
-    """True when the checkpoint was saved at another world size or ZeRO stage: DeepSpeed's sharded files do not fit,
-    so it is loaded through a universal checkpoint. Moves DeepSpeed's universal loader cannot make are refused.
+def _needs_universal(saved: dict, path: str, layout: Layout, stage: int) -> bool:
+    """True when the checkpoint was saved at another world size, ZeRO stage or expert size: DeepSpeed's sharded
+    files do not fit, so it is loaded through a universal checkpoint (the experts regrouped by
+    `fit_universal_to_experts`). Moves DeepSpeed's universal loader cannot make are refused.
     The sequence size may change freely: sequence ranks hold whole weights, and ZeRO shards over world ÷ tensor."""
-    before_world, before_stage = saved.get("world_size", world), saved.get("zero_stage", stage)
-    before_tensor = saved.get("tensor_parallel", 1)
+    before = Layout.from_identity(saved, layout)
+    world, tensor, expert = layout.world, layout.tensor, layout.expert
+    before_world, before_stage, before_tensor = before.world, saved.get("zero_stage", stage), before.tensor
     if before_tensor != tensor:
         raise CheckpointError(
             f"{path} was saved with parallel.tensor={before_tensor}; resuming it under tensor={tensor} is not "
             f"supported (its layers are stored as {before_tensor} shards): resume with parallel.tensor: "
             f"{before_tensor}, or export it (export_hf.py) and start from the export"
         )
-    before_expert = saved.get("expert_parallel", 1)
-    if before_expert != expert or (expert > 1 and (before_world, before_stage) != (world, stage)):
+    if (before_world, before_stage, before.expert) == (world, stage, expert):
+        return False
+    if 3 in (before_stage, stage) and max(before.expert, expert) > 1:
         raise CheckpointError(
             f"{path} was saved on {before_world} ranks under ZeRO-{before_stage} with parallel.expert="
-            f"{before_expert}; an expert-parallel checkpoint resumes only on the same ranks, ZeRO stage and expert "
-            f"size ({world} ranks, ZeRO-{stage}, expert={expert} asked): resume as saved, or export it "
-            "(export_hf.py) and start from the export"
+            f"{before.expert}; DeepSpeed's universal loader does not regroup experts under ZeRO-3, so it resumes "
+            f"only as saved ({world} ranks, ZeRO-{stage}, expert={expert} asked): resume as saved, or under ZeRO-1 "
+            "or 2 on both sides, where any world and expert size works"
         )
-    if before_world == world and before_stage == stage:
-        return False
     if tensor > 1:
         raise CheckpointError(
             f"{path} was saved on {before_world} ranks under ZeRO-{before_stage}; a tensor-parallel run resumes "
@@ -179,7 +226,7 @@ def _needs_universal(saved: dict, path: str, world: int, stage: int, tensor: int
         raise CheckpointError(
             f"{path} was saved under ZeRO-{before_stage}; DeepSpeed's universal loader cannot move "
             f"it to ZeRO-{stage} (stage 3 <-> 0/1/2). Resume under "
-            f"{'ZeRO-3' if before_stage == 3 else 'ZeRO-1 or 2'}: any world size works there"
+            f"{'ZeRO-3' if before_stage == 3 else 'ZeRO-1 or 2'}: any world or expert size works there"
         )
     return True
 
@@ -211,7 +258,7 @@ class RunIdentity:
     recipe: Recipe
     tokenizer: Tokenizer
     data_fingerprint: Optional[str]
-    world_size: int
+    layout: Layout
     zero_stage: int
     extra: dict = field(default_factory=dict)  # e.g. imported_from
 
@@ -262,12 +309,9 @@ class Checkpointer:
             "consumed_samples": state.consumed_samples,
             "consumed_tokens": state.consumed_tokens,
             "guard": state.guard,
-            "world_size": ident.world_size,
+            **ident.layout.identity(),
             "zero_stage": ident.zero_stage,
-            "tensor_parallel": ident.recipe.parallel.tensor,
-            "sequence_parallel": ident.recipe.parallel.sequence,
-            "expert_parallel": ident.recipe.parallel.expert,
-            "global_batch": ident.recipe.train.global_batch(ident.world_size // ident.recipe.parallel.model_parallel),
+            "global_batch": ident.recipe.train.global_batch(ident.layout.data),
             "micro_batch_size": ident.recipe.train.micro_batch_size,
             "grad_accum_steps": ident.recipe.train.grad_accum_steps,
             "max_steps": ident.recipe.train.max_steps,
@@ -315,14 +359,16 @@ class Checkpointer:
             return TrainState()
         started = time.time()
         state = TrainState.from_client(
-            load_checkpoint(engine, ensure_universal(point.path) if universal else point.path)
+            load_checkpoint(
+                engine, ensure_universal(point.path, self.identity.layout.expert) if universal else point.path
+            )
         )
         saved = read_state(point.path)
         if universal:
             self._event(
                 "elastic_resume",
                 from_world=saved.get("world_size"),
-                to_world=self.identity.world_size,
+                to_world=self.identity.layout.world,
                 from_stage=saved.get("zero_stage"),
                 to_stage=self.identity.zero_stage,
             )

@@ -9,12 +9,14 @@ import os
 import torch
 
 from llmforge.config import Recipe, recipe_to_yaml
+from llmforge.config.parallel import Layout
 from llmforge.config.recipe import DataConfig, RunConfig, TokenizerConfig, TrainConfig
 from llmforge.model.hf import ExportError, from_hf, to_hf
 from llmforge.tokenizer.export import save_hf_tokenizer
 from llmforge.tokenizer.hf import HFTokenizer
 from llmforge.train.checkpoint import Checkpointer, RunIdentity, TrainState
 from llmforge.train.distributed import setup_env
+from llmforge.train.engine import build_engine
 from llmforge.train.loading import load_model
 
 
@@ -60,14 +62,14 @@ def import_hf(directory: str, out: str) -> str:
     )
     setup_env()
     deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
-    engine, *_ = deepspeed.initialize(
-        model=model, config={"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 0}}
-    )
+    layout = Layout(1)
+    ds_config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 0}}
+    engine = build_engine(model, ds_config, layout).engine  # no optimizer: the checkpoint holds weights
     identity = RunIdentity(
         recipe,
         tok,
         data_fingerprint=None,
-        world_size=1,
+        layout=layout,
         zero_stage=0,
         extra={"imported_from": os.path.abspath(directory)},
     )

@@ -25,8 +25,9 @@ from llmforge.errors import RecipeError
 from llmforge.model import GPT
 from llmforge.model.gpt import RouterOutput
 from llmforge.train.checkpoint import ResumePoint
+from llmforge.train.engine import param_groups
 from llmforge.train.loading import load_weights
-from llmforge.train.run import param_groups, seed_everything
+from llmforge.train.run import seed_everything
 from llmforge.train.schedule import lr_at
 from llmforge.train.task import Task
 from llmforge.train.trainer import router_stats

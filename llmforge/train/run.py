@@ -20,21 +20,15 @@ from llmforge import allocator
 from llmforge.config import Recipe, load_recipe, recipe_to_yaml
 from llmforge.config.deepspeed import compose_ds_config, resolve_precision, zero_stage
 from llmforge.config.parallel import check_layout, make_layout, ranks_per_node, resolve_batch
-from llmforge.config.recipe import TrainConfig
 from llmforge.errors import RecipeError, UserError
-from llmforge.model import GPT, apply_wraps, compile_unavailable
+from llmforge.model import compile_unavailable
 from llmforge.model.flops import device_peak_flops, flops_per_token, inactive_params
-from llmforge.model.parallel import (
-    attach_router_outputs,
-    expert_parallel_config,
-    sequence_group,
-    tensor_parallel_config,
-)
 from llmforge.model.wraps import fp8_problem
 from llmforge.tokenizer import fingerprint
 from llmforge.train.checkpoint import Checkpointer, RunIdentity, check_resume, resolve_resume
 from llmforge.train.checkpoint_files import read_state
 from llmforge.train.distributed import port_in_use, port_in_use_line, release_shm_segment, setup_env, stale_build_locks
+from llmforge.train.engine import build_engine, build_model
 from llmforge.train.guard import FaultInjector, StopSignal
 from llmforge.train.loading import load_weights
 from llmforge.train.metrics import Metrics, attach_log_files, record_error
@@ -74,19 +68,13 @@ def run_training(
     lora = task.lora(recipe)
     check_fp8(recipe, recipe_path, layout.tensor, lora.rank)
     check_moe(recipe, recipe_path)
-    if layout.tensor > 1:
-        ds_config["tensor_parallel"] = tensor_parallel_config(layout.tensor)
-    if layout.expert > 1:
-        ds_config["expert_parallel"] = expert_parallel_config(layout.expert, recipe.model)
     universal = check_resume(
         point,
         fingerprint(tok),
         data.train.fingerprint,
         recipe.data.allow_fingerprint_change,
-        world,
+        layout,
         stage,
-        layout.tensor,
-        layout.expert,
     )
     if universal:
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
@@ -112,16 +100,13 @@ def run_training(
     if setup.init_weights is not None:
         load_weights(model, setup.init_weights, stage == 3)
         setup.init_weights = None
-    group = sequence_group(layout) if layout.sequence > 1 else None
-    t = recipe.train
-    if adapters := apply_wraps(model, lora, recipe.model.activation_checkpointing, t.compile, group, fp8=t.fp8):
-        log.info("LoRA rank %d on %s: %d trainable parameters", lora.rank, ",".join(lora.targets), adapters)
     n_params, n_embed = count_parameters(model)
     inactive = inactive_params(recipe.model)
-    engine, *_ = deepspeed.initialize(model=model, config=ds_config, **optimizer_args(model, recipe.train))
-    if layout.expert > 1:
-        attach_router_outputs(engine.module, recipe.model)
-        FaultInjector.from_env().lose_expert_gradients(engine.module)  # a test hook; nothing unless asked
+    ckpt, faults = recipe.model.activation_checkpointing, FaultInjector.from_env()
+    built = build_engine(model, ds_config, layout, recipe.train, ckpt, lora, faults)
+    engine, ds_config, n_params = built.engine, built.config, n_params + built.adapters
+    if built.adapters:
+        log.info("LoRA rank %d on %s: %d trainable parameters", lora.rank, ",".join(lora.targets), built.adapters)
     if engine.global_rank == 0:
         write_run_files(recipe, ds_config)
     attach_log_files(recipe.run_dir, engine.global_rank)
@@ -144,8 +129,7 @@ def run_training(
         log.info(allocator.describe())
     metrics = Metrics(recipe.run_dir, engine.global_rank == 0, recipe.logging.tensorboard)
     try:
-        faults = FaultInjector.from_env()
-        identity = RunIdentity(recipe, tok, data.train.fingerprint, world, stage)
+        identity = RunIdentity(recipe, tok, data.train.fingerprint, layout, stage)
         checkpointer = Checkpointer(recipe.checkpoint_dir, recipe.checkpoint.keep_last, identity, metrics, faults)
         state = checkpointer.resume(engine, point, universal)
         objective = task.objective(engine, setup, recipe.run_dir, layout, fresh=point.path is None)
@@ -220,79 +204,6 @@ def check_moe(recipe: Recipe, origin: str) -> None:
         raise RecipeError(
             origin, "train.compile", "torch.compile is not yet checked on mixture-of-experts blocks; set it to false"
         )
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only: not on norms, biases or embeddings (tied or not). A parameter's dimensions
-    are its full shape's: under ZeRO-3 a partitioned parameter's own tensor is an empty 1-D placeholder (ds_shape
-    holds the shape), which would put every matrix among the norms and train without weight decay."""
-    embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
-    for p in model.parameters():
-        if not p.requires_grad:
-            continue
-        matrix = len(getattr(p, "ds_shape", p.shape)) >= 2
-        (decay if matrix and id(p) not in embedding_ids else no_decay).append(p)
-    # named: DeepSpeed splits each group by expert-parallel group under AutoEP and names the parts after it
-    return [
-        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
-        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
-    ]
-
-
-def optimizer_args(model: nn.Module, t: TrainConfig) -> dict:
-    """What deepspeed.initialize gets for the optimizer: AdamW's parameter groups (DeepSpeed builds AdamW from the
-    composed config), or a Muon optimizer llmforge builds itself."""
-    if t.optimizer == "adamw":
-        return {"model_parameters": param_groups(model, t.weight_decay)}
-    from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam
-
-    return {"optimizer": MuonWithAuxAdam(muon_param_groups(model, t), adam_optimizer=torch.optim.AdamW)}
-
-
-def muon_param_groups(model: nn.Module, t: TrainConfig) -> list[dict]:
-    """Muon on the blocks' matrices; AdamW on the rest (embeddings, LM head: with and without decay as
-    param_groups splits them; norms). Each parameter is tagged use_muon, which DeepSpeed's ZeRO optimizers read.
-    DeepSpeed's own tagging (optimizer type Muon in the config) goes by names ("embed", "lm_head") that would put
-    llmforge's tok_emb under Muon, hence groups built here. A Muon group's lr_scale (muon.lr / train.lr) makes the
-    trainer's schedule give it muon.lr x the schedule's shape."""
-    blocks = {id(p) for name, p in model.named_parameters() if name.startswith("blocks.")}
-    muon: list[nn.Parameter] = []
-    adam: list[dict] = []
-    for group in param_groups(model, t.weight_decay):
-        rest: list[nn.Parameter] = []
-        for p in group["params"]:
-            use = id(p) in blocks and len(getattr(p, "ds_shape", p.shape)) >= 2
-            p.use_muon = use
-            (muon if use else rest).append(p)
-        if rest:
-            adam.append({**group, "params": rest, "use_muon": False, "lr": t.lr, "betas": tuple(t.betas), "eps": t.eps})
-    decay = t.weight_decay if t.muon.weight_decay is None else t.muon.weight_decay
-    muon_group = {
-        "params": muon,
-        "use_muon": True,
-        "lr": t.muon.lr,
-        "momentum": t.muon.momentum,
-        "weight_decay": decay,
-        "lr_scale": t.muon.lr / t.lr,
-    }
-    return [muon_group, *adam]
-
-
-def build_model(recipe: Recipe, ds_config: dict) -> GPT:
-    """The GPT, partitioned at construction under ZeRO-3 (no rank ever holds the whole model), else whole."""
-    import deepspeed
-
-    if zero_stage(ds_config) != 3:
-        return GPT(recipe.model)
-    with deepspeed.zero.Init(config_dict_or_path=ds_config):
-        model = GPT(recipe.model)
-    # Parameters were partitioned as each submodule was built, so GPT's own init ran on empty shards: redo it on
-    # gathered weights (rank 0's values are broadcast). Same seed and RNG use as the unpartitioned path.
-    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0):
-        model.reset_parameters()
-    return model
 
 
 def seed_everything(seed: int) -> None:

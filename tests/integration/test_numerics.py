@@ -19,8 +19,8 @@ import torch.distributed as dist
 from llmforge.config.recipe import ModelConfig
 from llmforge.model import GPT
 from llmforge.train.distributed import setup_env
+from llmforge.train.engine import param_groups
 from llmforge.train.guard import FaultInjector
-from llmforge.train.run import param_groups
 from tests.helpers import REPO, run_cli, run_distributed, train_rows, write_recipe
 from tests.helpers import rows as rows_of
 

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from llmforge.config.parallel import Layout
 from llmforge.config.recipe import ModelConfig
 from llmforge.model import GPT
-from llmforge.model.parallel import SequenceSlice, apply_sequence_parallel, sequence_group
+from llmforge.model.parallel import SequenceSlice, apply_sequence_parallel
 from llmforge.parity import parse_layouts
 from llmforge.train.distributed import setup_env
 from llmforge.train.guard import FaultInjector
@@ -34,7 +34,7 @@ def _sequence_parallel_step(position: str, kv: int) -> tuple[float, dict]:
     layout = Layout(2, sequence=2, rank=dist.get_rank())
     torch.manual_seed(0)
     model = GPT(ModelConfig(**CFG, position=position, n_kv_heads=kv))
-    apply_sequence_parallel(model, sequence_group(layout))
+    apply_sequence_parallel(model, layout.process_groups().sequence)
     g = torch.Generator().manual_seed(1)
     inputs, targets = torch.randint(0, 61, (3, 32), generator=g), torch.randint(0, 61, (3, 32), generator=g)
     targets[0, :20] = -100  # rank 0's slice holds fewer counted targets than rank 1's
@@ -125,9 +125,8 @@ def test_parity_fails_a_layout_that_computes_another_model(tmp_path, prepared):
 @pytest.mark.parametrize("layout, stage", [("tp2.dp2", 1), ("sp2.dp2", 2)])
 def test_resume_under_a_layout_is_bit_exact(tmp_path, prepared, layout, stage):
     """4 ranks; a run resumed from the step-3 checkpoint of another reproduces steps 4-6 bit for bit."""
-    spec = parse_layouts(layout)[0]
-    sets = [f"parallel.tensor={spec.tensor}", f"parallel.sequence={spec.sequence}"]
-    sets = [x for s in sets for x in ("--set", s)]
+    spec = parse_layouts(layout)[0].layout
+    sets = [x for s in spec.recipe_sets() for x in ("--set", s)]
     base = write_recipe(
         tmp_path / "base.yaml",
         prepared,
@@ -147,9 +146,8 @@ def test_resume_under_a_layout_is_bit_exact(tmp_path, prepared, layout, stage):
     step3 = tmp_path / "runs" / "base" / "checkpoints" / "step_00000003"
     assert sorted(baseline) == list(range(1, 7)) and step3.is_dir()
     state = json.loads((step3 / "llmforge_state.json").read_text())
-    assert (state["tensor_parallel"], state["sequence_parallel"], state["global_batch"]) == (
-        spec.tensor, spec.sequence, 4 * 2,  # micro-batch 4 x 2 data-parallel replicas
-    )  # fmt: skip
+    assert {k: state[k] for k in spec.identity()} == spec.identity()  # the layout's own record of itself
+    assert state["global_batch"] == 4 * 2  # micro-batch 4 x 2 data-parallel replicas
 
     r = run_cli(*ds_cmd(base, *sets, "--set", "run.name=resumed", "--resume", str(step3), ranks=4), timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

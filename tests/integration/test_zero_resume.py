@@ -96,6 +96,22 @@ def test_loss_falls_and_kill_resume_is_bit_exact(tmp_path, prepared, stage, expe
     assert g.stdout.startswith("def ") and len(g.stdout.rstrip("\n")) >= 20
 
     if experts > 1:
+        # Another expert size resumes through DeepSpeed's universal form, bit for bit: the step-8 checkpoint without
+        # expert parallelism (every rank all 4 experts), then that run's step-12 checkpoint back at expert 2.
+        for name, source, at in (("moved", base_dir, 8), ("back", tmp_path / "runs" / "moved", 12)):
+            expert = 1 if name == "moved" else 2
+            point = source / "checkpoints" / f"step_{at:08d}"
+            r = run_cli(
+                *ds_cmd(base, "--set", f"run.name={name}", "--set", f"parallel.expert={expert}", "--resume", str(point))
+            )
+            assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+            after = losses_after_last_start(tmp_path / "runs" / name)
+            assert sorted(after) == list(range(at + 1, STEPS + 1))
+            for step, loss in after.items():
+                assert loss == baseline[step], (name, step, loss, baseline[step])  # bit for bit
+            moved = [x for x in rows(tmp_path / "runs" / name) if x.get("event") == "resumed"][0]["changed"]
+            assert moved["expert_parallel"] == [3 - expert, expert], moved
+
         # The experts gathered from their files are the ones trained: one rank, the same batches (accumulation 2)
         # and steps, ends at the same weights up to fp32 summation order; a misplaced expert is ~1e-2 off.
         import torch

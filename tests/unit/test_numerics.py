@@ -18,9 +18,10 @@ from llmforge.model.wraps import apply_fp8, fp8_problem
 from llmforge.parity import LayoutSpec, parity, parse_layouts
 from llmforge.plan import plan
 from llmforge.tokenizer import fingerprint, load_tokenizer
+from llmforge.train.engine import muon_param_groups, param_groups
 from llmforge.train.guard import FaultInjector
 from llmforge.train.oracle import oracle_steps
-from llmforge.train.run import check_fp8, muon_param_groups, param_groups
+from llmforge.train.run import check_fp8
 from llmforge.train.task import resolve_model_config
 from tests.helpers import REPO, write_recipe
 
@@ -119,8 +120,19 @@ def test_parity_variant_names():
     ]
     assert acc.model_sets() == ["model.tie_embeddings=false"] and LayoutSpec("1").model_sets() == []
     (ep,) = parse_layouts("ep2.z2")  # experts split inside the data-parallel replicas: ep2 alone is 2 ranks
-    assert (ep.expert, ep.data, ep.ranks) == (2, 2, 2) and "parallel.expert=2" in ep.sets()
+    assert (ep.layout.expert, ep.data, ep.ranks) == (2, 2, 2) and "parallel.expert=2" in ep.sets()
     assert parse_layouts("ep2.dp4")[0].ranks == 4
+    # the layout part of a variant's name is the layout's own name, whatever order the parts were written in
+    names = ["1", "dp2", "tp2.sp2", "ep2", "ep2.dp4", "sp2.tp2.dp2.z1", "z2.ep2.bf16"]
+    assert [s.layout.name for s in parse_layouts(",".join(names))] == [
+        "1",
+        "dp2",
+        "tp2.sp2",
+        "ep2",
+        "dp4.ep2",
+        "tp2.sp2.dp2",
+        "ep2",
+    ]
     for bad in ("z4", "fp32.bf16", "acc0", "ep0", "ckpt-every0", "ckpt-some", "bf16.", "z1,z1"):
         with pytest.raises(UserError):
             parse_layouts(bad)

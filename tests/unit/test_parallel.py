@@ -40,6 +40,36 @@ def test_tensor_groups_are_consecutive_ranks_then_sequence_then_data():
     assert [x.counts_tokens for x in lay] == [True, False, False, False, True, False, False, False]
 
 
+@pytest.mark.parametrize("world,tensor,expert", [(8, 1, 2), (8, 1, 4), (16, 1, 8), (8, 2, 1), (16, 4, 1), (4, 1, 1)])
+def test_layout_groups_are_deepspeeds(world, tensor, expert):
+    """The layout's rank tables against DeepSpeed's own derivations (functions that build no process group):
+    AutoTP's tensor and data groups, AutoEP's expert and expert-data groups. The runtime check after every engine
+    build (ProcessGroups.adopt_deepspeed) compares the groups DeepSpeed then made with the same tables."""
+    from deepspeed.module_inject.auto_ep_folding import ParallelFoldingSpec, expected_folding_group_tables
+    from deepspeed.utils.groups import _get_expert_parallel_ranks
+
+    lay = Layout(world, tensor=tensor, expert=expert)
+    spec = ParallelFoldingSpec(world, 1, world, tensor, world // tensor, expert, 1, world // expert, "tp")
+    tables = expected_folding_group_tables(spec)
+    assert lay.tensor_groups() == [list(g) for g in tables.tp_groups]
+    assert lay.data_groups() == [list(g) for g in tables.dense_dp_groups]
+    ep, edp = _get_expert_parallel_ranks(world, tensor, expert)
+    assert lay.expert_groups() == ep and lay.expert_data_groups() == edp
+    if tensor == 1:
+        assert lay.expert_groups() == [list(g) for g in tables.ep_groups]
+    # every rank's groups partition the ranks, and the sizes are the dimensions'
+    for dim, size in (("tensor", tensor), ("data", world // tensor), ("expert", expert)):
+        table = lay.groups()[dim]
+        assert sorted(r for g in table for r in g) == list(range(world)) and {len(g) for g in table} == {size}
+
+
+def test_layout_checkpoint_identity_round_trips():
+    lay = Layout(8, tensor=2, sequence=2, rank=5)
+    assert Layout.from_identity(lay.identity(), Layout(1)) == dataclasses.replace(lay, rank=0)
+    assert Layout.from_identity({}, Layout(4)) == Layout(4)  # an old checkpoint that recorded only what it had
+    assert lay.zero == 4 and Layout(8, expert=2).zero == 8
+
+
 def _recipe(**parallel) -> Recipe:
     r = Recipe(
         model=ModelConfig(d_model=64, n_heads=8, n_kv_heads=4, n_layers=2),
@@ -100,7 +130,9 @@ def test_batch_keys_come_from_data_parallel_replicas():
 
 
 def test_parity_layout_names():
-    assert [(s.name, s.tensor, s.sequence, s.data, s.ranks) for s in parse_layouts("1,dp2,tp2.sp2,sp4.dp2")] == [
+    assert [
+        (s.name, s.layout.tensor, s.layout.sequence, s.data, s.ranks) for s in parse_layouts("1,dp2,tp2.sp2,sp4.dp2")
+    ] == [
         ("1", 1, 1, 1, 1),
         ("dp2", 1, 1, 2, 2),
         ("tp2.sp2", 2, 2, 1, 4),
@@ -178,3 +210,21 @@ def test_a_global_batch_that_cannot_be_kept_is_one_line(tmp_path):
     odd, origin = _batch_recipe(tmp_path, global_batch_size=6)
     with pytest.raises(RecipeError, match="use a number of data-parallel replicas that divides 6"):
         resolve_batch(odd, 4, origin)
+
+
+def test_resume_moves_between_expert_sizes_through_the_universal_form_except_under_zero3():
+    """Which layout changes a resume takes through DeepSpeed's universal form, and which it refuses (the moves
+    themselves run bit for bit in tests/integration/test_zero_resume.py)."""
+    from llmforge.errors import CheckpointError
+    from llmforge.train.checkpoint import _needs_universal
+
+    saved = {**Layout(2, expert=2).identity(), "zero_stage": 2}
+    assert not _needs_universal(saved, "ckpt", Layout(2, expert=2), 2)
+    assert _needs_universal(saved, "ckpt", Layout(2), 2)  # experts regrouped: every rank all of them
+    assert _needs_universal(saved, "ckpt", Layout(4, expert=4), 1)  # world, stage and expert size at once
+    assert _needs_universal({**Layout(2).identity(), "zero_stage": 1}, "ckpt", Layout(2, expert=2), 1)
+    for before, after in ((Layout(2, expert=2), Layout(2)), (Layout(2), Layout(2, expert=2))):
+        with pytest.raises(CheckpointError, match="does not regroup experts under ZeRO-3"):
+            _needs_universal({**before.identity(), "zero_stage": 3}, "ckpt", after, 3)
+    with pytest.raises(CheckpointError, match="cannot move it to ZeRO-3"):
+        _needs_universal({**Layout(2).identity(), "zero_stage": 2}, "ckpt", Layout(4), 3)
