@@ -119,6 +119,46 @@ def test_parity_fails_a_layout_that_computes_another_model(tmp_path, prepared):
     assert line.endswith("FAIL"), r.stdout
 
 
+class _MisplacedExperts(Layout):
+    """A layout whose expert-group table is wrong on purpose (each rank alone), as a DeepSpeed release that ordered
+    its expert groups otherwise would leave it."""
+
+    def expert_groups(self) -> list[list[int]]:
+        return [[r] for r in range(self.world)]
+
+
+def _engine_groups() -> tuple[dict, str]:
+    """Build an expert-parallel engine through train/engine.py on 2 ranks (ep2, ZeRO-1): the ranks of the groups it
+    adopted, and the error of the same check against a layout planted wrong."""
+    from llmforge.config.parallel import ProcessGroups
+    from llmforge.config.recipe import MoEConfig, TrainConfig
+    from llmforge.train.engine import build_engine
+
+    setup_env()
+    deepspeed.init_distributed(dist_backend="gloo")
+    layout = Layout(dist.get_world_size(), rank=dist.get_rank(), expert=2)
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**CFG, moe=MoEConfig(num_experts=4, d_ff=16)))
+    ds = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 1}, "optimizer": {"type": "AdamW"}}
+    built = build_engine(model, ds, layout, TrainConfig())
+    g = built.groups
+    ranks = {dim: dist.get_process_group_ranks(getattr(g, dim)) for dim in ("data", "expert", "expert_data")}
+    planted = _MisplacedExperts(layout.world, rank=layout.rank, expert=2)
+    try:
+        ProcessGroups(planted).adopt_deepspeed(built.engine)
+    except RuntimeError as e:
+        return ranks, str(e)
+    return ranks, ""
+
+
+@pytest.mark.distributed
+def test_the_engine_adopts_deepspeeds_groups_only_when_they_are_the_layouts():
+    results = run_distributed(_engine_groups, start="spawn")
+    for rank, (ranks, planted) in enumerate(results):
+        assert sorted(ranks["expert"]) == sorted(ranks["data"]) == [0, 1] and ranks["expert_data"] == [rank]
+        assert planted.startswith(f"rank {rank}: DeepSpeed's expert group holds ranks [0, 1], the layout's [{rank}]")
+
+
 @pytest.mark.distributed
 # each layout under one ZeRO stage (the layouts' own code does not depend on the stage; ZeRO-1 and ZeRO-2 resume at
 # 2 ranks in test_zero_resume)
