@@ -4,7 +4,7 @@ every_k with k=2, selective), the recipe's model and DeepSpeed config, one proce
 Peak memory is the peak over the timed steps above the memory before the first of them: on GPU the peak allocated
 bytes; on CPU the peak RSS (reset through /proc/self/clear_refs, in a run with MALLOC_MMAP_THRESHOLD_=65536 so freed
 activations leave RSS; step times come from a second run without it, since it costs page faults). Each mode runs in
-its own processes so peaks do not mix.
+its own processes so peaks do not mix (--quick, which checks the table, runs every row in one).
 
     python bench/activation_ckpt.py --recipe recipes/tiny-char.yaml
     python bench/activation_ckpt.py --recipe R --loss-chunk 1024   # + none and full with train.loss_chunk=1024
@@ -27,7 +27,16 @@ from results_file import write_result
 MODES = [("none", 1), ("full", 1), ("every_k", 2), ("selective", 1)]
 
 
-def one_mode(args: argparse.Namespace) -> None:
+def run_rows(args: argparse.Namespace) -> None:
+    """Measure each row of --rows (a JSON list of [mode, every, loss_chunk, compiled]) in this process, one JSON line
+    each, then exit."""
+    for mode, every, chunk, compiled in json.loads(args.rows):
+        extra = [f"train.loss_chunk={chunk}"] * bool(chunk) + ["train.compile=true"] * compiled
+        one_mode(args, mode, every, extra)
+    os._exit(0)
+
+
+def one_mode(args: argparse.Namespace, mode: str, every: int, extra: list[str]) -> None:
     import dataclasses
 
     import deepspeed
@@ -53,7 +62,8 @@ def one_mode(args: argparse.Namespace) -> None:
     recipe = load_recipe(
         args.recipe,
         args.overrides
-        + [f"model.activation_checkpointing.mode={args.mode}", f"model.activation_checkpointing.every={args.every}"],
+        + extra
+        + [f"model.activation_checkpointing.mode={mode}", f"model.activation_checkpointing.every={every}"],
     )
     recipe = dataclasses.replace(recipe, eval=dataclasses.replace(recipe.eval, interval=0))
     setup_env()
@@ -91,8 +101,8 @@ def one_mode(args: argparse.Namespace) -> None:
     print(
         json.dumps(
             {
-                "mode": args.mode,
-                "every": args.every,
+                "mode": mode,
+                "every": every,
                 "step_s": statistics.median(times),
                 "tokens_per_s": tokens / statistics.median(times),
                 "peak_bytes": peak,
@@ -101,7 +111,8 @@ def one_mode(args: argparse.Namespace) -> None:
         ),
         flush=True,
     )
-    os._exit(0)
+    trainer.batches.close()
+    engine.destroy()
 
 
 def main() -> None:
@@ -122,8 +133,7 @@ def main() -> None:
     )
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=None)
-    p.add_argument("--mode", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--every", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--rows", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.quick:
         args.overrides += [
@@ -136,44 +146,34 @@ def main() -> None:
             "train.warmup_steps=1",
         ]
         args.steps = 2
-    if args.mode:
-        one_mode(args)
+    if args.rows:
+        run_rows(args)
         return
-    rows = []
     runs_to_do = [(mode, every, 0, False) for mode, every in MODES]
     if args.loss_chunk:
         runs_to_do += [("none", 1, args.loss_chunk, False), ("full", 1, args.loss_chunk, False)]
     if args.compile:
         runs_to_do += [("none", 1, 0, True)] + ([("none", 1, args.loss_chunk, True)] if args.loss_chunk else [])
-    for mode, every, chunk, compiled in runs_to_do:
-        overrides = (
-            args.overrides
-            + ([f"train.loss_chunk={chunk}"] if chunk else [])
-            + (["train.compile=true"] if compiled else [])
-        )
-        cmd = [
-            sys.executable,
-            os.path.abspath(__file__),
-            "--recipe",
-            args.recipe,
-            "--steps",
-            str(args.steps),
-            "--mode",
-            mode,
-            "--every",
-            str(every),
-        ] + [x for o in overrides for x in ("--set", o)]
+    # each row in its own processes so peaks do not mix: memory with every large allocation mmapped (freed memory
+    # leaves RSS), time without (that costs page faults); --quick (the test) checks the table, not the figures: one
+    # process for every row
+    batches = [runs_to_do] if args.quick else [[row] for row in runs_to_do]
+    envs = [{**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}] + ([] if args.quick else [dict(os.environ)])
+    rows = []
+    for batch in batches:
+        cmd = [sys.executable, os.path.abspath(__file__), "--recipe", args.recipe, "--steps", str(args.steps)]
+        cmd += ["--rows", json.dumps(batch)] + [x for o in args.overrides for x in ("--set", o)]
         runs = []
-        # memory with every large allocation mmapped (freed memory leaves RSS), time without (that costs page faults);
-        # --quick (the test) checks the table, not the figures: one launch per row
-        envs = [{**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}] + ([] if args.quick else [dict(os.environ)])
         for env in envs:
             r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            line = [x for x in r.stdout.splitlines() if x.startswith('{"mode"')]
-            if r.returncode != 0 or not line:
-                sys.exit(f"{mode}: failed\n{r.stderr[-2000:]}")
-            runs.append(json.loads(line[0]))
-        rows.append({**runs[-1], "peak_bytes": runs[0]["peak_bytes"], "loss_chunk": chunk, "compiled": compiled})
+            lines = [json.loads(x) for x in r.stdout.splitlines() if x.startswith('{"mode"')]
+            if r.returncode != 0 or len(lines) != len(batch):
+                sys.exit(f"{[row[0] for row in batch]}: failed\n{r.stderr[-2000:]}")
+            runs.append(lines)
+        for i, (_, _, chunk, compiled) in enumerate(batch):
+            rows.append(
+                {**runs[-1][i], "peak_bytes": runs[0][i]["peak_bytes"], "loss_chunk": chunk, "compiled": compiled}
+            )
     from importlib.metadata import version
 
     device = rows[0]["device"]

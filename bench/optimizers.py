@@ -7,7 +7,7 @@ Muon under ZeRO-1/2 needs `train.grad_clip: 0` (DeepSpeed clips its orthogonaliz
 clipping out of the comparison. The recipe's data must be prepared (`make demo` does it for tiny-char).
 
     python bench/optimizers.py --recipe recipes/tiny-char.yaml --steps 600 --muon-lr 0.02 0.04
-    python bench/optimizers.py --quick      # 20 steps of AdamW (clipped) and Muon, one run each (the test runs this)
+    python bench/optimizers.py --quick      # 8 steps of AdamW (clipped) and Muon, one run each (the test runs this)
 
 Writes bench/results/cpu-<date>-optimizers.md (or --out).
 """
@@ -52,9 +52,9 @@ def main() -> None:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    steps = 20 if args.quick else args.steps
+    steps = 8 if args.quick else args.steps
     base = [*args.overrides, f"train.max_steps={steps}", f"train.warmup_steps={max(1, steps // 12)}"]
-    base += [f"eval.interval={max(1, steps // 6)}"]
+    base += [f"eval.interval={max(1, steps // (2 if args.quick else 6))}"]
     runs = [("adamw", ["train.optimizer=adamw"])]
     if not args.quick:  # the quick mode (the test) checks that both optimizers run: one AdamW run is enough
         runs.append(("adamw, grad_clip 0", ["train.optimizer=adamw", "train.grad_clip=0"]))

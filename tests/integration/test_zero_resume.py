@@ -112,22 +112,16 @@ def test_loss_falls_and_kill_resume_is_bit_exact(tmp_path, prepared, stage, expe
             moved = [x for x in rows(tmp_path / "runs" / name) if x.get("event") == "resumed"][0]["changed"]
             assert moved["expert_parallel"] == [3 - expert, expert], moved
 
-        # The experts gathered from their files are the ones trained: one rank, the same batches (accumulation 2)
-        # and steps, ends at the same weights up to fp32 summation order; a misplaced expert is ~1e-2 off.
-        import torch
-
+        # The experts gathered from the expert-parallel run's files (llmforge's merge) are the ones trained: the same
+        # weights as the run moved to expert 1 at step 8, read without expert files (DeepSpeed's universal conversion
+        # regrouped its experts); a misplaced expert is ~1e-2 off.
         from llmforge.train.loading import load_model
 
-        one = make_recipe(tmp_path, prepared, "one", stage)
-        sets = ["--set", "train.grad_accum_steps=2", "--set", "checkpoint.interval=0"]
-        moe_sets = ["--set", f"model.moe.num_experts={MOE['moe']['num_experts']}", "--set", "model.moe.d_ff=48"]
-        r = run_cli(sys.executable, "launch/pretrain.py", "--recipe", str(one), *sets, *moe_sets)
-        assert r.returncode == 0, r.stderr[-3000:]
         gathered = load_model(str(base_dir))[0].state_dict()
-        single = load_model(str(tmp_path / "runs" / "one"))[0].state_dict()
+        single = load_model(str(tmp_path / "runs" / "moved"))[0].state_dict()
         assert gathered.keys() == single.keys() and any(".moe.experts.w1" in k for k in gathered)
         for k, v in gathered.items():
-            assert (v - single[k]).abs().max() < 1e-4, k
+            assert (v - single[k]).abs().max() < 1e-6, k
 
     # Hugging Face export consolidates any ZeRO stage (Mixtral from expert files); transformers gives llmforge's
     # logits.
