@@ -48,13 +48,19 @@ class LoRALinear(nn.Module):
         return out
 
 
+def _parents(model: nn.Module) -> list[nn.Module]:
+    """The modules whose linear layers take adapters: each block's attention and dense MLP (an MoE block has no
+    dense MLP: its router and stacked experts stay frozen)."""
+    blocks = cast(nn.ModuleList, model.blocks)
+    return [m for block in blocks for m in (block.attn, block.mlp) if isinstance(m, nn.Module)]
+
+
 def _targets(model: nn.Module, names: list[str]) -> list[tuple[nn.Module, str]]:
     found: list[tuple[nn.Module, str]] = []
-    for block in cast(nn.ModuleList, model.blocks):
-        for parent in (cast(nn.Module, block.attn), cast(nn.Module, block.mlp)):
-            for name in names:
-                if isinstance(getattr(parent, name, None), (nn.Linear, LoRALinear)):
-                    found.append((parent, name))
+    for parent in _parents(model):
+        for name in names:
+            if isinstance(getattr(parent, name, None), (nn.Linear, LoRALinear)):
+                found.append((parent, name))
     return found
 
 
@@ -71,11 +77,10 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> int:
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """Replace every LoRALinear by a plain nn.Linear holding W + (alpha/r)·B·A."""
-    for block in cast(nn.ModuleList, model.blocks):
-        for parent in (cast(nn.Module, block.attn), cast(nn.Module, block.mlp)):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, LoRALinear):
-                    setattr(parent, name, child.merged())
+    for parent in _parents(model):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, LoRALinear):
+                setattr(parent, name, child.merged())
     for p in model.parameters():
         p.requires_grad_(True)
     return model

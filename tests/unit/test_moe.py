@@ -217,3 +217,36 @@ def test_expert_layouts_refused_in_one_line(sets, problem):
     with pytest.raises(RecipeError) as e:
         check_layout(recipe, 4, stage, "r.yaml")
     assert problem in str(e.value) and "\n" not in str(e.value)
+
+
+def test_lora_on_an_moe_model_adapts_attention_and_dense_mlps_and_merges_back():
+    """LoRA on a model with one MoE block of two: adapters on the attention of both blocks and the dense block's MLP,
+    the router and stacked experts frozen (no gradient), and the merged model computes what the adapted one does
+    (the MoE block has no dense MLP to merge into)."""
+    from llmforge.config.recipe import LoraConfig
+    from llmforge.model.lora import apply_lora, merge_lora
+
+    torch.manual_seed(0)
+    model = GPT(moe_config(num_experts=4, layers=[1]))
+    trainable = apply_lora(model, LoraConfig(rank=4, alpha=8, targets=["wq", "wv", "up", "down"]))
+    names = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert {n.rsplit(".", 1)[0] for n in names} == {
+        "blocks.0.attn.wq", "blocks.0.attn.wv", "blocks.0.mlp.up", "blocks.0.mlp.down",
+        "blocks.1.attn.wq", "blocks.1.attn.wv",
+    }  # fmt: skip
+    assert trainable == sum(p.numel() for n, p in model.named_parameters() if p.requires_grad)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("lora_b"):
+                p.normal_(0, 0.1)  # adapters that change the output
+    x = torch.randint(0, 61, (2, 16))
+    router: list = []
+    _, loss = model(x, x, router=router)
+    (loss + sum(r.loss for r in router)).backward()
+    frozen = [p for n, p in model.named_parameters() if ".moe." in n]
+    assert frozen and all(p.grad is None for p in frozen)
+    with torch.no_grad():
+        adapted = model(x)[0]
+        merged = merge_lora(model)
+        assert not any("lora_" in n for n, _ in merged.named_parameters())
+        torch.testing.assert_close(merged(x)[0], adapted, rtol=1e-5, atol=1e-5)
