@@ -1,9 +1,10 @@
 """Step time and peak memory per rank under each parallel layout, beside the planner's prediction.
 
-`python bench/parallel_layouts.py [--seq-len 4096] [--layouts 1,dp2,tp2,sp2] [--out FILE]` launches, for each layout,
+`python bench/parallel_layouts.py [--seq-len 4096] [--layouts 1,dp2,tp2,sp2] [--experts 8 --layouts 1,dp2,ep2]
+[--out FILE]` launches, for each layout,
 `deepspeed --num_gpus N bench/parallel_layouts.py --worker ...`: a GPT (d_model 256, 4 layers, 8 heads, 4 key/value
 heads, vocabulary 256: a sequence long enough that activations dominate) built and wrapped as `run_training` does
-(`apply_wraps` with the sequence group, AutoTP through the composed `tensor_parallel` section), ZeRO-1, bf16, one
+(train/engine.py: the sequence group, AutoTP and AutoEP through the layout's DeepSpeed sections), ZeRO-1, bf16, one
 sequence per micro-batch, no activation checkpointing. Each rank reports the median of the timed steps and the peak
 memory of its last step, over the memory that step started from and over the memory before the model was built
 (CPU: peak RSS, reset before the step, with MALLOC_MMAP_THRESHOLD_=65536 so that freed tensors leave RSS; GPU: peak
@@ -33,10 +34,10 @@ def worker(args: argparse.Namespace) -> None:
     from deepspeed.accelerator import get_accelerator
 
     from llmforge.config.parallel import Layout
-    from llmforge.config.recipe import ModelConfig, TrainConfig
+    from llmforge.config.recipe import ModelConfig, MoEConfig, TrainConfig
     from llmforge.model import GPT
     from llmforge.model.parallel import SequenceSlice
-    from llmforge.plan import activation_bytes, buffer_bytes, model_state_bytes, params_per_rank
+    from llmforge.plan import activation_bytes, buffer_bytes, params_per_rank, rank_state_bytes
     from llmforge.train.distributed import release_shm_segment, setup_env
     from llmforge.train.engine import build_engine
 
@@ -45,9 +46,16 @@ def worker(args: argparse.Namespace) -> None:
     deepspeed.init_distributed(dist_backend=accel.communication_backend_name())
     release_shm_segment()
     world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
-    layout = Layout(world, args.tensor, args.sequence, rank)
+    layout = Layout(world, args.tensor, args.sequence, rank, args.expert)
+    moe = MoEConfig(num_experts=args.experts, top_k=2) if args.experts else MoEConfig()
     cfg = ModelConfig(
-        vocab_size=VOCAB, max_seq_len=args.seq_len, d_model=D_MODEL, n_layers=LAYERS, n_heads=HEADS, n_kv_heads=KV_HEADS
+        vocab_size=VOCAB,
+        max_seq_len=args.seq_len,
+        d_model=D_MODEL,
+        n_layers=LAYERS,
+        n_heads=HEADS,
+        n_kv_heads=KV_HEADS,
+        moe=moe,
     )
     ds: dict = {
         "train_micro_batch_size_per_gpu": 1,
@@ -85,8 +93,8 @@ def worker(args: argparse.Namespace) -> None:
         if step >= args.warmup:
             times.append(time.perf_counter() - started)
     peak = torch.cuda.max_memory_allocated() if on_gpu else rss_bytes("VmHWM")
-    n_rank = params_per_rank(cfg, layout.tensor)
-    states = sum(model_state_bytes(n_rank, 1, layout.zero).values()) + buffer_bytes(ds, n_rank)
+    n_rank = params_per_rank(cfg, layout.tensor, layout.expert)
+    states = sum(rank_state_bytes(cfg, layout, 1).values()) + buffer_bytes(ds, n_rank)
     # what a step adds: activations kept for backward (+ transients) and the 16-bit gradients until the reduce
     step_adds = (
         activation_bytes(cfg, args.seq_len // layout.sequence, 1, "none", fused_norm=on_gpu, tensor=layout.tensor)
@@ -111,6 +119,10 @@ def main() -> None:
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--tensor", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--sequence", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--expert", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--experts", type=int, default=0, help="every block a mixture of this many experts, top 2 (layouts: epN too)"
+    )
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -125,8 +137,9 @@ def main() -> None:
 
     launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONUNBUFFERED": "1"}
+    moe = f", every block a mixture of {args.experts} experts (top 2)" if args.experts else ""
     lines = [
-        f"Per rank, d_model {D_MODEL}, {LAYERS} layers, {HEADS} heads ({KV_HEADS} kv), vocabulary {VOCAB}, one "
+        f"Per rank, d_model {D_MODEL}, {LAYERS} layers{moe}, {HEADS} heads ({KV_HEADS} kv), vocabulary {VOCAB}, one "
         f"sequence of {args.seq_len} tokens per micro-batch, ZeRO-1, bf16, median of {args.steps - args.warmup} "
         "steps. Step peak: the last step's peak over the memory it started from (model states resident), i.e. "
         "activations and 16-bit gradients; total: the peak over the memory before the model was built (on CPU "
@@ -144,6 +157,10 @@ def main() -> None:
             str(spec.layout.tensor),
             "--sequence",
             str(spec.layout.sequence),
+            "--expert",
+            str(spec.layout.expert),
+            "--experts",
+            str(args.experts),
             "--seq-len",
             str(args.seq_len),
         ]

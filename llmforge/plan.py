@@ -77,6 +77,17 @@ def params_per_rank(cfg: ModelConfig, tensor: int, expert: int = 1) -> int:
     return dense + experts // expert
 
 
+def rank_state_bytes(cfg: ModelConfig, layout: Layout, stage: int, precision: str = "bf16") -> dict[str, float]:
+    """Model-state bytes of one rank (`model_state_bytes`' keys) under `layout`: the parameters outside the experts
+    sharded by ZeRO over the data-parallel group, the rank's experts over the ranks holding the same ones."""
+    n_dense, n_experts = split_params(cfg, layout.tensor)
+    states = model_state_bytes(n_dense, stage, layout.zero, precision)
+    if n_experts:
+        local = model_state_bytes(n_experts // layout.expert, stage, layout.zero // layout.expert, precision)
+        states = {k: v + local[k] for k, v in states.items()}
+    return states
+
+
 def split_params(cfg: ModelConfig, tensor: int = 1) -> tuple[int, int]:
     """(parameters outside the experts per tensor rank, routed experts' parameters): ZeRO shards the first over
     the data-parallel ranks and the second over the expert-data-parallel ranks (data ÷ expert)."""
@@ -156,10 +167,11 @@ def activation_bytes(
     mlp = elem * T * ((3 if compiled else 4) if cfg.mlp == "swiglu" else 2) * ff / tensor
     if cfg.moe.enabled:
         # an MoE block keeps, per token: fp32 router logits and probabilities, and for each of its top_k
-        # assignments the gathered input, gate, up, their product and the expert's output (the MLP's share of
-        # the dense and MoE blocks averaged over the layers)
+        # assignments the gathered input, the gate and up outputs, the gate's SiLU, their product, and the expert's
+        # output in fp32 for the weighted sum (the MLP's share of the dense and MoE blocks averaged over the layers;
+        # measured against CPU ranks in bench/parallel_layouts.py --experts)
         m, moe_layers = cfg.moe, len(cfg.moe_layers)
-        routed = T * (8 * m.num_experts + elem * m.top_k * (2 * d + 3 * cfg.expert_ff))
+        routed = T * (8 * m.num_experts + m.top_k * (elem * (d + 4 * cfg.expert_ff) + 4 * d))
         shared = elem * T * 4 * m.shared_experts * cfg.expert_ff
         mlp = (mlp * (L - moe_layers) + (routed + shared) * moe_layers) / L
     layer = 2 * norm + attn + mlp
@@ -276,22 +288,17 @@ def plan(
     cfg = planned_model(recipe, vocab_size)
     layout = make_layout(recipe, gpus, 0, origin)
     n_total, n_body = count_params(cfg)
-    n_dense, n_experts = split_params(cfg, layout.tensor)
-    n_rank = n_dense + n_experts // layout.expert
+    n_rank = params_per_rank(cfg, layout.tensor, layout.expert)
     t = recipe.train
     tokens_per_step = t.global_batch(layout.data) * recipe.data.seq_len
     budget = tokens_per_step * t.max_steps
-    zero_group = layout.zero  # ZeRO shards over the ranks that share a tensor rank
     rows = []
     for stage in (0, 1, 2) if layout.tensor > 1 else (0, 1, 2, 3):
         if refused_stage(stage, t.precision):
             continue
         ds = compose_ds_config(recipe, layout.data, recipe.run_dir, origin, on_cpu=False)
         ds["zero_optimization"] = {**ds.get("zero_optimization", {}), "stage": stage}
-        states = model_state_bytes(n_dense, stage, zero_group, t.precision)
-        if n_experts:  # a rank's experts, sharded by ZeRO over the ranks holding the same ones
-            local = model_state_bytes(n_experts // layout.expert, stage, zero_group // layout.expert, t.precision)
-            states = {k: v + local[k] for k, v in states.items()}
+        states = rank_state_bytes(cfg, layout, stage, t.precision)
         buffers = buffer_bytes(ds, n_rank)
         for mode in ("none", "selective", "full"):
             acts = activation_bytes(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
+import pytest
 import torch
 
 from llmforge.config.recipe import ModelConfig
@@ -68,7 +69,7 @@ def test_export_cli_from_a_checkpoint(tmp_path, prepared):
 def test_an_moe_run_logs_its_routers_plots_them_and_refuses_a_mixtral_export_it_cannot_be(tmp_path, prepared):
     """A model with one MoE block (of 2): every train row has the router metrics and loss = lm_loss + aux_loss;
     `llmforge plot` adds the router and expert-load charts; export-hf refuses it in one line (Mixtral routes in
-    every block) and writes nothing."""
+    every block) and writes nothing; SFT from it trains with the auxiliary losses, DPO refuses it."""
     recipe = write_recipe(
         tmp_path / "r.yaml",
         prepared,
@@ -96,6 +97,44 @@ def test_an_moe_run_logs_its_routers_plots_them_and_refuses_a_mixtral_export_it_
                 str(tmp_path / "hf"))  # fmt: skip
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("export error: MoE blocks [1] of 2")
     assert not (tmp_path / "hf").exists()
+
+    # SFT fine-tunes the MoE model with its auxiliary losses (the experts and the router train); DPO refuses it in
+    # one line and writes nothing.
+    from llmforge.demo.toy_chat import preference_records, sft_records, write_jsonl
+    from llmforge.train.loading import load_model
+
+    post = {
+        "train": {"max_steps": 4, "warmup_steps": 1, "init_from": str(tmp_path / "runs" / "t")},
+        "data": {"seq_len": 48},
+        "eval": {"interval": 0},
+        "deepspeed": {"config": str(REPO / "ds_configs/zero1.json")},
+    }
+    chats = write_jsonl(str(tmp_path / "sft.jsonl"), sft_records(64, 1))
+    sft = write_recipe(
+        tmp_path / "sft.yaml", prepared, tmp_path / "runs", run={"name": "sft"}, posttrain={"train_file": chats}, **post
+    )
+    r = run_cli(sys.executable, "launch/sft.py", "--recipe", str(sft))
+    assert r.returncode == 0, r.stderr[-3000:]
+    tuned = train_rows(tmp_path / "runs" / "sft")
+    assert [x["step"] for x in tuned] == [1, 2, 3, 4]
+    assert all(abs(x["loss"] - (x["lm_loss"] + x["aux_loss"])) < 1e-5 and x["balance_loss"] > 0 for x in tuned)
+    before = load_model(str(tmp_path / "runs" / "t"))[0].state_dict()
+    after = load_model(str(tmp_path / "runs" / "sft"))[0].state_dict()
+    for name in ("blocks.1.moe.gate.weight", "blocks.1.moe.experts.w1", "blocks.1.moe.experts.w2"):
+        assert not torch.equal(before[name], after[name]), name
+    # DPO's refusal, in-process (the exit-2 path of a RecipeError is the launchers' own, tested elsewhere)
+    from llmforge.config import load_recipe
+    from llmforge.errors import RecipeError
+    from llmforge.posttrain.task import DPO
+    from llmforge.train.checkpoint import ResumePoint
+
+    pairs = write_jsonl(str(tmp_path / "p.jsonl"), preference_records(16, 1))
+    dpo = write_recipe(
+        tmp_path / "dpo.yaml", prepared, tmp_path / "runs", run={"name": "dpo"}, posttrain={"train_file": pairs}, **post
+    )
+    with pytest.raises(RecipeError, match="is a mixture-of-experts model: DPO does not train one yet"):
+        DPO().setup(load_recipe(str(dpo)), str(dpo), ResumePoint(None), 1)
+    assert not (tmp_path / "runs" / "dpo").exists()
 
 
 def test_import_hf_then_export_is_identical(tmp_path):
