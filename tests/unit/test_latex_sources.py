@@ -5,6 +5,7 @@ counted."""
 
 from __future__ import annotations
 
+import io
 import logging
 import re
 import tarfile
@@ -136,3 +137,36 @@ def test_bibliography_commands_leave_nothing_behind():
         "\\printbibliography[heading=none]\\end{document}"
     )
     assert clean_latex(tex) == "Text."
+
+
+def test_a_book_behind_wrapper_files_is_one_document(tmp_path):
+    """A book's shape (the HoTT book's hott-online.tex, hott-ebook.tex, ... around main.tex), built from cxref's real
+    TeX: wrappers that set an option and \\input{main}, a main.tex with the \\documentclass that \\input-s 27 chapters,
+    an errata document beside them. Neither a wrapper (no \\documentclass of its own) nor main.tex (included) is a
+    root by its own text; by their resolved text the wrappers are, and their identical documents are kept once."""
+    root = require(CXREF_EXAMPLES, "cxref-doc")
+    members = {f.name: f.read_bytes() for f in sorted(root.iterdir()) if f.suffix in (".tex", ".sty")}
+    members["main.tex"] = members.pop("cxref.tex")
+    for kind in ("online", "ebook", "letter"):
+        members[f"book-{kind}.tex"] = f"\\def\\bookformat{{{kind}}}\n\\input{{main}}\n".encode()
+    members["errata.tex"] = b"\\documentclass{article}\n\\begin{document}\nErrata: a typo on page 3.\n\\end{document}\n"
+    with tarfile.open(tmp_path / "book.tar.gz", "w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    docs, stats = read_all(spec_for(tmp_path / "book.tar.gz"))
+    assert [d.meta["root"] for d in docs] == ["book-ebook.tex", "errata.tex"]
+    book = docs[0].text
+    for name in chapters():
+        for heading in headings(name):
+            assert heading in book, (name, heading)
+    assert "\\documentclass" not in book and "\\input" not in book
+    assert stats["latex:duplicate_documents"] == 2 and stats["latex:extra_documents"] == 1
+    assert "skipped:latex_unreferenced" not in stats
+
+    # read from a directory, a wrapper named on its own is a document too (the book's text, from main.tex)
+    for name, data in members.items():
+        (tmp_path / name).write_bytes(data)
+    (wrapper,), _ = read_all(spec_for(tmp_path / "book-online.tex"))
+    assert wrapper.text == book

@@ -122,6 +122,7 @@ def resolve_includes(
     MAX_INCLUDE_DEPTH are counted (`latex:missing_include`, `latex:include_not_tex`, `latex:include_cycle`,
     `latex:include_too_deep`) and replaced by nothing."""
     tex = strip_comments(tex)
+    in_document = bool(_DOCUMENT.search(tex))  # else a wrapper (options, then \input{main}): inlines whole files
 
     def inline(m: re.Match) -> str:
         if m.group(4) is not None:  # \import{dir}{file}: the file's own includes are relative to dir
@@ -146,7 +147,7 @@ def resolve_includes(
             return ""
         count(stats, "latex:included_files")
         body = sources.files[path]
-        if "\\begin{document}" in body:  # a subfiles-style chapter: only its body is part of the parent
+        if in_document and "\\begin{document}" in body:  # a subfiles-style chapter: only its body joins the parent
             body = body.split("\\begin{document}", 1)[1].split("\\end{document}", 1)[0]
         return resolve_includes(body, sources, sub_base, stats, stack + (path,), missing)
 
@@ -193,22 +194,25 @@ def _referenced(sources: Sources, path: str) -> set[str]:
 def documents(sources: Sources, stats: Stats, label: str) -> list[tuple[str, str]]:
     """(root path, cleaned text) of every document in a paper's sources, the main one first.
 
-    Roots are the files that start a document (\\documentclass or \\begin{document}) and that no other file
-    includes; the main document is the root whose resolved text is longest (not the longest file: a main.tex that
-    \\includes fifteen chapters is short itself). Other roots (a supplement, a response letter) are documents of
-    their own (`latex:extra_documents`); .tex files no root reaches are counted as `skipped:latex_unreferenced`."""
+    Roots are the files that no other file includes and whose resolved text starts a document (\\documentclass or
+    \\begin{document}): a wrapper that sets options and then \\input-s the file with the \\documentclass is a root,
+    though neither it nor the included file would be one by its own text (a book's hott-online.tex and hott-ebook.tex
+    around main.tex). The main document is the root whose resolved text is longest (not the longest file: a main.tex
+    that \\includes fifteen chapters is short itself). Other roots (a supplement, a response letter) are documents
+    of their own (`latex:extra_documents`); roots whose cleaned text equals an earlier one's (wrappers of the same
+    document) are counted as `latex:duplicate_documents` and kept once; .tex files no root reaches are counted as
+    `skipped:latex_unreferenced`."""
     included = set().union(*(_referenced(sources, p) for p in sources.files)) if sources.files else set()
-    roots = [
-        p for p in sorted(sources.files) if _DOCUMENT.search(strip_comments(sources.files[p])) and p not in included
-    ]
-    if not roots:
-        return []
     out, reached = [], set()
-    for root in roots:
+    for root in sorted(p for p in sources.files if p not in included):
         missing: list[str] = []
-        text = _clean_body(
-            resolve_includes(sources.files[root], sources, os.path.dirname(root), stats, (root,), missing)
-        )
+        local: Stats = {}  # counted only for a root
+        resolved = resolve_includes(sources.files[root], sources, os.path.dirname(root), local, (root,), missing)
+        if not _DOCUMENT.search(resolved):
+            continue
+        for key, n in local.items():
+            count(stats, key, n)
+        text = _clean_body(resolved)
         if missing:
             log.warning(
                 "%s:%s: %d included file(s) not found: %s",
@@ -219,13 +223,20 @@ def documents(sources: Sources, stats: Stats, label: str) -> list[tuple[str, str
             )
         reached |= _closure(sources, root)
         out.append((root, text))
+    if not out:
+        return []
     out.sort(key=lambda rt: -len(rt[1]))
-    if len(out) > 1:
-        count(stats, "latex:extra_documents", len(out) - 1)
+    kept: dict[str, str] = {}
+    for root, text in out:
+        kept.setdefault(text, root)
+    if len(kept) < len(out):
+        count(stats, "latex:duplicate_documents", len(out) - len(kept))
+    if len(kept) > 1:
+        count(stats, "latex:extra_documents", len(kept) - 1)
     unreferenced = [p for p in sources.files if p not in reached]
     if unreferenced:
         count(stats, "skipped:latex_unreferenced", len(unreferenced))
-    return out
+    return [(root, text) for text, root in kept.items()]
 
 
 def _closure(sources: Sources, root: str) -> set[str]:
@@ -246,13 +257,15 @@ def read_latex(path: str, spec: SourceSpec, stats: Stats) -> Iterator[Document]:
     if path.endswith(TEX_EXTENSIONS):
         with open(path, "rb") as f:
             tex = decode(f.read(), stats)
-        if not _DOCUMENT.search(strip_comments(tex)):
+        sources = _DiskSources(os.path.dirname(path), stats)
+        stack = (os.path.basename(path),)
+        if not _DOCUMENT.search(strip_comments(tex)) and not _DOCUMENT.search(
+            resolve_includes(tex, sources, "", {}, stack)
+        ):  # neither starts a document itself nor \input-s the file that does (a wrapper)
             count(stats, "skipped:latex_not_root")
             return
-        directory = os.path.dirname(path)
-        sources = _DiskSources(directory, stats)
         missing: list[str] = []
-        text = _clean_body(resolve_includes(tex, sources, "", stats, (os.path.basename(path),), missing))
+        text = _clean_body(resolve_includes(tex, sources, "", stats, stack, missing))
         if missing:
             log.warning("%s: %d included file(s) not found: %s", path, len(missing), ", ".join(missing[:5]))
         yield Document(text, path, {"path": path})
