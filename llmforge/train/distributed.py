@@ -24,6 +24,15 @@ def setup_env() -> None:
     # DeepSpeed JIT-builds a CPU comm op into torch's extension cache, which is shared by every environment of the
     # user and rebuilt (under a lock) whenever another venv used it last: keep one cache per environment.
     env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+    # ...and one ninja: torch builds with whichever `ninja` PATH finds first, and ninja versions hash build commands
+    # differently (1.11 vs 1.13), so a process that finds the system's and one that finds the environment's (a
+    # launcher run from the venv's bin/, a forked test rank from a bare `python`) rebuild the op in turn: ~20 s at
+    # every switch. The environment's own ninja (the `ninja` wheel DeepSpeed installs) goes first when there is one.
+    bindir = os.path.dirname(sys.executable)
+    if os.access(os.path.join(bindir, "ninja"), os.X_OK):
+        path = env.get("PATH", "").split(os.pathsep)
+        if not path or path[0] != bindir:
+            env["PATH"] = os.pathsep.join([bindir, *(p for p in path if p and p != bindir)])
     if "RANK" in env and "WORLD_SIZE" in env:
         return
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:

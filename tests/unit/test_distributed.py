@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import sys
 import time
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -14,7 +17,7 @@ from llmforge.posttrain.data import SFTData
 from llmforge.tokenizer import CharTokenizer
 from llmforge.tokenizer.added import with_chat_tokens
 from llmforge.train.checkpoint_files import _any_rank
-from llmforge.train.distributed import stale_build_locks
+from llmforge.train.distributed import setup_env, stale_build_locks
 from llmforge.train.guard import StopSignal
 from llmforge.train.trainer import reduce_step_values
 from tests.helpers import run_distributed
@@ -63,6 +66,23 @@ def test_build_locks_left_by_a_killed_build_are_found(tmp_path, monkeypatch):
         os.utime(lock, (time.time() - age, time.time() - age))
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     assert stale_build_locks() == [str(tmp_path / "fused_adam" / "lock")]
+
+
+def test_every_process_of_an_environment_builds_ops_with_its_ninja(monkeypatch):
+    """A process started without the environment's bin/ on PATH (a bare `.venv/bin/python`, the ranks a test forks)
+    finds the same ninja as one started from it (the deepspeed launcher): two ninja versions hash build commands
+    differently, and DeepSpeed's CPU comm op was rebuilt at every switch between them (8 times in one test run)."""
+    bindir = os.path.dirname(sys.executable)
+    if not os.access(os.path.join(bindir, "ninja"), os.X_OK):
+        pytest.skip("the environment has no ninja of its own: whichever PATH finds is the only one")
+    monkeypatch.setenv("PATH", os.pathsep.join(["/usr/bin", "/bin", bindir]))
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    setup_env()
+    assert shutil.which("ninja") == os.path.join(bindir, "ninja")
+    assert os.environ["PATH"].split(os.pathsep) == [bindir, "/usr/bin", "/bin"]
+    setup_env()  # idempotent
+    assert os.environ["PATH"].split(os.pathsep) == [bindir, "/usr/bin", "/bin"]
 
 
 def test_both_preemption_signals_set_the_stop_flag():
