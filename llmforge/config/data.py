@@ -7,7 +7,7 @@ import importlib
 import os
 import re
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from llmforge.config.recipe_base import ConfigError, doc, positive
 
@@ -53,7 +53,27 @@ class SourceSpec:
         "bench/results/html_extraction.md.",
     )
 
+    languages: Union[Literal["all"], list[str]] = doc(
+        "all",
+        "Languages kept: all, or a list of fastText lid.176 labels (en, de, zh, ...). Every html/warc document is "
+        "identified either way (its language decides the stop words and word rules; the manifest counts lang:<xx>); "
+        "other sources are identified only when this is a list. Documents of other languages are dropped as "
+        "`language`.",
+    )
+    min_language_score: float = doc(
+        0.65, "With a languages list: lowest probability of the identified language for a document to be kept."
+    )
+
     def __post_init__(self) -> None:
+        if self.languages != "all":
+            listed = self.languages if isinstance(self.languages, list) else [self.languages]
+            bad = [x for x in listed if not (isinstance(x, str) and re.fullmatch(r"[a-z]{2,3}", x))]
+            if bad or not listed or not isinstance(self.languages, list):
+                raise ConfigError(
+                    "languages", f"must be all or a non-empty list of language labels (en, de, zh, ...), got {bad}"
+                )
+        if not 0 <= self.min_language_score <= 1:
+            raise ConfigError("min_language_score", f"must be in [0, 1], got {self.min_language_score}")
         if self.name is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
             raise ConfigError("name", f"must be a plain name (letters, digits, _ . -), got {self.name!r}")
         if not self.paths:
@@ -63,6 +83,11 @@ class SourceSpec:
             problem = extractor_problem(self.extractor)
             if problem:
                 raise ConfigError("extractor", problem)
+
+    @property
+    def identifies_language(self) -> bool:
+        """Whether each document's language is identified: always for web pages, else when languages are chosen."""
+        return self.type in ("html", "warc") or self.languages != "all"
 
     @property
     def quality_kind(self) -> str:
@@ -147,9 +172,10 @@ class LineFilters:
 
     min_words: Optional[int] = doc(3, "Remove lines of fewer words ('Share article', 'Advertisement').")
     terminal_punctuation: str = doc(
-        ".!?\"'”’:",
-        "Remove lines that do not end in one of these characters, or that end in an ellipsis (C4's set "
-        "plus ':', which ends the lines that introduce a list or a code block); '' turns the rule off.",
+        ".!?\"'”’:。！？।۔؟။།។",
+        "Remove lines that do not end in one of these characters, or that end in an ellipsis (C4's set plus ':', "
+        "which ends the lines that introduce a list or a code block, and the full stops of other scripts); '' turns "
+        "the rule off. Skipped for Thai and Lao, which end sentences with a space.",
     )
     max_word_length: Optional[int] = doc(1000, "Remove lines holding a longer word.")
     javascript: bool = doc(True, "Remove lines mentioning javascript ('Please enable JavaScript').")

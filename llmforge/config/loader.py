@@ -208,8 +208,13 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _convert(value, inner, key)
+        inner = [a for a in args if a is not type(None)]
+        for alternative in inner[:-1]:  # e.g. Union[Literal["all"], list[str]]: the first that takes the value
+            try:
+                return _convert(value, alternative, key)
+            except ConfigError:
+                pass
+        return _convert(value, inner[-1], key)
     if origin is Literal:
         if value not in args:
             raise ConfigError(key, f"must be one of {' | '.join(map(str, args))}, got {value!r}")

@@ -144,6 +144,10 @@ def merge_dataset(
             if not drop[key]:
                 tokens = readers[SPLITS[int(split)]][int(index)]
                 writers["val" if key in to_val else SPLITS[int(split)]].add(tokens)
+                lang = str(arrays["lang"][row]) if "lang" in arrays else ""
+                if lang:
+                    stats[f"lang_kept:{lang}"] = stats.get(f"lang_kept:{lang}", 0) + 1
+                    stats[f"lang_tokens:{lang}"] = stats.get(f"lang_tokens:{lang}", 0) + len(tokens)
     shards = {s: w.close() for s, w in writers.items()}
     keep = {f"{sh['prefix']}{ext}" for s in SPLITS for sh in shards[s] for ext in (".bin", ".idx")}
     for old in glob.glob(os.path.join(dataset_dir, "*-[0-9][0-9][0-9][0-9][0-9].*")):

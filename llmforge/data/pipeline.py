@@ -21,12 +21,13 @@ from llmforge.data.clean import clean_text
 from llmforge.data.dedup import exact_hash, is_contaminated, minhash_signature
 from llmforge.data.filters import clean_lines, code_quality, web_quality
 from llmforge.data.indexed import IndexedDatasetWriter, token_dtype
+from llmforge.data.language import identify
 from llmforge.data.sources import Document, Stats, WorkUnit, count, read_unit
 from llmforge.tokenizer import Tokenizer, encode_batch
 
 SPLITS = ("train", "val")
 BATCH = 64
-PIPELINE_VERSION = 4  # bump when cleaning/filtering semantics change: parts made by another version are redone
+PIPELINE_VERSION = 5  # bump when cleaning/filtering semantics change: parts made by another version are redone
 
 
 def processing_key(spec: SourceSpec, cfg: DataConfig, tokenizer_fingerprint: str) -> str:
@@ -70,26 +71,52 @@ def part_complete(dataset_dir: str, unit: WorkUnit, key: str) -> bool:
 PLAIN_TYPES = ("text", "latex", "jsonl", "parquet")  # long documents of these are cut into data.chunk_chars pieces
 
 
+def document_language(text: str, spec: SourceSpec) -> tuple[Optional[str], float]:
+    """(language label, probability) of a cleaned document; (None, 0.0) for a source that is not identified."""
+    return identify(text) if spec.identifies_language else (None, 0.0)
+
+
 def clean_document(doc: Document, spec: SourceSpec, cfg: DataConfig, stats: Optional[Stats] = None) -> str:
     """The document's text after cleaning; web-quality text also loses the lines the line rules remove (counted in
-    `stats`)."""
+    `stats`). Sets doc.meta's `language` and `language_score` for a source whose documents are identified."""
     mode = "code" if spec.type == "code" else "web" if spec.type in ("html", "warc") else "plain"
     text = clean_text(doc.text, mode)
-    if spec.quality_kind == "web":
-        text = clean_lines(text, cfg.line_filters, stats)
+    lang, score = document_language(text, spec)
+    if lang is not None:
+        doc.meta["language"], doc.meta["language_score"] = lang, score
+    if spec.quality_kind == "web" and not language_reason(doc, spec):
+        text = clean_lines(text, cfg.line_filters, stats, lang)
     return text
 
 
-def piece_reason(text: str, doc: Document, spec: SourceSpec, cfg: DataConfig, eval_ngrams: set[int]) -> Optional[str]:
+def language_reason(doc: Document, spec: SourceSpec) -> Optional[str]:
+    """'language' when the source keeps chosen languages and the document is not one of them (or is, with too low
+    a probability), else None."""
+    if spec.languages == "all":
+        return None
+    lang, score = doc.meta.get("language"), doc.meta.get("language_score", 0.0)
+    return None if lang in spec.languages and score >= spec.min_language_score else "language"
+
+
+def piece_reason(
+    text: str,
+    doc: Document,
+    spec: SourceSpec,
+    cfg: DataConfig,
+    eval_ngrams: set[int],
+    stats: Optional[Stats] = None,
+) -> Optional[str]:
     """None to keep a cleaned document (or piece of one), else the reason it is dropped."""
     if len(text) < max(cfg.min_chars, 1) or not text.strip():
         return "empty"
+    reason = language_reason(doc, spec)
+    if reason:
+        return reason
     if len(text) > cfg.max_chars:
         return "too_long"
-    reason = None
     kind = spec.quality_kind
     if kind == "web":
-        reason = web_quality(text, cfg.web_filters)
+        reason = web_quality(text, cfg.web_filters, doc.meta.get("language"), stats)
     elif kind == "code":
         reason = code_quality(text, cfg.code_filters, doc.meta.get("bytes"))
     if reason is None and is_contaminated(text, eval_ngrams, cfg.decontaminate.ngram):
@@ -108,7 +135,7 @@ def document_pieces(
     if len(pieces) > 1 and stats is not None:
         count(stats, "chunked:documents")
         count(stats, "chunked:pieces", len(pieces))
-    return [(p, piece_reason(p, doc, spec, cfg, eval_ngrams)) for p in pieces or [text]]
+    return [(p, piece_reason(p, doc, spec, cfg, eval_ngrams, stats)) for p in pieces or [text]]
 
 
 def chunks(text: str, size: int) -> list[str]:
@@ -129,6 +156,10 @@ def chunks(text: str, size: int) -> list[str]:
     return [p for p in out if p.strip()]
 
 
+def _line_bytes(stats: Stats) -> int:
+    return sum(v for k, v in stats.items() if k.startswith("lines_removed_bytes:"))
+
+
 def process_unit(
     unit: WorkUnit,
     spec: SourceSpec,
@@ -147,17 +178,18 @@ def process_unit(
     dtype = token_dtype(tok.vocab_size)
     writers = {s: IndexedDatasetWriter(f"{prefix}.{s}", dtype) for s in SPLITS}
     stats: Stats = {}
-    rows_split, rows_index, rows_hash, rows_sig = [], [], [], []
-    pending: list[tuple[str, int, np.ndarray]] = []
+    rows_split, rows_index, rows_hash, rows_sig, rows_lang = [], [], [], [], []
+    pending: list[tuple[str, int, np.ndarray, str]] = []
 
     def flush() -> None:
-        for (_text, h, sig), ids in zip(pending, encode_batch(tok, [p[0] for p in pending])):
+        for (_text, h, sig, lang), ids in zip(pending, encode_batch(tok, [p[0] for p in pending])):
             split = 1 if is_validation(h, cfg.val_fraction) else 0
             name = SPLITS[split]
             rows_split.append(split)
             rows_index.append(len(writers[name].lengths))
             rows_hash.append(h)
             rows_sig.append(sig)
+            rows_lang.append(lang)
             ids.append(tok.eos_id)
             writers[name].add_document(ids)
             count(stats, f"tokens_before_dedup:{name}", len(ids))
@@ -174,14 +206,27 @@ def process_unit(
         count(stats, "read")
         count(stats, "bytes", size)
         done = 0
-        for piece, reason in document_pieces(doc, spec, cfg, eval_ngrams, stats):
+        line_bytes = _line_bytes(stats)
+        pieces = document_pieces(doc, spec, cfg, eval_ngrams, stats)
+        lang = doc.meta.get("language")
+        if lang is not None:
+            count(stats, f"lang:{lang}")
+            count(stats, f"lang_bytes:{lang}", size)
+            if _line_bytes(stats) > line_bytes:
+                count(stats, f"lang_dropped_bytes:{lang}:line_rules", _line_bytes(stats) - line_bytes)
+        for piece, reason in pieces:
             piece_bytes = len(piece.encode("utf-8", errors="replace"))
             if reason is not None:
                 count(stats, f"dropped:{reason}")
                 count(stats, f"dropped_bytes:{reason}", piece_bytes)
+                if lang is not None:
+                    count(stats, f"lang_dropped_bytes:{lang}:{reason}", piece_bytes)
             else:
+                count(stats, "passed_bytes", piece_bytes)
+                if lang is not None:
+                    count(stats, f"lang_passed_bytes:{lang}", piece_bytes)
                 sig = minhash_signature(piece, cfg.dedup) if cfg.dedup.near else np.zeros(0, dtype=np.uint64)
-                pending.append((piece, exact_hash(piece), sig))
+                pending.append((piece, exact_hash(piece), sig, lang or ""))
                 if len(pending) >= BATCH:
                     flush()
             step = min(piece_bytes, size - done)  # a large document moves the bar piece by piece
@@ -197,6 +242,7 @@ def process_unit(
         index=np.asarray(rows_index, dtype=np.int64),
         hash=np.asarray(rows_hash, dtype=np.int64),
         sig=np.asarray(rows_sig, dtype=np.uint64).reshape(len(rows_sig), cfg.dedup.num_perm if cfg.dedup.near else 0),
+        lang=np.asarray(rows_lang, dtype="U8"),
     )
     os.replace(prefix + ".npz.tmp.npz", prefix + ".npz")
     stats["written"] = len(rows_split)

@@ -145,6 +145,7 @@ REASON_KEYS = {
     "empty": "data.min_chars",
     "too_long": "data.max_chars, data.chunk_chars",
     "contaminated": "data.decontaminate",
+    "language": "data.sources[].languages, data.sources[].min_language_score",
     "exact_duplicate": "data.dedup.exact",
     "near_duplicate": "data.dedup.near, data.dedup.threshold",
     "file_too_large": "data.code_filters",
@@ -169,6 +170,42 @@ def _top_drops(stats: dict, n: int = 3) -> str:
     return f"read {stats.get('read', 0)} documents; dropped {shown}"
 
 
+def _fractions(removed: dict[str, int], total: int, n: int = 4) -> str:
+    top = sorted(((v, k) for k, v in removed.items() if v), reverse=True)
+    shown = ", ".join(f"{k} {100 * v / total:.1f}%" for v, k in top[:n])
+    return shown + (f", {len(top) - n} more" if len(top) > n else "")
+
+
+def removed_bytes_lines(name: str, st: dict) -> list[str]:
+    """What the rules did to a source, as fractions of its input bytes (the extracted or read text): one line by
+    rule (line rules and document rules), then, for a source whose documents were identified, one line per language
+    (its share of the input, the share that passed the rules, and what removed the rest), largest first."""
+    total = st.get("bytes", 0)
+    if not total:
+        return []
+    removed = {f"line:{k.split(':', 1)[1]}": v for k, v in st.items() if k.startswith("lines_removed_bytes:")}
+    removed |= {k.split(":", 1)[1]: v for k, v in st.items() if k.startswith("dropped_bytes:")}
+    out = []
+    if any(removed.values()):
+        # the rest: normalisation (spaces, control characters), so that the fractions add up
+        removed["cleaning"] = max(0, total - st.get("passed_bytes", 0) - sum(removed.values()))
+        share = 100 * sum(removed.values()) / total
+        out.append(f"{name}: removed {share:.1f}% of {total} bytes: {_fractions(removed, total)}")
+    langs = sorted(((v, k.split(":", 1)[1]) for k, v in st.items() if k.startswith("lang_bytes:")), reverse=True)
+    for size, lang in langs[:8]:
+        by_rule = {k.split(":", 2)[2]: v for k, v in st.items() if k.startswith(f"lang_dropped_bytes:{lang}:")}
+        passed = st.get(f"lang_passed_bytes:{lang}", 0)
+        by_rule["cleaning"] = max(0, size - passed - sum(by_rule.values()))
+        out.append(
+            f"{name} [{lang}]: {st.get(f'lang:{lang}', 0)} documents, {100 * size / total:.1f}% of the bytes; "
+            f"{100 * passed / size:.1f}% passed the rules ({st.get(f'lang_kept:{lang}', 0)} documents kept after "
+            f"dedup); removed: {_fractions(by_rule, size, 3)}"
+        )
+    if len(langs) > 8:
+        out.append(f"{name}: {len(langs) - 8} more languages (manifest.json: lang_bytes:<xx>)")
+    return out
+
+
 def dataset_report(name: str, manifest: dict, prepared_dir: str) -> list[str]:
     """prepare's summary of one dataset: a line of counts, then a warning line for a source that kept nothing or
     lost most of its bytes (or documents, for dedup) to one rule."""
@@ -185,6 +222,7 @@ def dataset_report(name: str, manifest: dict, prepared_dir: str) -> list[str]:
         lines.append(f"WARNING {name}: kept no documents: {_top_drops(st)}")
         return lines
     read_bytes, read_docs = st.get("bytes", 0), st.get("read", 0)
+    lines += removed_bytes_lines(name, st)
     for key, value in sorted(st.items()):
         if key.startswith("dropped_bytes:") and read_bytes and value > read_bytes / 2:
             reason = key.removeprefix("dropped_bytes:")

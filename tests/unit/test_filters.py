@@ -96,9 +96,11 @@ def test_c4_line_rules_remove_and_count_each_line():
     c4_exact = clean_lines(text, LineFilters(terminal_punctuation=".!?\"'"), {})
     assert LINES[12][0] not in c4_exact and LINES[0][0] in c4_exact
     expected: dict = {}
-    for _, reason in LINES:
+    for line, reason in LINES:
         if reason:
             expected[f"lines_removed:{reason}"] = expected.get(f"lines_removed:{reason}", 0) + 1
+            nbytes = len(line.encode()) + 1
+            expected[f"lines_removed_bytes:{reason}"] = expected.get(f"lines_removed_bytes:{reason}", 0) + nbytes
     assert stats == expected
     # FineWeb keeps lines without terminal punctuation; every rule can be turned off
     kept = clean_lines(text, LineFilters(terminal_punctuation=""), {})

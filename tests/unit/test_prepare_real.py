@@ -5,6 +5,7 @@ on, WARC resource records are read, and a trained sentencepiece tokenizer is use
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -114,7 +115,8 @@ def test_a_rule_that_takes_most_of_the_bytes_is_a_warning(tmp_path):
     lines: list[str] = []
     m = prepare(recipe, origin, progress=False, report=lines.append)["book"]
     assert m["stats"]["kept"] == 1 and m["stats"]["dropped_bytes:too_long"] > 0.99 * BIG_TEXT.stat().st_size
-    assert len(lines) == 2 and lines[1].startswith("WARNING book: 9") and "as too_long (data.max_chars" in lines[1]
+    assert len(lines) == 3 and lines[2].startswith("WARNING book: 9") and "as too_long (data.max_chars" in lines[2]
+    assert re.fullmatch(r"book: removed 9\d\.\d% of \d+ bytes: too_long 9\d\.\d%(, cleaning 0\.\d%)?", lines[1])
 
 
 def test_a_split_too_small_to_train_names_the_dataset_and_its_counts(tmp_path):
