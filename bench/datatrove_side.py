@@ -11,9 +11,11 @@ Two modes:
   → GopherQualityFilter → C4QualityFilter(filter_no_terminal_punct=False) → FineWebQualityFilter, all with their
   defaults — the extracted text, the final text (null when a filter drops the page), the filter that dropped it and
   the extraction time.
-- `datatrove_side.py pipeline WARC_DIR WORK_DIR TOKENIZER_DIR` (bench/data_pipeline.py): WARC → shards with the
-  stages llmforge's prepare runs, laid out as datatrove's MinHash example does, one task and one worker each:
-  WarcReader → Trafilatura → GopherRepetitionFilter → GopherQualityFilter → JsonlWriter; MinhashDedupSignature
+- `datatrove_side.py pipeline WARC_DIR WORK_DIR TOKENIZER_DIR LID_MODEL` (bench/data_pipeline.py): WARC → shards
+  with the stages llmforge's prepare runs, laid out as datatrove's MinHash example does, one task and one worker
+  each: WarcReader → Trafilatura → LanguageFilter (fastText lid.176, label_only: every document labelled, none
+  dropped, as llmforge's `languages: all`; LID_MODEL, the model file llmforge uses, is put where datatrove caches
+  the one it would download) → GopherRepetitionFilter → GopherQualityFilter → JsonlWriter; MinhashDedupSignature
   (sha1: datatrove's xxhash default breaks with xxhash 4), Buckets, Cluster; JsonlReader → MinhashDedupFilter →
   DocumentTokenizer (the same HF tokenizer.json). Prints one JSON line: wall seconds per stage and in all.
 """
@@ -65,7 +67,21 @@ def main() -> None:
         )
 
 
-def pipeline(warc_dir: str, work: str, tokenizer_dir: str) -> None:
+def seed_lid_model(model: str) -> None:
+    """Put `model` where datatrove's FT176LID looks for the lid.176 file it downloads (no network here)."""
+    import os
+    import shutil
+
+    from datatrove.io import cached_assets_path
+    from datatrove.utils.lid import FT176LID
+
+    folder = cached_assets_path(library_name="datatrove", namespace="lid", subfolder="ft176")
+    target = os.path.join(folder, FT176LID.MODEL_URL.split("://", 1)[1].replace("/", "_"))
+    shutil.copyfile(model, target)
+    open(target + ".completed", "a").close()
+
+
+def pipeline(warc_dir: str, work: str, tokenizer_dir: str, lid_model: str) -> None:
     import os
 
     from datatrove.executor import LocalPipelineExecutor
@@ -77,17 +93,19 @@ def pipeline(warc_dir: str, work: str, tokenizer_dir: str) -> None:
         MinhashDedupSignature,
     )
     from datatrove.pipeline.extractors import Trafilatura
-    from datatrove.pipeline.filters import GopherQualityFilter, GopherRepetitionFilter
+    from datatrove.pipeline.filters import GopherQualityFilter, GopherRepetitionFilter, LanguageFilter
     from datatrove.pipeline.readers import JsonlReader, WarcReader
     from datatrove.pipeline.tokens import DocumentTokenizer
     from datatrove.pipeline.writers import JsonlWriter
     from datatrove.utils.hashing import HashConfig
 
+    seed_lid_model(lid_model)
     config = MinhashConfig(hash_config=HashConfig(hash_fc="sha1", precision=64))
     stages = {
         "extract+filter": [
             WarcReader(warc_dir, glob_pattern="*.warc.gz"),
             Trafilatura(favour_precision=True),
+            LanguageFilter(label_only=True),
             GopherRepetitionFilter(),
             GopherQualityFilter(),
             JsonlWriter(f"{work}/filtered"),
@@ -120,6 +138,6 @@ def pipeline(warc_dir: str, work: str, tokenizer_dir: str) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["pipeline"]:
-        pipeline(*sys.argv[2:5])
+        pipeline(*sys.argv[2:6])
     else:
         main()

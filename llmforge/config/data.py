@@ -14,6 +14,9 @@ from llmforge.config.recipe_base import ConfigError, doc, positive
 SOURCE_TYPES = ("text", "html", "warc", "code", "latex", "jsonl", "parquet")
 
 
+# C4's terminal punctuation, plus ':' (ends lines introducing a list or a code block) and other scripts' full stops:
+# the rule's characters for a recipe that turns it on (line_filters.terminal_punctuation)
+C4_TERMINAL_PUNCTUATION = ".!?\"'”’:。！？।۔؟။།។"
 _EXTRACTOR_MODULES = {"trafilatura": "trafilatura", "resiliparse": "resiliparse.extract.html2text"}
 
 
@@ -47,10 +50,11 @@ class SourceSpec:
     )
     weight: float = doc(1.0, "Blend weight when data.datasets is not given.")
     extractor: Literal["trafilatura", "resiliparse"] = doc(
-        "resiliparse",
-        "html/warc main-text extractor: resiliparse (one paragraph per line, what the line rules "
-        "expect; 12-17x faster) or trafilatura (keeps the page's own line breaks inside paragraphs); measured in "
-        "bench/results/html_extraction.md.",
+        "trafilatura",
+        "html/warc main-text extractor: trafilatura, or resiliparse (about 10x faster, leaks more boilerplate). "
+        "Measured on 750 real pages of 5 kinds in 11 languages (bench/results/html_extraction.md): on 83 web pages "
+        "trafilatura finds 95.4% of the main-text snippets and leaks 0.4% of the boilerplate ones, resiliparse 91.1% "
+        "and 23.5%.",
     )
 
     languages: Union[Literal["all"], list[str]] = doc(
@@ -172,10 +176,14 @@ class LineFilters:
 
     min_words: Optional[int] = doc(3, "Remove lines of fewer words ('Share article', 'Advertisement').")
     terminal_punctuation: str = doc(
-        ".!?\"'”’:。！？।۔؟။།។",
-        "Remove lines that do not end in one of these characters, or that end in an ellipsis (C4's set plus ':', "
-        "which ends the lines that introduce a list or a code block, and the full stops of other scripts); '' turns "
-        "the rule off. Skipped for Thai and Lao, which end sentences with a space.",
+        "",
+        "Remove lines that do not end in one of these characters, or that end in an ellipsis; '' (the default) "
+        "turns the rule off, as FineWeb does (its document rule web_filters.min_punct_line_fraction judges the share "
+        "of punctuated lines instead). C4's rule is `.!?\"'”’` (add ':' for lines introducing a list, and "
+        "`。！？।۔؟။།។` for other scripts); with trafilatura, which keeps a paragraph's own line "
+        "breaks, it cut the main text found in 83 real web pages from 95.4% to 73.8% and in the Python "
+        "documentation from 97.8% to 37.8% (bench/results/html_extraction.md). Skipped for Thai and Lao, which end "
+        "sentences with a space.",
     )
     max_word_length: Optional[int] = doc(1000, "Remove lines holding a longer word.")
     javascript: bool = doc(True, "Remove lines mentioning javascript ('Please enable JavaScript').")

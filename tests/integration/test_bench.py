@@ -37,7 +37,12 @@ from tests.helpers import run_cli
         (
             "bench/html_extraction.py",
             [],
-            ["## python-docs (5 pages)", "## nodejs-docs (5 pages)", "| resiliparse + line rules |", "| trafilatura |"],
+            [
+                "| python-docs (5) | resiliparse, C4 line rules |",
+                "| debian-faq (5) | trafilatura, line rules without terminal punctuation |",
+                "| en (",
+                "| de (",
+            ],
         ),
         (
             "bench/data_pipeline.py",
