@@ -148,7 +148,7 @@ def main() -> None:
         tok_rows = tokenization(texts, sp["path"], hf)
         hf_tok = {"type": "hf", "path": os.path.join(tmp, "hf-tok")}
         contenders = {
-            "llmforge, trafilatura (the stages datatrove runs)": [
+            "llmforge, trafilatura (its default; the stages datatrove runs)": [
                 sys.executable,
                 "launch/prepare_data.py",
                 "--workers",
@@ -156,7 +156,7 @@ def main() -> None:
                 "--recipe",
                 recipe(tmp, "traf", warc_dir, hf_tok, "trafilatura", unit_files=2),
             ],
-            "llmforge, resiliparse (its default)": [
+            "llmforge, resiliparse": [
                 sys.executable,
                 "launch/prepare_data.py",
                 "--workers",

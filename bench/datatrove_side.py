@@ -2,7 +2,7 @@
 (it is not an llmforge dependency):
 
     python -m venv /tmp/dt && /tmp/dt/bin/pip install "datatrove[processing]==0.10.1" faust-cchardet python-magic \
-        orjson warcio lxml_html_clean
+        orjson warcio lxml_html_clean spacy aiohttp requests
     python bench/html_extraction.py --datatrove-python /tmp/dt/bin/python
 
 Two modes:
@@ -74,9 +74,10 @@ def seed_lid_model(model: str) -> None:
 
     from datatrove.io import cached_assets_path
     from datatrove.utils.lid import FT176LID
+    from fsspec.core import strip_protocol
 
     folder = cached_assets_path(library_name="datatrove", namespace="lid", subfolder="ft176")
-    target = os.path.join(folder, FT176LID.MODEL_URL.split("://", 1)[1].replace("/", "_"))
+    target = os.path.join(folder, strip_protocol(FT176LID.MODEL_URL).replace("/", "_"))  # datatrove's own naming
     shutil.copyfile(model, target)
     open(target + ".completed", "a").close()
 

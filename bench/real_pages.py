@@ -11,7 +11,7 @@
   libraries' source distributions (fetched from the package registry with `pip download`): trafilatura 1.1.0's
   tests/cache (83 pages of news sites, blogs, shops, associations, public bodies; mostly German, also English and
   French), each with the main-text snippets its tests require and the boilerplate snippets they forbid
-  (tests/realworld_tests.py); newspaper4k 0.9.6's news articles (tests/data/html) in 11 languages with the article
+  (tests/realworld_tests.py); newspaper4k 0.9.6's news articles (tests/data/html) in 8 languages with the article
   text expected (tests/data/txt).
 
 For the documentation pages the page's own structure tells which text is which: the main text is the `<p>`

@@ -3,7 +3,7 @@ runtime install alone, before the dev extras are added (.ci/run), so a runtime d
 happen to pull cannot hide; tests/unit/test_install.py runs it too.
 
 Each source type gets a small real input (see tests/real_inputs.py), one recipe prepares them all with the default
-settings (resiliparse for the WARC, trafilatura for the HTML files), and every dataset must come out with documents
+settings (trafilatura for the WARC, resiliparse for the HTML files), and every dataset must come out with documents
 in it."""
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def build_inputs(root: Path) -> list[dict]:
         {"name": kind, "type": kind, "paths": [str(root / kind)]}
         for kind in ("warc", "html", "code", "latex", "text", "jsonl", "parquet")
     ]
-    sources[1]["extractor"] = "trafilatura"  # WARC with the default extractor (resiliparse), HTML with the other
+    sources[1]["extractor"] = "resiliparse"  # WARC with the default extractor (trafilatura), HTML with the other
     for s in sources:
         s["quality"] = "none" if s["type"] in ("jsonl", "parquet", "text") else None
     return sources

@@ -52,11 +52,17 @@ class SourceSpec:
     extractor: Literal["trafilatura", "resiliparse"] = doc(
         "trafilatura",
         "html/warc main-text extractor: trafilatura, or resiliparse (about 10x faster, leaks more boilerplate). "
-        "Measured on 750 real pages of 5 kinds in 11 languages (bench/results/html_extraction.md): on 83 web pages "
+        "Measured on 750 real pages of 5 kinds in 14 languages (bench/results/html_extraction.md): on 83 web pages "
         "trafilatura finds 95.4% of the main-text snippets and leaks 0.4% of the boilerplate ones, resiliparse 91.1% "
         "and 23.5%.",
     )
 
+    line_filters: Optional[LineFilters] = doc(
+        None,
+        "This source's line rules, replacing data.line_filters for it (e.g. C4's terminal-punctuation rule, "
+        '`terminal_punctuation: ".!?\\"\'”’:"`, for a documentation site read with resiliparse, which '
+        "writes one paragraph per line: there it keeps more of the main text; bench/results/html_extraction.md).",
+    )
     languages: Union[Literal["all"], list[str]] = doc(
         "all",
         "Languages kept: all, or a list of fastText lid.176 labels (en, de, zh, ...). Every html/warc document is "

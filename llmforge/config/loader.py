@@ -209,12 +209,15 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        for alternative in inner[:-1]:  # e.g. Union[Literal["all"], list[str]]: the first that takes the value
+        if len(inner) == 1:
+            return _convert(value, inner[0], key)
+        problems = []
+        for alternative in inner:  # e.g. Union[Literal["all"], list[str]]: the first that takes the value
             try:
                 return _convert(value, alternative, key)
-            except ConfigError:
-                pass
-        return _convert(value, inner[-1], key)
+            except ConfigError as e:
+                problems.append(e.problem.split(", got ")[0].removeprefix("must be "))
+        raise ConfigError(key, f"must be {' or '.join(problems)}, got {value!r}")
     if origin is Literal:
         if value not in args:
             raise ConfigError(key, f"must be one of {' | '.join(map(str, args))}, got {value!r}")

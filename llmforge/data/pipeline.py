@@ -85,7 +85,7 @@ def clean_document(doc: Document, spec: SourceSpec, cfg: DataConfig, stats: Opti
     if lang is not None:
         doc.meta["language"], doc.meta["language_score"] = lang, score
     if spec.quality_kind == "web" and not language_reason(doc, spec):
-        text = clean_lines(text, cfg.line_filters, stats, lang)
+        text = clean_lines(text, spec.line_filters or cfg.line_filters, stats, lang)
     return text
 
 

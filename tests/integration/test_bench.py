@@ -48,12 +48,13 @@ from tests.helpers import run_cli
             "bench/data_pipeline.py",
             [],
             [
-                "| llmforge, trafilatura (the stages datatrove runs) |",
-                "| llmforge, resiliparse (its default) |",
+                "| llmforge, trafilatura (its default; the stages datatrove runs) |",
+                "| llmforge, resiliparse |",
                 "| 2 |",
             ],
         ),
         ("bench/parallel_layouts.py", [], ["| 1 | 1 |", "| sp2 | 2 |"]),
+        ("bench/language_id.py", [], ["| fastText lid.176 (.ftz; llmforge) |", "| de (20) |", "| zh (20) |"]),
         (
             "bench/moe.py",
             [],

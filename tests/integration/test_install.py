@@ -46,13 +46,17 @@ import llmforge.data.prepare, llmforge.data.sources.web as web, llmforge.data.so
 page = '<html><body><article><p>' + 'A sentence about rivers and their banks. ' * 30 + '</p></article></body></html>'
 assert web.html_to_text(page.encode(), 'trafilatura') and web.html_to_text(page.encode(), 'resiliparse')
 enc.decode(b'caf\\xe9 cr\\xe8me br\\xfbl\\xe9e, na\\xefve fa\\xe7ade', {})
+from llmforge.data.language import identify, stop_words
+assert identify('Ein ganz gewöhnlicher deutscher Satz über Flüsse.')[0] == 'de' and stop_words('de')
 import datasketch, warcio.archiveiterator, sentencepiece, tokenizers, pyarrow.parquet, datasets
 print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))
 """
 
 
-# Imported only when present, by a library that works without it: pyarrow.lib tries cloudpickle for pickling.
-OPTIONAL = {"cloudpickle"}
+# Imported only when present, by a library that works without it: pyarrow.lib tries cloudpickle for pickling,
+# trafilatura py3langid for its own language filter (which llmforge does not use), requests chardet, colorlog
+# colorama.
+OPTIONAL = {"cloudpickle", "py3langid", "chardet", "colorama"}
 
 
 def test_every_distribution_the_data_path_imports_is_a_runtime_requirement():

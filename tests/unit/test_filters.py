@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from llmforge.config.data import C4_TERMINAL_PUNCTUATION, LineFilters, WebFilters
+from llmforge.config.data import C4_TERMINAL_PUNCTUATION, DataConfig, LineFilters, SourceSpec, WebFilters
 from llmforge.data.filters import clean_lines, duplicate_ngram_chars, duplicates, top_ngram_chars, web_quality
+from llmforge.data.pipeline import document_pieces
+from llmforge.data.sources.base import Document
 from llmforge.data.sources.web import html_to_text
 from tests.real_inputs import python_doc_pages
 
@@ -213,3 +215,18 @@ def test_line_rules_on_real_pages_remove_leaked_navigation_and_keep_the_sentence
     docs = pages(20, families=("python-docs",)) + node
     recall = [score(clean_lines(clean_text(html_to_text(p.html, "resiliparse"), "web"), C4), p)[0] for p in docs]
     assert sum(recall) / len(recall) >= 0.9
+
+
+def test_a_source_can_have_its_own_line_rules():
+    """A documentation site read with resiliparse keeps C4's terminal-punctuation rule while the crawl beside it uses
+    data.line_filters (the rule off by default)."""
+    page = python_doc_pages(1)[0].read_bytes()
+    counts = []
+    for spec in (
+        SourceSpec(type="html", paths=["x"], extractor="resiliparse"),
+        SourceSpec(type="html", paths=["x"], extractor="resiliparse", line_filters=C4),
+    ):
+        stats: dict = {}
+        document_pieces(Document(html_to_text(page, spec.extractor), "p", {}), spec, DataConfig(), set(), stats)
+        counts.append(stats.get("lines_removed:no_terminal_punctuation", 0))
+    assert counts[0] == 0 and counts[1] > 10

@@ -11,6 +11,7 @@ import pytest
 
 from llmforge.config import load_recipe
 from llmforge.config.data import C4_TERMINAL_PUNCTUATION, DataConfig, LineFilters, SourceSpec, WebFilters
+from llmforge.config.loader import from_dict
 from llmforge.config.recipe_base import ConfigError
 from llmforge.data.clean import clean_text
 from llmforge.data.filters import clean_lines, web_quality
@@ -105,6 +106,11 @@ def test_languages_key_is_checked():
             SourceSpec(type="warc", paths=["x"], languages=bad)
     with pytest.raises(ConfigError, match="min_language_score"):
         SourceSpec(type="warc", paths=["x"], min_language_score=1.5)
+    # from a recipe: all, or a list
+    assert from_dict(SourceSpec, {"type": "warc", "paths": ["x"], "languages": "all"}).languages == "all"
+    assert from_dict(SourceSpec, {"type": "warc", "paths": ["x"], "languages": ["de"]}).languages == ["de"]
+    with pytest.raises(ConfigError, match="languages: must be one of all or a list, got 'en'"):
+        from_dict(SourceSpec, {"type": "warc", "paths": ["x"], "languages": "en"})
 
 
 def test_prepare_counts_languages_in_the_manifest_and_summary(tmp_path):
