@@ -116,6 +116,13 @@ class ModelConfig:
     attn_impl: Literal["sdpa", "reference"] = doc(
         "sdpa", "sdpa (torch scaled_dot_product_attention) or reference (explicit mask + softmax)."
     )
+    attention_mask: Literal["causal", "document"] = doc(
+        "causal",
+        "causal: every token of a packed window attends to every earlier one; document: only to earlier tokens of "
+        "its own document (documents end at the tokenizer's EOS) and positions restart at each document, as Llama 3 "
+        "trains and Megatron's --reset-attention-mask --reset-position-ids do. Training and val loss only; "
+        "generation sees one document either way.",
+    )
     activation_checkpointing: ActivationCheckpointingConfig = doc(
         text="Recompute activations in the backward pass to save memory.", factory=ActivationCheckpointingConfig
     )

@@ -33,6 +33,31 @@ def rope_tables(
     return angles.cos(), angles.sin()
 
 
+def rope_tables_at(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of shape (B, 1, T, head_dim // 2) for per-token positions (B, T): positions that restart at each
+    document of a packed window (`document_positions`)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    angles = positions.float()[:, None, :, None] * inv_freq
+    return angles.cos(), angles.sin()
+
+
+def document_ids(idx: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """(B, T) index of the document each token belongs to in a packed window: documents end with EOS, which belongs
+    to the document it ends; the window's first token opens document 0."""
+    eos = (idx == eos_id).long()
+    return eos.cumsum(dim=1) - eos
+
+
+def document_positions(documents: torch.Tensor) -> torch.Tensor:
+    """(B, T) position of each token within its document (0 at each document's first token), as Megatron's
+    --reset-position-ids gives."""
+    T = documents.shape[1]
+    arange = torch.arange(T, device=documents.device).expand_as(documents)
+    starts = torch.ones_like(documents, dtype=torch.bool)
+    starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
+    return arange - torch.where(starts, arange, torch.zeros_like(arange)).cummax(dim=1).values
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x of shape (B, H, T, D) by position, in fp32; cos/sin are (T, D/2). Each pair (x1, x2) = (x[i],
     x[i + D/2]) becomes (x1·cos − x2·sin, x2·cos + x1·sin), i.e. x·cos + rotate_half(x)·sin over full-width tables.
@@ -74,7 +99,11 @@ class Attention(nn.Module):
         self.core = CoreAttention(cfg.attn_impl, cfg.dropout)
 
     def forward(
-        self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None, cache: Optional[KVCache] = None
+        self,
+        x: torch.Tensor,
+        rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+        cache: Optional[KVCache] = None,
+        documents: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, -1, self.head_dim).transpose(1, 2)
@@ -84,7 +113,7 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        y = self.core(q, k, v)
+        y = self.core(q, k, v) if documents is None else self.core(q, k, v, documents)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -97,9 +126,18 @@ class CoreAttention(nn.Module):
         super().__init__()
         self.impl, self.dropout = impl, dropout
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """`documents` (B, T): each query attends only to earlier keys of its own document (no cache then)."""
         T, past = q.shape[2], k.shape[2] - q.shape[2]
         dropout = self.dropout if self.training else 0.0
+        if documents is not None:
+            if past:
+                raise ValueError("document-masked attention takes no KV cache (generation sees one document)")
+            if self.impl != "sdpa":
+                return reference_attention(q, k, v, 0, dropout, documents)
+            return document_attention(q, k, v, documents, dropout)
         if self.impl != "sdpa":
             return reference_attention(q, k, v, past, dropout)
         # With a cache and several new tokens the causal mask is offset by `past`; otherwise is_causal does it.
@@ -120,14 +158,48 @@ def _causal_mask(T: int, past: int, device: torch.device) -> torch.Tensor:
     return torch.ones(T, past + T, dtype=torch.bool, device=device).tril(diagonal=past)
 
 
-def reference_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int = 0, dropout: float = 0.0
+def document_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: torch.Tensor, dropout: float = 0.0
 ) -> torch.Tensor:
-    """Plain causal attention (explicit mask + softmax) with grouped-query heads; the spec the SDPA path must meet."""
+    """Causal attention within each document of packed windows. On CPU, causal SDPA run on each document's slice
+    (exact, and faster than a masked SDPA over the window: docs/training.md has the measurements); on other devices,
+    SDPA with the boolean (B, 1, T, T) mask of same-document, earlier-or-equal keys."""
+    gqa = k.shape[1] != q.shape[1]
+    if q.device.type != "cpu":
+        same = documents[:, None, :, None] == documents[:, None, None, :]
+        mask = same & _causal_mask(q.shape[2], 0, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=gqa)
+    rows = []
+    for b in range(q.shape[0]):
+        _, counts = torch.unique_consecutive(documents[b], return_counts=True)
+        pieces, start = [], 0
+        for n in counts.tolist():
+            s = slice(start, start + n)
+            qs, ks, vs = q[b : b + 1, :, s], k[b : b + 1, :, s], v[b : b + 1, :, s]
+            pieces.append(
+                F.scaled_dot_product_attention(qs, ks, vs, dropout_p=dropout, is_causal=n > 1, enable_gqa=gqa)
+            )
+            start += n
+        rows.append(torch.cat(pieces, dim=2))
+    return torch.cat(rows, dim=0)
+
+
+def reference_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    past: int = 0,
+    dropout: float = 0.0,
+    documents: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Plain causal attention (explicit mask + softmax) with grouped-query heads; the spec the SDPA path must meet.
+    `documents` (B, T): keys of other documents are masked too."""
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(q.shape[-1])
     mask = _causal_mask(q.shape[2], past, q.device)
+    if documents is not None:
+        mask = mask & (documents[:, None, :, None] == documents[:, None, None, :])
     probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
     probs = F.dropout(probs, p=dropout)
     return (probs @ v.float()).to(q.dtype)
@@ -292,9 +364,13 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(
-        self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None, cache: Optional[KVCache] = None
+        self,
+        x: torch.Tensor,
+        rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+        cache: Optional[KVCache] = None,
+        documents: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, Optional[RouterOutput]]:
-        x = x + self.dropout(self.attn(self.attn_norm(x), rope, cache))
+        x = x + self.dropout(self.attn(self.attn_norm(x), rope, cache, documents))
         if self.moe is None:
             assert self.mlp is not None
             return x + self.dropout(self.mlp(self.mlp_norm(x))), None
@@ -364,6 +440,7 @@ class GPT(nn.Module):
         offset: int = 0,
         totals: Optional[tuple[torch.Tensor, int]] = None,
         router: Optional[list[RouterOutput]] = None,
+        documents: Optional[torch.Tensor] = None,
     ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """Logits (B, T, vocab) and, given targets, the loss: mean next-token cross-entropy in fp32 over targets that
         are not IGNORE_INDEX, plus z_loss × the mean squared log-partition (PaLM's z-loss) when z_loss > 0.
@@ -377,6 +454,9 @@ class GPT(nn.Module):
         Sequence parallelism gives one slice of longer sequences: `offset` is the position of idx[:, 0], and `totals`
         (targets that carry loss, positions) of the whole sequences divide the slice's summed loss, so the slices'
         losses add up to the whole sequences' mean.
+
+        `documents` (B, T of the whole sequences; `document_ids`): document-masked attention, each token attending
+        only to earlier tokens of its own document, and positions restarting at each document.
         """
         B, T = idx.shape
         start = (cache.length if cache is not None else 0) + offset
@@ -384,13 +464,21 @@ class GPT(nn.Module):
             raise ValueError(f"sequence length {start + T} exceeds max_seq_len={self.cfg.max_seq_len}")
         x = self.tok_emb(idx)
         rope = None
-        if self.pos_emb is not None:
+        if documents is not None:
+            if cache is not None:
+                raise ValueError("document masking takes no KV cache")
+            positions = document_positions(documents)[:, offset : offset + T]
+            if self.pos_emb is not None:
+                x = x + self.pos_emb(positions)
+            else:
+                rope = rope_tables_at(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        elif self.pos_emb is not None:
             x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
         else:
             rope = rope_tables(T, self.cfg.head_dim, self.cfg.rope_theta, start, idx.device)
         x = self.drop(x)
         for block in self.blocks:
-            x, routed = block(x, rope, cache)
+            x, routed = block(x, rope, cache, documents)
             if routed is not None and router is not None:
                 router.append(routed)
         h = self.norm(x)

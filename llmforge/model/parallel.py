@@ -102,13 +102,21 @@ class UlyssesAttention(nn.Module):
 
         super().__init__()
         self.core, self.size = core, dist.get_world_size(group)
+        self._documents: Optional[torch.Tensor] = None
         # DeepSpeed's all-to-all takes batch-first (B, T, heads, D): sequence at dim 1, heads at dim 2.
         self.dist = DistributedAttention(self._local, group, scatter_idx=2, gather_idx=1)
 
     def _local(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return self.core(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+        # after the all-to-all: whole sequences of this rank's heads, so the document mask applies as on one rank
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        out = self.core(q, k, v) if self._documents is None else self.core(q, k, v, self._documents)
+        return out.transpose(1, 2)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """`documents`: (B, T) of the whole sequences (every rank holds them), for document-masked attention."""
+        self._documents = documents
         if k.shape[2] != q.shape[2]:
             raise ValueError("sequence-parallel attention takes no KV cache (generation runs on one rank)")
         kv = k.shape[1]

@@ -23,7 +23,7 @@ from llmforge.config import Recipe
 from llmforge.data.loader import micro_batch_indices
 from llmforge.errors import RecipeError
 from llmforge.model import GPT
-from llmforge.model.gpt import RouterOutput
+from llmforge.model.gpt import RouterOutput, document_ids
 from llmforge.train.checkpoint import ResumePoint
 from llmforge.train.engine import param_groups
 from llmforge.train.loading import load_weights
@@ -71,6 +71,7 @@ def oracle_steps(recipe: Recipe, origin: str, steps: int, global_batch: int, mic
         groups, lr=t.lr, betas=(t.betas[0], t.betas[1]), eps=t.eps, foreach=False, fused=False
     )
     params = [p for g in groups for p in g["params"]]
+    eos = setup.tokenizer.eos_id if recipe.model.attention_mask == "document" else None
     run = OracleRun()
     micros = global_batch // micro_batch
     for step in range(1, steps + 1):
@@ -83,7 +84,8 @@ def oracle_steps(recipe: Recipe, origin: str, steps: int, global_batch: int, mic
         for m in range(micros):
             inputs, targets = train.batch(micro_batch_indices(consumed, m, 0, 1, micro_batch))
             router: list[RouterOutput] = []
-            _, loss = model(inputs, targets, loss_chunk=t.loss_chunk, z_loss=t.z_loss, router=router)
+            masked = {"documents": document_ids(inputs, eos)} if eos is not None else {}
+            _, loss = model(inputs, targets, loss_chunk=t.loss_chunk, z_loss=t.z_loss, router=router, **masked)
             if router:  # an MoE block's auxiliary losses are part of the objective, as the trainer adds them
                 loss = loss + router_stats(router)["aux_loss"]
             (loss / micros).backward()

@@ -69,7 +69,8 @@ class Task:
 
     def objective(self, engine: Any, setup: TaskSetup, run_dir: str, layout: Layout, fresh: bool) -> Objective:
         """The loss, once the engine exists (DPO scores its reference pairs with it)."""
-        return Objective.language_modeling(setup.recipe.train, layout)
+        masked = setup.recipe.model.attention_mask == "document"
+        return Objective.language_modeling(setup.recipe.train, layout, setup.tokenizer.eos_id if masked else None)
 
 
 def resolve_model_config(recipe: Recipe, vocab_size: int, origin: str) -> Recipe:

@@ -17,7 +17,7 @@ from llmforge.config.recipe import EvalConfig, Recipe, SpikeGuardConfig, TrainCo
 from llmforge.data.loader import micro_batch_indices, next_micro_batch
 from llmforge.data.prefetch import Prefetcher
 from llmforge.errors import CorruptSampleError
-from llmforge.model.gpt import RouterOutput
+from llmforge.model.gpt import RouterOutput, document_ids
 from llmforge.model.parallel import SequenceSlice
 from llmforge.train.checkpoint import Checkpointer, TrainState
 from llmforge.train.guard import FaultInjector, SpikeGuard, StopSignal
@@ -47,9 +47,15 @@ class LMLoss:
     sequence parallelism each rank runs its slice of the samples (model/parallel.py: SequenceSlice)."""
 
     def __init__(
-        self, z_loss: float = 0.0, loss_chunk: int = 0, sequence: Optional[SequenceSlice] = None, with_aux: bool = True
+        self,
+        z_loss: float = 0.0,
+        loss_chunk: int = 0,
+        sequence: Optional[SequenceSlice] = None,
+        with_aux: bool = True,
+        documents_eos: Optional[int] = None,
     ):
         self.z_loss, self.loss_chunk, self.sequence, self.with_aux = z_loss, loss_chunk, sequence, with_aux
+        self.documents_eos = documents_eos  # document-masked attention: the EOS id that ends each packed document
 
     def __call__(self, engine: Any, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         inputs, targets = batch[0], batch[1]
@@ -57,8 +63,12 @@ class LMLoss:
         targets = targets.to(engine.device, non_blocking=True)
         router: list[RouterOutput] = []
         kwargs: dict[str, Any] = {}
+        if self.documents_eos is not None:  # of the whole sequences, before a sequence rank takes its slice
+            documents = document_ids(inputs, self.documents_eos)
         if self.sequence is not None:
             inputs, targets, kwargs = self.sequence(inputs, targets)
+        if self.documents_eos is not None:
+            kwargs["documents"] = documents
         _, loss = engine(inputs, targets, loss_chunk=self.loss_chunk, z_loss=self.z_loss, router=router, **kwargs)
         if self.sequence is not None:
             loss = loss * self.sequence.scale
@@ -79,9 +89,15 @@ class Objective:
     eval: LossFn
 
     @classmethod
-    def language_modeling(cls, t: TrainConfig, layout: Optional[Layout] = None) -> Objective:
+    def language_modeling(
+        cls, t: TrainConfig, layout: Optional[Layout] = None, documents_eos: Optional[int] = None
+    ) -> Objective:
+        """`documents_eos`: the EOS id, for document-masked attention (model.attention_mask: document)."""
         sequence = SequenceSlice(layout) if layout is not None and layout.sequence > 1 else None
-        return cls(LMLoss(t.z_loss, t.loss_chunk, sequence), LMLoss(0.0, t.loss_chunk, sequence, with_aux=False))
+        return cls(
+            LMLoss(t.z_loss, t.loss_chunk, sequence, documents_eos=documents_eos),
+            LMLoss(0.0, t.loss_chunk, sequence, with_aux=False, documents_eos=documents_eos),
+        )
 
 
 def router_stats(router: list[RouterOutput]) -> dict[str, torch.Tensor]:

@@ -54,6 +54,11 @@ from tests.helpers import run_cli
             ],
         ),
         ("bench/parallel_layouts.py", [], ["| 1 | 1 |", "| sp2 | 2 |"]),
+        (
+            "bench/document_mask.py",
+            [],
+            ["| 256 | 2 | causal SDPA |", "| 2048 | 16 | document: SDPA per document (llmforge, CPU) |"],
+        ),
         ("bench/language_id.py", [], ["| fastText lid.176 (.ftz; llmforge) |", "| de (20) |", "| zh (20) |"]),
         (
             "bench/moe.py",

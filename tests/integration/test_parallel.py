@@ -5,6 +5,7 @@ combined layouts, a layout made wrong on purpose, kill-and-resume under layouts,
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -13,9 +14,13 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from llmforge.config import load_recipe
 from llmforge.config.parallel import Layout
 from llmforge.config.recipe import ModelConfig
+from llmforge.data.loader import PretrainData
+from llmforge.data.prepare import prepare
 from llmforge.model import GPT
+from llmforge.model.gpt import document_ids
 from llmforge.model.parallel import SequenceSlice, apply_sequence_parallel
 from llmforge.parity import parse_layouts
 from llmforge.train.distributed import setup_env
@@ -26,7 +31,19 @@ from tests.helpers import REPO, ds_cmd, losses_after_last_start, rows, run_cli, 
 CFG = dict(vocab_size=61, max_seq_len=32, d_model=32, n_layers=2, n_heads=4)
 
 
-def _sequence_parallel_step(position: str, kv: int) -> tuple[float, dict]:
+def _samples(masked: bool) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Inputs, targets and forward kwargs; masked: documents ending with EOS (token 0) at 5, 14 and 20, so one
+    document crosses the two sequence ranks' slices, attended within documents."""
+    g = torch.Generator().manual_seed(1)
+    inputs, targets = torch.randint(1, 61, (3, 32), generator=g), torch.randint(0, 61, (3, 32), generator=g)
+    targets[0, :20] = -100  # rank 0's slice holds fewer counted targets than rank 1's
+    if not masked:
+        return inputs, targets, {}
+    inputs[:, [5, 14, 20]] = 0
+    return inputs, targets, {"documents": document_ids(inputs, 0)}
+
+
+def _sequence_parallel_step(position: str, kv: int, masked: bool = False) -> tuple[float, dict]:
     """One forward/backward of a 2-rank sequence group, each rank on its half of the same samples: the loss it
     backpropagates (sequence x its share) and its gradients averaged over the group, as DeepSpeed does."""
     setup_env()  # the per-environment extension cache the launched runs use
@@ -35,12 +52,10 @@ def _sequence_parallel_step(position: str, kv: int) -> tuple[float, dict]:
     torch.manual_seed(0)
     model = GPT(ModelConfig(**CFG, position=position, n_kv_heads=kv))
     apply_sequence_parallel(model, layout.process_groups().sequence)
-    g = torch.Generator().manual_seed(1)
-    inputs, targets = torch.randint(0, 61, (3, 32), generator=g), torch.randint(0, 61, (3, 32), generator=g)
-    targets[0, :20] = -100  # rank 0's slice holds fewer counted targets than rank 1's
+    inputs, targets, masked_kwargs = _samples(masked)
     piece = SequenceSlice(layout)
     x, y, kwargs = piece(inputs, targets)
-    _, loss = model(x, y, **kwargs)
+    _, loss = model(x, y, **kwargs, **masked_kwargs)  # documents of the whole sequences
     (loss * piece.scale).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     for t in grads.values():
@@ -51,16 +66,17 @@ def _sequence_parallel_step(position: str, kv: int) -> tuple[float, dict]:
     return float(total), {n: t.numpy() for n, t in grads.items()}  # plain arrays: the result crosses processes
 
 
-@pytest.mark.parametrize("position, kv", [("rope", 2), ("learned", 2), ("rope", 1)])
-def test_sequence_parallel_loss_and_gradients_equal_one_rank(position, kv):
-    """kv=1: one key/value head for 2 sequence ranks, repeated before the all-to-all."""
-    results = run_distributed(_sequence_parallel_step, position, kv, start="spawn")
+@pytest.mark.parametrize(
+    "position, kv, masked", [("rope", 2, False), ("learned", 2, False), ("rope", 1, False), ("rope", 2, True)]
+)
+def test_sequence_parallel_loss_and_gradients_equal_one_rank(position, kv, masked):
+    """kv=1: one key/value head for 2 sequence ranks, repeated before the all-to-all. masked: document-masked
+    attention, the mask applied after the all-to-all (each rank then holds whole sequences of its heads)."""
+    results = run_distributed(_sequence_parallel_step, position, kv, masked, start="spawn")
     torch.manual_seed(0)
     model = GPT(ModelConfig(**CFG, position=position, n_kv_heads=kv))
-    g = torch.Generator().manual_seed(1)
-    inputs, targets = torch.randint(0, 61, (3, 32), generator=g), torch.randint(0, 61, (3, 32), generator=g)
-    targets[0, :20] = -100
-    _, loss = model(inputs, targets)
+    inputs, targets, kwargs = _samples(masked)
+    _, loss = model(inputs, targets, **kwargs)
     loss.backward()
     for total, grads in results:
         # the mean over every counted target of the whole sequences, not the mean of the two slices' means
@@ -103,6 +119,41 @@ def test_parity_passes_for_the_combined_tensor_and_sequence_layout(tmp_path, pre
     assert row["passed"] and row["max_loss_rel_diff"] <= 2e-6 and row["max_grad_norm_rel_diff"] <= 2e-5, row
     assert sorted(row["losses"]) == ["1", "2", "3"]
     assert next(x for x in r.stdout.splitlines() if x.startswith("tp2.sp2 ")).endswith("pass"), r.stdout
+
+
+@pytest.mark.distributed
+def test_document_masking_keeps_parity_under_every_layout(tmp_path, prepared):
+    """model.attention_mask: document on real stdlib text cut into documents of at most 40 characters (so nearly every
+    64-token window packs several): dp2, tp2 and sp2 each against the plain-PyTorch oracle (which masks by the same
+    EOS), in fp32."""
+    data = tmp_path / "data"
+    (data / "prepared").mkdir(parents=True)
+    shutil.copytree(prepared / "corpus", data / "corpus")
+    shutil.copy(prepared / "prepared" / "tokenizer.json", data / "prepared" / "tokenizer.json")
+    recipe = write_recipe(
+        tmp_path / "masked.yaml",
+        data,
+        tmp_path / "runs",
+        data={"chunk_chars": 40, "min_chars": 1},
+        model={"d_model": 32, "n_layers": 2, "n_heads": 8, "n_kv_heads": 4, "attention_mask": "document"},
+        train={"precision": "fp32", "warmup_steps": 1},
+        deepspeed={"config": str(REPO / "ds_configs" / "zero1.json")},
+    )
+    prepare(load_recipe(str(recipe)), str(recipe), progress=False)
+    train = PretrainData(load_recipe(str(recipe)).data.dataset_dirs(), 64, 7, "train")
+    windows = train.batch(list(range(8)))[0]
+    assert all((w == 1).sum() >= 1 for w in windows)  # EOS (the char tokenizer's 1) in every window: masking acts
+    out = tmp_path / "parity"
+    r = run_cli(
+        "llmforge", "parity", "--recipe", str(recipe), "--variants", "dp2,tp2,sp2", "--steps", "3", "--one-launch",
+        "--out", str(out), timeout=900,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    report = json.loads((out / "parity.json").read_text())
+    rows = {row["layout"]: row for row in report["layouts"]}
+    assert report["reference"] == "oracle" and list(rows) == ["oracle", "dp2", "tp2", "sp2"]
+    for name in ("dp2", "tp2", "sp2"):
+        assert rows[name]["passed"] and rows[name]["max_loss_rel_diff"] <= 2e-6, rows[name]
 
 
 @pytest.mark.distributed
