@@ -3,7 +3,7 @@
 Kernels (in process, one core's worth of torch threads): forward + backward of attention alone, fp32, batch 1, 8
 query and 4 key/value heads of 64, at 256 / 1024 / 2048 tokens: causal SDPA; llmforge's CPU path (causal SDPA on
 each document's slice); SDPA with the boolean same-document mask (the path on other devices). Windows pack documents
-of a fixed length (the argument --doc-tokens), so the per-document path runs T / doc-tokens slices.
+of a fixed length (--doc-tokens: 128 and 512), so the per-document path runs T / length slices.
 
 Quality (`--quality`): the demo's model (recipes/tiny-char.yaml) on the stdlib corpus cut into documents of at most
 --doc-chars characters (real text; data.chunk_chars), trained --steps steps on 2 ranks with causal and with
@@ -54,9 +54,9 @@ def seconds(fn, q, k, v, steps: int) -> float:
     return statistics.median(times)
 
 
-def kernels(steps: int, doc_tokens: int) -> list[str]:
+def kernels(steps: int, doc_sizes: list[int]) -> list[str]:
     rows = []
-    for T in (256, 1024, 2048):
+    for doc_tokens, T in [(d, T) for d in doc_sizes for T in (256, 1024, 2048)]:
         g = torch.Generator().manual_seed(0)
         q = torch.randn(1, 8, T, 64, generator=g, requires_grad=True)
         k = torch.randn(1, 4, T, 64, generator=g, requires_grad=True)
@@ -74,12 +74,12 @@ def kernels(steps: int, doc_tokens: int) -> list[str]:
         for name, fn in paths.items():
             s = seconds(fn, q, k, v, steps)
             base = base or s
-            rows.append(f"| {T} | {T // doc_tokens} | {name} | {s * 1000:.1f} | {s / base:.2f}x |")
+            rows.append(f"| {T} | {doc_tokens} | {name} | {s * 1000:.1f} | {s / base:.2f}x |")
     return [
-        f"Kernels: forward + backward, fp32, 8 query / 4 key-value heads of 64, documents of {doc_tokens} tokens, "
-        f"median of {steps} steps, {torch.get_num_threads()} torch threads.",
+        f"Kernels: forward + backward, fp32, 8 query / 4 key-value heads of 64, windows packed with documents of the "
+        f"given length, median of {steps} steps, {torch.get_num_threads()} torch threads.",
         "",
-        "| tokens | documents per window | attention | ms | vs causal |",
+        "| tokens | document length | attention | ms | vs causal |",
         "|---|---|---|---|---|",
         *rows,
     ]
@@ -148,7 +148,7 @@ def main() -> None:
     p.add_argument("--quality", action="store_true")
     p.add_argument("--steps", type=int, default=600, help="training steps per run (--quality)")
     p.add_argument("--doc-chars", type=int, default=512, help="--quality: longest document (data.chunk_chars)")
-    p.add_argument("--doc-tokens", type=int, default=128, help="kernels: tokens per packed document")
+    p.add_argument("--doc-tokens", type=int, nargs="+", default=[128, 512], help="kernels: tokens per packed document")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=None)
     args = p.parse_args()

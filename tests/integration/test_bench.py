@@ -57,7 +57,7 @@ from tests.helpers import run_cli
         (
             "bench/document_mask.py",
             [],
-            ["| 256 | 2 | causal SDPA |", "| 2048 | 16 | document: SDPA per document (llmforge, CPU) |"],
+            ["| 256 | 128 | causal SDPA |", "| 2048 | 512 | document: SDPA per document (llmforge, CPU) |"],
         ),
         ("bench/language_id.py", [], ["| fastText lid.176 (.ftz; llmforge) |", "| de (20) |", "| zh (20) |"]),
         (
