@@ -113,7 +113,7 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        y = self.core(q, k, v) if documents is None else self.core(q, k, v, documents)
+        y = self.core(q, k, v, documents)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 

@@ -109,8 +109,7 @@ class UlyssesAttention(nn.Module):
     def _local(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # after the all-to-all: whole sequences of this rank's heads, so the document mask applies as on one rank
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        out = self.core(q, k, v) if self._documents is None else self.core(q, k, v, self._documents)
-        return out.transpose(1, 2)
+        return self.core(q, k, v, self._documents).transpose(1, 2)
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: Optional[torch.Tensor] = None
