@@ -247,11 +247,49 @@ class DecontamConfig:
 class DatasetSpec:
     path: str = doc(None, "Prepared dataset directory (shards + manifest.json).")
     weight: float = doc(1.0, "Relative sampling weight in the blend.")
+    name: Optional[str] = doc(
+        None, "What data.stages[].weights and the per-source token counts call it; null = the directory's name."
+    )
 
     def __post_init__(self) -> None:
         if not self.path:
             raise ConfigError("path", "is required")
         positive(self, "weight")
+        if self.name is None:
+            self.name = os.path.basename(os.path.normpath(self.path))
+
+
+@dataclass
+class StageSpec:
+    """One stage of a staged data mixture (data.stages)."""
+
+    name: Optional[str] = doc(None, "Shown in metrics.jsonl's stage events; null = stage<N> (1-based).")
+    steps: Optional[int] = doc(None, "Optimizer steps of this stage (or give tokens).")
+    tokens: Optional[int] = doc(
+        None,
+        "Training tokens of this stage (sequences x data.seq_len): the stage ends at the first step boundary at or "
+        "past them.",
+    )
+    weights: dict[str, float] = doc(
+        text="Blend weight per dataset name (data.datasets[].name) in this stage; a dataset not named is not read "
+        "in it. Empty = the datasets' own weights.",
+        factory=dict,
+    )
+    lr_decay: bool = doc(
+        False,
+        "train.schedule wsd: the learning rate decays linearly to train.min_lr over this stage (an anneal) "
+        "instead of over train.decay_fraction of train.max_steps. At most one stage, the last.",
+    )
+
+    def __post_init__(self) -> None:
+        positive(self, "steps", "tokens")
+        if self.steps is not None and self.tokens is not None:
+            raise ConfigError("steps", "give steps or tokens, not both")
+        for key, weight in self.weights.items():
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
+                raise ConfigError(f"weights.{key}", f"must be a number >= 0, got {weight!r}")
+        if self.weights and not any(self.weights.values()):
+            raise ConfigError("weights", "every weight is 0: the stage would read nothing")
 
 
 @dataclass
@@ -296,6 +334,13 @@ class DataConfig:
         "Training micro-batches read ahead on a background thread (pinned for an asynchronous "
         "copy on GPU); 0 reads each one inside the step.",
     )
+    stages: list[StageSpec] = doc(
+        text="A staged mixture: stages in order, each with a length and dataset weights (e.g. a long stage of web "
+        "and code, then an anneal that up-weights curated data). Every stage but the last needs steps or tokens; "
+        "the last runs to train.max_steps (given a length, it must end there). Empty: one stage, the datasets' "
+        "weights.",
+        factory=list,
+    )
 
     def __post_init__(self) -> None:
         positive(self, "seq_len", "max_chars", "shard_tokens", "unit_files", "unit_bytes")
@@ -316,6 +361,23 @@ class DataConfig:
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ConfigError("sources", f"source names must be unique; repeated: {', '.join(sorted(dup))}")
+        names = [d.name for d in self.datasets]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ConfigError("datasets", f"names must be unique (set name:); repeated: {', '.join(sorted(dup))}")
+        for i, stage in enumerate(self.stages):
+            if stage.name is None:
+                stage.name = f"stage{i + 1}"
+            if i < len(self.stages) - 1 and stage.steps is None and stage.tokens is None:
+                raise ConfigError(f"stages[{i}]", "needs steps or tokens (only the last stage may run to the end)")
+            if stage.lr_decay and i != len(self.stages) - 1:
+                raise ConfigError(f"stages[{i}].lr_decay", "only the last stage can be the decay (anneal) stage")
+            known = [d.name for d in self.dataset_dirs()]
+            for key in stage.weights:
+                if known and key not in known:
+                    raise ConfigError(
+                        f"stages[{i}].weights.{key}", f"no dataset of that name; the datasets are {', '.join(known)}"
+                    )
 
     def dataset_dirs(self) -> list[DatasetSpec]:
         """The datasets to train on: data.datasets, else one per source under prepared_dir."""

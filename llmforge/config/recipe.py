@@ -250,6 +250,25 @@ class MuonConfig:
 
 
 @dataclass
+class BatchWarmupConfig:
+    """train.batch_warmup: the global batch ramps up from `start` sequences (GPT-3, Megatron's --rampup-batch-size)."""
+
+    start: int = doc(0, "Sequences per optimizer step at the start; 0 = no warmup (the full batch from step 1).")
+    increment: Optional[int] = doc(None, "Sequences added at each increase; null = start.")
+    tokens: int = doc(
+        0,
+        "Training tokens over which the batch grows from start to train.global_batch_size, in equal spans of "
+        "consumed tokens (one increase per span); the full batch after them.",
+    )
+
+    def __post_init__(self) -> None:
+        positive(self, "start", "tokens", allow_zero=True)
+        positive(self, "increment")
+        if self.start and not self.tokens:
+            raise ConfigError("tokens", "must be > 0 when start is set")
+
+
+@dataclass
 class TrainConfig:
     max_steps: int = doc(2000, "Optimizer steps to train.")
     micro_batch_size: int = doc(12, "Samples per rank per forward/backward.")
@@ -269,7 +288,13 @@ class TrainConfig:
     min_lr: float = doc(1e-4, "Learning rate at the end of the decay.")
     warmup_steps: int = doc(100, "Linear warmup steps from 0 to lr.")
     schedule: Literal["cosine", "wsd", "constant"] = doc("cosine", "Decay after warmup.")
-    decay_fraction: float = doc(0.2, "wsd: fraction of max_steps spent in the final linear decay.")
+    decay_fraction: float = doc(
+        0.2, "wsd: fraction of max_steps spent in the final linear decay (a data.stages lr_decay stage: its steps)."
+    )
+    batch_warmup: BatchWarmupConfig = doc(
+        text="Global batch size warmup: smaller optimizer steps first (fewer micro-batches accumulated).",
+        factory=BatchWarmupConfig,
+    )
     weight_decay: float = doc(0.1, "AdamW weight decay (not applied to norms, biases, embeddings).")
     betas: list[float] = doc(text="AdamW betas.", factory=lambda: [0.9, 0.95])
     eps: float = doc(1e-8, "AdamW epsilon.")
@@ -457,6 +482,13 @@ class Recipe:
             raise ConfigError(
                 "train.warmup_steps", f"{self.train.warmup_steps} exceeds train.max_steps={self.train.max_steps}"
             )
+        for i, stage in enumerate(self.data.stages):
+            if stage.lr_decay and self.train.schedule != "wsd":
+                raise ConfigError(
+                    f"data.stages[{i}].lr_decay",
+                    f"decays the learning rate of train.schedule: wsd, not {self.train.schedule}; set "
+                    "train.schedule: wsd",
+                )
 
     @property
     def run_dir(self) -> str:

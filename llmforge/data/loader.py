@@ -10,6 +10,7 @@ any index file.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import os
 from typing import Optional
@@ -20,6 +21,7 @@ import torch
 from llmforge.config.data import DatasetSpec
 from llmforge.data.indexed import IndexedDataset
 from llmforge.data.merge import read_manifest
+from llmforge.data.stages import StagePlan
 from llmforge.data.verify import check_shard_files, out_of_vocabulary
 from llmforge.errors import CorruptSampleError, DataError
 
@@ -123,18 +125,54 @@ def blend_pattern(weights: list[float], period: int = 1000) -> np.ndarray:
     return pattern
 
 
-class BlendedOrder:
-    """Seeded global order over several sample sets: index g → (dataset, sample), O(1) for any g."""
+class _StageBlend:
+    """One stage's blend: the periodic pattern over the datasets it reads, and where each dataset's windows resume
+    (the windows earlier stages took of it)."""
 
-    def __init__(self, sizes: list[int], weights: list[float], seed: int):
-        self.sizes, self.seed = sizes, seed
-        self.pattern = blend_pattern(weights) if len(sizes) > 1 else np.zeros(1, dtype=np.int64)
-        self.per_period = np.bincount(self.pattern, minlength=len(sizes))
+    def __init__(self, weights: list[float], offsets: np.ndarray):
+        active = [d for d, w in enumerate(weights) if w > 0]
+        local = blend_pattern([weights[d] for d in active]) if len(active) > 1 else np.zeros(1, dtype=np.int64)
+        self.pattern = np.asarray(active, dtype=np.int64)[local]
+        n = len(weights)
+        self.per_period = np.bincount(self.pattern, minlength=n)
         self.rank_in_period = np.zeros(len(self.pattern), dtype=np.int64)
-        seen = np.zeros(len(sizes), dtype=np.int64)
+        self.before = np.zeros((len(self.pattern) + 1, n), dtype=np.int64)  # row p: each dataset's count in [0, p)
         for i, d in enumerate(self.pattern):
-            self.rank_in_period[i] = seen[d]
-            seen[d] += 1
+            self.rank_in_period[i] = self.before[i, d]
+            self.before[i + 1] = self.before[i]
+            self.before[i + 1, d] += 1
+        self.offsets = offsets
+
+    def counts(self, n: int) -> np.ndarray:
+        """Samples of each dataset among this stage's first n."""
+        period, pos = divmod(n, len(self.pattern))
+        return period * self.per_period + self.before[pos]
+
+
+class BlendedOrder:
+    """Seeded global order over several sample sets: index g → (dataset, sample), O(1) for any g.
+
+    `stages` (first global sample, weights per dataset), in order: the blend changes at each stage's first sample,
+    and each dataset's permuted windows continue where the earlier stages left them (a source read in two stages
+    does not start over). None: one stage of `weights`."""
+
+    def __init__(
+        self,
+        sizes: list[int],
+        weights: list[float],
+        seed: int,
+        stages: Optional[list[tuple[int, list[float]]]] = None,
+    ):
+        self.sizes, self.seed = sizes, seed
+        stages = stages or [(0, list(weights))]
+        self.firsts = [first for first, _ in stages]
+        self.blends: list[_StageBlend] = []
+        offsets = np.zeros(len(sizes), dtype=np.int64)
+        for i, (first, w) in enumerate(stages):
+            blend = _StageBlend(w, offsets.copy())
+            self.blends.append(blend)
+            if i + 1 < len(stages):
+                offsets += blend.counts(stages[i + 1][0] - first)
         self._perm: dict[tuple[int, int], FeistelPermutation] = {}
 
     def permutation(self, dataset: int, epoch: int) -> FeistelPermutation:
@@ -147,12 +185,23 @@ class BlendedOrder:
             )
         return self._perm[key]
 
+    def _stage(self, g: int) -> int:
+        return max(0, bisect.bisect_right(self.firsts, g) - 1)
+
     def locate(self, g: int) -> tuple[int, int]:
-        period, pos = divmod(g, len(self.pattern))
-        d = int(self.pattern[pos])
-        k = period * int(self.per_period[d]) + int(self.rank_in_period[pos])
+        s = self._stage(g)
+        blend = self.blends[s]
+        period, pos = divmod(g - self.firsts[s], len(blend.pattern))
+        d = int(blend.pattern[pos])
+        k = int(blend.offsets[d]) + period * int(blend.per_period[d]) + int(blend.rank_in_period[pos])
         epoch, j = divmod(k, self.sizes[d])
         return d, self.permutation(d, epoch)(j)
+
+    def samples_by_dataset(self, consumed: int) -> list[int]:
+        """How many of the first `consumed` global samples each dataset gave."""
+        s = self._stage(consumed)
+        blend = self.blends[s]
+        return [int(x) for x in blend.offsets + blend.counts(consumed - self.firsts[s])]
 
 
 def split_counts(manifest: dict, split: str) -> str:
@@ -198,6 +247,8 @@ class PretrainData:
         windows: list[TokenWindows] = []
         weights: list[float] = []
         digests: list[str] = []
+        self.names: list[str] = []  # of the datasets read (those with samples in this split), in order
+        self.fingerprints: list[str] = []
         for spec in specs:
             try:
                 manifest = read_manifest(spec.path)
@@ -220,16 +271,30 @@ class PretrainData:
                     f"needs seq_len+1={seq_len + 1} tokens of one shard; add data (see the manifest's "
                     f"dropped:* counts) or lower data.seq_len"
                 )
-            digests.extend(
-                manifest["files"][f"{s['prefix']}.bin"]["sha256"] for s in manifest["splits"][split]["shards"]
-            )
+            own = [manifest["files"][f"{s['prefix']}.bin"]["sha256"] for s in manifest["splits"][split]["shards"]]
+            digests.extend(own)
             if w.num_samples:
                 windows.append(w)
                 weights.append(spec.weight)
-        self.windows = windows
+                self.names.append(spec.name or os.path.basename(os.path.normpath(spec.path)))
+                self.fingerprints.append(hashlib.sha256("|".join(own).encode()).hexdigest()[:16])
+        self.windows, self.weights, self.seed, self.seq_len = windows, weights, seed, seq_len
         self.num_samples = sum(w.num_samples for w in windows)
         self.order = BlendedOrder([w.num_samples for w in windows], weights, seed) if windows else None
         self.fingerprint = hashlib.sha256("|".join(digests).encode()).hexdigest()[:16]
+        self.plan: Optional[StagePlan] = None
+
+    def use_stages(self, plan: StagePlan) -> None:
+        """Read in `plan`'s stages: each its own blend from its first global sample (data.stages)."""
+        self.plan = plan
+        stages = [(s.first_sample, s.weights) for s in plan.stages]
+        self.order = BlendedOrder([w.num_samples for w in self.windows], self.weights, self.seed, stages)
+
+    def tokens_by_source(self, consumed: int) -> dict[str, int]:
+        """Training tokens each dataset gave to the first `consumed` global samples."""
+        assert self.order is not None
+        counts = self.order.samples_by_dataset(consumed)
+        return {name: n * self.seq_len for name, n in zip(self.names, counts)}
 
     @property
     def problem(self) -> Optional[str]:

@@ -11,6 +11,7 @@ from typing import Any
 from llmforge.config import Recipe
 from llmforge.config.parallel import Layout
 from llmforge.config.recipe import LoraConfig
+from llmforge.data.stages import BatchRamp
 from llmforge.errors import RecipeError
 from llmforge.posttrain.data import PreferenceData, SFTData, split_records
 from llmforge.posttrain.dpo import DPOLoss, reference_table
@@ -43,6 +44,8 @@ class SFT(Task):
             )
         if not recipe.train.init_from:
             raise RecipeError(origin, "train.init_from", f"is required for {self.name}: the model to fine-tune")
+        if recipe.data.stages:
+            raise RecipeError(origin, "data.stages", f"staged mixtures are for pre-training; remove it for {self.name}")
         if not pt.train_file:
             raise RecipeError(origin, "posttrain.train_file", f"is required for {self.name}")
         for key in ("train_file", "val_file"):
@@ -55,6 +58,10 @@ class SFT(Task):
         train = self.data_class(train_records, tok, seq_len, seed, "train")
         val = self.data_class(val_records, tok, seq_len, seed + 1, "val") if val_records else None
         return TaskSetup(recipe, tok, TaskData(train, val), init)
+
+    def schedule_data(self, recipe: Recipe, data: TaskData, ramp: BatchRamp, origin: str) -> None:
+        """Conversations are read in one seeded order (no stages)."""
+        return None
 
     def lora(self, recipe: Recipe) -> LoraConfig:
         return recipe.posttrain.lora

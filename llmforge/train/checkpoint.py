@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -46,6 +47,7 @@ class TrainState:
     consumed_samples: int = 0  # global samples consumed (the data position)
     consumed_tokens: int = 0  # their non-pad input tokens
     guard: dict = field(default_factory=dict)
+    source_tokens: dict = field(default_factory=dict)  # training tokens read from each dataset (data.stages)
 
     @classmethod
     def from_client(cls, client: dict) -> TrainState:
@@ -54,6 +56,7 @@ class TrainState:
             consumed_samples=client["consumed_samples"],
             consumed_tokens=client.get("consumed_tokens", 0),
             guard=client.get("guard", {}),
+            source_tokens=client.get("source_tokens", {}),
         )
 
 
@@ -184,14 +187,52 @@ def check_resume(
     allow_data_change: bool,
     layout: Layout,
     stage: int,
+    data_order: Optional[Callable[[int], list]] = None,
 ) -> bool:
     """Refuse a checkpoint trained with another tokenizer or (unless allowed) other data; True when it was saved at
-    another world size or ZeRO stage, so it must be loaded through DeepSpeed's universal form. Before the engine."""
+    another world size or ZeRO stage, so it must be loaded through DeepSpeed's universal form. Before the engine.
+    `data_order(n)`: what decides the recipe's first n training samples (StagePlan.describe); where the checkpoint
+    recorded its own, the data check compares those (datasets may be added and later stages changed, as extending
+    a run with an anneal stage does) instead of the fingerprint of every dataset."""
     if point.path is None:
         return False
     saved = read_state(point.path)
-    _check_compatible(saved, point.path, tok_fp, data_fp, allow_data_change)
+    if saved.get("tokenizer_fingerprint") not in (None, tok_fp):
+        raise CheckpointError(
+            f"{point.path} was trained with tokenizer {saved['tokenizer_fingerprint']}, the recipe's is {tok_fp}"
+        )
+    if data_order is not None and "data_order" in saved:
+        _check_order(saved, point.path, data_order(saved["consumed_samples"]), allow_data_change)
+    else:
+        _check_data(saved, point.path, data_fp, allow_data_change)
     return _needs_universal(saved, point.path, layout, stage)
+
+
+def _order_text(order: list) -> str:
+    return "; ".join(
+        f"from sample {s['first_sample']}: " + ", ".join(f"{d[1]} {d[2]:.3g}" for d in s["datasets"]) for s in order
+    )
+
+
+def _check_order(saved: dict, path: str, mine: list, allow_change: bool) -> None:
+    """The recipe must read the checkpoint's consumed samples as the checkpoint's run did: the same stages (first
+    sample, weights, datasets and their content) up to that sample."""
+    consumed = saved["consumed_samples"]
+    theirs = [s for s in saved["data_order"] if s["first_sample"] < consumed]
+    if json.loads(json.dumps(mine)) == theirs:
+        return
+    if not allow_change:
+        raise CheckpointError(
+            f"{path} read its first {consumed} samples as [{_order_text(theirs)}]; the recipe's datasets and "
+            f"data.stages read them as [{_order_text(mine)}]: keep the stages already run as they were (change "
+            "later stages only), or pass --set data.allow_fingerprint_change=true to go on from the same sample "
+            "counter"
+        )
+    log.warning(
+        "the data order of %s's first %d samples changed; continuing from the same sample counter as asked",
+        path,
+        consumed,
+    )
 
 
 def _needs_universal(saved: dict, path: str, layout: Layout, stage: int) -> bool:
@@ -231,11 +272,7 @@ def _needs_universal(saved: dict, path: str, layout: Layout, stage: int) -> bool
     return True
 
 
-def _check_compatible(client: dict, path: str, tok_fp: str, data_fp: Optional[str], allow_data_change: bool) -> None:
-    if client.get("tokenizer_fingerprint") not in (None, tok_fp):
-        raise CheckpointError(
-            f"{path} was trained with tokenizer {client['tokenizer_fingerprint']}, the recipe's is {tok_fp}"
-        )
+def _check_data(client: dict, path: str, data_fp: Optional[str], allow_data_change: bool) -> None:
     if client.get("data_fingerprint") not in (None, data_fp):
         if not allow_data_change:
             raise CheckpointError(
@@ -309,6 +346,7 @@ class Checkpointer:
             "consumed_samples": state.consumed_samples,
             "consumed_tokens": state.consumed_tokens,
             "guard": state.guard,
+            "source_tokens": state.source_tokens,
             **ident.layout.identity(),
             "zero_stage": ident.zero_stage,
             "global_batch": ident.recipe.train.global_batch(ident.layout.data),

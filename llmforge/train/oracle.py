@@ -21,6 +21,7 @@ import torch
 
 from llmforge.config import Recipe
 from llmforge.data.loader import micro_batch_indices
+from llmforge.data.stages import BatchRamp
 from llmforge.errors import RecipeError
 from llmforge.model import GPT
 from llmforge.model.gpt import RouterOutput, document_ids
@@ -58,9 +59,14 @@ def oracle_steps(recipe: Recipe, origin: str, steps: int, global_batch: int, mic
     check_oracle_recipe(recipe, origin)
     if global_batch % micro_batch:
         raise ValueError(f"global batch {global_batch} is not a multiple of the micro-batch {micro_batch}")
-    setup = Task().setup(recipe, origin, ResumePoint(None), 0)
+    task = Task()
+    setup = task.setup(recipe, origin, ResumePoint(None), 0)
     recipe, train = setup.recipe, setup.data.train
     t = recipe.train
+    warm = t.batch_warmup  # the batch warmup and data stages, as the trainer takes them
+    ramp = BatchRamp(global_batch, warm.start, warm.increment, -(-warm.tokens // recipe.data.seq_len))
+    task.schedule_data(recipe, setup.data, ramp, origin)
+    decay = train.plan.decay_window()
     seed_everything(recipe.run.seed)
     model = GPT(recipe.model)
     if setup.init_weights is not None:
@@ -73,10 +79,11 @@ def oracle_steps(recipe: Recipe, origin: str, steps: int, global_batch: int, mic
     params = [p for g in groups for p in g["params"]]
     eos = setup.tokenizer.eos_id if recipe.model.attention_mask == "document" else None
     run = OracleRun()
-    micros = global_batch // micro_batch
+    consumed = 0
     for step in range(1, steps + 1):
-        consumed = (step - 1) * global_batch
-        lr = lr_at(step - 1, t)
+        batch = ramp.batch_at(consumed)
+        micros = batch // micro_batch
+        lr = lr_at(step - 1, t, decay)
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
@@ -100,4 +107,5 @@ def oracle_steps(recipe: Recipe, origin: str, steps: int, global_batch: int, mic
             optimizer.step()
         run.losses[step] = total / micros
         run.grad_norms[step] = norm
+        consumed += batch
     return run

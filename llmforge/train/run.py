@@ -20,6 +20,7 @@ from llmforge import allocator
 from llmforge.config import Recipe, load_recipe, recipe_to_yaml
 from llmforge.config.deepspeed import compose_ds_config, resolve_precision, zero_stage
 from llmforge.config.parallel import check_layout, make_layout, ranks_per_node, resolve_batch
+from llmforge.data.stages import batch_ramp, check_batch_ramp
 from llmforge.errors import RecipeError, UserError
 from llmforge.model import compile_unavailable
 from llmforge.model.flops import device_peak_flops, flops_per_token, inactive_params
@@ -65,6 +66,11 @@ def run_training(
     setup = task.setup(recipe, recipe_path, point, stage)
     recipe, tok, data = setup.recipe, setup.tokenizer, setup.data
     check_layout(recipe, world, stage, recipe_path, ranks_per_node())  # on the model the task resolved
+    if problem := check_batch_ramp(recipe.train, recipe.data.seq_len, layout.data):
+        raise RecipeError(recipe_path, "train.batch_warmup", problem)
+    data_order = task.schedule_data(
+        recipe, data, batch_ramp(recipe.train, recipe.data.seq_len, layout.data), recipe_path
+    )
     lora = task.lora(recipe)
     check_fp8(recipe, recipe_path, layout.tensor, lora.rank)
     check_moe(recipe, recipe_path)
@@ -75,6 +81,7 @@ def run_training(
         recipe.data.allow_fingerprint_change,
         layout,
         stage,
+        data_order,
     )
     if universal:
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
@@ -129,7 +136,8 @@ def run_training(
         log.info(allocator.describe())
     metrics = Metrics(recipe.run_dir, engine.global_rank == 0, recipe.logging.tensorboard)
     try:
-        identity = RunIdentity(recipe, tok, data.train.fingerprint, layout, stage)
+        order = {"data_order": data_order(None)} if data_order is not None else {}
+        identity = RunIdentity(recipe, tok, data.train.fingerprint, layout, stage, order)
         checkpointer = Checkpointer(recipe.checkpoint_dir, recipe.checkpoint.keep_last, identity, metrics, faults)
         state = checkpointer.resume(engine, point, universal)
         objective = task.objective(engine, setup, recipe.run_dir, layout, fresh=point.path is None)

@@ -4,6 +4,7 @@ llmforge/posttrain/task.py. `run_training` does everything else (engine, loop, c
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -11,6 +12,7 @@ from llmforge.config import Recipe
 from llmforge.config.parallel import Layout
 from llmforge.config.recipe import LoraConfig
 from llmforge.data.loader import PretrainData
+from llmforge.data.stages import BatchRamp, StagePlan
 from llmforge.errors import DataError, RecipeError
 from llmforge.model.gpt import GPT
 from llmforge.tokenizer import Tokenizer, fingerprint, load_tokenizer
@@ -62,6 +64,20 @@ class Task:
                 f"tokens: prepare it with data.val_fraction > 0, or set eval.interval: 0"
             )
         return TaskSetup(recipe, tok, TaskData(train, val), init)
+
+    def schedule_data(
+        self, recipe: Recipe, data: TaskData, ramp: BatchRamp, origin: str
+    ) -> Optional[Callable[[Optional[int]], list]]:
+        """Put the training split in the recipe's data stages (data.stages; one stage of the datasets' weights when
+        there are none), at step boundaries of `ramp`. Returns what decides the first n samples (checkpoints record
+        it, and a resume compares it)."""
+        train, d = data.train, recipe.data
+        try:
+            plan = StagePlan.build(d.stages, train.names, train.weights, d.seq_len, recipe.train.max_steps, ramp)
+        except ValueError as e:
+            raise RecipeError(origin, "data.stages", str(e)) from None
+        train.use_stages(plan)
+        return lambda before: plan.describe(train.names, train.fingerprints, recipe.run.seed, before)
 
     def lora(self, recipe: Recipe) -> LoraConfig:
         """The LoRA adapters to train (rank 0: none; pre-training trains every weight)."""

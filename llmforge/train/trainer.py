@@ -16,6 +16,7 @@ from llmforge.config.parallel import Layout
 from llmforge.config.recipe import EvalConfig, Recipe, SpikeGuardConfig, TrainConfig
 from llmforge.data.loader import micro_batch_indices, next_micro_batch
 from llmforge.data.prefetch import Prefetcher
+from llmforge.data.stages import BatchRamp, batch_ramp
 from llmforge.errors import CorruptSampleError
 from llmforge.model.gpt import RouterOutput, document_ids
 from llmforge.model.parallel import SequenceSlice
@@ -36,6 +37,7 @@ class StepResult:
     # step does not wait for the device); None where it was not computed
     grad_norm: Any = None
     stats: dict = field(default_factory=dict)  # the objective's own metrics (DPO rewards, ...), mean over ranks
+    batch: int = 0  # the step's global batch (sequences)
 
 
 LossFn = Callable[[Any, Any], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -132,6 +134,7 @@ class TrainerConfig:
     flops_per_token: float  # training FLOPs per token (6N + attention), for MFU
     peak_flops: Optional[float]  # per rank (GPU); None on CPU (no MFU)
     faults: FaultInjector = field(default_factory=FaultInjector)
+    ramp: Optional[BatchRamp] = None  # the global batch by samples consumed (train.batch_warmup); None: constant
 
     @classmethod
     def from_recipe(
@@ -153,11 +156,18 @@ class TrainerConfig:
             flops_per_token,
             peak_flops,
             faults,
+            batch_ramp(recipe.train, recipe.data.seq_len, layout.data),
         )
 
     @property
     def global_batch(self) -> int:
+        """The full global batch (after any batch warmup)."""
         return self.schedule.global_batch(self.layout.data)
+
+    def batch_at(self, consumed: int) -> tuple[int, int]:
+        """(global batch, micro-batches per rank) of the step that starts after `consumed` samples."""
+        batch = self.ramp.batch_at(consumed) if self.ramp is not None else self.global_batch
+        return batch, batch // (self.schedule.micro_batch_size * self.layout.data)
 
 
 @dataclass
@@ -201,6 +211,8 @@ class Trainer:
         self.batches = Prefetcher(
             self._read_micro, self._next_micro, cfg.prefetch, device if device.type == "cuda" else None
         )
+        self.plan = getattr(data.train, "plan", None)  # data.stages, resolved (pre-training); None elsewhere
+        self.decay = self.plan.decay_window() if self.plan is not None else None
 
     # -- the step -------------------------------------------------------------------------------------------------
     def train_step(self) -> StepResult:
@@ -215,15 +227,20 @@ class Trainer:
         """
         t, engine = self.cfg.schedule, self.engine
         step = self.state.step + 1
-        lr = lr_at(self.state.step, t)
+        lr = lr_at(self.state.step, t, self.decay)
+        batch_size, n = self.cfg.batch_at(self.state.consumed_samples)
+        if n != engine.gradient_accumulation_steps():  # batch warmup: DeepSpeed scales each micro-batch's loss by 1/n
+            engine.set_train_batch_size(t.micro_batch_size * n * engine.dp_world_size)
         for group in engine.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's matrices: muon.lr x the schedule's shape
         total = torch.zeros((), device=engine.device)
         stat_totals: dict[str, torch.Tensor] = {}
         tokens = 0
         skipped_before = engine.skipped_steps
-        n = t.grad_accum_steps
         for micro in range(n):
+            # the step's last micro-batch reduces gradients and steps the optimizer: told, not counted, as the
+            # number of micro-batches per step changes during a batch warmup
+            engine.set_gradient_accumulation_boundary(micro == n - 1)
             batch = self.batches.get((self.state.consumed_samples, micro))
             if self.layout.counts_tokens:
                 tokens += self.data.train.tokens(batch)
@@ -255,9 +272,11 @@ class Trainer:
         ):
             skipped = "non_finite_grad"  # finite loss, but inf/NaN gradients: the update was not applied
         self.state.step = step
-        self.state.consumed_samples += self.cfg.global_batch
+        self.state.consumed_samples += batch_size
         self.state.consumed_tokens += step_tokens
-        return StepResult(mean_loss, lr, skipped, stop, step_tokens, grad_norm, means)
+        if self.plan is not None:
+            self.state.source_tokens = self.data.train.tokens_by_source(self.state.consumed_samples)
+        return StepResult(mean_loss, lr, skipped, stop, step_tokens, grad_norm, means, batch_size)
 
     def own_grad_norm(self) -> float:
         """For the bare-optimizer path (ZeRO-0, fp32), after the last backward of a step (DeepSpeed has all-reduced
@@ -285,7 +304,8 @@ class Trainer:
             self.drop_update = False
 
     def _next_micro(self, key: tuple[int, int]) -> tuple[int, int]:
-        return next_micro_batch(*key, self.cfg.schedule.grad_accum_steps, self.cfg.global_batch)
+        batch, accum = self.cfg.batch_at(key[0])
+        return next_micro_batch(*key, accum, batch)
 
     def _read_micro(self, key: tuple[int, int]) -> Any:
         consumed, micro = key
@@ -334,6 +354,7 @@ class Trainer:
         window_start, window_steps, window_tokens, window_losses = time.time(), 0, 0, []
         run_start, run_start_step = time.time(), self.state.step
         while self.state.step < max_steps:
+            self._stage_event()
             result = self.train_step()
             window_steps += 1
             window_tokens += result.tokens
@@ -363,6 +384,26 @@ class Trainer:
             if (cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0) or last:
                 self._save()
         return "finished"
+
+    def _stage_event(self) -> None:
+        """A `stage` event in metrics.jsonl when the next step is a data stage's first (data.stages)."""
+        if self.plan is None:
+            return
+        consumed = self.state.consumed_samples
+        stage = self.plan.at_sample(consumed)
+        if stage.first_sample != consumed:
+            return
+        names = self.data.train.names
+        self.metrics.event(
+            "stage",
+            step=self.state.step + 1,
+            stage=stage.name,
+            index=stage.index,
+            first_sample=consumed,
+            end_step=stage.end_step,
+            weights={names[d]: w for d, w in enumerate(stage.weights) if w > 0},
+            lr_decay=stage.lr_decay,
+        )
 
     def _save(self) -> None:
         if self.checkpointer is not None:
@@ -422,6 +463,8 @@ class Trainer:
                 "mem_gb": memory_gb(),
                 "eta_s": s_per_step * (self.cfg.schedule.max_steps - step),
                 **{k: _json_float(v) for k, v in result.stats.items()},
+                **({"batch": result.batch} if self.cfg.ramp is not None and self.cfg.ramp.ramps else {}),
+                **{f"tokens.{name}": n for name, n in self.state.source_tokens.items()},
             }
         )
 
