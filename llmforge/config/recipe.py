@@ -397,6 +397,11 @@ class EvalConfig:
     interval: int = doc(250, "Evaluate val loss every this many steps (and at the end); 0 disables.")
     batches: int = doc(20, "Micro-batches per rank in each evaluation.")
     at_start: bool = doc(True, "Also evaluate before the first step of a fresh run.")
+    per_source: bool = doc(
+        False,
+        "Pre-training: also score each dataset's own val split, logged as val_loss.<name> (eval.batches "
+        "micro-batches each), to see what a data stage does to each source.",
+    )
 
     def __post_init__(self) -> None:
         positive(self, "interval", allow_zero=True)

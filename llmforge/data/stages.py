@@ -104,7 +104,7 @@ class StagePlan:
         stages: list[Stage] = []
         step = 0
         for i, spec in enumerate(specs):
-            last = i == len(specs) - 1
+            last, name = i == len(specs) - 1, spec.name or f"stage{i + 1}"
             if spec.steps is not None:
                 end = step + spec.steps
             elif spec.tokens is not None:
@@ -114,19 +114,19 @@ class StagePlan:
             if end > max_steps or (last and end != max_steps) or end <= step:
                 ends = f"ends at step {end}" if end > step else "has no step left"
                 raise ValueError(
-                    f"stage {i + 1} ({spec.name}) {ends}; train.max_steps is {max_steps}"
+                    f"stage {i + 1} ({name}) {ends}; train.max_steps is {max_steps}"
                     + (f": set train.max_steps: {end}" if last and end > step else "")
                 )
             if spec.weights:
                 w = [float(spec.weights.get(n, 0.0)) for n in names]
                 missing = [k for k, v in spec.weights.items() if v > 0 and k not in names]
                 if missing:
-                    raise ValueError(f"stage {i + 1} ({spec.name}) weights {', '.join(missing)}, which has no sample")
+                    raise ValueError(f"stage {i + 1} ({name}) weights {', '.join(missing)}, which has no sample")
             else:
                 w = [float(x) for x in weights]
             stages.append(
                 Stage(
-                    spec.name or f"stage{i + 1}",
+                    name,
                     i,
                     step,
                     end,

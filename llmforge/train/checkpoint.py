@@ -298,6 +298,7 @@ class RunIdentity:
     layout: Layout
     zero_stage: int
     extra: dict = field(default_factory=dict)  # e.g. imported_from
+    lr_decay: Optional[tuple[int, int]] = None  # the data stage the LR decays over (StagePlan.decay_window)
 
 
 def _set_aside(path: str) -> str:
@@ -414,16 +415,15 @@ class Checkpointer:
         t = self.identity.recipe.train
         if "max_steps" in changed:  # the LR schedule is a function of max_steps: it is re-derived over the new length
             before = lr_at(state.step, dataclasses.replace(t, max_steps=saved["max_steps"]))
-            self._event(
-                "schedule_changed", step=state.step, max_steps=changed["max_steps"], lr=[before, lr_at(state.step, t)]
-            )
+            after = lr_at(state.step, t, self.identity.lr_decay)
+            self._event("schedule_changed", step=state.step, max_steps=changed["max_steps"], lr=[before, after])
             log.warning(
                 "train.max_steps %d -> %d: the LR schedule is re-derived; lr at step %d: %.3g -> %.3g",
                 saved["max_steps"],
                 t.max_steps,
                 state.step,
                 before,
-                lr_at(state.step, t),
+                after,
             )
         if changed:
             log.info(

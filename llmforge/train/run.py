@@ -137,7 +137,9 @@ def run_training(
     metrics = Metrics(recipe.run_dir, engine.global_rank == 0, recipe.logging.tensorboard)
     try:
         order = {"data_order": data_order(None)} if data_order is not None else {}
-        identity = RunIdentity(recipe, tok, data.train.fingerprint, layout, stage, order)
+        plan = getattr(data.train, "plan", None)
+        decay = plan.decay_window() if plan is not None else None
+        identity = RunIdentity(recipe, tok, data.train.fingerprint, layout, stage, order, decay)
         checkpointer = Checkpointer(recipe.checkpoint_dir, recipe.checkpoint.keep_last, identity, metrics, faults)
         state = checkpointer.resume(engine, point, universal)
         objective = task.objective(engine, setup, recipe.run_dir, layout, fresh=point.path is None)

@@ -63,7 +63,13 @@ class Task:
                 f"{', '.join(s.path for s in specs)} has no sample of seq_len+1={seq_len + 1} "
                 f"tokens: prepare it with data.val_fraction > 0, or set eval.interval: 0"
             )
-        return TaskSetup(recipe, tok, TaskData(train, val), init)
+        sources = {}
+        if recipe.eval.per_source and len(specs) > 1:
+            for spec in specs:
+                own = PretrainData([spec], seq_len, seed + 1, "val", tok_fp, verify)
+                if own.num_samples:
+                    sources[own.names[0]] = own
+        return TaskSetup(recipe, tok, TaskData(train, val, sources), init)
 
     def schedule_data(
         self, recipe: Recipe, data: TaskData, ramp: BatchRamp, origin: str

@@ -176,6 +176,7 @@ class TaskData:
 
     train: Any
     val: Optional[Any]
+    val_sources: dict[str, Any] = field(default_factory=dict)  # each dataset's own val split (eval.per_source)
 
 
 class Trainer:
@@ -205,7 +206,7 @@ class Trainer:
         if self.plain_optimizer:
             engine.optimizer.register_step_pre_hook(self._skip_non_finite_update)
         device = torch.device(engine.device)
-        for split in (data.train, data.val):
+        for split in (data.train, data.val, *data.val_sources.values()):
             if hasattr(split, "defer_errors"):
                 split.defer_errors = True  # a corrupt sample is reported by every rank at the step's all-reduce
         self.batches = Prefetcher(
@@ -321,7 +322,8 @@ class Trainer:
 
     def _problem(self) -> Optional[str]:
         """A corrupt sample this rank has read (its split's `problem`), or None."""
-        return next((p for split in (self.data.train, self.data.val) if (p := getattr(split, "problem", None))), None)
+        splits = (self.data.train, self.data.val, *self.data.val_sources.values())
+        return next((p for split in splits if (p := getattr(split, "problem", None))), None)
 
     def _raise_corrupt_samples(self, ranks: float, step: int) -> None:
         """Every rank stops at the same step when any rank read a corrupt sample (told by the step's all-reduce):
@@ -471,24 +473,14 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> Optional[float]:
         """Mean val loss (and objective metrics, prefixed val_) over eval.batches micro-batches per rank, always the
-        same val samples."""
+        same val samples; with eval.per_source, each dataset's own val split too (val_loss.<name>)."""
         val = self.data.val
         if val is None or val.num_samples == 0:
             return None
-        engine, mb, lay = self.engine, self.cfg.schedule.micro_batch_size, self.layout
-        engine.eval()
-        total = torch.zeros((), device=engine.device)
-        stat_totals: dict[str, torch.Tensor] = {}
-        n = self.cfg.eval.batches
-        for b in range(n):
-            loss, stats = self.objective.eval(engine, val.batch(micro_batch_indices(0, b, lay.data_rank, lay.data, mb)))
-            total += loss.float()
-            for k, v in stats.items():
-                stat_totals[k] = stat_totals.get(k, 0.0) + v.float()
-        engine.train()
-        host = self._reduce(total / n, 0, {k: v / n for k, v in stat_totals.items()}).tolist()
-        self._raise_corrupt_samples(host[3], self.state.step)
-        val_loss, means = host[0], {k: host[4 + i] for i, k in enumerate(stat_totals)}
+        self.engine.eval()
+        val_loss, means = self._score(val)
+        per_source = {f"val_loss.{name}": self._score(split)[0] for name, split in self.data.val_sources.items()}
+        self.engine.train()
         self.last_val_loss = val_loss
         self.metrics.eval(
             {
@@ -496,9 +488,26 @@ class Trainer:
                 "val_loss": val_loss,
                 "val_ppl": math.exp(min(val_loss, 50.0)),
                 **{f"val_{k}": _json_float(v) for k, v in means.items()},
+                **per_source,
             }
         )
         return val_loss
+
+    def _score(self, split: Any) -> tuple[float, dict[str, float]]:
+        """Mean loss and objective metrics over all ranks of eval.batches micro-batches of `split`."""
+        engine, mb, lay = self.engine, self.cfg.schedule.micro_batch_size, self.layout
+        total = torch.zeros((), device=engine.device)
+        stat_totals: dict[str, torch.Tensor] = {}
+        n = self.cfg.eval.batches
+        for b in range(n):
+            rows = micro_batch_indices(0, b, lay.data_rank, lay.data, mb)
+            loss, stats = self.objective.eval(engine, split.batch(rows))
+            total += loss.float()
+            for k, v in stats.items():
+                stat_totals[k] = stat_totals.get(k, 0.0) + v.float()
+        host = self._reduce(total / n, 0, {k: v / n for k, v in stat_totals.items()}).tolist()
+        self._raise_corrupt_samples(host[3], self.state.step)
+        return host[0], {k: host[4 + i] for i, k in enumerate(stat_totals)}
 
 
 def reduce_step_values(

@@ -60,6 +60,7 @@ from tests.helpers import run_cli
             ["| 256 | 128 | causal SDPA |", "| 2048 | 512 | document: SDPA per document (llmforge, CPU) |"],
         ),
         ("bench/language_id.py", [], ["| fastText lid.176 (.ftz; llmforge) |", "| de (20) |", "| zh (20) |"]),
+        ("bench/data_stages.py", [], ["| constant | 8 |", "| constant | 12 |", "| anneal | 12 |"]),
         (
             "bench/moe.py",
             [],
