@@ -1,8 +1,8 @@
 """A staged mixture under a batch warmup, run as a user runs it (DeepSpeed launcher, 2 CPU ranks, fp32): the same
-losses and gradient norms as the plain-PyTorch oracle; resumed from a checkpoint inside the ramp, bit for bit across
-the stage switch; resumed on 1 rank, the switch at the same step and sample; extended from a stable-phase checkpoint
-with an anneal stage on a dataset added after; a changed stage already run is refused. Each source's val loss is
-logged (eval.per_source)."""
+losses and gradient norms as the plain-PyTorch oracle; killed and resumed from a checkpoint inside the ramp, bit for
+bit across the stage switch; resumed on 1 rank, the switch at the same step and sample; extended from a stable-phase
+checkpoint with an anneal stage on a dataset added after; a changed stage already run is refused. Each source's val
+loss is logged (eval.per_source)."""
 
 from __future__ import annotations
 
@@ -95,14 +95,19 @@ def test_staged_mixture_with_batch_warmup(tmp_path, prepared):
         assert abs(a[s]["loss"] - oracle.losses[s]) <= 2e-6 * oracle.losses[s], s
         assert abs(a[s]["grad_norm"] - oracle.grad_norms[s]) <= 1e-5 * oracle.grad_norms[s], s
 
-    # Resumed inside the ramp (step 3), on 2 ranks: bit for bit through the stage switch.
-    point = runs / "a" / "checkpoints"
-    r = run_cli(*ds_cmd(recipe, "--set", "run.name=b", "--resume", str(point / "step_00000003")))
+    # Killed (a rank dies saving step 6) and resumed with --resume auto from step 3, inside the ramp: bit for bit
+    # through the stage switch.
+    r = run_cli(*ds_cmd(recipe, "--set", "run.name=b"), env={"LLMFORGE_FAULTS": "die_in_save@6"})
+    assert r.returncode != 0
+    r = run_cli(*ds_cmd(recipe, "--set", "run.name=b", "--resume", "auto"))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert [x["step"] for x in rows(runs / "b") if x.get("event") == "resumed"] == [3]
     after = losses_after_last_start(runs / "b")
     assert sorted(after) == list(range(4, 13))
     assert all(after[s] == a[s]["loss"] for s in after), after
-    assert stage_events(runs / "b") == events[1:]
+    assert stage_events(runs / "b") == events  # the first run opened the stable stage, the resumed one the anneal
+
+    point = runs / "a" / "checkpoints"
 
     # Resumed on 1 rank at step 6: the switch at the same step and sample, the same losses up to summation order.
     r = run_cli(*ds_cmd(recipe, "--set", "run.name=c", "--resume", str(point / "step_00000006"), ranks=1))
