@@ -44,28 +44,31 @@ from llmforge.train.distributed import free_port  # noqa: E402
 
 def seconds(fn, q, k, v, steps: int) -> float:
     times = []
-    for i in range(steps + 1):
+    sync = torch.cuda.synchronize if q.is_cuda else (lambda: None)
+    for i in range(steps + 2):
         for t in (q, k, v):
             t.grad = None
+        sync()
         started = time.perf_counter()
         fn(q, k, v).sum().backward()
-        if i:  # the first is a warm-up
+        sync()
+        if i > 1:  # the first two are a warm-up (on CUDA, flex_attention compiles in the first)
             times.append(time.perf_counter() - started)
     return statistics.median(times)
 
 
-def kernels(steps: int, doc_sizes: list[int]) -> list[str]:
+def kernels(steps: int, doc_sizes: list[int], device: str) -> list[str]:
     rows = []
+    own = "flex_attention + block mask (llmforge, CUDA)" if device == "cuda" else "SDPA per document (llmforge, CPU)"
     for doc_tokens, T in [(d, T) for d in doc_sizes for T in (256, 1024, 2048)]:
         g = torch.Generator().manual_seed(0)
-        q = torch.randn(1, 8, T, 64, generator=g, requires_grad=True)
-        k = torch.randn(1, 4, T, 64, generator=g, requires_grad=True)
-        v = torch.randn(1, 4, T, 64, generator=g, requires_grad=True)
-        documents = (torch.arange(T) // doc_tokens)[None]
-        mask = (documents[:, None, :, None] == documents[:, None, None, :]) & torch.ones(T, T, dtype=torch.bool).tril()
+        q, k, v = (torch.randn(1, h, T, 64, generator=g).to(device).requires_grad_() for h in (8, 4, 4))
+        documents = (torch.arange(T) // doc_tokens)[None].to(device)
+        causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+        mask = (documents[:, None, :, None] == documents[:, None, None, :]) & causal
         paths = {
             "causal SDPA": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
-            "document: SDPA per document (llmforge, CPU)": lambda q, k, v, d=documents: document_attention(q, k, v, d),
+            f"document: {own}": lambda q, k, v, d=documents: document_attention(q, k, v, d),
             "document: SDPA + boolean mask": lambda q, k, v, m=mask: F.scaled_dot_product_attention(
                 q, k, v, attn_mask=m, enable_gqa=True
             ),
@@ -77,7 +80,9 @@ def kernels(steps: int, doc_sizes: list[int]) -> list[str]:
             rows.append(f"| {T} | {doc_tokens} | {name} | {s * 1000:.1f} | {s / base:.2f}x |")
     return [
         f"Kernels: forward + backward, fp32, 8 query / 4 key-value heads of 64, windows packed with documents of the "
-        f"given length, median of {steps} steps, {torch.get_num_threads()} torch threads.",
+        f"given length, median of {steps} steps, "
+        + (torch.cuda.get_device_name() if device == "cuda" else f"{torch.get_num_threads()} torch threads")
+        + ".",
         "",
         "| tokens | document length | attention | ms | vs causal |",
         "|---|---|---|---|---|",
@@ -149,6 +154,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=600, help="training steps per run (--quality)")
     p.add_argument("--doc-chars", type=int, default=512, help="--quality: longest document (data.chunk_chars)")
     p.add_argument("--doc-tokens", type=int, nargs="+", default=[128, 512], help="kernels: tokens per packed document")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="kernels: where they run")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -164,9 +170,10 @@ def main() -> None:
     if args.quality:
         lines += quality(args.steps, args.doc_chars)
     else:
-        lines += kernels(2 if args.quick else 10, args.doc_tokens)
+        lines += kernels(2 if args.quick else 10, args.doc_tokens, args.device)
     text = "\n".join(lines) + "\n"
-    name = f"cpu-{datetime.date.today()}-document-mask{'-quality' if args.quality else ''}.md"
+    name = f"{'gpu' if args.device == 'cuda' else 'cpu'}-{datetime.date.today()}-document-mask"
+    name += f"{'-quality' if args.quality else ''}.md"
     path = write_result(text, args.out, name)
     print(text)
     print(f"written: {path}")

@@ -13,13 +13,21 @@
 # bucketed, overlapped reduction: what the CPU runs cannot exercise), and FP8 (tensorwise, rowwise) against bf16;
 # `fp8` times llama-350m and llama-1b steps with train.fp8 tensorwise and rowwise against bf16.
 #
+# `docmask`: document-masked attention's CUDA kernel (flex_attention with a block mask) against the CPU path (forward
+# and gradients, tests/unit/test_document_mask.py) and timed beside causal and boolean-mask SDPA.
+#
 #   bash bench/gpu_suite.sh                 # all of it
-#   bash bench/gpu_suite.sh 125m 350m loss  # some of it (parts: 125m 350m 1b ckpt loss host numerics fp8)
+#   bash bench/gpu_suite.sh 125m 350m loss  # some of it (parts: 125m 350m 1b ckpt loss host numerics fp8 docmask)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python}
-sizes=${*:-125m 350m 1b ckpt loss host numerics fp8}
+sizes=${*:-125m 350m 1b ckpt loss host numerics fp8 docmask}
 for size in $sizes; do
+  if [ "$size" = docmask ]; then
+    $PY -m pytest -q tests/unit/test_document_mask.py | tee bench/results/gpu-document-mask-tests.txt || true
+    $PY bench/document_mask.py --device cuda
+    continue
+  fi
   if [ "$size" = numerics ]; then  # the tiny-char data (stdlib corpus), 20 steps per variant, one launch per pass
     $PY -m llmforge.cli corpus --out data/stdlib-corpus
     $PY launch/train_tokenizer.py --recipe recipes/tiny-char.yaml

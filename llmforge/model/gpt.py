@@ -9,8 +9,10 @@ and parallelism live elsewhere.
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import NamedTuple, Optional
+from collections.abc import Callable
+from typing import Any, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -162,9 +164,13 @@ def document_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: torch.Tensor, dropout: float = 0.0
 ) -> torch.Tensor:
     """Causal attention within each document of packed windows. On CPU, causal SDPA run on each document's slice
-    (exact, and faster than a masked SDPA over the window: docs/training.md has the measurements); on other devices,
-    SDPA with the boolean (B, 1, T, T) mask of same-document, earlier-or-equal keys."""
+    (exact, and faster than a masked SDPA over the window: docs/training.md has the measurements); on CUDA,
+    flex_attention (compiled) with a block mask of same-document, earlier-or-equal keys, which skips the blocks of
+    other documents; elsewhere, or with attention dropout (flex_attention has none), SDPA with the boolean (B, 1, T, T)
+    mask."""
     gqa = k.shape[1] != q.shape[1]
+    if q.device.type == "cuda" and dropout == 0.0:
+        return flex_document_attention(q, k, v, documents, compiled=True)
     if q.device.type != "cpu":
         same = documents[:, None, :, None] == documents[:, None, None, :]
         mask = same & _causal_mask(q.shape[2], 0, q.device)
@@ -182,6 +188,36 @@ def document_attention(
             start += n
         rows.append(torch.cat(pieces, dim=2))
     return torch.cat(rows, dim=0)
+
+
+_block_masks: list[tuple[torch.Tensor, Any]] = []  # the last micro-batch's (documents, block mask): one per forward
+
+
+@functools.cache
+def _compiled_flex_attention() -> Callable[..., torch.Tensor]:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_document_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: torch.Tensor, compiled: bool = True
+) -> torch.Tensor:
+    """document_attention through flex_attention. The block mask is built once per `documents` tensor (every layer of
+    a forward, and its recomputation under activation checkpointing, pass the same one). `compiled` False runs
+    flex_attention eagerly: on CPU its forward only (its backward is not implemented there), for tests."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if not _block_masks or _block_masks[0][0] is not documents:
+
+        def same_document(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
+            return (documents[b, q_idx] == documents[b, kv_idx]) & (q_idx >= kv_idx)
+
+        T = q.shape[2]
+        block = create_block_mask(same_document, B=q.shape[0], H=None, Q_LEN=T, KV_LEN=T, device=q.device)
+        _block_masks[:] = [(documents, block)]
+    attend: Any = _compiled_flex_attention() if compiled else flex_attention
+    return attend(q, k, v, block_mask=_block_masks[0][1], enable_gqa=k.shape[1] != q.shape[1])
 
 
 def reference_attention(

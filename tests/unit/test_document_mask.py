@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmforge.model import KVCache
+from llmforge.model import KVCache, gpt
 from llmforge.model.gpt import document_attention, document_ids, document_positions, reference_attention
 from tests.helpers import tiny
 
@@ -95,12 +95,42 @@ def test_generation_and_a_cache_are_refused_with_documents():
         model(idx, cache=KVCache(3), documents=document_ids(idx, EOS))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU here: the masked-SDPA path runs on other devices")
+def test_the_flex_attention_path_equals_the_cpu_path_in_forward():
+    """CUDA's kernel (flex_attention with the same-document block mask) run eagerly on CPU, where its forward exists:
+    the per-document path's output, documents of 1 to 100 tokens, grouped-query heads; the block mask is built once
+    per documents tensor."""
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 8, 128, 16, generator=g)
+    k, v = torch.randn(2, 2, 128, 16, generator=g), torch.randn(2, 2, 128, 16, generator=g)
+    cuts = torch.zeros(2, 128, dtype=torch.long)
+    cuts[0, [1, 2, 40, 41, 100]] = 1
+    cuts[1, [64]] = 1
+    documents = cuts.cumsum(1)
+    flex = gpt.flex_document_attention(q, k, v, documents, compiled=False)
+    assert (flex - document_attention(q, k, v, documents)).abs().max() < 1e-5
+    assert (flex - reference_attention(q, k, v, documents=documents)).abs().max() < 1e-5
+    mask = gpt._block_masks[0][1]
+    gpt.flex_document_attention(q, k, v, documents, compiled=False)
+    assert gpt._block_masks[0][1] is mask  # every layer of a forward: one mask
+    other = torch.zeros_like(documents)
+    alone = gpt.flex_document_attention(q, k, v, other, compiled=False)  # one document: plain causal attention
+    assert gpt._block_masks[0][1] is not mask
+    assert (alone - reference_attention(q, k, v)).abs().max() < 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU here: flex_attention's path runs on CUDA")
 def test_the_gpu_path_equals_the_cpu_path():
     g = torch.Generator().manual_seed(3)
     q = torch.randn(2, 8, 256, 64, generator=g)
     k, v = torch.randn(2, 4, 256, 64, generator=g), torch.randn(2, 4, 256, 64, generator=g)
     documents = (torch.arange(256) // 40).expand(2, 256).contiguous()
-    cpu = document_attention(q, k, v, documents)
-    gpu = document_attention(q.cuda(), k.cuda(), v.cuda(), documents.cuda())
-    assert torch.allclose(gpu.cpu(), cpu, atol=1e-4)
+    cpu_in = [t.clone().requires_grad_() for t in (q, k, v)]
+    gpu_in = [t.cuda().requires_grad_() for t in (q, k, v)]
+    cpu = document_attention(*cpu_in, documents)
+    gpu = document_attention(*gpu_in, documents.cuda())
+    assert torch.allclose(gpu.detach().cpu(), cpu.detach(), atol=1e-3)
+    w = torch.randn(cpu.shape, generator=g)
+    (cpu * w).sum().backward()
+    (gpu * w.cuda()).sum().backward()
+    for a, b in zip(cpu_in, gpu_in):
+        assert torch.allclose(b.grad.cpu(), a.grad, atol=1e-3)
