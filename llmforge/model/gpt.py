@@ -214,7 +214,9 @@ def flex_document_attention(
             return (documents[b, q_idx] == documents[b, kv_idx]) & (q_idx >= kv_idx)
 
         T = q.shape[2]
-        block = create_block_mask(same_document, B=q.shape[0], H=None, Q_LEN=T, KV_LEN=T, device=q.device)
+        block = create_block_mask(
+            same_document, B=q.shape[0], H=None, Q_LEN=T, KV_LEN=T, device=q.device, _compile=compiled
+        )
         _block_masks[:] = [(documents, block)]
     attend: Any = _compiled_flex_attention() if compiled else flex_attention
     return attend(q, k, v, block_mask=_block_masks[0][1], enable_gqa=k.shape[1] != q.shape[1])
