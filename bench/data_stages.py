@@ -13,7 +13,7 @@ model (recipes/tiny-char.yaml) trains on 2 ranks, fp32, with train.schedule wsd:
 Both are scored on each source's own val split (eval.per_source) at the end of the stable phase and at the end.
 
     python bench/data_stages.py --steps 500 --anneal 100
-    python bench/data_stages.py --quick     # 12 steps of a 2-layer model on a 300 KB corpus (the test runs this)
+    python bench/data_stages.py --quick     # 12 steps of a 2-layer model, 1 rank, 300 KB corpus (the test runs this)
 
 Writes bench/results/cpu-<date>-data-stages.md (or --out).
 """
@@ -53,10 +53,10 @@ def write_docs(out: str) -> int:
     return total
 
 
-def train(recipe: str, name: str, *extra: str) -> list[dict]:
+def train(recipe: str, name: str, ranks: int, *extra: str) -> list[dict]:
     launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-    cmd = [launcher, "--num_gpus", "2", "--master_port", str(free_port()), "launch/pretrain.py", "--recipe", recipe]
-    cmd += ["--set", f"run.name={name}", *extra]
+    cmd = [launcher, "--num_gpus", str(ranks), "--master_port", str(free_port()), "launch/pretrain.py"]
+    cmd += ["--recipe", recipe, "--set", f"run.name={name}", *extra]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
@@ -114,7 +114,8 @@ def measure(steps: int, anneal: int, anneal_docs: float, quick: bool) -> list[st
         loaded = load_recipe(recipe)
         train_tokenizer(loaded, recipe, progress=False)
         manifest = prepare(loaded, recipe, progress=False)
-        constant = train(recipe, "constant")
+        ranks = 1 if quick else 2
+        constant = train(recipe, "constant", ranks)
 
         weights = {"code": round(1 - anneal_docs, 6), "docs": anneal_docs}
         raw["data"]["stages"] = [
@@ -125,14 +126,14 @@ def measure(steps: int, anneal: int, anneal_docs: float, quick: bool) -> list[st
         with open(extended, "w", encoding="utf-8") as f:
             yaml.safe_dump(raw, f)
         point = os.path.join(tmp, "runs", "constant", "checkpoints", f"step_{stable:08d}")
-        annealed = train(extended, "anneal", "--resume", point)
+        annealed = train(extended, "anneal", ranks, "--resume", point)
 
     def at(rows: list[dict], step: int, key: str) -> float:
         return next(r[key] for r in rows if r.get("step") == step and key in r)
 
     sizes = {n: manifest[n]["splits"]["train"]["tokens"] for n in ("code", "docs")}
     lines = [
-        f"recipes/tiny-char.yaml{' (quick: 2 layers of 32)' if quick else ''} (fp32, 2 ranks, "
+        f"recipes/tiny-char.yaml{' (quick: 2 layers of 32)' if quick else ''} (fp32, {ranks} rank(s), "
         f"{raw['train']['micro_batch_size']} x 256 tokens per rank per step), {steps} steps: {stable} stable "
         f"at code 0.8 / docs 0.2, then {anneal} with the LR decaying to min_lr, the mixture kept (constant) or "
         f"code {weights['code']:g} / docs {weights['docs']:g} (anneal). Sources: code = the stdlib corpus "

@@ -276,7 +276,7 @@ class PretrainData:
             if w.num_samples:
                 windows.append(w)
                 weights.append(spec.weight)
-                self.names.append(spec.name or os.path.basename(os.path.normpath(spec.path)))
+                self.names.append(str(spec.name))
                 self.fingerprints.append(hashlib.sha256("|".join(own).encode()).hexdigest()[:16])
         self.windows, self.weights, self.seed, self.seq_len = windows, weights, seed, seq_len
         self.num_samples = sum(w.num_samples for w in windows)
